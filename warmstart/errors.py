@@ -1,0 +1,127 @@
+"""Every failure warmstart reports has its own exception type under :class:`WarmstartError`.
+
+Messages say what is wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class WarmstartError(Exception):
+    """Base class of every error raised by warmstart."""
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------
+
+
+class CheckpointError(WarmstartError):
+    """A checkpoint cannot be read or written."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """No checkpoint (no ``index.json``) exists at the given location."""
+
+
+class CheckpointExists(CheckpointError, FileExistsError):
+    """The destination of a write already holds something and overwrite was not asked for."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """The checkpoint's bytes or index contradict the format specification."""
+
+
+class IndexTooLarge(CorruptCheckpoint):
+    """``index.json`` is larger than the format's limit."""
+
+
+class MalformedIndex(CorruptCheckpoint):
+    """``index.json`` is not valid JSON, or a field is missing, unknown or of the wrong type."""
+
+
+class UnsupportedVersion(CorruptCheckpoint):
+    """The checkpoint was written with a format version this reader does not know."""
+
+
+class UnknownDtype(CorruptCheckpoint):
+    """A tensor declares a dtype name that is not in the specification."""
+
+
+class InvalidTensorName(CorruptCheckpoint):
+    """A tensor name is empty, too long, or uses characters outside the allowed set."""
+
+
+class DuplicateTensorName(CorruptCheckpoint):
+    """Two tensors share one name."""
+
+
+class UnsafeFileName(CorruptCheckpoint):
+    """A partition or model file name could escape the checkpoint directory."""
+
+
+class LimitExceeded(CorruptCheckpoint):
+    """A count or size exceeds a limit of the specification (tensors, partitions, rank, ...)."""
+
+
+class InvalidShape(CorruptCheckpoint):
+    """A tensor shape has negative dimensions or too many of them."""
+
+
+class SizeMismatch(CorruptCheckpoint):
+    """A tensor's ``nbytes`` differs from ``prod(shape) * itemsize``."""
+
+
+class MisalignedOffset(CorruptCheckpoint):
+    """A tensor offset is not a multiple of the checkpoint's alignment."""
+
+
+class OffsetOutOfRange(CorruptCheckpoint):
+    """A tensor lies (partly) outside its partition, or names a partition that does not exist."""
+
+
+class OverlappingTensors(CorruptCheckpoint):
+    """Two tensors share bytes of one partition."""
+
+
+class TruncatedPartition(CorruptCheckpoint):
+    """A partition file is shorter (or longer) than the index says."""
+
+
+class ChecksumMismatch(CorruptCheckpoint):
+    """A chunk's bytes do not hash to the checksum recorded in the index."""
+
+    def __init__(self, message: str, *, file: str, chunk: int, start: int, end: int) -> None:
+        super().__init__(message)
+        self.file = file
+        self.chunk = chunk
+        self.start = start
+        self.end = end
+
+
+class TensorNotFound(CheckpointError, KeyError):
+    """The checkpoint has no tensor of the requested name."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnsupportedTensor(CheckpointError, TypeError):
+    """An object given to the writer is not a numpy array, torch tensor or jax array of a known dtype."""
+
+
+class InvalidURI(WarmstartError, ValueError):
+    """A checkpoint location is neither a local path nor a supported URI."""
+
+
+class SourceError(WarmstartError, OSError):
+    """Reading or writing bytes at a checkpoint location failed (I/O or network)."""
+
+
+class ConversionError(WarmstartError):
+    """A source model cannot be converted into a warmstart checkpoint."""
+
+
+class PickleRefused(ConversionError):
+    """A pickle-based input was given without ``--allow-pickle``."""
+
+
+class MissingDependency(WarmstartError, ImportError):
+    """An optional dependency needed for this operation is not installed."""

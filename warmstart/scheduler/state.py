@@ -1,0 +1,442 @@
+"""A snapshot of cluster state as plain frozen data, and the store it is read from.
+
+Everything the policy (:mod:`warmstart.scheduler.policy`) decides on is in a :class:`ClusterSnapshot`:
+servers (what each has loaded, is loading, has queued, what its node store holds in which tier, and the
+bandwidths and Triton load overhead that node measured), the model specs, and the time ``now``. Times are
+seconds on the scheduler's monotonic clock; sizes are bytes; bandwidths are bytes per second.
+
+:class:`ClusterStateStore` is the one interface the scheduler's loops read and write that state through.
+:class:`InMemoryClusterState` is the single-process default; an etcd-backed implementation can replace it
+for several scheduler replicas (see ``docs/scheduler.md``: leases, fencing, revisions).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from types import MappingProxyType
+from typing import Generic, Protocol, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from warmstart.scheduler.errors import InvalidSnapshot, RevisionConflict, UnknownModel, UnknownServer
+
+
+class Tier(enum.Enum):
+    """Where a node store holds a checkpoint; ``NONE``: not held and not fetchable from that node."""
+
+    MEMORY = "memory"
+    DISK = "disk"
+    REMOTE = "remote"
+    NONE = "none"
+
+
+def _check_non_negative(owner: str, **values: float) -> None:
+    for key, value in values.items():
+        if not (value >= 0 and math.isfinite(value)):
+            raise InvalidSnapshot(f"{owner}: {key} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A deployable model: its checkpoint, size in memory, engine and serving limits."""
+
+    name: str
+    checkpoint_uri: str
+    size_bytes: int
+    engine: str
+    keep_alive_s: float
+    max_concurrency: int
+
+    def __post_init__(self) -> None:
+        _check_non_negative(f"model {self.name!r}", size_bytes=self.size_bytes, keep_alive_s=self.keep_alive_s)
+        if self.max_concurrency < 1:
+            raise InvalidSnapshot(f"model {self.name!r}: max_concurrency must be >= 1")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeBandwidth:
+    """Bytes per second from each tier into a loaded model, as measured and reported by the node's store.
+
+    ``remote_bps`` is ``None`` when the node cannot reach the remote object store. There are no defaults:
+    the policy only ever uses what the node measured.
+    """
+
+    memory_bps: float
+    disk_bps: float
+    remote_bps: float | None
+
+    def __post_init__(self) -> None:
+        for key in ("memory_bps", "disk_bps", "remote_bps"):
+            value = getattr(self, key)
+            if value is None and key == "remote_bps":
+                continue
+            if value is None or not (value > 0 and math.isfinite(value)):
+                raise InvalidSnapshot(f"bandwidth {key} must be a finite number > 0, got {value!r}")
+
+    def of(self, tier: Tier) -> float | None:
+        """Bandwidth of ``tier`` in bytes/s, or ``None`` if that tier cannot be read on this node."""
+        if tier is Tier.MEMORY:
+            return self.memory_bps
+        if tier is Tier.DISK:
+            return self.disk_bps
+        if tier is Tier.REMOTE:
+            return self.remote_bps
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RunningRequest:
+    """One in-flight generation on an instance (all of them are tracked, not just the first)."""
+
+    request_id: str
+    prompt_tokens: int
+    generated_tokens: int
+    expected_remaining_s: float
+
+    def __post_init__(self) -> None:
+        _check_non_negative(
+            f"request {self.request_id!r}",
+            prompt_tokens=self.prompt_tokens,
+            generated_tokens=self.generated_tokens,
+            expected_remaining_s=self.expected_remaining_s,
+        )
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens a destination must replay to continue this generation: prompt + generated so far."""
+        return self.prompt_tokens + self.generated_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """A model loaded on a server, its running requests and the time it was last used."""
+
+    model: str
+    size_bytes: int
+    last_used_s: float
+    requests: tuple[RunningRequest, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_non_negative(f"instance {self.model!r}", size_bytes=self.size_bytes)
+
+    @property
+    def idle(self) -> bool:
+        """True when no request runs on it: only idle instances may be evicted."""
+        return not self.requests
+
+
+@dataclass(frozen=True, slots=True)
+class LoadInFlight:
+    """A model a server is loading now, expected to be ready at ``expected_finish_s``."""
+
+    model: str
+    size_bytes: int
+    expected_finish_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLoad:
+    """A load queued on a server behind the ones in flight, expected to take ``expected_load_s``."""
+
+    model: str
+    size_bytes: int
+    expected_load_s: float
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """One Triton server as the scheduler last saw it (reported by the server and its node store)."""
+
+    name: str
+    healthy: bool
+    memory_budget_bytes: int
+    bandwidth: NodeBandwidth
+    triton_load_overhead_s: float
+    instances: tuple[Instance, ...] = ()
+    loading: tuple[LoadInFlight, ...] = ()
+    load_queue: tuple[PendingLoad, ...] = ()
+    store_tiers: Mapping[str, Tier] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_non_negative(
+            f"server {self.name!r}",
+            memory_budget_bytes=self.memory_budget_bytes,
+            triton_load_overhead_s=self.triton_load_overhead_s,
+        )
+        for key in ("instances", "loading", "load_queue"):
+            object.__setattr__(self, key, tuple(getattr(self, key)))
+        object.__setattr__(self, "store_tiers", MappingProxyType(dict(self.store_tiers)))
+        seen: set[str] = set()
+        for name in [i.model for i in self.instances] + [ld.model for ld in self.loading]:
+            if name in seen:
+                raise InvalidSnapshot(f"server {self.name!r}: model {name!r} loaded or loading twice")
+            seen.add(name)
+
+    @property
+    def used_bytes(self) -> int:
+        """Memory taken by loaded models plus loads in flight and queued (they will take it)."""
+        return (
+            sum(i.size_bytes for i in self.instances)
+            + sum(ld.size_bytes for ld in self.loading)
+            + sum(p.size_bytes for p in self.load_queue)
+        )
+
+    @property
+    def free_bytes(self) -> int:
+        """Budget left without evicting anything (negative if over-committed)."""
+        return self.memory_budget_bytes - self.used_bytes
+
+    def load_wait_s(self, now: float) -> float:
+        """Seconds before a new load on this server starts: loads in flight, then the queued ones."""
+        return sum(max(0.0, ld.expected_finish_s - now) for ld in self.loading) + sum(
+            p.expected_load_s for p in self.load_queue
+        )
+
+    def instance(self, model: str) -> Instance | None:
+        """The loaded instance of ``model`` on this server, if any."""
+        for inst in self.instances:
+            if inst.model == model:
+                return inst
+        return None
+
+
+_BIG = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class _Holders:
+    """The servers whose node store holds a model in memory or disk, as index and 1/bandwidth arrays."""
+
+    positions: npt.NDArray[np.intp]
+    inv_bw: npt.NDArray[np.float64]
+
+
+class SnapshotIndex:
+    """Per-snapshot precomputation so :func:`~warmstart.scheduler.policy.place` is O(servers) in numpy.
+
+    Built once per snapshot (lazily, on first use) and read-only afterwards.
+    """
+
+    def __init__(self, servers: tuple[ServerState, ...], now: float) -> None:
+        n = len(servers)
+        self.position: dict[str, int] = {s.name: i for i, s in enumerate(servers)}
+        self.healthy = np.array([s.healthy for s in servers], dtype=bool)
+        self.wait_s = np.array([s.load_wait_s(now) for s in servers], dtype=np.float64)
+        self.overhead_s = np.array([s.triton_load_overhead_s for s in servers], dtype=np.float64)
+        self.inv_remote_bw = np.array(
+            [
+                1.0 / s.bandwidth.remote_bps if s.bandwidth.remote_bps is not None else _BIG
+                for s in servers
+            ],
+            dtype=np.float64,
+        )
+        self.free_bytes = np.array([s.free_bytes for s in servers], dtype=np.float64)
+        self.idle_bytes = np.array(
+            [sum(i.size_bytes for i in s.instances if i.idle) for s in servers], dtype=np.float64
+        )
+        self.room_bytes = self.free_bytes + self.idle_bytes
+        self.warm: dict[str, list[tuple[int, Instance]]] = {}
+        self.in_flight: dict[str, list[tuple[int, float]]] = {}
+        holders: dict[str, tuple[list[int], list[float]]] = {}
+        for pos, s in enumerate(servers):
+            for inst in s.instances:
+                self.warm.setdefault(inst.model, []).append((pos, inst))
+            for ld in s.loading:
+                self.in_flight.setdefault(ld.model, []).append((pos, ld.expected_finish_s))
+            queued_wait = sum(max(0.0, ld.expected_finish_s - now) for ld in s.loading)
+            for p in s.load_queue:
+                queued_wait += p.expected_load_s
+                self.in_flight.setdefault(p.model, []).append((pos, now + queued_wait))
+            for model, tier in s.store_tiers.items():
+                if tier in (Tier.MEMORY, Tier.DISK):
+                    bw = s.bandwidth.of(tier)
+                    assert bw is not None  # memory and disk bandwidths are required
+                    entry = holders.setdefault(model, ([], []))
+                    entry[0].append(pos)
+                    entry[1].append(1.0 / bw)
+        self.holders: dict[str, _Holders] = {
+            m: _Holders(np.array(p, dtype=np.intp), np.array(b, dtype=np.float64))
+            for m, (p, b) in holders.items()
+        }
+        self.size = n
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """Servers (kept sorted by name, which is the tie-break order), model specs by name, and ``now``."""
+
+    servers: tuple[ServerState, ...]
+    models: Mapping[str, ModelSpec]
+    now: float
+
+    def __post_init__(self) -> None:
+        servers = tuple(sorted(self.servers, key=lambda s: s.name))
+        names = [s.name for s in servers]
+        if len(set(names)) != len(names):
+            raise InvalidSnapshot("server names must be unique")
+        models = dict(self.models)
+        for key, spec in models.items():
+            if key != spec.name:
+                raise InvalidSnapshot(f"models[{key!r}] holds the spec of {spec.name!r}")
+        object.__setattr__(self, "servers", servers)
+        object.__setattr__(self, "models", MappingProxyType(models))
+
+    @classmethod
+    def of(cls, servers: Iterable[ServerState], models: Iterable[ModelSpec], now: float) -> ClusterSnapshot:
+        """Build a snapshot from iterables (models keyed by their name)."""
+        return cls(servers=tuple(servers), models={m.name: m for m in models}, now=now)
+
+    @cached_property
+    def index(self) -> SnapshotIndex:
+        """Precomputed per-server arrays and per-model lookups (built on first use)."""
+        return SnapshotIndex(self.servers, self.now)
+
+    def server(self, name: str) -> ServerState:
+        """The server called ``name``; :class:`UnknownServer` if there is none."""
+        try:
+            return self.servers[self.index.position[name]]
+        except KeyError:
+            raise UnknownServer(f"no server named {name!r} in the snapshot") from None
+
+    def model(self, name: str) -> ModelSpec:
+        """The spec of model ``name``; :class:`UnknownModel` if there is none."""
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModel(f"no model named {name!r} in the snapshot") from None
+
+
+# --------------------------------------------------------------------------------------- the state store
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Versioned(Generic[T]):
+    """A stored value with the store-wide revision at which it was last written (etcd's mod_revision)."""
+
+    value: T
+    revision: int
+
+
+class ClusterStateStore(Protocol):
+    """Where server reports and model specs live; read as one consistent snapshot. Watch-free.
+
+    Revisions are store-wide and strictly increasing. ``expected_revision`` makes a write a
+    compare-and-set: ``0`` means "must not exist yet", ``n > 0`` means "must still be at revision n";
+    a lost race raises :class:`RevisionConflict`. Missing keys raise :class:`UnknownServer` /
+    :class:`UnknownModel`.
+    """
+
+    def get_server(self, name: str) -> Versioned[ServerState]:
+        """The stored state of server ``name``."""
+        ...
+
+    def put_server(self, state: ServerState, *, expected_revision: int | None = None) -> int:
+        """Store ``state`` under its name; returns the new revision."""
+        ...
+
+    def delete_server(self, name: str, *, expected_revision: int | None = None) -> None:
+        """Remove server ``name``."""
+        ...
+
+    def get_model(self, name: str) -> Versioned[ModelSpec]:
+        """The stored spec of model ``name``."""
+        ...
+
+    def put_model(self, spec: ModelSpec, *, expected_revision: int | None = None) -> int:
+        """Store ``spec`` under its name; returns the new revision."""
+        ...
+
+    def delete_model(self, name: str, *, expected_revision: int | None = None) -> None:
+        """Remove model ``name``."""
+        ...
+
+    def snapshot(self, now: float) -> ClusterSnapshot:
+        """Every server and model as of one revision, stamped with ``now``."""
+        ...
+
+
+class InMemoryClusterState:
+    """The single-process :class:`ClusterStateStore`: two dicts and a revision counter under one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._revision = 0
+        self._servers: dict[str, Versioned[ServerState]] = {}
+        self._models: dict[str, Versioned[ModelSpec]] = {}
+
+    @property
+    def revision(self) -> int:
+        """The store-wide revision of the last write."""
+        with self._lock:
+            return self._revision
+
+    def _check(self, table: Mapping[str, Versioned[T]], key: str, expected: int | None) -> None:
+        if expected is None:
+            return
+        current = table[key].revision if key in table else 0
+        if current != expected:
+            raise RevisionConflict(f"{key!r} is at revision {current}, the write expected {expected}")
+
+    def _put(self, table: dict[str, Versioned[T]], key: str, value: T, expected: int | None) -> int:
+        with self._lock:
+            self._check(table, key, expected)
+            self._revision += 1
+            table[key] = Versioned(value, self._revision)
+            return self._revision
+
+    def _delete(
+        self, table: dict[str, Versioned[T]], key: str, expected: int | None, missing: type[LookupError]
+    ) -> None:
+        with self._lock:
+            if key not in table:
+                raise missing(f"nothing stored under {key!r}")
+            self._check(table, key, expected)
+            self._revision += 1
+            del table[key]
+
+    def get_server(self, name: str) -> Versioned[ServerState]:
+        """The stored state of server ``name``."""
+        with self._lock:
+            try:
+                return self._servers[name]
+            except KeyError:
+                raise UnknownServer(f"no server named {name!r} is stored") from None
+
+    def put_server(self, state: ServerState, *, expected_revision: int | None = None) -> int:
+        """Store ``state`` under its name; returns the new revision."""
+        return self._put(self._servers, state.name, state, expected_revision)
+
+    def delete_server(self, name: str, *, expected_revision: int | None = None) -> None:
+        """Remove server ``name``."""
+        self._delete(self._servers, name, expected_revision, UnknownServer)
+
+    def get_model(self, name: str) -> Versioned[ModelSpec]:
+        """The stored spec of model ``name``."""
+        with self._lock:
+            try:
+                return self._models[name]
+            except KeyError:
+                raise UnknownModel(f"no model named {name!r} is stored") from None
+
+    def put_model(self, spec: ModelSpec, *, expected_revision: int | None = None) -> int:
+        """Store ``spec`` under its name; returns the new revision."""
+        return self._put(self._models, spec.name, spec, expected_revision)
+
+    def delete_model(self, name: str, *, expected_revision: int | None = None) -> None:
+        """Remove model ``name``."""
+        self._delete(self._models, name, expected_revision, UnknownModel)
+
+    def snapshot(self, now: float) -> ClusterSnapshot:
+        """Every server and model as of one revision, stamped with ``now``."""
+        with self._lock:
+            servers = [v.value for v in self._servers.values()]
+            models = [v.value for v in self._models.values()]
+        return ClusterSnapshot.of(servers, models, now)
