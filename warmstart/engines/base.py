@@ -121,3 +121,7 @@ def eos_ids_from_config(config: dict) -> frozenset[int]:
     if isinstance(eos, int):
         return frozenset({eos})
     return frozenset(int(e) for e in eos)
+
+
+class ContextFull(EngineError, RuntimeError):
+    """A sequence already holds ``max_context`` tokens; it cannot take another."""
