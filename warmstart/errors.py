@@ -125,3 +125,71 @@ class PickleRefused(ConversionError):
 
 class MissingDependency(WarmstartError, ImportError):
     """An optional dependency needed for this operation is not installed."""
+
+
+# --- conversion (appended by the converters) ---------------------------------------------------------------
+
+
+class SourceNotFound(ConversionError, FileNotFoundError):
+    """The conversion source path does not exist."""
+
+
+class UnknownSourceFormat(ConversionError):
+    """The conversion source is none of the supported kinds (HF directory, safetensors, GGUF, orbax, warmstart)."""
+
+
+class InvalidSource(ConversionError):
+    """The conversion source is of a known kind but its contents are malformed or incomplete."""
+
+
+class UnsupportedSourceDtype(ConversionError):
+    """A source tensor has a dtype the warmstart format cannot store."""
+
+
+class ExportError(ConversionError):
+    """A checkpoint cannot be exported to the requested format."""
+
+
+class InvalidSize(WarmstartError, ValueError):
+    """A size string (``512MiB``, ``1G``, ``4096``) cannot be parsed."""
+
+
+# --- loaders, caches and the node store ---------------------------------------------------------------------
+
+
+class CacheError(WarmstartError):
+    """A node cache tier (host memory or local disk) cannot serve or store a checkpoint."""
+
+
+class CacheFull(CacheError):
+    """A cache tier has no room for a checkpoint, even after evicting everything not in use."""
+
+    def __init__(self, message: str, *, tier: str = "", needed: int = 0, capacity: int = 0) -> None:
+        super().__init__(message)
+        self.tier = tier
+        self.needed = needed
+        self.capacity = capacity
+
+
+class EntryInUse(CacheError):
+    """A cached checkpoint cannot be evicted or replaced because a process is using it."""
+
+
+class InvalidModelName(WarmstartError, ValueError):
+    """A model name is not a plain name (``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$``, no ``..``)."""
+
+
+class ModelNotFound(WarmstartError, FileNotFoundError):
+    """A bare model name was given, but no node store is configured or the store's remote lacks it."""
+
+
+class StoreError(WarmstartError):
+    """The node store daemon failed a request or cannot be reached."""
+
+
+class StoreUnavailable(StoreError, ConnectionError):
+    """No node store answers at the configured address."""
+
+
+class DeviceUnavailable(WarmstartError, RuntimeError):
+    """The requested device (e.g. ``cuda``) is not present or not supported by the installed frameworks."""
