@@ -7,27 +7,27 @@ class SchedulerError(Exception):
     """Base class of every error the scheduler raises on purpose."""
 
 
-class InvalidModelName(SchedulerError, ValueError):
+class InvalidModelName(SchedulerError, ValueError):  # noqa: N818, RUF100 (name fixed by the issue)
     """A model name from a request is not on the allow-list (it never reaches Triton)."""
 
 
-class InvalidSnapshot(SchedulerError, ValueError):
+class InvalidSnapshotError(SchedulerError, ValueError):
     """A cluster-state snapshot is inconsistent (duplicate names, negative sizes, bad bandwidths...)."""
 
 
-class UnknownModel(SchedulerError, LookupError):
+class UnknownModelError(SchedulerError, LookupError):
     """The snapshot has no :class:`~warmstart.scheduler.state.ModelSpec` with this name."""
 
 
-class UnknownServer(SchedulerError, LookupError):
+class UnknownServerError(SchedulerError, LookupError):
     """The snapshot has no server with this name."""
 
 
-class CannotFit(SchedulerError):
+class CannotFitError(SchedulerError):
     """A server cannot make room for a model, even after evicting every idle model."""
 
 
-class RevisionConflict(SchedulerError):
+class RevisionConflictError(SchedulerError):
     """A compare-and-set on the cluster-state store lost: the stored revision is not the expected one."""
 
 
@@ -35,9 +35,9 @@ class MigrationError(SchedulerError):
     """Base class of live-migration failures; the source generation is still running when raised."""
 
 
-class MigrationDestinationFailed(MigrationError):
+class MigrationDestinationError(MigrationError):
     """The destination failed while replaying or starting; the source kept (or resumed) generating."""
 
 
-class MigrationNotConverging(MigrationError):
+class MigrationNotConvergingError(MigrationError):
     """The destination never caught up within the round limit; it was aborted, the source keeps going."""

@@ -24,7 +24,12 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 
-from warmstart.scheduler.errors import InvalidSnapshot, RevisionConflict, UnknownModel, UnknownServer
+from warmstart.scheduler.errors import (
+    InvalidSnapshotError,
+    RevisionConflictError,
+    UnknownModelError,
+    UnknownServerError,
+)
 
 
 class Tier(enum.Enum):
@@ -39,7 +44,7 @@ class Tier(enum.Enum):
 def _check_non_negative(owner: str, **values: float) -> None:
     for key, value in values.items():
         if not (value >= 0 and math.isfinite(value)):
-            raise InvalidSnapshot(f"{owner}: {key} must be a finite number >= 0, got {value!r}")
+            raise InvalidSnapshotError(f"{owner}: {key} must be a finite number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +59,13 @@ class ModelSpec:
     max_concurrency: int
 
     def __post_init__(self) -> None:
-        _check_non_negative(f"model {self.name!r}", size_bytes=self.size_bytes, keep_alive_s=self.keep_alive_s)
+        _check_non_negative(
+            f"model {self.name!r}", size_bytes=self.size_bytes, keep_alive_s=self.keep_alive_s
+        )
+        if self.size_bytes <= 0:
+            raise InvalidSnapshotError(f"model {self.name!r}: size_bytes must be > 0")
         if self.max_concurrency < 1:
-            raise InvalidSnapshot(f"model {self.name!r}: max_concurrency must be >= 1")
+            raise InvalidSnapshotError(f"model {self.name!r}: max_concurrency must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +86,7 @@ class NodeBandwidth:
             if value is None and key == "remote_bps":
                 continue
             if value is None or not (value > 0 and math.isfinite(value)):
-                raise InvalidSnapshot(f"bandwidth {key} must be a finite number > 0, got {value!r}")
+                raise InvalidSnapshotError(f"bandwidth {key} must be a finite number > 0, got {value!r}")
 
     def of(self, tier: Tier) -> float | None:
         """Bandwidth of ``tier`` in bytes/s, or ``None`` if that tier cannot be read on this node."""
@@ -175,7 +184,7 @@ class ServerState:
         seen: set[str] = set()
         for name in [i.model for i in self.instances] + [ld.model for ld in self.loading]:
             if name in seen:
-                raise InvalidSnapshot(f"server {self.name!r}: model {name!r} loaded or loading twice")
+                raise InvalidSnapshotError(f"server {self.name!r}: model {name!r} loaded or loading twice")
             seen.add(name)
 
     @property
@@ -230,10 +239,7 @@ class SnapshotIndex:
         self.wait_s = np.array([s.load_wait_s(now) for s in servers], dtype=np.float64)
         self.overhead_s = np.array([s.triton_load_overhead_s for s in servers], dtype=np.float64)
         self.inv_remote_bw = np.array(
-            [
-                1.0 / s.bandwidth.remote_bps if s.bandwidth.remote_bps is not None else _BIG
-                for s in servers
-            ],
+            [1.0 / s.bandwidth.remote_bps if s.bandwidth.remote_bps is not None else _BIG for s in servers],
             dtype=np.float64,
         )
         self.free_bytes = np.array([s.free_bytes for s in servers], dtype=np.float64)
@@ -255,8 +261,7 @@ class SnapshotIndex:
                 self.in_flight.setdefault(p.model, []).append((pos, now + queued_wait))
             for model, tier in s.store_tiers.items():
                 if tier in (Tier.MEMORY, Tier.DISK):
-                    bw = s.bandwidth.of(tier)
-                    assert bw is not None  # memory and disk bandwidths are required
+                    bw = s.bandwidth.memory_bps if tier is Tier.MEMORY else s.bandwidth.disk_bps
                     entry = holders.setdefault(model, ([], []))
                     entry[0].append(pos)
                     entry[1].append(1.0 / bw)
@@ -279,11 +284,11 @@ class ClusterSnapshot:
         servers = tuple(sorted(self.servers, key=lambda s: s.name))
         names = [s.name for s in servers]
         if len(set(names)) != len(names):
-            raise InvalidSnapshot("server names must be unique")
+            raise InvalidSnapshotError("server names must be unique")
         models = dict(self.models)
         for key, spec in models.items():
             if key != spec.name:
-                raise InvalidSnapshot(f"models[{key!r}] holds the spec of {spec.name!r}")
+                raise InvalidSnapshotError(f"models[{key!r}] holds the spec of {spec.name!r}")
         object.__setattr__(self, "servers", servers)
         object.__setattr__(self, "models", MappingProxyType(models))
 
@@ -298,18 +303,18 @@ class ClusterSnapshot:
         return SnapshotIndex(self.servers, self.now)
 
     def server(self, name: str) -> ServerState:
-        """The server called ``name``; :class:`UnknownServer` if there is none."""
+        """The server called ``name``; :class:`UnknownServerError` if there is none."""
         try:
             return self.servers[self.index.position[name]]
         except KeyError:
-            raise UnknownServer(f"no server named {name!r} in the snapshot") from None
+            raise UnknownServerError(f"no server named {name!r} in the snapshot") from None
 
     def model(self, name: str) -> ModelSpec:
-        """The spec of model ``name``; :class:`UnknownModel` if there is none."""
+        """The spec of model ``name``; :class:`UnknownModelError` if there is none."""
         try:
             return self.models[name]
         except KeyError:
-            raise UnknownModel(f"no model named {name!r} in the snapshot") from None
+            raise UnknownModelError(f"no model named {name!r} in the snapshot") from None
 
 
 # --------------------------------------------------------------------------------------- the state store
@@ -330,8 +335,8 @@ class ClusterStateStore(Protocol):
 
     Revisions are store-wide and strictly increasing. ``expected_revision`` makes a write a
     compare-and-set: ``0`` means "must not exist yet", ``n > 0`` means "must still be at revision n";
-    a lost race raises :class:`RevisionConflict`. Missing keys raise :class:`UnknownServer` /
-    :class:`UnknownModel`.
+    a lost race raises :class:`RevisionConflictError`. Missing keys raise :class:`UnknownServerError` /
+    :class:`UnknownModelError`.
     """
 
     def get_server(self, name: str) -> Versioned[ServerState]:
@@ -383,7 +388,7 @@ class InMemoryClusterState:
             return
         current = table[key].revision if key in table else 0
         if current != expected:
-            raise RevisionConflict(f"{key!r} is at revision {current}, the write expected {expected}")
+            raise RevisionConflictError(f"{key!r} is at revision {current}, the write expected {expected}")
 
     def _put(self, table: dict[str, Versioned[T]], key: str, value: T, expected: int | None) -> int:
         with self._lock:
@@ -408,7 +413,7 @@ class InMemoryClusterState:
             try:
                 return self._servers[name]
             except KeyError:
-                raise UnknownServer(f"no server named {name!r} is stored") from None
+                raise UnknownServerError(f"no server named {name!r} is stored") from None
 
     def put_server(self, state: ServerState, *, expected_revision: int | None = None) -> int:
         """Store ``state`` under its name; returns the new revision."""
@@ -416,7 +421,7 @@ class InMemoryClusterState:
 
     def delete_server(self, name: str, *, expected_revision: int | None = None) -> None:
         """Remove server ``name``."""
-        self._delete(self._servers, name, expected_revision, UnknownServer)
+        self._delete(self._servers, name, expected_revision, UnknownServerError)
 
     def get_model(self, name: str) -> Versioned[ModelSpec]:
         """The stored spec of model ``name``."""
@@ -424,7 +429,7 @@ class InMemoryClusterState:
             try:
                 return self._models[name]
             except KeyError:
-                raise UnknownModel(f"no model named {name!r} is stored") from None
+                raise UnknownModelError(f"no model named {name!r} is stored") from None
 
     def put_model(self, spec: ModelSpec, *, expected_revision: int | None = None) -> int:
         """Store ``spec`` under its name; returns the new revision."""
@@ -432,7 +437,7 @@ class InMemoryClusterState:
 
     def delete_model(self, name: str, *, expected_revision: int | None = None) -> None:
         """Remove model ``name``."""
-        self._delete(self._models, name, expected_revision, UnknownModel)
+        self._delete(self._models, name, expected_revision, UnknownModelError)
 
     def snapshot(self, now: float) -> ClusterSnapshot:
         """Every server and model as of one revision, stamped with ``now``."""

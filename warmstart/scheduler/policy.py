@@ -1,0 +1,480 @@
+"""Placement policy: pure functions over a :class:`~warmstart.scheduler.state.ClusterSnapshot`.
+
+No I/O, no clocks, no randomness except an injected ``random.Random``. The scheduler's loops take a
+snapshot, call these functions and apply what they return (load, route, unload, migrate).
+
+Startup estimate for model m on server s (see ``docs/scheduler.md``)::
+
+    wait_s     = remaining time of loads in flight on s + expected time of loads queued on s
+    load_s     = size(m) / bandwidth(s, best tier holding m on s)   (memory > disk > remote)
+    overhead_s = Triton model-load overhead measured on s
+    total_s    = wait_s + load_s + overhead_s
+
+Decision order of :func:`place`: a warm instance with room; else the load of m already in flight (never
+a second load); else a new load where ``total_s`` is least (evicting idle models, least recently used
+first, to fit s's memory budget), or waiting for a slot on a busy warm instance if that is sooner; else
+queue. Ties go to the server whose name sorts first.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from warmstart.scheduler.errors import CannotFitError
+from warmstart.scheduler.state import ClusterSnapshot, Instance, ModelSpec, ServerState, Tier
+
+# ServerlessLLM's fixed figures (sllm/schedulers/storage_aware_scheduler.py): PCIe is hard-coded to 25 GB/s;
+# its disk figure comes from a buffered 100 MB probe that mostly measures the page cache.
+SLLM_PCIE_BPS = 25e9
+SLLM_DISK_BPS = 5e9
+
+
+class Action(enum.Enum):
+    """What the scheduler should do with a request."""
+
+    ROUTE = "route"  # a warm instance has a free slot: send it there now
+    WAIT = "wait"  # every warm instance is busy and waiting for a slot is sooner than any load
+    JOIN = "join"  # a load of this model is in flight or queued: wait for that one
+    LOAD = "load"  # load the model on ``server`` (after evicting ``evictions``) and route there
+    QUEUE = "queue"  # no server can take it now: hold it in the cold-start queue
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """Expected seconds until model m can serve a first request on one server, by component."""
+
+    wait_s: float
+    load_s: float
+    overhead_s: float
+    tier: Tier
+    total_s: float
+
+    @classmethod
+    def of(cls, *, wait_s: float, load_s: float, overhead_s: float, tier: Tier) -> Estimate:
+        """An estimate whose ``total_s`` is the sum of its parts."""
+        return cls(wait_s, load_s, overhead_s, tier, wait_s + load_s + overhead_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """The decision for one request: the action, where, the estimate behind it, and what to evict first."""
+
+    action: Action
+    model: str
+    server: str | None
+    estimate: Estimate | None
+    evictions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationMove:
+    """Move every running request of ``model`` from ``source`` to ``destination`` by token replay."""
+
+    model: str
+    source: str
+    destination: str
+    request_ids: tuple[str, ...]
+    destination_estimate: Estimate
+    destination_evictions: tuple[str, ...]
+    replay_s: float
+    cost_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationPlan:
+    """Free ``server`` for ``model`` by moving the generations in ``moves`` elsewhere.
+
+    ``estimate_s`` is when ``model`` would be ready on ``server`` with the migration, ``baseline_s``
+    without it (best non-migration placement, ``inf`` if that was to queue), ``gain_s`` the difference.
+    """
+
+    model: str
+    server: str
+    moves: tuple[MigrationMove, ...]
+    evictions: tuple[str, ...]
+    estimate_s: float
+    baseline_s: float
+    gain_s: float
+    baseline: Placement
+
+
+# ------------------------------------------------------------------------------------------ estimates
+
+
+def _tier_on(server: ServerState, model: str) -> Tier:
+    tier = server.store_tiers.get(model)
+    if tier is Tier.MEMORY or tier is Tier.DISK:
+        return tier
+    return Tier.REMOTE if server.bandwidth.remote_bps is not None else Tier.NONE
+
+
+def _has_room(instance: Instance, spec: ModelSpec, slots: int = 1) -> bool:
+    return len(instance.requests) + slots <= spec.max_concurrency
+
+
+def estimate_startup(snapshot: ClusterSnapshot, server: str, model: str) -> Estimate:
+    """Expected time until ``model`` can start a request on ``server``, ignoring its memory budget.
+
+    A warm instance with room costs nothing; a busy one costs the soonest expected end of one of its
+    requests; a load of ``model`` in flight or queued there costs its remaining time. Otherwise it is a
+    cold load: ``wait_s + size / bandwidth(tier) + overhead_s`` with the node's measured figures.
+    ``load_s`` is ``inf`` (tier ``NONE``) when the node can neither read it locally nor reach the remote.
+    """
+    spec = snapshot.model(model)
+    s = snapshot.server(server)
+    tier = _tier_on(s, model)
+    inst = s.instance(model)
+    if inst is not None:
+        wait = 0.0 if _has_room(inst, spec) else min(r.expected_remaining_s for r in inst.requests)
+        return Estimate.of(wait_s=wait, load_s=0.0, overhead_s=0.0, tier=tier)
+    for pos, ready_s in snapshot.index.in_flight.get(model, ()):
+        if snapshot.servers[pos].name == server:
+            return Estimate.of(wait_s=max(0.0, ready_s - snapshot.now), load_s=0.0, overhead_s=0.0, tier=tier)
+    bandwidth = s.bandwidth.of(tier)
+    load = spec.size_bytes / bandwidth if bandwidth is not None else math.inf
+    return Estimate.of(
+        wait_s=s.load_wait_s(snapshot.now), load_s=load, overhead_s=s.triton_load_overhead_s, tier=tier
+    )
+
+
+def _cold_totals(snapshot: ClusterSnapshot, spec: ModelSpec) -> npt.NDArray[np.float64]:
+    """Vectorized cold-load ``total_s`` of ``spec`` on every server (memory budget not applied)."""
+    idx = snapshot.index
+    size = float(spec.size_bytes)
+    load = idx.inv_remote_bw * size
+    holders = idx.holders.get(spec.name)
+    if holders is not None:
+        load[holders.positions] = holders.inv_bw * size
+    totals: npt.NDArray[np.float64] = idx.wait_s + load + idx.overhead_s
+    totals[~idx.healthy] = math.inf
+    for pos, _ in idx.warm.get(spec.name, ()):
+        totals[pos] = math.inf
+    return totals
+
+
+# ------------------------------------------------------------------------------------------- eviction
+
+
+def choose_evictions(server: ServerState, need_bytes: int, now: float) -> tuple[str, ...]:
+    """Idle models to unload so ``need_bytes`` fit in ``server``'s budget: longest idle first.
+
+    Never names a model with running requests. Returns ``()`` when it fits already; raises
+    :class:`CannotFitError` when even evicting every idle model is not enough.
+    """
+    free = server.free_bytes
+    if free >= need_bytes:
+        return ()
+    idle = sorted((i for i in server.instances if i.idle), key=lambda i: (-(now - i.last_used_s), i.model))
+    chosen: list[str] = []
+    for inst in idle:
+        chosen.append(inst.model)
+        free += inst.size_bytes
+        if free >= need_bytes:
+            return tuple(chosen)
+    raise CannotFitError(
+        f"server {server.name!r} cannot free {need_bytes} bytes: {free} free after evicting every idle model"
+    )
+
+
+def expired_models(snapshot: ClusterSnapshot) -> list[tuple[str, str]]:
+    """``(server, model)`` pairs idle for at least the model's keep-alive, to unload; sorted.
+
+    An instance of a model that is no longer in the snapshot's specs counts as expired when idle.
+    Unhealthy servers are left out (nothing can be unloaded there).
+    """
+    out: list[tuple[str, str]] = []
+    for s in snapshot.servers:
+        if not s.healthy:
+            continue
+        for inst in s.instances:
+            if not inst.idle:
+                continue
+            spec = snapshot.models.get(inst.model)
+            if spec is None or snapshot.now - inst.last_used_s >= spec.keep_alive_s:
+                out.append((s.name, inst.model))
+    out.sort()
+    return out
+
+
+# ------------------------------------------------------------------------------------------ placement
+
+
+def _warm_or_join(snapshot: ClusterSnapshot, spec: ModelSpec) -> Placement | None:
+    """A warm instance with room (fewest running requests, then name), else a load already under way."""
+    idx = snapshot.index
+    best: tuple[int, int, Instance] | None = None
+    for pos, inst in idx.warm.get(spec.name, ()):
+        if idx.healthy[pos] and _has_room(inst, spec):
+            key = (len(inst.requests), pos, inst)
+            if best is None or key[:2] < best[:2]:
+                best = key
+    if best is not None:
+        server = snapshot.servers[best[1]]
+        return Placement(
+            Action.ROUTE, spec.name, server.name, estimate_startup(snapshot, server.name, spec.name)
+        )
+    joinable = [(ready, pos) for pos, ready in idx.in_flight.get(spec.name, ()) if idx.healthy[pos]]
+    if joinable:
+        _, pos = min(joinable)
+        server = snapshot.servers[pos]
+        return Placement(
+            Action.JOIN, spec.name, server.name, estimate_startup(snapshot, server.name, spec.name)
+        )
+    return None
+
+
+def _soonest_busy_instance(snapshot: ClusterSnapshot, spec: ModelSpec) -> Placement | None:
+    best: tuple[float, int] | None = None
+    for pos, inst in snapshot.index.warm.get(spec.name, ()):
+        if snapshot.index.healthy[pos] and inst.requests:
+            key = (min(r.expected_remaining_s for r in inst.requests), pos)
+            best = key if best is None or key < best else best
+    if best is None:
+        return None
+    name = snapshot.servers[best[1]].name
+    return Placement(Action.WAIT, spec.name, name, estimate_startup(snapshot, name, spec.name))
+
+
+def _load_at(snapshot: ClusterSnapshot, spec: ModelSpec, pos: int, estimate: Estimate | None) -> Placement:
+    server = snapshot.servers[pos]
+    evictions = choose_evictions(server, spec.size_bytes, snapshot.now)
+    if estimate is None:
+        estimate = estimate_startup(snapshot, server.name, spec.name)
+    return Placement(Action.LOAD, spec.name, server.name, estimate, evictions)
+
+
+def _total(placement: Placement) -> float:
+    return placement.estimate.total_s if placement.estimate is not None else math.inf
+
+
+def _finish(snapshot: ClusterSnapshot, spec: ModelSpec, load: Placement | None) -> Placement:
+    """Pick between a new load and waiting on a busy warm instance (sooner wins); queue if neither."""
+    wait = _soonest_busy_instance(snapshot, spec)
+    if wait is not None and (load is None or _total(wait) <= _total(load)):
+        return wait
+    if load is not None:
+        return load
+    return Placement(Action.QUEUE, spec.name, None, None)
+
+
+def place(snapshot: ClusterSnapshot, model: str) -> Placement:
+    """Where a request for ``model`` should go (see the module docstring for the order of decisions)."""
+    spec = snapshot.model(model)
+    decided = _warm_or_join(snapshot, spec)
+    if decided is not None:
+        return decided
+    totals = _cold_totals(snapshot, spec)
+    totals[snapshot.index.room_bytes < spec.size_bytes] = math.inf
+    load: Placement | None = None
+    if totals.size:
+        pos = int(np.argmin(totals))  # first minimum: servers are sorted by name, so ties go to the first
+        if math.isfinite(totals[pos]):
+            load = _load_at(snapshot, spec, pos, None)
+    return _finish(snapshot, spec, load)
+
+
+def serverlessllm_place(
+    snapshot: ClusterSnapshot,
+    model: str,
+    *,
+    disk_bw: float = SLLM_DISK_BPS,
+    pcie_bw: float = SLLM_PCIE_BPS,
+) -> Placement:
+    """ServerlessLLM's storage-aware rule, as a baseline for benchmarks.
+
+    Same warm-route and join steps as :func:`place`; for a new load: checkpoint in host memory →
+    ``size / pcie_bw`` (load queue ignored); on disk → ``queue + size / disk_bw``; servers without a
+    local copy are skipped unless none has one (then all count as disk). Fixed bandwidths, no remote
+    tier, no Triton overhead. The returned estimate is the one this rule believed.
+    """
+    spec = snapshot.model(model)
+    decided = _warm_or_join(snapshot, spec)
+    if decided is not None:
+        return decided
+    idx = snapshot.index
+    warm_positions = {pos for pos, _ in idx.warm.get(spec.name, ())}
+    candidates: list[tuple[float, int, Estimate]] = []
+    for local_only in (True, False):
+        for pos, s in enumerate(snapshot.servers):
+            if not s.healthy or pos in warm_positions or idx.room_bytes[pos] < spec.size_bytes:
+                continue
+            tier = s.store_tiers.get(spec.name)
+            if tier is Tier.MEMORY:
+                est = Estimate.of(wait_s=0.0, load_s=spec.size_bytes / pcie_bw, overhead_s=0.0, tier=tier)
+            elif tier is Tier.DISK or not local_only:
+                est = Estimate.of(
+                    wait_s=float(idx.wait_s[pos]),
+                    load_s=spec.size_bytes / disk_bw,
+                    overhead_s=0.0,
+                    tier=Tier.DISK,
+                )
+            else:
+                continue
+            candidates.append((est.total_s, pos, est))
+        if candidates:
+            break
+    load = None
+    if candidates:
+        _, pos, est = min(candidates, key=lambda c: (c[0], c[1]))
+        load = _load_at(snapshot, spec, pos, est)
+    return _finish(snapshot, spec, load)
+
+
+def random_place(snapshot: ClusterSnapshot, model: str, rng: random.Random) -> Placement:
+    """Random placement baseline: warm route or join as :func:`place`, else load on any server that fits."""
+    spec = snapshot.model(model)
+    decided = _warm_or_join(snapshot, spec)
+    if decided is not None:
+        return decided
+    idx = snapshot.index
+    warm_positions = {pos for pos, _ in idx.warm.get(spec.name, ())}
+    fits = [
+        pos
+        for pos, s in enumerate(snapshot.servers)
+        if s.healthy and pos not in warm_positions and idx.room_bytes[pos] >= spec.size_bytes
+    ]
+    load = _load_at(snapshot, spec, rng.choice(fits), None) if fits else None
+    return _finish(snapshot, spec, load)
+
+
+# ------------------------------------------------------------------------------------ migration plans
+
+
+def _best_destination(
+    snapshot: ClusterSnapshot,
+    inst: Instance,
+    source: ServerState,
+    used: set[str],
+    replay_s: float,
+) -> MigrationMove | None:
+    spec = snapshot.models.get(inst.model)
+    if spec is None:
+        return None
+    best: MigrationMove | None = None
+    for d in snapshot.servers:
+        if not d.healthy or d.name == source.name or d.name in used:
+            continue
+        warm = d.instance(inst.model)
+        evictions: tuple[str, ...] = ()
+        if warm is not None:
+            if not _has_room(warm, spec, len(inst.requests)):
+                continue
+            est = Estimate.of(wait_s=0.0, load_s=0.0, overhead_s=0.0, tier=_tier_on(d, inst.model))
+        else:
+            pos = snapshot.index.position[d.name]
+            loading_there = any(p == pos for p, _ in snapshot.index.in_flight.get(inst.model, ()))
+            if loading_there or snapshot.index.room_bytes[pos] < spec.size_bytes:
+                continue
+            est = estimate_startup(snapshot, d.name, inst.model)
+            if math.isinf(est.total_s):
+                continue
+            evictions = choose_evictions(d, spec.size_bytes, snapshot.now)
+        cost = est.total_s + replay_s
+        if best is None or cost < best.cost_s:
+            best = MigrationMove(
+                model=inst.model,
+                source=source.name,
+                destination=d.name,
+                request_ids=tuple(r.request_id for r in inst.requests),
+                destination_estimate=est,
+                destination_evictions=evictions,
+                replay_s=replay_s,
+                cost_s=cost,
+            )
+    return best
+
+
+def _plan_for_server(
+    snapshot: ClusterSnapshot,
+    spec: ModelSpec,
+    server: ServerState,
+    *,
+    replay_s_per_token: float,
+    threshold_tokens: int,
+) -> tuple[tuple[MigrationMove, ...], tuple[str, ...]] | None:
+    """The cheapest set of busy instances on ``server`` to move so ``spec`` fits, or ``None``."""
+    busy = {i.model: i for i in server.instances if not i.idle}
+    room = float(snapshot.index.room_bytes[snapshot.index.position[server.name]])
+    options: list[MigrationMove] = []
+    for inst in busy.values():
+        replay_s = replay_s_per_token * (sum(r.context_tokens for r in inst.requests) + threshold_tokens)
+        first = _best_destination(snapshot, inst, server, set(), replay_s)
+        if first is not None:
+            options.append(first)
+    options.sort(key=lambda m: (m.cost_s, m.model))
+    chosen: list[MigrationMove] = []
+    used: set[str] = set()
+    moved = 0
+    for option in options:
+        if room + moved >= spec.size_bytes:
+            break
+        move: MigrationMove | None = option
+        if option.destination in used:  # each destination takes one move; pick the next best one
+            move = _best_destination(snapshot, busy[option.model], server, used, option.replay_s)
+        if move is None:
+            continue
+        chosen.append(move)
+        used.add(move.destination)
+        moved += busy[move.model].size_bytes
+    if room + moved < spec.size_bytes or not chosen:
+        return None
+    evictions = choose_evictions(server, spec.size_bytes - moved, snapshot.now)
+    return tuple(chosen), evictions
+
+
+def plan_migration(
+    snapshot: ClusterSnapshot,
+    model: str,
+    *,
+    replay_s_per_token: float,
+    threshold_tokens: int,
+    min_gain_s: float = 0.0,
+) -> MigrationPlan | None:
+    """A live migration that lets ``model`` start sooner than its best placement without one, or ``None``.
+
+    For each server s where ``model`` does not fit only because models with running requests hold the
+    memory: move those generations (all of each instance's requests) to other servers. The cost of one
+    move is the destination's startup estimate for that model plus replaying every request's prompt and
+    tokens so far (plus the final round of ``threshold_tokens``) at ``replay_s_per_token``; moves run in
+    parallel, and ``model`` loads on s once they are done and s's own queue has drained:
+    ``max(moves, wait_s) + load_s + overhead_s``. Returned only if that beats the baseline by more than
+    ``min_gain_s``; the best server wins, ties by name.
+    """
+    spec = snapshot.model(model)
+    baseline = place(snapshot, model)
+    if baseline.action in (Action.ROUTE, Action.JOIN):
+        return None
+    baseline_s = baseline.estimate.total_s if baseline.estimate is not None else math.inf
+    idx = snapshot.index
+    totals = _cold_totals(snapshot, spec)  # lower bound of the migration estimate on every server
+    candidates = np.nonzero((totals < baseline_s - min_gain_s) & (idx.room_bytes < spec.size_bytes))[0]
+    best: MigrationPlan | None = None
+    for pos in candidates:
+        server = snapshot.servers[int(pos)]
+        found = _plan_for_server(
+            snapshot, spec, server, replay_s_per_token=replay_s_per_token, threshold_tokens=threshold_tokens
+        )
+        if found is None:
+            continue
+        moves, evictions = found
+        est = estimate_startup(snapshot, server.name, model)
+        ready_s = max(*(m.cost_s for m in moves), est.wait_s) + est.load_s + est.overhead_s
+        gain = baseline_s - ready_s
+        if gain > min_gain_s and (best is None or ready_s < best.estimate_s):
+            best = MigrationPlan(
+                model=model,
+                server=server.name,
+                moves=moves,
+                evictions=evictions,
+                estimate_s=ready_s,
+                baseline_s=baseline_s,
+                gain_s=gain,
+                baseline=baseline,
+            )
+    return best
