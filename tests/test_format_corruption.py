@@ -19,7 +19,11 @@ from warmstart.format import spec
 def ckpt(tmp_path: Path) -> Path:
     path = tmp_path / "ck"
     wf.save(
-        {"a": np.arange(3000, dtype=np.float32), "b": np.ones((10, 10), dtype=np.float16), "c": np.zeros(5, np.int8)},
+        {
+            "a": np.arange(3000, dtype=np.float32),
+            "b": np.ones((10, 10), dtype=np.float16),
+            "c": np.zeros(5, np.int8),
+        },
         path,
         chunk_size=4096,
     )
@@ -110,14 +114,18 @@ def test_oversized_index_bytes_are_rejected_by_the_parser() -> None:
         wf.Index.from_json_bytes(b" " * (spec.MAX_INDEX_BYTES + 1))
 
 
-@pytest.mark.parametrize("name", ["../data-00000.bin", "/etc/passwd", "sub/data.bin", "..", ".hidden", "a\x00b", ""])
+@pytest.mark.parametrize(
+    "name", ["../data-00000.bin", "/etc/passwd", "sub/data.bin", "..", ".hidden", "a\x00b", ""]
+)
 def test_unsafe_partition_file_name_is_rejected(ckpt: Path, name: str) -> None:
     _edit(ckpt, lambda r: r["partitions"][0].update(file=name))
     with pytest.raises(errors.UnsafeFileName):
         wf.open(ckpt)
 
 
-@pytest.mark.parametrize("name", ["", "x" * (spec.MAX_NAME_LENGTH + 1), "bad name", ".starts_with_dot", "nul\x00", "é"])
+@pytest.mark.parametrize(
+    "name", ["", "x" * (spec.MAX_NAME_LENGTH + 1), "bad name", ".starts_with_dot", "nul\x00", "é"]
+)
 def test_invalid_tensor_name_is_rejected(ckpt: Path, name: str) -> None:
     _edit(ckpt, lambda r: r["tensors"][0].update(name=name))
     with pytest.raises(errors.InvalidTensorName):
@@ -169,7 +177,7 @@ def test_invalid_json_is_rejected(ckpt: Path) -> None:
 
 def test_missing_index_means_no_checkpoint(tmp_path: Path, ckpt: Path) -> None:
     (ckpt / "index.json").unlink()
-    with pytest.raises(errors.CheckpointNotFound, match="index.json is missing"):
+    with pytest.raises(errors.CheckpointNotFound, match=r"index\.json is missing"):
         wf.open(ckpt)
     with pytest.raises(errors.CheckpointNotFound):
         wf.open(tmp_path / "nowhere")
@@ -194,5 +202,5 @@ def test_every_corruption_error_shares_one_base_class() -> None:
 
 
 def test_unknown_tensor_name_raises_tensor_not_found(ckpt: Path) -> None:
-    with pytest.raises(errors.TensorNotFound, match="no tensor 'zzz'"):
+    with pytest.raises(errors.TensorNotFound, match=r"no tensor 'zzz'"):
         wf.open(ckpt).read("zzz")

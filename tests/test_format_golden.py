@@ -49,7 +49,11 @@ def _write_golden(path: Path) -> None:
 
 def test_tiny_checkpoint_matches_golden_bytes(tmp_path: Path) -> None:
     _write_golden(tmp_path / "ck")
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "data-00000.bin", "index.json"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "config.json",
+        "data-00000.bin",
+        "index.json",
+    ]
     assert (tmp_path / "ck" / "index.json").read_text() == GOLDEN_INDEX
     expected = bytearray(8200)
     expected[0:24] = struct.pack("<6f", 0, 1, 2, 3, 4, 5)

@@ -97,7 +97,9 @@ def test_torch_tensors_round_trip_including_bfloat16_and_float8(tmp_path: Path) 
     ck = wf.open(tmp_path / "ck")
     for name, t in src.items():
         got = torch.from_numpy(ck.read(name).reshape(-1).view(np.uint8).copy())
-        want = t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.zeros(0, dtype=torch.uint8)
+        want = (
+            t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.zeros(0, dtype=torch.uint8)
+        )
         assert torch.equal(got.reshape(-1), want), name
         assert tuple(ck.info(name).shape) == tuple(t.shape)
     assert ck.info("bf16").dtype == "bfloat16"
@@ -137,7 +139,9 @@ def test_every_offset_is_aligned_and_partitions_respect_the_bound(tmp_path: Path
 
 
 def test_tensor_larger_than_partition_size_gets_its_own_partition(tmp_path: Path) -> None:
-    idx = wf.save({"a": np.ones(10, np.float32), "big": np.ones(5000, np.float32)}, tmp_path / "ck", partition_size=8192)
+    idx = wf.save(
+        {"a": np.ones(10, np.float32), "big": np.ones(5000, np.float32)}, tmp_path / "ck", partition_size=8192
+    )
     assert [t.partition for t in idx.tensors] == [0, 1]
     assert idx.partitions[1].size == 20000
 
@@ -175,7 +179,12 @@ def test_same_input_gives_same_bytes(tmp_path: Path) -> None:
     rng = np.random.default_rng(7)
     tensors = {f"layer.{i}.w": rng.standard_normal((17, 33)).astype(np.float32) for i in range(4)}
     for d in ("a", "b"):
-        wf.save(tensors, tmp_path / d, metadata={"source": "test", "nested": {"b": 1, "a": [1, 2]}}, partition_size=8192)
+        wf.save(
+            tensors,
+            tmp_path / d,
+            metadata={"source": "test", "nested": {"b": 1, "a": [1, 2]}},
+            partition_size=8192,
+        )
     files_a = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert files_a == sorted(p.name for p in (tmp_path / "b").iterdir())
     for name in files_a:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Mapping
@@ -99,7 +100,9 @@ class Index:
             "alignment": self.alignment,
             "chunk_size": self.chunk_size,
             "hash": spec.HASH_ALGORITHM,
-            "partitions": [{"file": p.file, "size": p.size, "chunks": list(p.chunks)} for p in self.partitions],
+            "partitions": [
+                {"file": p.file, "size": p.size, "chunks": list(p.chunks)} for p in self.partitions
+            ],
             "tensors": [
                 {
                     "name": t.name,
@@ -147,7 +150,9 @@ class Index:
         try:
             raw = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MalformedIndex(f"index.json is not valid UTF-8 JSON ({e}); re-convert the checkpoint") from e
+            raise MalformedIndex(
+                f"index.json is not valid UTF-8 JSON ({e}); re-convert the checkpoint"
+            ) from e
         return parse_index(raw)
 
 
@@ -201,8 +206,12 @@ def parse_index(raw: object) -> Index:
         raise MalformedIndex(f"unknown checksum algorithm {top['hash']!r}; expected {spec.HASH_ALGORITHM!r}")
     alignment = _int(top["alignment"], "alignment", minimum=spec.ALIGNMENT, maximum=1 << 30)
     if alignment & (alignment - 1) or alignment % spec.ALIGNMENT:
-        raise MalformedIndex(f"alignment {alignment} must be a power of two and a multiple of {spec.ALIGNMENT}")
-    chunk_size = _int(top["chunk_size"], "chunk_size", minimum=spec.MIN_CHUNK_SIZE, maximum=spec.MAX_CHUNK_SIZE)
+        raise MalformedIndex(
+            f"alignment {alignment} must be a power of two and a multiple of {spec.ALIGNMENT}"
+        )
+    chunk_size = _int(
+        top["chunk_size"], "chunk_size", minimum=spec.MIN_CHUNK_SIZE, maximum=spec.MAX_CHUNK_SIZE
+    )
     if chunk_size % spec.ALIGNMENT:
         raise MalformedIndex(f"chunk_size {chunk_size} must be a multiple of {spec.ALIGNMENT}")
 
@@ -235,7 +244,9 @@ def parse_index(raw: object) -> Index:
                 f"{chunk_size} need {expected}"
             )
         partitions.append(
-            PartitionInfo(name, size, tuple(_hex64(c, f"partitions[{i}].chunks[{j}]") for j, c in enumerate(chunks)))
+            PartitionInfo(
+                name, size, tuple(_hex64(c, f"partitions[{i}].chunks[{j}]") for j, c in enumerate(chunks))
+            )
         )
 
     raw_files = top.get("files", [])
@@ -251,7 +262,9 @@ def parse_index(raw: object) -> Index:
         if f["name"] in seen_files:
             raise MalformedIndex(f"file {f['name']!r} is listed twice")
         seen_files.add(f["name"])
-        files.append(FileInfo(f["name"], _int(f["size"], f"files[{i}].size"), _hex64(f["xxh3"], f"files[{i}].xxh3")))
+        files.append(
+            FileInfo(f["name"], _int(f["size"], f"files[{i}].size"), _hex64(f["xxh3"], f"files[{i}].xxh3"))
+        )
 
     raw_tensors = top["tensors"]
     if not isinstance(raw_tensors, list):
@@ -316,7 +329,9 @@ def _parse_tensor(
     if offset % alignment:
         raise MisalignedOffset(f"tensor {name!r} starts at offset {offset}, not a multiple of {alignment}")
     if part >= len(partitions):
-        raise OffsetOutOfRange(f"tensor {name!r} names partition {part}, but there are only {len(partitions)}")
+        raise OffsetOutOfRange(
+            f"tensor {name!r} names partition {part}, but there are only {len(partitions)}"
+        )
     if offset + nbytes > partitions[part].size:
         raise OffsetOutOfRange(
             f"tensor {name!r} covers bytes [{offset}, {offset + nbytes}) of {partitions[part].file}, "
@@ -332,7 +347,7 @@ def _check_overlaps(tensors: list[TensorInfo], partitions: list[PartitionInfo]) 
             by_part.setdefault(t.partition, []).append(t)
     for part, ts in by_part.items():
         ts.sort(key=lambda t: t.offset)
-        for a, b in zip(ts, ts[1:], strict=False):
+        for a, b in itertools.pairwise(ts):
             if a.offset + a.nbytes > b.offset:
                 raise OverlappingTensors(
                     f"tensors {a.name!r} and {b.name!r} overlap in {partitions[part].file} "

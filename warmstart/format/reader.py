@@ -17,7 +17,7 @@ from warmstart.errors import (
 from warmstart.format import spec
 from warmstart.format.checksum import xxh3_hex
 from warmstart.format.index import Index, TensorInfo
-from warmstart.format.sources import ByteSource, LocalSource, TensorStoreSource, open_source
+from warmstart.format.sources import LocalSource, TensorStoreSource, open_source
 
 VERIFY_BLOCK = 64 * 1024**2
 
@@ -62,7 +62,7 @@ class Checkpoint:
         out = np.empty(t.shape, dtype=dt)
         if t.nbytes:
             part = self.index.partitions[t.partition]
-            self.source.read_into(part.file, t.offset, memoryview(out.reshape(-1).view(np.uint8)))
+            self.source.read_into(part.file, t.offset, memoryview(out.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
         return out
 
     def read_file(self, name: str) -> bytes:

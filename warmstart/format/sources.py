@@ -10,6 +10,7 @@ Ranges are ``(offset, length)``; a read returns exactly ``length`` bytes or rais
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -134,10 +135,8 @@ class LocalSource:
             self._fds.clear()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self.close()
-        except Exception:  # noqa: S110 - best effort at interpreter exit
-            pass
 
 
 def _aligned(offset: int, out: memoryview) -> bool:
@@ -182,7 +181,9 @@ class TensorStoreSource:
         ts = _tensorstore()
         self.uri = uri.rstrip("/") + "/"
         self.concurrency = concurrency
-        ctx = ts.Context({"file_io_concurrency": {"limit": concurrency}, "data_copy_concurrency": {"limit": 2}})
+        ctx = ts.Context(
+            {"file_io_concurrency": {"limit": concurrency}, "data_copy_concurrency": {"limit": 2}}
+        )
         try:
             self._kv = ts.KvStore.open(kvstore_spec_for(self.uri), context=ctx).result()
         except ValueError as e:
@@ -195,7 +196,11 @@ class TensorStoreSource:
     def _get(self, name: str, byte_range: slice | None = None) -> bytes:
         _check_name(name)
         try:
-            r = self._kv.read(name, byte_range=byte_range).result() if byte_range else self._kv.read(name).result()
+            r = (
+                self._kv.read(name, byte_range=byte_range).result()
+                if byte_range
+                else self._kv.read(name).result()
+            )
         except Exception as e:
             raise SourceError(f"reading {self.uri}{name}: {e}") from e
         if r.state != "value":

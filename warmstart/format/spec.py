@@ -105,7 +105,5 @@ def is_safe_file_name(name: object) -> bool:
 def is_valid_tensor_name(name: object) -> bool:
     """True when ``name`` obeys the tensor-name rules of the specification."""
     return (
-        isinstance(name, str)
-        and 0 < len(name) <= MAX_NAME_LENGTH
-        and TENSOR_NAME_RE.match(name) is not None
+        isinstance(name, str) and 0 < len(name) <= MAX_NAME_LENGTH and TENSOR_NAME_RE.match(name) is not None
     )

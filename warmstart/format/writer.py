@@ -39,9 +39,7 @@ def to_numpy(obj: Any, name: str = "<tensor>") -> np.ndarray:
         arr = obj
     elif mod.startswith("torch"):
         arr = _torch_to_numpy(obj, name)
-    elif mod.startswith(("jax", "jaxlib")):
-        arr = np.asarray(obj)
-    elif isinstance(obj, np.generic):
+    elif mod.startswith(("jax", "jaxlib")) or isinstance(obj, np.generic):
         arr = np.asarray(obj)
     else:
         raise UnsupportedTensor(
@@ -78,7 +76,9 @@ def _torch_to_numpy(t: Any, name: str) -> np.ndarray:
     try:
         return t.numpy()
     except TypeError as e:
-        raise UnsupportedTensor(f"tensor {name!r} has torch dtype {t.dtype}, which the format does not support") from e
+        raise UnsupportedTensor(
+            f"tensor {name!r} has torch dtype {t.dtype}, which the format does not support"
+        ) from e
 
 
 def _iter_items(tensors: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> Iterable[tuple[str, Any]]:
@@ -130,7 +130,9 @@ def write_checkpoint_dir(
     if partition_size < spec.MIN_PARTITION_SIZE:
         raise ValueError(f"partition_size must be at least {spec.MIN_PARTITION_SIZE} bytes")
     if chunk_size % spec.ALIGNMENT or not spec.MIN_CHUNK_SIZE <= chunk_size <= spec.MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk_size must be a multiple of {spec.ALIGNMENT} in [{spec.MIN_CHUNK_SIZE}, {spec.MAX_CHUNK_SIZE}]")
+        raise ValueError(
+            f"chunk_size must be a multiple of {spec.ALIGNMENT} in [{spec.MIN_CHUNK_SIZE}, {spec.MAX_CHUNK_SIZE}]"
+        )
     partitions: list[PartitionInfo] = []
     infos: list[TensorInfo] = []
     seen: set[str] = set()
@@ -152,7 +154,9 @@ def write_checkpoint_dir(
                 partitions.append(current.close())
                 current = None
         if current is None:
-            current = _PartitionWriter(directory / spec.PARTITION_FILE_FORMAT.format(len(partitions)), chunk_size)
+            current = _PartitionWriter(
+                directory / spec.PARTITION_FILE_FORMAT.format(len(partitions)), chunk_size
+            )
         if nbytes:
             offset = spec.align_up(current.size)
             current.pad_to(offset)
@@ -161,7 +165,9 @@ def write_checkpoint_dir(
             offset = 0  # an empty tensor occupies no bytes; offset 0 is always aligned and in range
         dtype = spec.dtype_name_of_numpy(arr.dtype)
         assert dtype is not None  # checked by to_numpy
-        infos.append(TensorInfo(name, dtype, tuple(int(d) for d in arr.shape), len(partitions), offset, nbytes))
+        infos.append(
+            TensorInfo(name, dtype, tuple(int(d) for d in arr.shape), len(partitions), offset, nbytes)
+        )
         if progress is not None:
             progress(nbytes)
     if current is not None:
