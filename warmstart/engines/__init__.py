@@ -1,1 +1,95 @@
-"""engines."""
+"""Generation engines: torch (transformers models) and JAX (a compact Llama/Qwen2).
+
+Importing this package imports neither torch nor jax; `build_engine` imports the one it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from warmstart.engines.base import (
+    BadWeightShape,
+    ContextFull,
+    EmptyPrompt,
+    Engine,
+    EngineError,
+    GeneratorClosed,
+    InvalidSamplingParams,
+    InvalidTokenId,
+    MissingWeight,
+    NoFreeSlot,
+    PromptTooLong,
+    SeqState,
+    UnsupportedModel,
+)
+from warmstart.engines.generator import BatchedGenerator, RequestHandle
+from warmstart.engines.sampling import SamplingParams, sample_token
+from warmstart.engines.streaming import TextStreamer
+
+ENGINE_KINDS = ("torch", "jax")
+
+
+class UnknownEngineKind(EngineError, ValueError):
+    """`build_engine` was asked for an engine kind that does not exist."""
+
+
+def build_engine(
+    kind: Literal["torch", "jax"],
+    config: Mapping[str, Any],
+    weights: Mapping[str, Any],
+    *,
+    dtype: Any = None,
+    max_batch: int = 8,
+    max_context: int | None = None,
+) -> Engine:
+    """Build an engine from an HF ``config.json`` dict and a flat ``{hf_name: tensor}`` dict.
+
+    ``weights`` values may be numpy arrays, torch tensors or jax arrays. ``dtype`` is the compute
+    dtype (a torch dtype or name for "torch", a jnp dtype or name for "jax"); None keeps the
+    weights' dtype for torch and uses float32 for JAX (XLA:CPU bf16 is slow). ``max_context``
+    defaults to the model's ``max_position_embeddings``, capped at 2048 for JAX's static cache.
+    """
+    if kind == "torch":
+        try:
+            import torch
+
+            from warmstart.engines.torch_engine import TorchEngine
+        except ImportError as e:
+            raise ImportError("the torch engine needs the torch extra: pip install 'warmstart[torch]'") from e
+        tdtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        return TorchEngine.from_state_dict(
+            config, weights, tdtype, max_batch=max_batch, max_context=max_context
+        )
+    if kind == "jax":
+        try:
+            from warmstart.engines.jax_llama import JaxEngine
+        except ImportError as e:
+            raise ImportError("the JAX engine needs the jax extra: pip install 'warmstart[jax]'") from e
+        return JaxEngine(config, weights, dtype=dtype, max_batch=max_batch, max_context=max_context)
+    raise UnknownEngineKind(f"engine kind {kind!r} unknown; use one of {ENGINE_KINDS}")
+
+
+__all__ = [
+    "ENGINE_KINDS",
+    "BadWeightShape",
+    "BatchedGenerator",
+    "ContextFull",
+    "EmptyPrompt",
+    "Engine",
+    "EngineError",
+    "GeneratorClosed",
+    "InvalidSamplingParams",
+    "InvalidTokenId",
+    "MissingWeight",
+    "NoFreeSlot",
+    "PromptTooLong",
+    "RequestHandle",
+    "SamplingParams",
+    "SeqState",
+    "TextStreamer",
+    "UnknownEngineKind",
+    "UnsupportedModel",
+    "build_engine",
+    "sample_token",
+]

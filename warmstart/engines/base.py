@@ -54,6 +54,10 @@ class NoFreeSlot(EngineError, RuntimeError):
     """Every KV-cache slot of a fixed-capacity engine is in use."""
 
 
+class ContextFull(EngineError, RuntimeError):
+    """A sequence already holds ``max_context`` tokens; it cannot take another."""
+
+
 class GeneratorClosed(EngineError, RuntimeError):
     """The generator was closed; no request is accepted or continued."""
 
@@ -121,7 +125,3 @@ def eos_ids_from_config(config: dict) -> frozenset[int]:
     if isinstance(eos, int):
         return frozenset({eos})
     return frozenset(int(e) for e in eos)
-
-
-class ContextFull(EngineError, RuntimeError):
-    """A sequence already holds ``max_context`` tokens; it cannot take another."""

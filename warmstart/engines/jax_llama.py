@@ -1,3 +1,4 @@
+# ruff: noqa: N806  (B, T, S, H, KV, D, F name tensor dims, as in the shape comments)
 """A compact Llama / Qwen2 in JAX, and an engine around it with a static slot-based KV cache.
 
 Weights stay in torch's ``[out, in]`` layout and are applied with einsum (no transposes). The
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 Cache = tuple[jax.Array, jax.Array]  # k, v: [L, slots, S, KV, hd]
+Carry = tuple[jax.Array, jax.Array, jax.Array]  # x, k cache, v cache
 _SUPPORTED = ("llama", "qwen2")
 
 
@@ -59,7 +61,9 @@ class ModelArgs:
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         if self.n_heads % self.n_kv_heads:
-            raise UnsupportedModel(f"num_attention_heads {self.n_heads} not a multiple of kv heads {self.n_kv_heads}")
+            raise UnsupportedModel(
+                f"num_attention_heads {self.n_heads} not a multiple of kv heads {self.n_kv_heads}"
+            )
 
     @property
     def n_rep(self) -> int:
@@ -70,7 +74,9 @@ class ModelArgs:
         """Read an HF ``config.json`` dict (transformers v4 or v5 key layout)."""
         mt = config.get("model_type")
         if mt not in _SUPPORTED:
-            raise UnsupportedModel(f"model_type {mt!r} is not supported by the JAX engine; use one of {_SUPPORTED}")
+            raise UnsupportedModel(
+                f"model_type {mt!r} is not supported by the JAX engine; use one of {_SUPPORTED}"
+            )
         if config.get("hidden_act", "silu") != "silu":
             raise UnsupportedModel(f"hidden_act {config['hidden_act']!r} unsupported; only silu")
         rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
@@ -124,7 +130,9 @@ def params_from_flat(flat: Mapping[str, Any], args: ModelArgs, dtype: Any = jnp.
         return a
 
     def stack(suffix: str, shape: tuple[int, ...]) -> jax.Array:
-        return jax.device_put(np.stack([get(f"model.layers.{i}.{suffix}", shape) for i in range(args.n_layers)]))
+        return jax.device_put(
+            np.stack([get(f"model.layers.{i}.{suffix}", shape) for i in range(args.n_layers)])
+        )
 
     layers = {
         "attn_norm": stack("input_layernorm.weight", (D,)),  # [L, D]
@@ -177,7 +185,9 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     return (x * jnp.cos(emb).astype(x.dtype) + rot * jnp.sin(emb).astype(x.dtype)).astype(x.dtype)
 
 
-def _qkv(lp: Params, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, a: ModelArgs) -> tuple[jax.Array, ...]:
+def _qkv(
+    lp: Params, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, a: ModelArgs
+) -> tuple[jax.Array, ...]:
     B, T, _ = x.shape
     h = rms_norm(x, lp["attn_norm"], a.norm_eps)
     q = jnp.einsum("btd,od->bto", h, lp["wq"])  # [B, T, H*hd]
@@ -215,7 +225,7 @@ def _head(params: Params, h: jax.Array, a: ModelArgs) -> jax.Array:
     return jnp.einsum("...d,vd->...v", h, params["lm_head"]).astype(jnp.float32)  # [..., V]
 
 
-def forward(params: Params, tokens: jax.Array, a: ModelArgs) -> jax.Array:
+def forward(params: Params, tokens: jax.Array, *, a: ModelArgs) -> jax.Array:
     """Teacher-forced logits without a cache. tokens: [B, T] -> [B, T, V] float32."""
     B, T = tokens.shape
     x = params["embed"][tokens]  # [B, T, D]
@@ -231,7 +241,7 @@ def forward(params: Params, tokens: jax.Array, a: ModelArgs) -> jax.Array:
 
 
 def prefill(
-    params: Params, cache: Cache, tokens: jax.Array, length: jax.Array, slot: jax.Array, a: ModelArgs
+    params: Params, cache: Cache, tokens: jax.Array, length: jax.Array, slot: jax.Array, *, a: ModelArgs
 ) -> tuple[jax.Array, Cache]:
     """Fill cache slot ``slot`` from position 0 with tokens [1, T] (padded past ``length``).
 
@@ -242,7 +252,7 @@ def prefill(
     pos = jnp.arange(T)[None]  # [1, T]
     mask = jnp.tril(jnp.ones((T, T), bool))[None]  # [1, T, T]
 
-    def layer(carry: tuple[jax.Array, ...], xs: tuple[Params, jax.Array]) -> tuple[tuple[jax.Array, ...], None]:
+    def layer(carry: Carry, xs: tuple[Params, jax.Array]) -> tuple[Carry, None]:
         x, kc, vc = carry
         lp, i = xs
         q, k, v = _qkv(lp, x, pos, params["inv_freq"], a)  # k, v: [1, T, KV, hd]
@@ -255,7 +265,7 @@ def prefill(
 
 
 def decode(
-    params: Params, cache: Cache, tokens: jax.Array, positions: jax.Array, a: ModelArgs, kv_len: int
+    params: Params, cache: Cache, tokens: jax.Array, positions: jax.Array, *, a: ModelArgs, kv_len: int
 ) -> tuple[jax.Array, Cache]:
     """One token for every slot. tokens, positions: [slots]; attends to cache[:kv_len].
 
@@ -267,7 +277,7 @@ def decode(
     mask = (jnp.arange(kv_len)[None, :] <= pos)[:, None, :]  # [B, 1, kv_len]
     rows = jnp.arange(B)
 
-    def layer(carry: tuple[jax.Array, ...], xs: tuple[Params, jax.Array]) -> tuple[tuple[jax.Array, ...], None]:
+    def layer(carry: Carry, xs: tuple[Params, jax.Array]) -> tuple[Carry, None]:
         x, kc, vc = carry
         lp, i = xs
         q, k, v = _qkv(lp, x, pos, params["inv_freq"], a)  # k, v: [B, 1, KV, hd]
@@ -343,15 +353,21 @@ class JaxEngine:
                 raise ValueError("step() on a released sequence")
             if s.length >= self.max_context:
                 raise ContextFull(f"sequence holds {s.length} tokens, the context limit; finish it")
-            tokens[s.handle], positions[s.handle] = t, s.length  # type: ignore[index]
+            slot = _slot(s)
+            tokens[slot], positions[slot] = t, s.length
         kv_len = bucket(int(positions.max()) + 1, minimum=64, maximum=self.max_context)
         logits, self._cache = self._decode(self.params, self._cache, tokens, positions, kv_len=kv_len)
         out = np.asarray(logits)  # [slots, V]
         for s in states:
-            s.logits = out[s.handle]  # type: ignore[index]
+            s.logits = out[_slot(s)]
             s.length += 1
 
     def release(self, state: SeqState) -> None:
         if not state.released:
             state.released = True
-            self._free.append(state.handle)  # type: ignore[arg-type]
+            self._free.append(_slot(state))
+
+
+def _slot(state: SeqState) -> int:
+    assert isinstance(state.handle, int), "state does not come from a JaxEngine"
+    return state.handle

@@ -22,7 +22,10 @@ _U64 = 2**64
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those filters."""
+    """How to pick tokens.
+
+    ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those filters.
+    """
 
     max_tokens: int = 16
     temperature: float = 0.0
@@ -62,7 +65,9 @@ class SamplingParams:
         "disabled") is read as 0.
         """
         if not isinstance(obj, dict):
-            raise InvalidSamplingParams(f"sampling parameters must be a JSON object, got {type(obj).__name__}")
+            raise InvalidSamplingParams(
+                f"sampling parameters must be a JSON object, got {type(obj).__name__}"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(obj) - known)
         if unknown:

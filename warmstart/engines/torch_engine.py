@@ -1,3 +1,4 @@
+# ruff: noqa: N806  (B, S name tensor dims, as in the shape comments)
 """`Engine` over a transformers causal LM, with HF `DynamicCache`s.
 
 Each sequence keeps its own cache between steps. Sequences decoded together are merged into one
@@ -15,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from warmstart.engines.base import (
@@ -128,7 +128,11 @@ class TorchEngine:
 
     @classmethod
     def from_state_dict(
-        cls, config: Mapping[str, Any], state_dict: Mapping[str, Any], dtype: torch.dtype | None = None, **kw: Any
+        cls,
+        config: Mapping[str, Any],
+        state_dict: Mapping[str, Any],
+        dtype: torch.dtype | None = None,
+        **kw: Any,
     ) -> TorchEngine:
         """Build the model with `model_from_state_dict` and wrap it; ``kw`` go to the constructor."""
         return cls(model_from_state_dict(config, state_dict, dtype), **kw)
@@ -141,10 +145,13 @@ class TorchEngine:
         cache = self._new_cache()
         with torch.inference_mode():
             out = self.model(
-                input_ids=torch.tensor([list(token_ids)]), past_key_values=cache, use_cache=True, logits_to_keep=1
+                input_ids=torch.tensor([list(token_ids)]),
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
             )
-        kv: KV = [(layer.keys, layer.values) for layer in cache.layers]
-        return SeqState(length=len(token_ids), logits=out.logits[0, -1].float().numpy(), handle=kv)
+        logits = out.logits[0, -1].float().numpy()  # [V]
+        return SeqState(length=len(token_ids), logits=logits, handle=_layers_kv(cache))
 
     def step(self, states: Sequence[SeqState], token_ids: Sequence[int]) -> None:
         if len(states) != len(token_ids):
@@ -180,8 +187,8 @@ class TorchEngine:
         cache = self._new_cache()
         kvs: list[KV] = [s.handle for s in states]  # type: ignore[misc]
         for i in range(len(kvs[0])):
-            k = torch.cat([F.pad(kv[i][0], (0, 0, p, 0)) for kv, p in zip(kvs, pads, strict=True)])  # [B, KV, S, hd]
-            v = torch.cat([F.pad(kv[i][1], (0, 0, p, 0)) for kv, p in zip(kvs, pads, strict=True)])
+            k = torch.cat([_left_pad(kv[i][0], p) for kv, p in zip(kvs, pads, strict=True)])  # [B, KV, S, hd]
+            v = torch.cat([_left_pad(kv[i][1], p) for kv, p in zip(kvs, pads, strict=True)])
             cache.update(k, v, i)
         mask = torch.ones(len(states), S, dtype=torch.long)
         for b, p in enumerate(pads):
@@ -200,10 +207,26 @@ class TorchEngine:
                 continue
             start = S - s.length
             s.handle = [
-                (layer.keys[b : b + 1, :, start:].clone(), layer.values[b : b + 1, :, start:].clone())
-                for layer in g.cache.layers
+                (k[b : b + 1, :, start:].clone(), v[b : b + 1, :, start:].clone())
+                for k, v in _layers_kv(g.cache)
             ]
 
     def release(self, state: SeqState) -> None:
         state.released = True
         state.handle = None
+
+
+def _left_pad(t: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, 0, n, 0))  # [1, KV, S, hd] -> [1, KV, n + S, hd]
+
+
+def _layers_kv(cache: DynamicCache) -> KV:
+    out: KV = []
+    for layer in cache.layers:
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(k, torch.Tensor) or not isinstance(v, torch.Tensor):
+            raise UnsupportedModel(
+                f"cache layer {type(layer).__name__} has no key/value tensors; unsupported model"
+            )
+        out.append((k, v))
+    return out
