@@ -9,6 +9,7 @@ group is then swept with SIGKILL without any risk of hitting an unrelated proces
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -102,7 +103,8 @@ class ManagedProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_set_pdeathsig,
+                # Only a prctl() call runs between fork and exec; nothing that could deadlock on a lock.
+                preexec_fn=_set_pdeathsig,  # noqa: PLW1509
                 close_fds=True,
             )
         logger.debug("started pid %d: %s", self._proc.pid, self._argv[0])
@@ -149,22 +151,69 @@ class ManagedProcess:
         pid = proc.pid
         if self.is_alive():
             logger.debug("sending signal %d to pid %d", sig, pid)
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
             if not self._wait_exited(timeout):
                 logger.warning("pid %d did not exit %.1f s after signal %d; killing it", pid, timeout, sig)
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 self._wait_exited(30.0)
         # The leader is a zombie now, so `pid` still names our group: sweep what is left in it.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
         rc = proc.wait()
         logger.debug("pid %d exited with %s", pid, rc)
         return rc
+
+
+def pid_running(pid: int) -> bool:
+    """True when ``pid`` exists and is not a zombie (Linux ``/proc``)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
+def group_members(pgid: int) -> list[int]:
+    """PIDs of the running processes whose process group is ``pgid`` (Linux ``/proc``)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        # fields: state ppid pgrp ...
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(entry.name))
+    return sorted(members)
+
+
+def listening_addresses(pid: int) -> list[tuple[str, int]]:
+    """``(ip, port)`` of every TCP socket in LISTEN state owned by ``pid`` (Linux ``/proc``)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    result = []
+    for table, width in (("tcp", 8), ("tcp6", 32)):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inodes:  # 0A = LISTEN
+                continue
+            hex_ip, hex_port = cols[1].split(":")
+            raw = bytes.fromhex(hex_ip[:width])
+            if width == 8:
+                ip = socket.inet_ntop(socket.AF_INET, raw[::-1])
+            else:  # four little-endian 32-bit words
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
+                ip = socket.inet_ntop(socket.AF_INET6, words)
+            result.append((ip, int(hex_port, 16)))
+    return sorted(result)

@@ -153,9 +153,7 @@ def prepare_backend_dir(dest: Path | str) -> Path:
         target = dest / "warmstart"
         if target.exists():
             shutil.rmtree(target)
-        shutil.copytree(
-            _WARMSTART_BACKEND_SRC, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
-        )
+        shutil.copytree(_WARMSTART_BACKEND_SRC, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return dest
 
 
@@ -223,7 +221,9 @@ class TritonConfig:
         if len(nonzero) != len(set(nonzero)):
             raise TritonConfigError("http_port, grpc_port and metrics_port must differ")
         if not re.fullmatch(r"[0-9A-Za-z.:\-]+", self.bind_address):
-            raise TritonConfigError(f"bind_address must be an IP address or host name, got {self.bind_address!r}")
+            raise TritonConfigError(
+                f"bind_address must be an IP address or host name, got {self.bind_address!r}"
+            )
         for name in ("disable_auto_complete_config", "strict_readiness", "verbose"):
             if not isinstance(getattr(self, name), bool):
                 raise TritonConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -232,15 +232,22 @@ class TritonConfig:
             or isinstance(self.exit_timeout_secs, bool)
             or not 0 <= self.exit_timeout_secs <= 3600
         ):
-            raise TritonConfigError(f"exit_timeout_secs must be an int in 0..3600, got {self.exit_timeout_secs!r}")
+            raise TritonConfigError(
+                f"exit_timeout_secs must be an int in 0..3600, got {self.exit_timeout_secs!r}"
+            )
         for m in self.load_models:
-            validate_model_name(m)
+            try:
+                validate_model_name(m)
+            except InvalidModelName as e:
+                raise TritonConfigError(f"load_models: {e}") from e
         if not _HEADER_PATTERN.fullmatch(self.repository_api_header):
             raise TritonConfigError(
                 f"repository_api_header must be lowercase [a-z0-9-], got {self.repository_api_header!r}"
             )
         if self.repository_api_key is not None and not _API_KEY_PATTERN.fullmatch(self.repository_api_key):
-            raise TritonConfigError("repository_api_key must be 8-256 printable ASCII characters without spaces")
+            raise TritonConfigError(
+                "repository_api_key must be 8-256 printable ASCII characters without spaces"
+            )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TritonConfig:
@@ -258,7 +265,9 @@ class TritonConfig:
     def to_argv(self, binary: Path | str) -> list[str]:
         """The tritonserver command line. Every port must be concrete (non-zero) and a backend dir set."""
         if not (self.http_port and self.grpc_port and self.metrics_port):
-            raise TritonConfigError("to_argv needs concrete ports; TritonServer.start() resolves 0 to free ports")
+            raise TritonConfigError(
+                "to_argv needs concrete ports; TritonServer.start() resolves 0 to free ports"
+            )
         if self.backend_directory is None:
             raise TritonConfigError("to_argv needs backend_directory; TritonServer.start() prepares one")
         argv = [str(binary)]
@@ -490,7 +499,9 @@ class TritonServer:
 
         client = self._grpc_client()
         try:
-            index = client.get_model_repository_index(headers=self.repository_grpc_headers or None, as_json=True)
+            index = client.get_model_repository_index(
+                headers=self.repository_grpc_headers or None, as_json=True
+            )
         except InferenceServerException as e:
             raise ModelLoadError(f"reading the repository index failed: {e.message()}") from e
         finally:
@@ -513,14 +524,18 @@ class TritonServer:
             deadline = time.monotonic() + timeout
             t0 = time.monotonic()
             while True:
-                index = client.get_model_repository_index(headers=self.repository_grpc_headers or None, as_json=True)
+                index = client.get_model_repository_index(
+                    headers=self.repository_grpc_headers or None, as_json=True
+                )
                 states = [m.get("state", "") for m in index.get("models", []) if m.get("name") == name]
                 if states and all(s == "UNAVAILABLE" for s in states):
                     break
                 if not states and not client.is_model_ready(name):
                     break
                 if time.monotonic() >= deadline:
-                    raise ModelLoadError(f"model {name!r} still {states or 'ready'} {timeout:.0f} s after unload")
+                    raise ModelLoadError(
+                        f"model {name!r} still {states or 'ready'} {timeout:.0f} s after unload"
+                    )
                 time.sleep(0.05)
             logger.info("model %s unloaded in %.2f s", name, time.monotonic() - t0)
         except InferenceServerException as e:
