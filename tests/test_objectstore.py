@@ -184,7 +184,7 @@ def test_seaweedfs_with_credentials_refuses_anonymous_and_accepts_environment_ke
         anon = ts.KvStore.open(
             kvstore_spec("s3://models/a", endpoint=server.endpoint, credentials="anonymous")
         )
-        with pytest.raises(ValueError, match="Access ?Denied"):
+        with pytest.raises(ValueError, match=r"Access ?Denied"):
             anon.result().write("k", b"v").result()
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDWARMSTART")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-key")
