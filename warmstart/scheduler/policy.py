@@ -346,54 +346,77 @@ def random_place(snapshot: ClusterSnapshot, model: str, rng: random.Random) -> P
 # ------------------------------------------------------------------------------------ migration plans
 
 
+_DestinationMemo = dict[str, npt.NDArray[np.float64]]
+
+
+def _destination_totals(
+    snapshot: ClusterSnapshot, spec: ModelSpec, memo: _DestinationMemo
+) -> npt.NDArray[np.float64]:
+    """Cold-load totals of ``spec`` on servers that could take it as a new load (fit, none in flight)."""
+    totals = memo.get(spec.name)
+    if totals is None:
+        totals = _cold_totals(snapshot, spec)
+        totals[snapshot.index.room_bytes < spec.size_bytes] = math.inf
+        for pos, _ in snapshot.index.in_flight.get(spec.name, ()):
+            totals[pos] = math.inf
+        memo[spec.name] = totals
+    return totals
+
+
 def _best_destination(
     snapshot: ClusterSnapshot,
     inst: Instance,
     source: ServerState,
+    *,
     used: set[str],
     replay_s: float,
+    memo: _DestinationMemo,
 ) -> MigrationMove | None:
+    """Where ``inst``'s requests start soonest: a warm instance with room for all, else the best new load."""
     spec = snapshot.models.get(inst.model)
     if spec is None:
         return None
-    best: MigrationMove | None = None
-    for d in snapshot.servers:
-        if not d.healthy or d.name == source.name or d.name in used:
-            continue
-        warm = d.instance(inst.model)
-        evictions: tuple[str, ...] = ()
-        if warm is not None:
-            if not _has_room(warm, spec, len(inst.requests)):
-                continue
-            est = Estimate.of(wait_s=0.0, load_s=0.0, overhead_s=0.0, tier=_tier_on(d, inst.model))
-        else:
-            pos = snapshot.index.position[d.name]
-            loading_there = any(p == pos for p, _ in snapshot.index.in_flight.get(inst.model, ()))
-            if loading_there or snapshot.index.room_bytes[pos] < spec.size_bytes:
-                continue
-            est = estimate_startup(snapshot, d.name, inst.model)
-            if math.isinf(est.total_s):
-                continue
-            evictions = choose_evictions(d, spec.size_bytes, snapshot.now)
-        cost = est.total_s + replay_s
-        if best is None or cost < best.cost_s:
-            best = MigrationMove(
-                model=inst.model,
-                source=source.name,
-                destination=d.name,
-                request_ids=tuple(r.request_id for r in inst.requests),
-                destination_estimate=est,
-                destination_evictions=evictions,
-                replay_s=replay_s,
-                cost_s=cost,
-            )
-    return best
+    idx = snapshot.index
+    excluded = {idx.position[source.name], *(idx.position[name] for name in used)}
+    warm = [
+        pos
+        for pos, w in idx.warm.get(spec.name, ())
+        if idx.healthy[pos] and pos not in excluded and _has_room(w, spec, len(inst.requests))
+    ]
+    evictions: tuple[str, ...] = ()
+    if warm:  # costs only the replay, which beats any load
+        dest = snapshot.servers[min(warm)]
+        est = Estimate.of(wait_s=0.0, load_s=0.0, overhead_s=0.0, tier=_tier_on(dest, spec.name))
+    else:
+        totals = _destination_totals(snapshot, spec, memo)
+        saved = [(pos, totals[pos]) for pos in excluded]
+        totals[list(excluded)] = math.inf
+        pos = int(np.argmin(totals)) if totals.size else -1
+        found = pos >= 0 and math.isfinite(totals[pos])
+        for p, value in saved:
+            totals[p] = value
+        if not found:
+            return None
+        dest = snapshot.servers[pos]
+        est = estimate_startup(snapshot, dest.name, spec.name)
+        evictions = choose_evictions(dest, spec.size_bytes, snapshot.now)
+    return MigrationMove(
+        model=spec.name,
+        source=source.name,
+        destination=dest.name,
+        request_ids=tuple(r.request_id for r in inst.requests),
+        destination_estimate=est,
+        destination_evictions=evictions,
+        replay_s=replay_s,
+        cost_s=est.total_s + replay_s,
+    )
 
 
 def _plan_for_server(
     snapshot: ClusterSnapshot,
     spec: ModelSpec,
     server: ServerState,
+    memo: _DestinationMemo,
     *,
     replay_s_per_token: float,
     threshold_tokens: int,
@@ -404,7 +427,7 @@ def _plan_for_server(
     options: list[MigrationMove] = []
     for inst in busy.values():
         replay_s = replay_s_per_token * (sum(r.context_tokens for r in inst.requests) + threshold_tokens)
-        first = _best_destination(snapshot, inst, server, set(), replay_s)
+        first = _best_destination(snapshot, inst, server, used=set(), replay_s=replay_s, memo=memo)
         if first is not None:
             options.append(first)
     options.sort(key=lambda m: (m.cost_s, m.model))
@@ -416,7 +439,9 @@ def _plan_for_server(
             break
         move: MigrationMove | None = option
         if option.destination in used:  # each destination takes one move; pick the next best one
-            move = _best_destination(snapshot, busy[option.model], server, used, option.replay_s)
+            move = _best_destination(
+                snapshot, busy[option.model], server, used=used, replay_s=option.replay_s, memo=memo
+            )
         if move is None:
             continue
         chosen.append(move)
@@ -439,12 +464,13 @@ def plan_migration(
     """A live migration that lets ``model`` start sooner than its best placement without one, or ``None``.
 
     For each server s where ``model`` does not fit only because models with running requests hold the
-    memory: move those generations (all of each instance's requests) to other servers. The cost of one
-    move is the destination's startup estimate for that model plus replaying every request's prompt and
-    tokens so far (plus the final round of ``threshold_tokens``) at ``replay_s_per_token``; moves run in
+    memory: move those generations (all of each instance's requests) to other servers, each to a
+    different destination. The cost of one move is the destination's startup estimate for that model
+    (zero for a warm instance with room for all its requests) plus replaying every request's prompt and
+    tokens so far, plus the final round of ``threshold_tokens``, at ``replay_s_per_token``. Moves run in
     parallel, and ``model`` loads on s once they are done and s's own queue has drained:
     ``max(moves, wait_s) + load_s + overhead_s``. Returned only if that beats the baseline by more than
-    ``min_gain_s``; the best server wins, ties by name.
+    ``min_gain_s``; the soonest server wins, ties by name.
     """
     spec = snapshot.model(model)
     baseline = place(snapshot, model)
@@ -452,13 +478,21 @@ def plan_migration(
         return None
     baseline_s = baseline.estimate.total_s if baseline.estimate is not None else math.inf
     idx = snapshot.index
-    totals = _cold_totals(snapshot, spec)  # lower bound of the migration estimate on every server
-    candidates = np.nonzero((totals < baseline_s - min_gain_s) & (idx.room_bytes < spec.size_bytes))[0]
+    bound = _cold_totals(snapshot, spec)  # a lower bound of the migration estimate on every server
+    candidates = np.nonzero((bound < baseline_s - min_gain_s) & (idx.room_bytes < spec.size_bytes))[0]
+    memo: _DestinationMemo = {}
     best: MigrationPlan | None = None
-    for pos in candidates:
-        server = snapshot.servers[int(pos)]
+    for pos in sorted(candidates.tolist(), key=lambda p: (bound[p], p)):
+        if best is not None and bound[pos] >= best.estimate_s:
+            break  # branch and bound: no later server can beat the plan found
+        server = snapshot.servers[pos]
         found = _plan_for_server(
-            snapshot, spec, server, replay_s_per_token=replay_s_per_token, threshold_tokens=threshold_tokens
+            snapshot,
+            spec,
+            server,
+            memo,
+            replay_s_per_token=replay_s_per_token,
+            threshold_tokens=threshold_tokens,
         )
         if found is None:
             continue
