@@ -538,3 +538,21 @@ def test_place_finds_single_memory_holder_when_cluster_has_1000_servers() -> Non
     decision = place(big, "fresh")
     assert (decision.action, decision.server) == (Action.LOAD, target)
     assert decision.estimate is not None and decision.estimate.tier is Tier.MEMORY
+
+
+def test_place_routes_to_least_busy_instance_when_cluster_has_1000_servers_and_1000_models() -> None:
+    s = synthetic_cluster(1000, 1000, seed=11)
+    checked = 0
+    for model in sorted(s.index.warm):
+        conc = s.model(model).max_concurrency
+        open_slots = [
+            (len(i.requests), srv.name)
+            for srv in s.servers
+            if srv.healthy and (i := srv.instance(model)) is not None and len(i.requests) < conc
+        ]
+        if not open_slots:
+            continue
+        decision = place(s, model)
+        assert (decision.action, decision.server) == (Action.ROUTE, min(open_slots)[1]), model
+        checked += 1
+    assert checked > 100
