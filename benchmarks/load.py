@@ -741,9 +741,13 @@ def _ws_env_location(d: Path) -> str:
 
 @worker("ws-torch")
 def _w_ws_torch(d: Path) -> tuple[Loader, Toucher]:
+    import torch  # noqa: F401 - imports before the clock, as for every competitor
+
     import warmstart.torch as wst
 
     loc = _ws_env_location(d)
+    if "://" in loc:
+        import tensorstore  # noqa: F401
     return (lambda: wst.load_state_dict(loc)), touch_torch
 
 
@@ -754,6 +758,8 @@ def _w_ws_jax(d: Path) -> tuple[Loader, Toucher]:
     import warmstart.jax as wsj
 
     loc = _ws_env_location(d)
+    if "://" in loc:
+        import tensorstore  # noqa: F401
     cpu = jax.devices("cpu")[0]
     return (lambda: wsj.load_params(loc, device=cpu)), touch_jax
 
@@ -793,6 +799,7 @@ class Competitor:
     module: str | None = None  # a peer's import name: unavailable where it does not import
     env: Callable[[Path], dict[str, str]] | None = None
     prepare: str | None = None  # a tier the driver fills before the first run (memory tier)
+    cleanup: Callable[[Path], None] | None = None  # run before and after every run (fresh tier caches)
 
 
 def _ws_files(d: Path) -> list[Path]:
@@ -825,7 +832,14 @@ def all_competitors() -> list[Competitor]:
     comps = [
         # memory tier
         Competitor(
-            "ws-torch-mem", "ws-torch", "mem", "warmstart", "torch", _ws_files, env=_ws_mem_env, prepare="mem"
+            "ws-torch-mem",
+            "ws-torch",
+            "mem",
+            "warmstart",
+            "torch",
+            lambda d: [],
+            env=_ws_mem_env,
+            prepare="mem",
         ),
         Competitor("raw-mmap-shm", "raw-mmap-shm", "mem", "raw", "raw", lambda d: []),
         # disk, warm
@@ -919,12 +933,23 @@ def all_competitors() -> list[Competitor]:
             s3=True,
             env=_ws_remote_env,
         ),
+        Competitor(
+            "ws-torch-remote-fill",
+            "ws-torch",
+            "remote",
+            "warmstart",
+            "torch",
+            lambda d: [],
+            s3=True,
+            env=_ws_remote_fill_env,
+            cleanup=_ws_remote_fill_cleanup,
+        ),
         Competitor("raw-s3-tensorstore", "raw-s3-tensorstore", "remote", "raw", "raw", lambda d: [], s3=True),
         Competitor("raw-s3-http", "raw-s3-http", "remote", "raw", "raw", lambda d: [], s3=True),
         # JAX (page cache warm)
         Competitor("ws-jax-disk", "ws-jax", "jax", "warmstart", "jax", _ws_files, env=ws_env_disk),
         Competitor(
-            "ws-jax-mem", "ws-jax", "jax", "warmstart", "jax", _ws_files, env=_ws_mem_env, prepare="mem"
+            "ws-jax-mem", "ws-jax", "jax", "warmstart", "jax", lambda d: [], env=_ws_mem_env, prepare="mem"
         ),
         Competitor("orbax", "orbax", "jax", "peer", "jax", _f(D_ORBAX)),
         Competitor("orbax-nocomp", "orbax-nocomp", "jax", "peer", "jax", _f(D_ORBAX_RAW)),
@@ -932,8 +957,18 @@ def all_competitors() -> list[Competitor]:
     return comps
 
 
-# Tier wiring for warmstart: filled in below once the loaders' public configuration is known (see
-# _ws_status). Until then a warmstart competitor reports "unavailable" with the reason, and nothing is made up.
+# Tier wiring for warmstart, through its public configuration (warmstart.loaders.tiers.Tiers.from_env):
+# no WARMSTART_* variable = embedded mode (a local path is mapped from the page cache / disk; a URI is read
+# straight into an aligned buffer); WARMSTART_MEMORY_CACHE=<dir> = the host-memory tier under /dev/shm
+# (filled once from disk by the driver, then mapped); WARMSTART_MEMORY_CACHE + WARMSTART_DISK_CACHE with a URI
+# = remote -> memory + disk tiers in one pass (emptied before every run, so every run is a real fill).
+
+MEMTIER_DIR = SHM_ROOT / "wsbench-memtier"
+FILL_MEM_DIR = SHM_ROOT / "wsbench-fill-mem"
+
+
+def _fill_disk_dir(d: Path) -> Path:
+    return d.parent / "fill-disk"
 
 
 def _ws_disk_env(d: Path) -> dict[str, str]:
@@ -941,11 +976,23 @@ def _ws_disk_env(d: Path) -> dict[str, str]:
 
 
 def _ws_mem_env(d: Path) -> dict[str, str]:
-    return {"WS_BENCH_LOCATION": str(d / D_WARMSTART)}
+    return {"WS_BENCH_LOCATION": str(d / D_WARMSTART), "WARMSTART_MEMORY_CACHE": str(MEMTIER_DIR)}
 
 
 def _ws_remote_env(d: Path) -> dict[str, str]:
     return {"WS_BENCH_LOCATION": f"s3://{S3_BUCKET}/{s3_prefix(d.name)}"}
+
+
+def _ws_remote_fill_env(d: Path) -> dict[str, str]:
+    return _ws_remote_env(d) | {
+        "WARMSTART_MEMORY_CACHE": str(FILL_MEM_DIR),
+        "WARMSTART_DISK_CACHE": str(_fill_disk_dir(d)),
+    }
+
+
+def _ws_remote_fill_cleanup(d: Path) -> None:
+    shutil.rmtree(FILL_MEM_DIR, ignore_errors=True)
+    shutil.rmtree(_fill_disk_dir(d), ignore_errors=True)
 
 
 def _importable(module: str) -> str | None:
@@ -1025,9 +1072,30 @@ def remove_shm_copies(cks: list[Checkpoints]) -> None:
         shutil.rmtree(shm_copy_dir(ck.root), ignore_errors=True)
 
 
+_PREPARED: dict[str, str | None] = {}
+
+
 def prepare_ws_mem(ck: Checkpoints) -> str | None:
-    """Fill warmstart's memory tier with this checkpoint; None on success, else why not."""
-    return "the warmstart memory tier is not wired into the benchmark yet"
+    """Fill warmstart's memory tier with this checkpoint (one untimed load); None on success, else why not."""
+    if ck.tag not in _PREPARED:
+        _PREPARED[ck.tag] = _prepare_ws_mem(ck)
+    return _PREPARED[ck.tag]
+
+
+def _prepare_ws_mem(ck: Checkpoints) -> str | None:
+    comp = next(c for c in all_competitors() if c.name == "ws-torch-mem")
+    out = launch(comp, ck, record_resident=False)
+    if "error" in out:
+        return f"filling the memory tier failed: {out['error']}"
+    entries = [p for p in MEMTIER_DIR.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not entries:
+        return f"the memory tier {MEMTIER_DIR} is still empty after a load"
+    return None
+
+
+def remove_memtier() -> None:
+    shutil.rmtree(MEMTIER_DIR, ignore_errors=True)
+    shutil.rmtree(FILL_MEM_DIR, ignore_errors=True)
 
 
 class S3:
@@ -1092,14 +1160,37 @@ class S3:
 # --- the loop --------------------------------------------------------------------------------------------------
 
 
-def launch(comp: Competitor, ck: Checkpoints, timeout: float = WORKER_TIMEOUT) -> dict[str, Any]:
+_TIER_ENV = (
+    "WARMSTART_STORE",
+    "WARMSTART_MEMORY_CACHE",
+    "WARMSTART_MEMORY_CAPACITY",
+    "WARMSTART_DISK_CACHE",
+    "WARMSTART_DISK_CAPACITY",
+    "WARMSTART_REMOTE",
+    "WS_BENCH_LOCATION",
+)
+
+
+def launch(
+    comp: Competitor, ck: Checkpoints, timeout: float = WORKER_TIMEOUT, *, record_resident: bool = True
+) -> dict[str, Any]:
+    if comp.cleanup is not None:
+        comp.cleanup(ck.root)
+    try:
+        return _launch(comp, ck, timeout, record_resident)
+    finally:
+        if comp.cleanup is not None:
+            comp.cleanup(ck.root)
+
+
+def _launch(comp: Competitor, ck: Checkpoints, timeout: float, record_resident: bool) -> dict[str, Any]:
     files = comp.files(ck.root)
     if comp.cold:
         evict(files)
     elif files:
         prewarm(files)
-    resident = resident_bytes(files) if files else None
-    env = dict(os.environ)
+    resident = resident_bytes(files) if files and record_resident else None
+    env = {k: v for k, v in os.environ.items() if k not in _TIER_ENV}
     if comp.env is not None:
         env.update(comp.env(ck.root))
     env.setdefault("JAX_PLATFORMS", "cpu")
@@ -1638,6 +1729,7 @@ def main(argv: list[str] | None = None) -> int:
             s3.stop()
         if not args.keep_shm:
             remove_shm_copies(cks)
+            remove_memtier()
 
     summarize(results, comps)
     checks = check_targets(results, comps)
