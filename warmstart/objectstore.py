@@ -299,7 +299,10 @@ class SeaweedFSConfig:
     """What decides a ``weed mini`` command line; rendered by :meth:`to_argv` only.
 
     ``access_key``/``secret_key`` (both or neither) turn on S3 authentication (a ``mini`` identity);
-    without them the S3 API is anonymous. ``s3_port`` 0 picks a free port at start.
+    without them the S3 API is anonymous. ``s3_port`` 0 picks a free port at start. ``aux_ports`` may pin
+    the other listeners (keys as the flag names: ``master.port``, ``filer.port``...); unpinned ones get free
+    ports. ``idle_timeout_s`` (``-idleTimeout``) bounds how long idle keep-alive connections between the
+    components delay a graceful stop.
     """
 
     data_dir: Path
@@ -309,6 +312,7 @@ class SeaweedFSConfig:
     access_key: str | None = None
     secret_key: str | None = field(default=None, repr=False)
     aux_ports: Mapping[str, int] = field(default_factory=dict)
+    idle_timeout_s: int = 3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
@@ -325,6 +329,8 @@ class SeaweedFSConfig:
             raise ValueError(f"bind_address must be an IP address, got {self.bind_address!r}") from e
         if (self.access_key is None) != (self.secret_key is None):
             raise ValueError("give both access_key and secret_key, or neither")
+        if not isinstance(self.idle_timeout_s, int) or not 1 <= self.idle_timeout_s <= 3600:
+            raise ValueError(f"idle_timeout_s must be an int in 1..3600, got {self.idle_timeout_s!r}")
         unknown = set(self.aux_ports) - set(_AUX_PORT_FLAGS)
         if unknown:
             raise ValueError(f"unknown aux_ports keys: {sorted(unknown)}")
@@ -353,6 +359,9 @@ class SeaweedFSConfig:
             "-webdav=false",
             "-admin.ui=false",
             "-master.telemetry=false",
+            # Idle keep-alive connections between the components hold a graceful stop of the volume
+            # server for up to this long (30 s by default, measured after one large GET).
+            f"-idleTimeout={self.idle_timeout_s}",
         ]
         if self.buckets:
             argv.append(f"-bucket={','.join(self.buckets)}")
