@@ -1,0 +1,212 @@
+"""The model configuration of the ``warmstart`` Triton backend: I/O, parameters, full configs.
+
+One source of truth for the inputs and outputs: ``auto_complete_config`` in the backend's ``model.py``,
+:func:`model_config` (the JSON config a scheduler sends with ``load_model(config=...)``) and the
+``config.pbtxt`` files in ``model_repository/`` (rendered by :func:`to_pbtxt`) all use :data:`INPUTS` and
+:data:`OUTPUTS`. Servers run with ``--disable-auto-complete-config``, so every config must be complete.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from warmstart.errors import WarmstartError
+
+__all__ = [
+    "BACKEND_NAME",
+    "ENGINES",
+    "INPUTS",
+    "OUTPUTS",
+    "BackendConfigError",
+    "ModelSettings",
+    "model_config",
+    "to_pbtxt",
+]
+
+BACKEND_NAME = "warmstart"
+ENGINES = ("torch", "jax")
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MAX_BATCH = 8
+
+# vllm_backend conventions (text_input, stream, sampling_parameters, exclude_input_in_output -> text_output)
+# plus token ids in and out for resuming a generation elsewhere.
+INPUTS: tuple[dict[str, Any], ...] = (
+    {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+    {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    {"name": "sampling_parameters", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+    {"name": "exclude_input_in_output", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
+    {"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1], "optional": True},
+    {"name": "num_generated", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
+)
+OUTPUTS: tuple[dict[str, Any], ...] = (
+    {"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]},
+    {"name": "token_ids", "data_type": "TYPE_INT64", "dims": [-1]},
+    {"name": "finish_reason", "data_type": "TYPE_STRING", "dims": [-1]},
+)
+
+# parameters this backend reads, and parameters the Python backend itself owns (allowed, ignored here)
+_KNOWN_PARAMETERS = ("checkpoint", "engine", "dtype", "max_batch")
+_PYTHON_BACKEND_PARAMETERS = ("EXECUTION_ENV_PATH",)
+
+
+class BackendConfigError(WarmstartError, ValueError):
+    """A model's ``config.pbtxt`` parameters are missing, unknown or invalid."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """The ``parameters`` of one warmstart model, validated.
+
+    ``checkpoint`` is as written in the config (path, node-store name or URI; ``${VAR}`` and
+    ``${VAR:-default}`` are expanded when it is resolved, see :mod:`warmstart.backend.weights`).
+    """
+
+    checkpoint: str
+    engine: str
+    dtype: str | None = None
+    max_batch: int = DEFAULT_MAX_BATCH
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.checkpoint, str) or not self.checkpoint.strip():
+            raise BackendConfigError(
+                "parameter 'checkpoint' must name a checkpoint (path, store name or URI)"
+            )
+        if self.engine not in ENGINES:
+            raise BackendConfigError(f"parameter 'engine' must be one of {ENGINES}, got {self.engine!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise BackendConfigError(f"parameter 'dtype' must be one of {DTYPES}, got {self.dtype!r}")
+        if (
+            isinstance(self.max_batch, bool)
+            or not isinstance(self.max_batch, int)
+            or not 1 <= self.max_batch <= 256
+        ):
+            raise BackendConfigError(
+                f"parameter 'max_batch' must be an integer in 1..256, got {self.max_batch!r}"
+            )
+
+    @classmethod
+    def from_model_config(cls, config: Mapping[str, Any]) -> ModelSettings:
+        """Read the settings from a Triton model config (the JSON ``args["model_config"]`` parsed)."""
+        raw = config.get("parameters") or {}
+        if not isinstance(raw, Mapping):
+            raise BackendConfigError("model config 'parameters' must be a map")
+        values: dict[str, str] = {}
+        for key, value in raw.items():
+            if key in _PYTHON_BACKEND_PARAMETERS:
+                continue
+            if key not in _KNOWN_PARAMETERS:
+                raise BackendConfigError(
+                    f"unknown parameter {key!r} in the model config; known: {', '.join(_KNOWN_PARAMETERS)}"
+                )
+            if not isinstance(value, Mapping) or not isinstance(value.get("string_value"), str):
+                raise BackendConfigError(f'parameter {key!r} must be {{ string_value: "..." }}')
+            values[key] = value["string_value"]
+        for key in ("checkpoint", "engine"):
+            if not values.get(key):
+                raise BackendConfigError(
+                    f"model config lacks parameter {key!r}: add "
+                    f'parameters {{ key: "{key}" value {{ string_value: "..." }} }} to config.pbtxt'
+                )
+        max_batch_text = values.get("max_batch", str(DEFAULT_MAX_BATCH))
+        if not re.fullmatch(r"[0-9]{1,4}", max_batch_text):
+            raise BackendConfigError(f"parameter 'max_batch' must be an integer, got {max_batch_text!r}")
+        return cls(
+            checkpoint=values["checkpoint"],
+            engine=values["engine"],
+            dtype=values.get("dtype") or None,
+            max_batch=int(max_batch_text),
+        )
+
+
+def model_config(
+    name: str,
+    checkpoint: str,
+    engine: str,
+    *,
+    dtype: str | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    instance_count: int = 1,
+    instance_kind: str = "KIND_CPU",
+) -> dict[str, Any]:
+    """The complete Triton model config (JSON field names) of a warmstart model.
+
+    Pass it as ``load_model(name, config=json.dumps(model_config(...)))``; it is valid with
+    ``--disable-auto-complete-config``.
+    """
+    settings = ModelSettings(checkpoint=checkpoint, engine=engine, dtype=dtype, max_batch=max_batch)
+    if instance_kind not in ("KIND_CPU", "KIND_GPU", "KIND_MODEL"):
+        raise BackendConfigError(
+            f"instance_kind must be KIND_CPU, KIND_GPU or KIND_MODEL, got {instance_kind!r}"
+        )
+    if isinstance(instance_count, bool) or not isinstance(instance_count, int) or instance_count < 1:
+        raise BackendConfigError(f"instance_count must be a positive integer, got {instance_count!r}")
+    parameters = {
+        "checkpoint": {"string_value": settings.checkpoint},
+        "engine": {"string_value": settings.engine},
+        "max_batch": {"string_value": str(settings.max_batch)},
+    }
+    if settings.dtype is not None:
+        parameters["dtype"] = {"string_value": settings.dtype}
+    return {
+        "name": name,
+        "backend": BACKEND_NAME,
+        "max_batch_size": 0,
+        "model_transaction_policy": {"decoupled": True},
+        "input": [dict(i) for i in INPUTS],
+        "output": [dict(o) for o in OUTPUTS],
+        "instance_group": [{"count": instance_count, "kind": instance_kind}],
+        "parameters": parameters,
+    }
+
+
+_ENUM_FIELDS = {"data_type", "kind"}
+
+
+def _pbtxt_value(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        if key in _ENUM_FIELDS:
+            return value
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise BackendConfigError(f"cannot render {key}={value!r} as protobuf text")
+
+
+def _pbtxt_lines(obj: Mapping[str, Any], indent: int) -> list[str]:
+    pad = "  " * indent
+    lines: list[str] = []
+    for key, value in obj.items():
+        if key == "parameters" and isinstance(value, Mapping):  # map<string, ModelParameter>
+            for pkey, pvalue in value.items():
+                lines.append(f"{pad}parameters {{")
+                lines.append(f"{pad}  key: {_pbtxt_value('key', pkey)}")
+                lines.append(f"{pad}  value {{")
+                lines += _pbtxt_lines(pvalue, indent + 2)
+                lines.append(f"{pad}  }}")
+                lines.append(f"{pad}}}")
+        elif isinstance(value, Mapping):
+            lines.append(f"{pad}{key} {{")
+            lines += _pbtxt_lines(value, indent + 1)
+            lines.append(f"{pad}}}")
+        elif isinstance(value, list) and value and all(isinstance(v, Mapping) for v in value):
+            lines.append(f"{pad}{key} [")
+            for i, item in enumerate(value):
+                lines.append(f"{pad}  {{")
+                lines += _pbtxt_lines(item, indent + 2)
+                lines.append(f"{pad}  }}{',' if i < len(value) - 1 else ''}")
+            lines.append(f"{pad}]")
+        elif isinstance(value, list):
+            lines.append(f"{pad}{key}: [ {', '.join(_pbtxt_value(key, v) for v in value)} ]")
+        else:
+            lines.append(f"{pad}{key}: {_pbtxt_value(key, value)}")
+    return lines
+
+
+def to_pbtxt(config: Mapping[str, Any]) -> str:
+    """Render a model config (JSON field names, as from :func:`model_config`) as ``config.pbtxt`` text."""
+    return "\n".join(_pbtxt_lines(config, 0)) + "\n"

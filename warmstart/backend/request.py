@@ -1,0 +1,203 @@
+"""Parsing one generation request of the ``warmstart`` backend. Pure: no Triton, no engine.
+
+Inputs (vllm_backend conventions, plus resume):
+
+* ``text_input`` (STRING [1]): the prompt. Required unless ``input_ids`` is given.
+* ``stream`` (BOOL [1], default false): one response per generated token, each with the new text only.
+* ``sampling_parameters`` (STRING [1]): JSON object with ``max_tokens``, ``temperature``, ``top_p``,
+  ``top_k``, ``seed``, ``stop``. Without it the request parameters are read instead (Triton's HTTP
+  ``generate`` endpoint passes unknown JSON keys and ``parameters`` that way).
+* ``exclude_input_in_output`` (BOOL [1]): non-streaming responses start with the prompt text unless true.
+  Streaming never repeats the prompt, so ``stream=true`` with ``exclude_input_in_output=false`` is refused,
+  as vllm does.
+* ``input_ids`` (INT64 [-1]) and ``num_generated`` (INT64 [1]): the prompt's token ids followed by the ids
+  already generated (elsewhere), and how many of them were generated. The generation then continues
+  token-exactly where it stopped (same seed). ``text_input`` may accompany them; it is then only the text
+  repeated in non-streaming output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from warmstart.engines import (
+    EmptyPrompt,
+    GeneratorClosed,
+    InvalidSamplingParams,
+    InvalidTokenId,
+    PromptTooLong,
+    SamplingParams,
+)
+from warmstart.errors import WarmstartError
+
+__all__ = [
+    "MAX_PROMPT_BYTES",
+    "BadInput",
+    "ConflictingInputs",
+    "GenerateRequest",
+    "InvalidParametersJSON",
+    "MissingPrompt",
+    "RequestError",
+    "UnknownRequestParameter",
+    "error_code",
+    "parse_request",
+]
+
+MAX_PROMPT_BYTES = 1 << 20  # a prompt larger than this cannot fit any context we serve
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+class RequestError(WarmstartError, ValueError):
+    """A request cannot be served as sent (Triton code INVALID_ARG)."""
+
+
+class MissingPrompt(RequestError):
+    """Neither ``text_input`` nor ``input_ids`` was given."""
+
+
+class BadInput(RequestError):
+    """An input tensor has the wrong type, shape or value."""
+
+
+class InvalidParametersJSON(RequestError):
+    """``sampling_parameters`` is not a JSON object."""
+
+
+class UnknownRequestParameter(RequestError):
+    """A request parameter is not a sampling parameter."""
+
+
+class ConflictingInputs(RequestError):
+    """Inputs that cannot be combined (e.g. streaming with the prompt included in the output)."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A validated request. ``prompt_ids``/``generated_ids`` are set only when ``input_ids`` was given."""
+
+    text: str | None
+    prompt_ids: tuple[int, ...] | None
+    generated_ids: tuple[int, ...]
+    stream: bool
+    exclude_input_in_output: bool
+    params: SamplingParams
+
+
+def _single(name: str, value: np.ndarray) -> Any:
+    arr = np.asarray(value)
+    if arr.size != 1:
+        raise BadInput(f"input {name!r} must hold exactly one element, got shape {list(arr.shape)}")
+    return arr.reshape(-1)[0]
+
+
+def _bool(name: str, value: np.ndarray | None, default: bool | None) -> bool | None:
+    if value is None:
+        return default
+    item = _single(name, value)
+    if not isinstance(item, (bool, np.bool_)):
+        raise BadInput(f"input {name!r} must be BOOL, got {np.asarray(value).dtype}")
+    return bool(item)
+
+
+def _text(name: str, value: np.ndarray) -> str:
+    item = _single(name, value)
+    if isinstance(item, (bytes, np.bytes_)):
+        if len(item) > MAX_PROMPT_BYTES:
+            raise PromptTooLong(f"input {name!r} is {len(item)} bytes; the limit is {MAX_PROMPT_BYTES}")
+        try:
+            return bytes(item).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadInput(f"input {name!r} is not valid UTF-8: {e}") from None
+    if isinstance(item, str):
+        return item
+    raise BadInput(f"input {name!r} must be STRING (BYTES), got {np.asarray(value).dtype}")
+
+
+def _sampling_from_json(text: str, source: str) -> SamplingParams:
+    try:
+        obj = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise InvalidParametersJSON(f"{source} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise InvalidParametersJSON(f"{source} must be a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(_SAMPLING_KEYS))
+    if unknown:
+        raise UnknownRequestParameter(
+            f"unknown key(s) {unknown} in {source}; allowed: {', '.join(_SAMPLING_KEYS)}"
+        )
+    return SamplingParams.from_json(obj)
+
+
+def parse_request(inputs: Mapping[str, np.ndarray | None], parameters_json: str = "") -> GenerateRequest:
+    """Validate one request's input tensors (``name -> array`` or None when absent) and parameters.
+
+    Raises a :class:`RequestError` subclass, or the engines' `InvalidSamplingParams`, `EmptyPrompt`,
+    `PromptTooLong` or `InvalidTokenId`; every one of them maps to INVALID_ARG (:func:`error_code`).
+    """
+    text_arr = inputs.get("text_input")
+    text = _text("text_input", text_arr) if text_arr is not None else None
+    stream = bool(_bool("stream", inputs.get("stream"), False))
+    exclude = _bool("exclude_input_in_output", inputs.get("exclude_input_in_output"), None)
+    if stream and exclude is False:
+        raise ConflictingInputs(
+            "exclude_input_in_output=false is not supported with stream=true: streamed responses carry only "
+            "the new text"
+        )
+    exclude = stream if exclude is None else exclude
+
+    sp = inputs.get("sampling_parameters")
+    if sp is not None:
+        params = _sampling_from_json(_text("sampling_parameters", sp), "sampling_parameters")
+    else:
+        params = _sampling_from_json(parameters_json or "", "request parameters")
+
+    ids_arr = inputs.get("input_ids")
+    ngen_arr = inputs.get("num_generated")
+    prompt_ids: tuple[int, ...] | None = None
+    generated: tuple[int, ...] = ()
+    if ids_arr is not None:
+        ids = np.asarray(ids_arr)
+        if ids.dtype.kind not in "iu":
+            raise BadInput(f"input 'input_ids' must be INT64, got {ids.dtype}")
+        flat = [int(t) for t in ids.reshape(-1)]
+        if any(t < 0 for t in flat):
+            raise InvalidTokenId("input 'input_ids' holds a negative token id")
+        n_gen = 0
+        if ngen_arr is not None:
+            item = _single("num_generated", ngen_arr)
+            if not isinstance(item, (int, np.integer)) or isinstance(item, (bool, np.bool_)):
+                raise BadInput(f"input 'num_generated' must be INT64, got {np.asarray(ngen_arr).dtype}")
+            n_gen = int(item)
+        if not 0 <= n_gen <= len(flat):
+            raise BadInput(f"num_generated={n_gen} must be in 0..{len(flat)} (the length of input_ids)")
+        prompt_ids, generated = tuple(flat[: len(flat) - n_gen]), tuple(flat[len(flat) - n_gen :])
+        if not prompt_ids:
+            raise EmptyPrompt("input_ids holds no prompt tokens (num_generated covers all of them)")
+    elif ngen_arr is not None:
+        raise ConflictingInputs("num_generated needs input_ids (prompt ids followed by the generated ids)")
+    elif text is None:
+        raise MissingPrompt("the request needs 'text_input' (or 'input_ids' to resume a generation)")
+    elif not text:
+        raise EmptyPrompt("text_input is empty; send a prompt of at least one character")
+    return GenerateRequest(
+        text=text,
+        prompt_ids=prompt_ids,
+        generated_ids=generated,
+        stream=stream,
+        exclude_input_in_output=exclude,
+        params=params,
+    )
+
+
+def error_code(exc: BaseException) -> str:
+    """The Triton error code name (``pb_utils.TritonError.<name>``) for a request's failure."""
+    if isinstance(exc, (RequestError, InvalidSamplingParams, EmptyPrompt, PromptTooLong, InvalidTokenId)):
+        return "INVALID_ARG"
+    if isinstance(exc, GeneratorClosed):
+        return "UNAVAILABLE"
+    return "INTERNAL"

@@ -1,0 +1,226 @@
+"""The serving side of one model instance: checkpoint → tokenizer + engine + batched generator.
+
+:class:`Runtime` knows nothing about Triton: the backend's ``model.py`` hands each parsed request in with a
+:class:`ResponseSink` (its adapter over a Triton response sender). Callbacks run on the generator's thread;
+every request ends with exactly one final response (result, error or cancellation).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from warmstart.backend.config import ModelSettings
+from warmstart.backend.metrics import Metrics, NullMetrics
+from warmstart.backend.request import GenerateRequest, error_code
+from warmstart.backend.weights import LoadedCheckpoint, load_checkpoint, resolve_reference
+from warmstart.engines import BatchedGenerator, Engine, SamplingParams, TextStreamer, build_engine
+from warmstart.errors import WarmstartError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CANCEL_POLL_SECONDS", "ModelLoadFailed", "ResponseSink", "Runtime"]
+
+CANCEL_POLL_SECONDS = 0.02  # asking Triton whether a request was cancelled is an IPC round trip
+
+
+class ModelLoadFailed(WarmstartError, RuntimeError):
+    """A model could not be loaded; the message names the model, the checkpoint and the cause."""
+
+
+class ResponseSink(Protocol):
+    """Where the responses of one request go (a Triton response sender in the backend)."""
+
+    def is_cancelled(self) -> bool: ...
+
+    def send(
+        self, text: str, token_ids: Sequence[int], finish_reason: str | None, *, final: bool
+    ) -> None: ...
+
+    def send_error(self, message: str, code: str) -> None:
+        """Send an error response with the FINAL flag; ``code`` is a TritonError code name."""
+        ...
+
+
+def _throttled(check: Callable[[], bool], interval: float) -> Callable[[], bool]:
+    last = 0.0
+    seen = False
+
+    def poll() -> bool:
+        nonlocal last, seen
+        now = time.monotonic()
+        if not seen and now - last >= interval:
+            last = now
+            seen = bool(check())
+        return seen
+
+    return poll
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One request in flight: its sink, its text streamer, and what non-streaming output accumulates."""
+
+    request: GenerateRequest
+    sink: ResponseSink
+    streamer: TextStreamer
+    prompt_text: str
+    arrived: float
+    metrics: Metrics
+    ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+
+    def on_token(self, token: int) -> None:
+        if not self.ids:
+            self.metrics.first_token(time.monotonic() - self.arrived)
+        self.ids.append(token)
+        delta = self.streamer.push(token)
+        if self.request.stream:
+            self.sink.send(delta, (token,), None, final=False)
+        else:
+            self.text.append(delta)
+
+    def on_finish(self, reason: str | None, error: BaseException | None) -> None:
+        self.metrics.tokens_generated(len(self.ids))
+        if error is not None:
+            self.sink.send_error(f"generation failed: {error}", error_code(error))
+        elif reason == "cancelled":
+            self.sink.send_error("request cancelled", "CANCELLED")
+        elif self.request.stream:
+            self.sink.send(self.streamer.flush(), (), reason, final=True)
+        else:
+            body = "".join(self.text) + self.streamer.flush()
+            if not self.request.exclude_input_in_output:
+                body = self.prompt_text + body
+            self.sink.send(body, self.ids, reason, final=True)
+
+
+class Runtime:
+    """A loaded model: tokenizer, engine and the generator thread that batches its requests."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Any,
+        *,
+        max_batch: int,
+        metrics: Metrics | None = None,
+        add_special_tokens: bool = True,
+    ) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.metrics: Metrics = metrics or NullMetrics()
+        self.add_special_tokens = add_special_tokens
+        self.generator = BatchedGenerator(engine, max_batch=max_batch)
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(
+        cls,
+        settings: ModelSettings,
+        *,
+        model_name: str = "model",
+        model_dir: Path | str | None = None,
+        metrics: Metrics | None = None,
+        warmup: bool = True,
+    ) -> Runtime:
+        """Load the checkpoint named by ``settings`` and build the engine; raise :class:`ModelLoadFailed`."""
+        t0 = time.perf_counter()
+        ref = settings.checkpoint
+        try:
+            ref = resolve_reference(settings.checkpoint, model_dir)
+            loaded = load_checkpoint(ref, settings.engine, dtype=settings.dtype)
+            runtime = cls.from_loaded(loaded, settings, metrics=metrics)
+        except (WarmstartError, OSError, ValueError, KeyError, ImportError) as e:
+            raise ModelLoadFailed(
+                f"model {model_name!r}: cannot load checkpoint {ref!r} with the {settings.engine} engine: "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        if warmup:
+            runtime.warmup()
+        seconds = time.perf_counter() - t0
+        runtime.metrics.model_loaded(loaded.tier, seconds)
+        logger.info(
+            "model %s ready in %.3f s (weights %.3f s from the %s tier)",
+            model_name,
+            seconds,
+            loaded.seconds,
+            loaded.tier,
+        )
+        return runtime
+
+    @classmethod
+    def from_loaded(
+        cls, loaded: LoadedCheckpoint, settings: ModelSettings, *, metrics: Metrics | None = None
+    ) -> Runtime:
+        """Build the engine and tokenizer from an already loaded checkpoint."""
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(loaded.tokenizer_json)
+        if loaded.model is not None:
+            from warmstart.engines.torch_engine import TorchEngine
+
+            engine: Engine = TorchEngine(loaded.model, max_batch=settings.max_batch)
+        else:
+            assert loaded.weights is not None
+            engine = build_engine(
+                settings.engine,  # type: ignore[arg-type]  # validated by ModelSettings
+                loaded.config,
+                loaded.weights,
+                dtype=settings.dtype,
+                max_batch=settings.max_batch,
+            )
+        return cls(engine, tokenizer, max_batch=settings.max_batch, metrics=metrics)
+
+    # -- text ------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    # -- requests --------------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Run one tiny generation so that compilation (JAX jit) happens at load, not at the first request."""
+        self.generator.generate([0], SamplingParams(max_tokens=2))
+
+    def submit(self, request: GenerateRequest, sink: ResponseSink, *, arrived: float | None = None) -> None:
+        """Start generating for ``request``; responses go to ``sink``.
+
+        Raises (before anything is sent) the engines' `EmptyPrompt`, `PromptTooLong`, `InvalidTokenId`,
+        `InvalidSamplingParams` or `GeneratorClosed`; the caller answers with an error response.
+        """
+        if request.prompt_ids is not None:
+            prompt_ids = list(request.prompt_ids)
+            prompt_text = request.text if request.text is not None else self.decode(prompt_ids)
+        else:
+            assert request.text is not None
+            prompt_ids = self.encode(request.text)
+            prompt_text = request.text
+        stream = _Stream(
+            request=request,
+            sink=sink,
+            streamer=TextStreamer(self.decode, request.params.stop, prefix_ids=request.generated_ids),
+            prompt_text=prompt_text,
+            arrived=time.monotonic() if arrived is None else arrived,
+            metrics=self.metrics,
+        )
+        self.generator.submit(
+            prompt_ids,
+            request.params,
+            generated_ids=request.generated_ids,
+            on_token=stream.on_token,
+            on_finish=stream.on_finish,
+            is_cancelled=_throttled(sink.is_cancelled, CANCEL_POLL_SECONDS),
+            detokenize=self.decode if request.params.stop else None,
+        )
+        self.metrics.prompt_tokens(len(prompt_ids) + len(request.generated_ids))
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the generator thread; requests still running end with an UNAVAILABLE error."""
+        self.generator.close(timeout)

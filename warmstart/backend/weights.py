@@ -1,0 +1,193 @@
+"""Resolving a model's checkpoint reference and loading its files and weights for an engine.
+
+A reference (the ``checkpoint`` parameter of a model config) is a local path, a URI (``s3://``,
+``file://``, ...) or a node-store model name. ``${VAR}`` and ``${VAR:-default}`` are expanded from the
+environment of the server; a relative path is relative to the model's directory in the repository, so a
+repository can point at a checkpoint next to it (see ``model_repository/README.md``).
+
+Weights come through the warmstart loaders (``warmstart.torch.load_model`` / ``warmstart.jax.load_params``,
+which use the node store and the host-memory tier when configured) when those are installed, and are
+otherwise read tensor by tensor with :meth:`warmstart.format.Checkpoint.read`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from warmstart.errors import CheckpointError, WarmstartError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointFileMissing",
+    "LoadedCheckpoint",
+    "UnsetVariable",
+    "load_checkpoint",
+    "resolve_reference",
+]
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_NAME_RESOLVERS = ("WARMSTART_STORE", "WARMSTART_REMOTE")
+
+
+class UnsetVariable(WarmstartError, KeyError):
+    """A ``${VAR}`` in a checkpoint reference names an unset environment variable and has no default."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointFileMissing(CheckpointError, FileNotFoundError):
+    """The checkpoint lacks a model file the backend needs (``config.json``, ``tokenizer.json``)."""
+
+
+def resolve_reference(raw: str, model_dir: Path | str | None, env: Mapping[str, str] | None = None) -> str:
+    """Expand variables in ``raw`` and make relative paths absolute (relative to ``model_dir``).
+
+    A bare name (no ``/``, not starting with ``.``) stays a name when ``WARMSTART_STORE`` or
+    ``WARMSTART_REMOTE`` is set (the loaders resolve it); otherwise it is a directory in ``model_dir``.
+    """
+    environ = os.environ if env is None else env
+
+    def expand(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        value = environ.get(name)
+        if value:
+            return value
+        if default is not None:
+            return default
+        raise UnsetVariable(
+            f"checkpoint reference {raw!r} uses ${{{name}}} but {name} is not set in tritonserver's "
+            f"environment; set it or write ${{{name}:-default}}"
+        )
+
+    ref = _VAR.sub(expand, raw.strip())
+    if _URI.match(ref):
+        return ref
+    is_name = "/" not in ref and not ref.startswith(".")
+    if is_name and any(environ.get(v) for v in _NAME_RESOLVERS):
+        return ref
+    path = Path(ref).expanduser()
+    if not path.is_absolute() and model_dir is not None:
+        path = Path(model_dir) / path
+    return str(path.resolve())
+
+
+def classify_tier(ref: str) -> str:
+    """The tier a reference is read from when no loader reports one: ``remote`` for URIs, else ``disk``."""
+    if _URI.match(ref) and not ref.startswith("file://"):
+        return "remote"
+    return "disk"
+
+
+@dataclass
+class LoadedCheckpoint:
+    """What an engine and a tokenizer need from a checkpoint, plus where it came from and how long it took.
+
+    Exactly one of ``model`` (a transformers model from ``warmstart.torch.load_model``) and ``weights``
+    (``{hf_name: array}``) is set.
+    """
+
+    location: str
+    config: dict[str, Any]
+    tokenizer_json: str
+    tier: str
+    seconds: float
+    weights: Mapping[str, Any] | None = None
+    model: Any = None
+    generation_config: dict[str, Any] = field(default_factory=dict)
+
+
+def _optional(module: str, attr: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+def _read_json(read_file: Any, location: str, name: str, *, required: bool) -> dict[str, Any]:
+    try:
+        data = read_file(name)
+    except FileNotFoundError:
+        if required:
+            raise CheckpointFileMissing(
+                f"checkpoint {location} has no {name}; convert the model with `warmstart convert`, which "
+                "stores config.json and the tokenizer files beside the weights"
+            ) from None
+        return {}
+    try:
+        obj = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{location}/{name} is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{location}/{name} must hold a JSON object")
+    return obj
+
+
+def load_checkpoint(ref: str, engine: str, *, dtype: str | None = None) -> LoadedCheckpoint:
+    """Open the checkpoint ``ref`` (already resolved) and load what ``engine`` needs.
+
+    Raises the format's :class:`~warmstart.errors.CheckpointError` subclasses (not found, corrupt, ...)
+    and :class:`CheckpointFileMissing`; the caller turns them into a failed model load.
+    """
+    t0 = time.perf_counter()
+    open_host = _optional("warmstart.loaders", "open_host")
+    tier = classify_tier(ref)
+    host: Any = None
+    if open_host is not None:
+        host = open_host(ref)
+        tier = str(getattr(host, "tier", tier))
+        read_file = host.read_file
+        location = str(getattr(host, "location", ref))
+    else:
+        import warmstart.format
+
+        ckpt = warmstart.format.open(ref)
+        read_file = ckpt.read_file
+        location = ckpt.location
+    config = _read_json(read_file, location, "config.json", required=True)
+    generation_config = _read_json(read_file, location, "generation_config.json", required=False)
+    try:
+        tokenizer_json = read_file("tokenizer.json").decode("utf-8")
+    except FileNotFoundError:
+        raise CheckpointFileMissing(
+            f"checkpoint {location} has no tokenizer.json; convert the model with a fast tokenizer"
+        ) from None
+
+    model: Any = None
+    weights: Mapping[str, Any] | None = None
+    source: Any = host if host is not None else ref
+    if engine == "torch" and (load_model := _optional("warmstart.torch", "load_model")) is not None:
+        model = load_model(source, dtype=dtype)
+    elif engine == "jax" and (load_params := _optional("warmstart.jax", "load_params")) is not None:
+        weights = load_params(source)
+    else:
+        if host is not None and hasattr(host, "read"):
+            reader = host
+        else:
+            import warmstart.format
+
+            reader = warmstart.format.open(ref)
+        weights = {name: reader.read(name) for name in reader.names}
+    seconds = time.perf_counter() - t0
+    logger.info("checkpoint %s loaded from the %s tier in %.3f s", location, tier, seconds)
+    return LoadedCheckpoint(
+        location=location,
+        config=config,
+        tokenizer_json=tokenizer_json,
+        tier=tier,
+        seconds=seconds,
+        weights=weights,
+        model=model,
+        generation_config=generation_config,
+    )
