@@ -1,0 +1,444 @@
+"""Node-wide caches of whole checkpoints as directories of files: the host-memory tier and the disk tier.
+
+One :class:`CacheDir` class serves both tiers (:class:`HostCache` under ``/dev/shm``, :class:`DiskCache` on a
+local file system). Layout of a cache root::
+
+    <root>/<key>/               a published entry: the checkpoint's files, index.json written last
+    <root>/.tmp/<key>.<id>/     an entry being filled (holds ``reserved``: the bytes it reserves)
+    <root>/.trash/<key>.<id>/   an evicted entry being deleted
+    <root>/.locks/<key>.lock    LOCK_SH by every user of the entry while mapped; eviction takes LOCK_EX|LOCK_NB
+    <root>/.locks/<key>.fill    LOCK_EX by the one process filling the entry (others wait, then map)
+    <root>/.locks/cache.lock    LOCK_EX while reserving room (eviction decisions are serialized)
+
+Rules that make it safe across processes:
+
+* An entry becomes visible only by ``rename(.tmp/<key>.<id>, <key>)`` after all its files are written; a
+  crash leaves only a hidden ``.tmp`` directory, which the next reservation deletes once no process holds
+  the key's fill lock (the kernel drops ``flock`` locks of dead processes).
+* Users hold ``LOCK_SH`` on the key's lock file for as long as any mapping of the entry is alive (the lock
+  is tied to the mappings with :func:`weakref.finalize`), so eviction (``LOCK_EX|LOCK_NB``) skips it.
+* Last use is the mtime of the entry directory, set on every lookup; eviction takes the oldest first.
+* Room is reserved before any byte is written; when nothing can be evicted the fill fails with
+  :class:`~warmstart.errors.CacheFull` and writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import re
+import shutil
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from warmstart.errors import CacheFull, CorruptCheckpoint, EntryInUse, InvalidModelName
+from warmstart.format import spec
+from warmstart.format.index import Index
+from warmstart.format.reader import Checkpoint, read_index
+from warmstart.format.sources import LocalSource
+from warmstart.units import parse_size
+
+log = logging.getLogger(__name__)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_RESERVED = "reserved"
+
+
+def validate_name(name: object) -> str:
+    """Return ``name`` if it is a plain model / cache-entry name, else raise :class:`InvalidModelName`."""
+    if not isinstance(name, str) or NAME_RE.match(name) is None or ".." in name:
+        raise InvalidModelName(
+            f"invalid model name {str(name)[:140]!r}: use 1-128 characters from letters, digits and . _ -, "
+            "starting with a letter or digit, without '..'"
+        )
+    return name
+
+
+def default_host_root() -> Path:
+    """``/dev/shm/warmstart-<uid>`` (or ``$TMPDIR`` when /dev/shm does not exist)."""
+    base = Path("/dev/shm")
+    if not base.is_dir():
+        base = Path(os.environ.get("TMPDIR", "/tmp"))
+    return base / f"warmstart-{os.getuid()}"
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """One published entry of a cache tier."""
+
+    key: str
+    path: Path
+    bytes: int
+    last_use: float
+    in_use: bool
+
+
+class _Lock:
+    """An open lock file holding an ``flock``; closing the descriptor releases the lock."""
+
+    def __init__(self, path: Path, op: int) -> None:
+        self.fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self.fd, op)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = None
+            raise
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _try_lock(path: Path, op: int) -> _Lock | None:
+    try:
+        return _Lock(path, op | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return None
+
+
+class Lease:
+    """Use of one published entry: holds ``LOCK_SH`` on it until released and until its mappings are gone."""
+
+    def __init__(self, cache: CacheDir, key: str, lock: _Lock) -> None:
+        self.cache = cache
+        self.key = key
+        self.path = cache.root / key
+        self._lock: _Lock | None = lock
+
+    def index(self) -> Index:
+        return read_index(LocalSource(self.path))
+
+    def checkpoint(self) -> Checkpoint:
+        src = LocalSource(self.path)
+        return Checkpoint(src, read_index(src))
+
+    def map(self, file: str, *, writable_copy: bool = True) -> mmap.mmap:
+        """Map one file of the entry; the entry stays locked in use while the mapping lives.
+
+        ``writable_copy`` maps ``MAP_PRIVATE`` (copy-on-write: zero copy, and frameworks get writable memory
+        whose writes never reach the cache); otherwise the mapping is shared and read-only.
+        """
+        if self._lock is None:
+            raise RuntimeError(f"lease on {self.key} was released")
+        with open(self.path / file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                m = mmap.mmap(-1, 1)
+            else:
+                m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if writable_copy else mmap.ACCESS_READ)
+        weakref.finalize(m, _keep, self._lock)  # the lock lives as long as its last mapping
+        return m
+
+    def release(self) -> None:
+        """Drop this lease's own hold (mappings made from it keep the entry in use until collected)."""
+        self._lock = None
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _keep(_obj: object) -> None:
+    """Finalizer whose only job is to hold a reference to its argument until it runs."""
+
+
+class CacheDir:
+    """A bounded, LRU-evicted, cross-process-safe directory of whole checkpoints (one cache tier)."""
+
+    tier = "cache"
+
+    def __init__(self, root: str | os.PathLike[str], capacity: int | str | None = None) -> None:
+        self.root = Path(root)
+        self.capacity = None if capacity is None else parse_size(capacity)
+        for sub in (".tmp", ".trash", ".locks"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.root)!r}, capacity={self.capacity})"
+
+    # -- lookups ---------------------------------------------------------------------------------------------
+
+    def _lockfile(self, key: str, kind: str = "lock") -> Path:
+        return self.root / ".locks" / f"{key}.{kind}"
+
+    def contains(self, key: str) -> bool:
+        return (self.root / validate_name(key) / spec.INDEX_FILE).is_file()
+
+    def lookup(self, key: str, *, verify: bool = False) -> Lease | None:
+        """A lease on the published entry ``key``, or None when absent.
+
+        Sizes are always checked against the index (cheap); ``verify`` also checks every chunk checksum. A
+        corrupt entry is evicted (if no one else uses it) and reported as absent, so the caller re-fetches.
+        """
+        validate_name(key)
+        lock = _Lock(self._lockfile(key), fcntl.LOCK_SH)  # waits only while an eviction of key runs
+        path = self.root / key
+        if not (path / spec.INDEX_FILE).is_file():
+            lock.release()
+            return None
+        try:
+            ckpt = Checkpoint(LocalSource(path), read_index(LocalSource(path)))
+            ckpt.check_sizes()
+            if verify:
+                ckpt.verify()
+        except (CorruptCheckpoint, FileNotFoundError) as e:
+            log.warning("cached copy %s in %s is corrupt (%s); evicting it", key, self.root, e)
+            lock.release()
+            self.evict(key)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(path)
+        return Lease(self, key, lock)
+
+    def entries(self) -> list[EntryInfo]:
+        """Every published entry, least recently used first."""
+        out = []
+        for d in self.root.iterdir():
+            if d.name.startswith(".") or not (d / spec.INDEX_FILE).is_file():
+                continue
+            try:
+                st = d.stat()
+                nbytes = _dir_bytes(d)
+            except FileNotFoundError:
+                continue
+            probe = _try_lock(self._lockfile(d.name), fcntl.LOCK_EX)
+            in_use = probe is None
+            if probe is not None:
+                probe.release()
+            out.append(EntryInfo(d.name, d, nbytes, st.st_mtime, in_use))
+        out.sort(key=lambda e: e.last_use)
+        return out
+
+    def used_bytes(self) -> int:
+        """Bytes of published entries plus bytes reserved by fills in progress."""
+        return sum(e.bytes for e in self.entries()) + sum(r for _, r in self._reservations())
+
+    def _reservations(self) -> list[tuple[Path, int]]:
+        out = []
+        for d in (self.root / ".tmp").iterdir():
+            try:
+                out.append((d, int((d / _RESERVED).read_text())))
+            except (FileNotFoundError, ValueError):
+                out.append((d, _dir_bytes(d)))
+        return out
+
+    # -- eviction --------------------------------------------------------------------------------------------
+
+    def evict(self, key: str, *, wait: bool = False) -> bool:
+        """Remove entry ``key``. False when absent; :class:`EntryInUse` when a process is using it."""
+        validate_name(key)
+        op = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
+        try:
+            lock = _Lock(self._lockfile(key), op)
+        except BlockingIOError:
+            raise EntryInUse(f"{self.tier} cache entry {key} is in use by a process; stop it first") from None
+        try:
+            return self._remove(key)
+        finally:
+            lock.release()
+
+    def _remove(self, key: str) -> bool:
+        path = self.root / key
+        if not path.exists():
+            return False
+        trash = self.root / ".trash" / f"{key}.{uuid.uuid4().hex[:12]}"
+        os.rename(path, trash)  # invisible at once; deletion may take a while for big entries
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("evicted %s from %s", key, self.root)
+        return True
+
+    def _cleanup_stale(self, filling: str) -> None:
+        """Delete fill directories no live process owns (``filling``: the key whose fill lock we hold)."""
+        for d in (self.root / ".tmp").iterdir():
+            key = d.name.rsplit(".", 1)[0]
+            if key == filling:  # we hold its fill lock, so this one is a dead process's leftover
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            probe = _try_lock(self._lockfile(key, "fill"), fcntl.LOCK_EX)
+            if probe is not None:  # nobody fills this key: a crashed fill left it
+                log.info("removing the leftovers of an interrupted fill: %s", d)
+                shutil.rmtree(d, ignore_errors=True)
+                probe.release()
+        for d in (self.root / ".trash").iterdir():
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _reserve(self, key: str, nbytes: int, on_evict: Callable[[str], None] | None) -> Path:
+        """Evict LRU entries not in use until ``nbytes`` fit, then create the hidden fill directory."""
+        with contextlib.closing(_LockCtx(self.root / ".locks" / "cache.lock")):
+            self._cleanup_stale(key)
+            if self.capacity is not None:
+                if nbytes > self.capacity:
+                    raise CacheFull(
+                        f"{key} needs {nbytes} bytes, more than the whole {self.tier} cache capacity of "
+                        f"{self.capacity} bytes at {self.root}; raise the capacity",
+                        tier=self.tier,
+                        needed=nbytes,
+                        capacity=self.capacity,
+                    )
+                entries = self.entries()
+                used = sum(e.bytes for e in entries) + sum(r for _, r in self._reservations())
+                for e in entries:
+                    if used + nbytes <= self.capacity:
+                        break
+                    if e.key == key or e.in_use:
+                        continue
+                    try:
+                        if self.evict(e.key):
+                            used -= e.bytes
+                            if on_evict is not None:
+                                on_evict(e.key)
+                    except EntryInUse:
+                        continue
+                if used + nbytes > self.capacity:
+                    raise CacheFull(
+                        f"no room for {key} ({nbytes} bytes) in the {self.tier} cache at {self.root}: "
+                        f"{used} of {self.capacity} bytes are held by checkpoints in use or being filled; "
+                        "free some (stop the processes using them) or raise the capacity",
+                        tier=self.tier,
+                        needed=nbytes,
+                        capacity=self.capacity,
+                    )
+            tmp = self.root / ".tmp" / f"{key}.{uuid.uuid4().hex[:12]}"
+            tmp.mkdir(mode=0o700)
+            (tmp / _RESERVED).write_text(str(nbytes))
+            return tmp
+
+    # -- filling ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def fill_lock(self, key: str) -> Iterator[None]:
+        """Exclusive right to fill ``key`` (a second filler waits here, then usually finds it published)."""
+        lock = _Lock(self._lockfile(validate_name(key), "fill"), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    @contextlib.contextmanager
+    def filling(
+        self, key: str, nbytes: int, *, on_evict: Callable[[str], None] | None = None
+    ) -> Iterator[Fill]:
+        """Reserve room and a hidden directory for ``key``; publish it atomically when the block succeeds.
+
+        The caller holds :meth:`fill_lock` for ``key`` and writes every file into ``fill.path``, ``index.json``
+        last. On an exception the directory is removed and nothing becomes visible. After the block,
+        ``fill.lease`` holds the published entry in use.
+        """
+        tmp = self._reserve(key, nbytes, on_evict)
+        fill = Fill(tmp)
+        try:
+            yield fill
+            (tmp / _RESERVED).unlink()
+            if not (tmp / spec.INDEX_FILE).is_file():
+                raise RuntimeError(f"fill of {key} wrote no index.json")
+            lock = _Lock(self._lockfile(key), fcntl.LOCK_SH)  # in use from the moment it is visible
+            try:
+                os.rename(tmp, self.root / key)
+            except OSError as e:
+                lock.release()
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise EntryInUse(f"{key} reappeared in {self.root} during the fill") from e
+                raise
+            _fsync_dir(self.root)
+            fill.lease = Lease(self, key, lock)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def get_or_fill(
+        self,
+        key: str,
+        nbytes: int,
+        fill: Callable[[Path], None],
+        *,
+        verify: bool = False,
+        on_evict: Callable[[str], None] | None = None,
+    ) -> tuple[Lease, bool]:
+        """A lease on ``key``, filling it with ``fill(tmpdir)`` first when absent. Returns ``(lease, filled)``.
+
+        Concurrent callers (threads or processes) share one fill: the others wait and then map the result.
+        """
+        lease = self.lookup(key, verify=verify)
+        if lease is not None:
+            return lease, False
+        with self.fill_lock(key):
+            lease = self.lookup(key, verify=verify)
+            if lease is not None:
+                return lease, False
+            with self.filling(key, nbytes, on_evict=on_evict) as f:
+                fill(f.path)
+            assert f.lease is not None
+            return f.lease, True
+
+
+class Fill:
+    """A fill in progress: the hidden directory to write into, and the lease once published."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lease: Lease | None = None
+
+
+class _LockCtx:
+    def __init__(self, path: Path) -> None:
+        self._lock = _Lock(path, fcntl.LOCK_EX)
+
+    def close(self) -> None:
+        self._lock.release()
+
+
+def _dir_bytes(d: Path) -> int:
+    total = 0
+    with os.scandir(d) as it:
+        for e in it:
+            if e.is_file(follow_symlinks=False):
+                total += e.stat(follow_symlinks=False).st_size
+    return total
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class HostCache(CacheDir):
+    """The host-memory tier: checkpoints as files in shared memory (``/dev/shm``), mapped without copying."""
+
+    tier = "memory"
+
+    def __init__(self, root: str | os.PathLike[str] | None = None, capacity: int | str | None = None) -> None:
+        super().__init__(default_host_root() if root is None else root, capacity)
+
+
+class DiskCache(CacheDir):
+    """The local-disk tier: checkpoints in a directory on a local file system."""
+
+    tier = "disk"
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
+    """Poll ``pred`` until true or ``timeout`` seconds pass (for tests and the owner classes)."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True

@@ -1,0 +1,380 @@
+"""The tier chain: resolve a checkpoint reference to host memory, filling the tiers above it on the way.
+
+``open_host(ckpt)`` returns a :class:`HostCheckpoint`: the validated index plus one buffer per partition
+(a mapping of the memory-tier files, of the local files, or an anonymous buffer) from which framework
+tensors are made as views. Where the bytes come from:
+
+========================  ==================================================================================
+configuration             local path                         URI                        bare model name
+========================  ==================================================================================
+node store                (as embedded)                      (as embedded)              store ensures it in
+                                                                                        memory; map its files
+memory (+disk) tier       disk → memory tier, then map       memory ← disk ← remote     ``<remote>/<name>/``
+disk tier only            map the files                      disk ← remote, then map    ``<remote>/<name>/``
+nothing (embedded)        map the files (zero copy)          remote → aligned buffer    :class:`ModelNotFound`
+========================  ==================================================================================
+
+A fill from remote writes the memory tier and the disk tier in one overlapped pass (see ``pipeline``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from warmstart.errors import CheckpointNotFound, ChecksumMismatch, EntryInUse, InvalidModelName, ModelNotFound
+from warmstart.format import spec
+from warmstart.format.index import Index
+from warmstart.format.reader import read_index
+from warmstart.format.sources import LocalSource, TensorStoreSource, is_uri
+from warmstart.loaders import pipeline
+from warmstart.loaders.hostcache import DiskCache, HostCache, Lease, default_host_root, validate_name
+from warmstart.loaders.pipeline import Transfer
+from warmstart.units import parse_size
+
+log = logging.getLogger(__name__)
+
+ENV_STORE = "WARMSTART_STORE"
+ENV_MEMORY_CACHE = "WARMSTART_MEMORY_CACHE"
+ENV_MEMORY_CAPACITY = "WARMSTART_MEMORY_CAPACITY"
+ENV_DISK_CACHE = "WARMSTART_DISK_CACHE"
+ENV_DISK_CAPACITY = "WARMSTART_DISK_CAPACITY"
+ENV_REMOTE = "WARMSTART_REMOTE"
+
+Ref = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """Which tiers a loader uses. The default (all None) is the embedded mode: straight from path or URI.
+
+    ``store`` is a node-store URL (``http://127.0.0.1:PORT``); when set, bare model names are resolved by the
+    store. ``remote`` is the URI prefix under which bare model names live (``<remote>/<name>/``).
+    """
+
+    memory: HostCache | None = None
+    disk: DiskCache | None = None
+    remote: str | None = None
+    store: str | None = None
+    verify: bool = False
+    direct: bool = False
+    on_transfer: Callable[[Transfer], None] | None = field(default=None, compare=False)
+    on_evict: Callable[[str, str], None] | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Tiers:
+        """Tiers named by ``WARMSTART_STORE``, ``WARMSTART_MEMORY_CACHE`` (a directory, or ``1`` for
+        ``/dev/shm/warmstart-<uid>``), ``WARMSTART_MEMORY_CAPACITY``, ``WARMSTART_DISK_CACHE``,
+        ``WARMSTART_DISK_CAPACITY`` and ``WARMSTART_REMOTE``; unset means embedded."""
+        e = dict(os.environ) if env is None else env
+        mem_dir = e.get(ENV_MEMORY_CACHE) or None
+        memory = None
+        if mem_dir is not None:
+            root = (
+                default_host_root() if mem_dir.lower() in ("1", "true", "yes", "default") else Path(mem_dir)
+            )
+            memory = HostCache(root, _size(e.get(ENV_MEMORY_CAPACITY)))
+        disk_dir = e.get(ENV_DISK_CACHE) or None
+        disk = DiskCache(disk_dir, _size(e.get(ENV_DISK_CAPACITY))) if disk_dir else None
+        return cls(memory=memory, disk=disk, remote=e.get(ENV_REMOTE) or None, store=e.get(ENV_STORE) or None)
+
+
+def _size(text: str | None) -> int | None:
+    return None if not text else parse_size(text)
+
+
+class HostCheckpoint:
+    """A checkpoint resident in host memory: its index and one readable buffer per partition.
+
+    The buffers are the memory the tensors will view. Where they are cache mappings, the cache entry stays
+    marked in use until every buffer (and so every tensor made from it) has been garbage collected.
+    """
+
+    def __init__(
+        self,
+        index: Index,
+        buffers: list[Any],
+        *,
+        tier: str,
+        location: str,
+        path: Path | None = None,
+        read_file: Callable[[str], bytes] | None = None,
+        transfers: list[Transfer] | None = None,
+    ) -> None:
+        self.index = index
+        self.buffers = buffers
+        self.tier = tier
+        self.location = location
+        self.path = path
+        self._read_file = read_file
+        self.transfers = transfers or []
+
+    def read_file(self, name: str) -> bytes:
+        """A model file (``config.json``, ...) of the checkpoint, checked against its xxh3."""
+        for f in self.index.files:
+            if f.name == name:
+                if self._read_file is None:
+                    break
+                data = self._read_file(name)
+                if len(data) != f.size or xxhash.xxh3_64_hexdigest(data) != f.xxh3:
+                    raise ChecksumMismatch(
+                        f"{self.location}/{name} does not match index.json; re-fetch the checkpoint",
+                        file=name,
+                        chunk=0,
+                        start=0,
+                        end=f.size,
+                    )
+                return data
+        raise FileNotFoundError(f"checkpoint {self.location} has no file {name!r}")
+
+
+def cache_key(location: str) -> str:
+    """A cache-entry name for a URI or path: a readable tail plus a hash of the whole location."""
+    tail = location.rstrip("/").rsplit("/", 1)[-1]
+    tail = "".join(c if c.isalnum() or c in "._-" else "_" for c in tail)[:60].lstrip("._-") or "ckpt"
+    return f"{tail}-{xxhash.xxh3_64_hexdigest(location.encode())[:16]}"
+
+
+def _map_local(root: Path, index: Index, lease: Lease | None) -> list[Any]:
+    bufs: list[Any] = []
+    for p in index.partitions:
+        if lease is not None:
+            bufs.append(lease.map(p.file))
+        elif p.size == 0:
+            bufs.append(mmap.mmap(-1, 1))
+        else:
+            with open(root / p.file, "rb") as f:
+                bufs.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+    return bufs
+
+
+def _local_reader(root: Path) -> Callable[[str], bytes]:
+    return lambda name: LocalSource(root).read(name)
+
+
+def _from_lease(lease: Lease, location: str, transfers: list[Transfer]) -> HostCheckpoint:
+    index = lease.index()
+    bufs = _map_local(lease.path, index, lease)
+    tier = lease.cache.tier
+    lease.release()
+    return HostCheckpoint(
+        index,
+        bufs,
+        tier=tier,
+        location=location,
+        path=lease.path,
+        read_file=_local_reader(lease.path),
+        transfers=transfers,
+    )
+
+
+def open_host(ckpt: Ref, *, tiers: Tiers | None = None) -> HostCheckpoint:
+    """Bring the checkpoint ``ckpt`` (path, URI, or model name) into host memory through the configured tiers."""
+    t = Tiers.from_env() if tiers is None else tiers
+    ref = os.fspath(ckpt)
+    if is_uri(ref):
+        if ref.startswith("file://") and t.memory is None and t.disk is None:
+            return _open_local(Path(ref[len("file://") :]), t)
+        return _open_remote(ref, cache_key(ref.rstrip("/") + "/"), t)
+    if Path(ref).is_dir() or "/" in ref or ref.startswith("."):
+        return _open_local(Path(ref), t)
+    try:
+        name = validate_name(ref)
+    except InvalidModelName:
+        raise CheckpointNotFound(f"no checkpoint at {ref!r}: not a directory, URI or model name") from None
+    if t.store is not None:
+        from warmstart.store.client import StoreClient
+
+        return StoreClient(t.store).open_host(name)
+    if t.remote is not None:
+        return _open_remote(t.remote.rstrip("/") + "/" + name + "/", name, t)
+    raise ModelNotFound(
+        f"{ref!r} is neither a local directory nor a URI, and no node store or remote is configured to "
+        f"resolve model names: set {ENV_STORE}=http://HOST:PORT or {ENV_REMOTE}=s3://bucket/prefix, or pass a path"
+    )
+
+
+def _open_local(root: Path, t: Tiers) -> HostCheckpoint:
+    src = LocalSource(root, direct=t.direct)
+    if not root.is_dir():
+        raise CheckpointNotFound(f"no checkpoint at {root}: not a directory")
+    index_bytes = src.read(spec.INDEX_FILE) if src.exists(spec.INDEX_FILE) else b""
+    if not index_bytes:
+        read_index(src)  # raises the precise error
+    index = Index.from_json_bytes(index_bytes)
+    if t.memory is None:
+        ckpt_sizes(root, index)
+        return HostCheckpoint(
+            index,
+            _map_local(root, index, None),
+            tier="disk",
+            location=str(root),
+            path=root,
+            read_file=_local_reader(root),
+        )
+    key = cache_key(str(root.resolve()))
+    transfers: list[Transfer] = []
+
+    def fill(tmp: Path) -> None:
+        parts = pipeline.create_partition_files(tmp, index)
+        try:
+            secs = pipeline.disk_to(root, index, parts.buffers, verify=True, direct=t.direct)
+        finally:
+            parts.close()
+        pipeline.copy_model_files(src, index, index_bytes, [tmp])
+        transfers.append(Transfer("disk", ("memory",), index.total_bytes, secs))
+
+    lease, _ = t.memory.get_or_fill(
+        key, index.total_bytes, fill, verify=t.verify, on_evict=_evict_cb(t, "memory")
+    )
+    _report(t, transfers)
+    return _from_lease(lease, str(root), transfers)
+
+
+def ckpt_sizes(root: Path, index: Index) -> None:
+    from warmstart.format.reader import Checkpoint
+
+    Checkpoint(LocalSource(root), index).check_sizes()
+
+
+def _evict_cb(t: Tiers, tier: str) -> Callable[[str], None] | None:
+    cb = t.on_evict
+    if cb is None:
+        return None
+    return lambda key: cb(tier, key)
+
+
+def _report(t: Tiers, transfers: list[Transfer]) -> None:
+    if t.on_transfer is not None:
+        for tr in transfers:
+            t.on_transfer(tr)
+
+
+def _fetch_index(uri: str) -> tuple[TensorStoreSource, Index, bytes]:
+    src = TensorStoreSource(uri)
+    try:
+        raw = src.read(spec.INDEX_FILE)
+    except FileNotFoundError:
+        raise CheckpointNotFound(f"no checkpoint at {uri}: index.json is missing") from None
+    return src, Index.from_json_bytes(raw), raw
+
+
+def ensure_disk(uri: str, key: str, t: Tiers) -> tuple[Lease, list[Transfer]]:
+    """Ensure ``key`` (from ``uri``) is in the disk tier; returns a lease on it and the transfers made."""
+    assert t.disk is not None
+    transfers: list[Transfer] = []
+    lease = t.disk.lookup(key, verify=t.verify)
+    if lease is not None:
+        return lease, transfers
+    with t.disk.fill_lock(key):
+        lease = t.disk.lookup(key, verify=t.verify)
+        if lease is not None:
+            return lease, transfers
+        src, index, raw = _fetch_index(uri)
+        with t.disk.filling(key, index.total_bytes, on_evict=_evict_cb(t, "disk")) as f:
+            secs = pipeline.remote_to(src, index, buffers=None, disk_dir=f.path)
+            pipeline.copy_model_files(src, index, raw, [f.path])
+        transfers.append(Transfer("remote", ("disk",), index.total_bytes, secs))
+        assert f.lease is not None
+        _report(t, transfers)
+        return f.lease, transfers
+
+
+def ensure_memory(uri: str, key: str, t: Tiers) -> tuple[Lease, list[Transfer]]:
+    """Ensure ``key`` is in the memory tier: from the disk tier if there, else from remote (filling disk too).
+
+    A disk copy that fails its checksums is evicted and the checkpoint is fetched from remote instead.
+    """
+    assert t.memory is not None
+    transfers: list[Transfer] = []
+    lease = t.memory.lookup(key, verify=t.verify)
+    if lease is not None:
+        return lease, transfers
+    with t.memory.fill_lock(key):
+        lease = t.memory.lookup(key, verify=t.verify)
+        if lease is not None:
+            return lease, transfers
+        filled = _disk_to_memory(key, t, transfers) or _remote_to_memory(uri, key, t, transfers)
+    _report(t, transfers)
+    return filled, transfers
+
+
+def _disk_to_memory(key: str, t: Tiers, transfers: list[Transfer]) -> Lease | None:
+    assert t.memory is not None
+    disk_lease = t.disk.lookup(key, verify=False) if t.disk is not None else None
+    if disk_lease is None:
+        return None
+    index_bytes = (disk_lease.path / spec.INDEX_FILE).read_bytes()
+    index = Index.from_json_bytes(index_bytes)
+    try:
+        with t.memory.filling(key, index.total_bytes, on_evict=_evict_cb(t, "memory")) as f:
+            parts = pipeline.create_partition_files(f.path, index)
+            try:
+                secs = pipeline.disk_to(disk_lease.path, index, parts.buffers, direct=t.direct)
+            finally:
+                parts.close()
+            pipeline.copy_model_files(LocalSource(disk_lease.path), index, index_bytes, [f.path])
+    except ChecksumMismatch as e:
+        log.warning("disk copy of %s is corrupt (%s); evicting it and fetching from remote", key, e)
+        disk_lease.release()
+        assert t.disk is not None
+        with contextlib.suppress(EntryInUse):
+            t.disk.evict(key)
+        return None
+    disk_lease.release()
+    transfers.append(Transfer("disk", ("memory",), index.total_bytes, secs))
+    return f.lease
+
+
+def _remote_to_memory(uri: str, key: str, t: Tiers, transfers: list[Transfer]) -> Lease:
+    assert t.memory is not None
+    src, index, raw = _fetch_index(uri)
+    targets: tuple[str, ...] = ("memory",)
+    with t.memory.filling(key, index.total_bytes, on_evict=_evict_cb(t, "memory")) as f:
+        if t.disk is not None:
+            with (
+                t.disk.fill_lock(key),
+                t.disk.filling(key, index.total_bytes, on_evict=_evict_cb(t, "disk")) as df,
+            ):
+                secs = _remote_into(src, index, f.path, df.path)
+                pipeline.copy_model_files(src, index, raw, [f.path, df.path])
+            assert df.lease is not None
+            df.lease.release()
+            targets = ("memory", "disk")
+        else:
+            secs = _remote_into(src, index, f.path, None)
+            pipeline.copy_model_files(src, index, raw, [f.path])
+    transfers.append(Transfer("remote", targets, index.total_bytes, secs))
+    assert f.lease is not None
+    return f.lease
+
+
+def _remote_into(src: TensorStoreSource, index: Index, mem_dir: Path, disk_dir: Path | None) -> float:
+    parts = pipeline.create_partition_files(mem_dir, index)
+    try:
+        return pipeline.remote_to(src, index, buffers=parts.buffers, disk_dir=disk_dir)
+    finally:
+        parts.close()
+
+
+def _open_remote(uri: str, key: str, t: Tiers) -> HostCheckpoint:
+    if t.memory is not None:
+        lease, transfers = ensure_memory(uri, key, t)
+        return _from_lease(lease, uri, transfers)
+    if t.disk is not None:
+        lease, transfers = ensure_disk(uri, key, t)
+        return _from_lease(lease, uri, transfers)
+    src, index, _ = _fetch_index(uri)
+    _buf, views = pipeline.anonymous_partitions(index)  # the views keep the buffer alive
+    secs = pipeline.remote_to(src, index, buffers=views, disk_dir=None)
+    transfers = [Transfer("remote", ("buffer",), index.total_bytes, secs)]
+    _report(t, transfers)
+    return HostCheckpoint(index, views, tier="remote", location=uri, read_file=src.read, transfers=transfers)
