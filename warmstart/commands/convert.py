@@ -11,6 +11,11 @@ from warmstart.units import format_bytes, parse_size
 HELP = "convert a model (HF dir, .safetensors, .gguf, orbax, warmstart; pickle with --allow-pickle) into a checkpoint"
 
 
+def size(text: str) -> int:
+    """argparse type for sizes (its name makes argparse say "invalid size value")."""
+    return parse_size(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "src", metavar="SRC", help="model directory, .safetensors/.gguf file, orbax or warmstart checkpoint"
@@ -19,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast floating tensors to this dtype")
     p.add_argument(
         "--partition-size",
-        type=parse_size,
+        type=size,
         default=spec.DEFAULT_PARTITION_SIZE,
         metavar="SIZE",
         help="largest data partition, e.g. 512MiB, 1G, 4096 (default 512MiB)",

@@ -286,7 +286,10 @@ class TensorStoreSource:
 
     def delete(self, name: str) -> None:
         _check_name(name)
-        self._kv.delete(name).result()
+        try:
+            self._kv.write(name, None).result()  # writing None deletes the key (KvStore has no delete())
+        except Exception as e:
+            raise SourceError(f"deleting {self.uri}{name}: {e}") from e
 
 
 def open_source(location: str | os.PathLike[str], *, direct: bool = False) -> LocalSource | TensorStoreSource:
