@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -196,16 +197,24 @@ def test_seaweedfs_with_credentials_refuses_anonymous_and_accepts_environment_ke
 
 
 @pytest.mark.s3
-def test_seaweedfs_stop_leaves_no_process_and_no_socket(tmp_path: Path) -> None:
+@pytest.mark.parametrize("timeout", [10.0, 0.0], ids=["graceful", "killed"])
+def test_seaweedfs_stop_leaves_no_process_and_no_socket(tmp_path: Path, timeout: float) -> None:
     server = SeaweedFS(SeaweedFSConfig(data_dir=tmp_path / "own", buckets=("a-bucket",))).start()
     pid = server.pid
     assert pid is not None and server.is_alive() and server.bucket_exists("a-bucket")
     socket_dir = Path(server._socket_dir or "")
     assert socket_dir.is_dir()
+    grpc_ports = [port for flag, port in server.config.aux_ports.items() if flag.endswith(".grpc")]
 
-    server.stop()
+    server.stop(timeout=timeout)
     server.stop()  # idempotent
 
     assert not pid_running(pid)
     assert not server.is_alive()
     assert not socket_dir.exists()
+    leftovers = [
+        p
+        for p in Path(tempfile.gettempdir()).glob("seaweedfs-*.sock")
+        if int(p.stem.rsplit("-", 1)[1]) in grpc_ports
+    ]
+    assert leftovers == []

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import os
 import queue
+import subprocess
+import sys
+import sysconfig
 import textwrap
 import time
 import urllib.error
@@ -16,6 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+import warmstart.triton as triton_mod
 from warmstart._process import group_members, listening_addresses, pid_running
 from warmstart.triton import (
     InvalidModelName,
@@ -24,6 +29,8 @@ from warmstart.triton import (
     TritonConfigError,
     TritonServer,
     TritonStartError,
+    prepare_backend_dir,
+    triton_env,
     validate_model_name,
 )
 
@@ -334,3 +341,66 @@ def test_start_raises_with_log_tail_when_server_exits(tmp_path: Path) -> None:
         server.start(timeout=60)
     assert server.pid is not None and not pid_running(server.pid)
     assert (tmp_path / "w" / "tritonserver.log").exists()
+
+
+def test_prepare_backend_dir_copies_python_backend_and_warmstart_backend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_backend = tmp_path / "src" / "triton_backend"
+    fake_backend.mkdir(parents=True)
+    (fake_backend / "model.py").write_text("# model\n")
+    (fake_backend / "request.py").write_text("# helper\n")
+    monkeypatch.setattr(triton_mod, "_WARMSTART_BACKEND_SRC", fake_backend)
+
+    dest = prepare_backend_dir(tmp_path / "backends")
+
+    python_dir = dest / "python"
+    assert sorted(p.name for p in python_dir.iterdir()) == [
+        "libtriton_python.so",
+        "triton_python_backend_stub",
+        "triton_python_backend_utils.py",
+    ]
+    assert os.access(python_dir / "triton_python_backend_stub", os.X_OK)
+    assert sorted(p.name for p in (dest / "warmstart").iterdir()) == ["model.py", "request.py"]
+
+
+def test_triton_env_puts_venv_bin_first_and_both_library_dirs() -> None:
+    env = triton_env({"PATH": "/usr/bin", "LD_LIBRARY_PATH": "/opt/lib"})
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    libs = env["LD_LIBRARY_PATH"].split(os.pathsep)
+    assert libs[0].endswith("nvidia_pytriton.libs")
+    assert str(sysconfig.get_config_var("LIBDIR")) in libs
+    assert libs[-1] == "/opt/lib"
+
+
+@pytest.mark.triton
+def test_server_dies_when_the_starting_process_is_killed(tmp_path: Path, repo: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import sys, time
+        from warmstart.triton import TritonConfig, TritonServer
+        s = TritonServer(TritonConfig(model_repositories=({str(repo)!r},), load_models=({MODEL!r},)),
+                         workdir={str(tmp_path / "w")!r}).start()
+        print(s.pid, flush=True)
+        time.sleep(120)
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent
+    )
+    try:
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        assert line.strip().isdigit(), line
+        pid = int(line)
+        members = group_members(pid)
+        assert pid in members
+        parent.kill()  # SIGKILL: no finally, no atexit; only PR_SET_PDEATHSIG can take the server down
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while any(pid_running(p) for p in members) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [p for p in members if pid_running(p)] == []
+    finally:
+        parent.kill()
+        parent.wait()

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
-from warmstart._process import ManagedProcess, free_ports, tail
+from warmstart._process import ManagedProcess, free_ports, port_open, tail
 
 logger = logging.getLogger(__name__)
 
@@ -531,7 +531,20 @@ class SeaweedFS:
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
             self._socket_dir = None
+        if self._process is not None:
+            self._remove_grpc_sockets()
         return rc
+
+    def _remove_grpc_sockets(self) -> None:
+        """Remove the gRPC Unix sockets weed puts in the temp dir; only a killed weed leaves them behind."""
+        tmp = Path(tempfile.gettempdir())
+        for flag, port in self._config.aux_ports.items():
+            if not flag.endswith(".grpc"):
+                continue
+            component = flag.split(".", 1)[0]
+            sock = tmp / f"seaweedfs-{component}-grpc-{port}.sock"
+            if sock.is_socket() and not port_open(self._config.bind_address, port):
+                sock.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         if self._process is None:
