@@ -996,14 +996,14 @@ def _ws_remote_fill_cleanup(d: Path) -> None:
 
 
 def _importable(module: str) -> str | None:
-    """None when ``module`` imports in a fresh interpreter, else the reason."""
-    r = subprocess.run(
-        [sys.executable, "-c", f"import {module}"], capture_output=True, text=True, check=False
-    )
-    if r.returncode == 0:
-        return None
-    last = (r.stderr.strip().splitlines() or ["import failed"])[-1]
-    return f"import {module} failed: {last[:200]}"
+    """None when ``module`` is installed, else the reason (a broken install shows up as the worker's error)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError) as e:
+        return f"{module}: {e}"
+    return None if found else f"{module} is not installed"
 
 
 def availability(comps: list[Competitor], s3_ok: str | None) -> dict[str, str | None]:
