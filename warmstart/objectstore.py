@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, Self
 
+from warmstart import errors as _errors
 from warmstart._process import ManagedProcess, free_ports, port_open, tail
 
 logger = logging.getLogger(__name__)
@@ -54,11 +55,11 @@ _GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$")
 _SCHEMES = ("s3", "gs", "http", "https", "file")
 
 
-class ObjectStoreError(RuntimeError):
+class ObjectStoreError(_errors.WarmstartError, RuntimeError):
     """Base class of the errors of this module."""
 
 
-class InvalidURI(ObjectStoreError, ValueError):
+class InvalidURI(ObjectStoreError, _errors.InvalidURI):
     """A storage URI is malformed or not allowed."""
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from warmstart import errors as _errors
 from warmstart._process import ManagedProcess, free_ports, tail
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"  # Triton prefixes restricted-p
 _WARMSTART_BACKEND_SRC = Path(__file__).resolve().parent / "backend" / "triton_backend"
 
 
-class TritonError(RuntimeError):
+class TritonError(_errors.WarmstartError, RuntimeError):
     """Base class of the errors of this module."""
 
 
