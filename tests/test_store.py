@@ -1,0 +1,167 @@
+"""The node store daemon, started for real over HTTP with SeaweedFS as its remote."""
+
+from __future__ import annotations
+
+import gc
+import json
+import re
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import warmstart.format as wf
+from tests.test_loaders_tiers import assert_equal, make_tensors, upload
+from warmstart.errors import CacheFull, CheckpointNotFound, EntryInUse, InvalidModelName
+from warmstart.loaders.tiers import Tiers
+from warmstart.store.client import StoreClient
+from warmstart.store.owner import StoreServer
+from warmstart.store.service import StoreConfig
+
+torch = pytest.importorskip("torch")
+from warmstart.torch import load_state_dict  # noqa: E402
+
+pytestmark = pytest.mark.s3
+PREFIX = "s3://models/store-test"
+
+
+@pytest.fixture(scope="module")
+def models(seaweedfs: object, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, np.ndarray]]:
+    d = tmp_path_factory.mktemp("store-src")
+    out = {}
+    for name, seed, scale in (("small-a", 1, 1), ("small-b", 2, 1), ("big", 3, 30)):
+        tensors = make_tensors(seed, scale)
+        wf.save(tensors, d / name, chunk_size=64 * 1024)
+        upload(d / name, f"{PREFIX}/{name}/")
+        out[name] = tensors
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(models: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreServer]:
+    root = tmp_path_factory.mktemp("store")
+    server = StoreServer(
+        root=root / "root",
+        remote=PREFIX,
+        memory_capacity="4MiB",
+        disk_capacity="64MiB",
+        memory_root=root / "shm",
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+    assert not server.is_alive()
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    sel = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    m = re.search(rf"^{re.escape(name)}\{{{re.escape(sel)}\}} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_store_ensures_loads_and_reports_inventory(store: StoreServer, models: dict[str, dict]) -> None:
+    c = store.client()
+    assert c.health()
+    info = c.ensure("small-a", "memory")
+    assert [(t["source"], t["targets"]) for t in info["transfers"]] == [("remote", ["memory", "disk"])]
+    sd = load_state_dict("small-a", tiers=Tiers(store=store.url))
+    assert_equal(sd, models["small-a"])
+    # zero copy: the tensors view the store's memory-tier files
+    maps = Path("/proc/self/maps").read_text()
+    ptr = sd["layers.1.big"].data_ptr()
+    owner = next(
+        line
+        for line in maps.splitlines()
+        if int(line.split("-")[0], 16) <= ptr < int(line.split()[0].split("-")[1], 16)
+    )
+    assert f"{store.root.parent}/shm/small-a/data-" in owner
+    inv = {m["name"]: m for m in c.models()}
+    assert inv["small-a"]["tier"] == "memory" and inv["small-a"]["tiers"] == ["memory", "disk"]
+    assert inv["small-a"]["in_use"] and inv["small-a"]["bytes"] > 0
+    bw = c.bandwidth()
+    assert bw["memory_bps"] and bw["disk_bps"] and bw["remote_bps"]
+    again = c.ensure("small-a", "memory")
+    assert again["hit"] and again["transfers"] == []
+    text = c.metrics()
+    assert _metric(text, "warmstart_store_hits_total", tier="memory") >= 1
+    assert _metric(text, "warmstart_store_misses_total", tier="memory") >= 1
+    assert _metric(text, "warmstart_store_bytes", tier="memory") > 0
+    assert "warmstart_store_load_seconds_bucket" in text
+
+
+def test_concurrent_ensures_share_one_transfer(store: StoreServer) -> None:
+    c = store.client()
+    before = _metric(c.metrics(), "warmstart_store_transfers_total", source="remote")
+    results: list[dict] = []
+    ts = [threading.Thread(target=lambda: results.append(c.ensure("small-b", "disk"))) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert len(results) == 4 and sum(not r["hit"] for r in results) == 1
+    assert _metric(c.metrics(), "warmstart_store_transfers_total", source="remote") == before + 1
+
+
+def test_evict_and_refill_from_disk(store: StoreServer) -> None:
+    c = store.client()
+    c.ensure("small-b", "memory")
+    gc.collect()
+    assert c.evict("small-b", "memory") == ["memory"]
+    assert {m["name"]: m["tiers"] for m in c.models()}["small-b"] == ["disk"]
+    info = c.ensure("small-b", "memory")
+    assert [t["source"] for t in info["transfers"]] == ["disk"]
+    assert _metric(c.metrics(), "warmstart_store_evictions_total", tier="memory") >= 1
+
+
+def test_evicting_a_model_in_use_is_refused(store: StoreServer) -> None:
+    c = store.client()
+    sd = load_state_dict("small-a", tiers=Tiers(store=store.url))
+    with pytest.raises(EntryInUse):
+        c.evict("small-a", "memory")
+    del sd
+    gc.collect()
+
+
+def test_model_larger_than_memory_capacity_is_a_clear_507(store: StoreServer) -> None:
+    with pytest.raises(CacheFull, match="capacity"):
+        store.client().ensure("big", "memory")
+    assert "big" not in {m["name"] for m in store.client().models() if "memory" in m["tiers"]}
+
+
+def test_unknown_model_is_not_found(store: StoreServer) -> None:
+    with pytest.raises(CheckpointNotFound):
+        load_state_dict("no-such-model", tiers=Tiers(store=store.url))
+
+
+@pytest.mark.parametrize("bad", ["..", "a%2F..%2Fb", ".hidden", "a..b", "x" * 129, "bad%20name"])
+def test_bad_names_are_rejected_with_400_json(store: StoreServer, bad: str) -> None:
+    req = urllib.request.Request(f"{store.url}/v1/models/{bad}/ensure?tier=memory", method="POST", data=b"")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400
+    assert json.loads(e.value.read())["error"]["type"] == "InvalidModelName"
+
+
+def test_client_rejects_bad_names_before_sending() -> None:
+    with pytest.raises(InvalidModelName):
+        StoreClient("http://127.0.0.1:1").ensure("../x")
+
+
+def test_store_config_rejects_bad_values(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        StoreConfig.from_args(
+            root=str(tmp_path),
+            remote="s3://b",
+            memory_capacity="1G",
+            disk_capacity="1G",
+            listen="x",
+            memory_root=None,
+        )
+    with pytest.raises(ValueError, match="URI"):
+        StoreConfig(root=tmp_path, remote="/local", memory_capacity=1, disk_capacity=1)
