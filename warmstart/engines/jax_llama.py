@@ -10,6 +10,7 @@ of compiles stays small.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -267,9 +268,9 @@ def prefill(
 def decode(
     params: Params, cache: Cache, tokens: jax.Array, positions: jax.Array, *, a: ModelArgs, kv_len: int
 ) -> tuple[jax.Array, Cache]:
-    """One token for every slot. tokens, positions: [slots]; attends to cache[:kv_len].
+    """One token for each of the first nb cache slots. tokens, positions: [nb]; attends to cache[:kv_len].
 
-    Returns logits [slots, V] and the updated cache.
+    Returns logits [nb, V] and the updated cache.
     """
     B = tokens.shape[0]
     x = params["embed"][tokens][:, None]  # [B, 1, D]
@@ -321,7 +322,7 @@ class JaxEngine:
         self.eos_token_ids = eos_ids_from_config(dict(config))
         shape = (a.n_layers, max_batch, self.max_context, a.n_kv_heads, a.head_dim)
         self._cache: Cache = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-        self._free = list(range(max_batch - 1, -1, -1))
+        self._free = list(range(max_batch))  # a heap: lowest slots first keeps decode batches small
         self._prefill = jax.jit(partial(prefill, a=a), donate_argnums=(1,))
         self._decode = jax.jit(partial(decode, a=a), static_argnames=("kv_len",), donate_argnums=(1,))
         self.forward = jax.jit(partial(forward, a=a))
@@ -334,11 +335,11 @@ class JaxEngine:
         T = bucket(n, minimum=16, maximum=self.max_context)
         tokens = np.zeros((1, T), np.int32)
         tokens[0, :n] = token_ids
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         try:
             logits, self._cache = self._prefill(self.params, self._cache, tokens, np.int32(n), np.int32(slot))
         except BaseException:
-            self._free.append(slot)
+            heapq.heappush(self._free, slot)
             raise
         return SeqState(length=n, logits=np.asarray(logits), handle=slot)
 
@@ -346,18 +347,22 @@ class JaxEngine:
         if len(states) != len(token_ids):
             raise ValueError(f"{len(states)} states but {len(token_ids)} tokens")
         check_token_ids(token_ids, vocab_size=self.vocab_size)
-        tokens = np.zeros(self.max_batch, np.int32)  # idle slots compute garbage at position 0
-        positions = np.zeros(self.max_batch, np.int32)
-        for s, t in zip(states, token_ids, strict=True):
+        for s in states:
             if s.released:
                 raise ValueError("step() on a released sequence")
             if s.length >= self.max_context:
                 raise ContextFull(f"sequence holds {s.length} tokens, the context limit; finish it")
-            slot = _slot(s)
-            tokens[slot], positions[slot] = t, s.length
-        kv_len = bucket(int(positions.max()) + 1, minimum=64, maximum=self.max_context)
+        # Decode the first nb slots (nb a power of two): batch-1 decode stays a cheap gemv on XLA:CPU.
+        nb = bucket(max(_slot(s) for s in states) + 1, minimum=1, maximum=self.max_batch)
+        tokens = np.zeros(nb, np.int32)
+        # Rows not stepped write garbage at the last position, which no live sequence has filled
+        # yet (a sequence holding max_context tokens can no longer step).
+        positions = np.full(nb, self.max_context - 1, np.int32)
+        for s, t in zip(states, token_ids, strict=True):
+            tokens[_slot(s)], positions[_slot(s)] = t, s.length
+        kv_len = bucket(max(s.length for s in states) + 1, minimum=64, maximum=self.max_context)
         logits, self._cache = self._decode(self.params, self._cache, tokens, positions, kv_len=kv_len)
-        out = np.asarray(logits)  # [slots, V]
+        out = np.asarray(logits)  # [nb, V]
         for s in states:
             s.logits = out[_slot(s)]
             s.length += 1
@@ -365,7 +370,7 @@ class JaxEngine:
     def release(self, state: SeqState) -> None:
         if not state.released:
             state.released = True
-            self._free.append(_slot(state))
+            heapq.heappush(self._free, _slot(state))
 
 
 def _slot(state: SeqState) -> int:
