@@ -1,0 +1,298 @@
+"""The scheduler process's typed configuration: one frozen object, read from YAML or a mapping.
+
+Unknown keys are rejected everywhere; booleans and numbers are type-checked (``"false"`` is not a bool).
+Model names are validated with the same allow-list every request passes through.
+
+Example ``cluster.yaml``::
+
+    listen: {http: "127.0.0.1:8080", grpc: "127.0.0.1:8081"}
+    admin_token_file: /etc/warmstart/admin-token      # or admin_token: "..."
+    cold_start_queue: 256
+    cold_start_timeout_s: 120
+    request_timeout_s: 300
+    servers:
+      - name: node-a
+        http: 127.0.0.1:8000
+        grpc: 127.0.0.1:8001
+        repository_api_key: "s3cret-key"
+        node_store: http://127.0.0.1:7070
+        memory_budget_bytes: 8589934592
+    models:
+      smollm2:
+        checkpoint: s3://models/smollm2
+        engine: torch
+        size_bytes: 270000000
+        keep_alive_s: 300
+        max_concurrency: 8
+        max_tokens: 512
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Self
+
+from warmstart.scheduler.errors import InvalidModelName, SchedulerError
+from warmstart.scheduler.names import validate_model_name
+from warmstart.scheduler.state import ModelSpec, NodeBandwidth
+
+
+class SchedulerConfigError(SchedulerError, ValueError):
+    """The scheduler configuration is invalid; the message names the key."""
+
+
+def _reject_unknown(where: str, data: Mapping[str, Any], cls: type) -> None:
+    if not isinstance(data, Mapping):
+        raise SchedulerConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(str(k) for k in set(data) - known)
+    if unknown:
+        raise SchedulerConfigError(
+            f"{where}: unknown keys {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+        )
+
+
+def _number(where: str, value: object, *, minimum: float = 0.0, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SchedulerConfigError(f"{where} must be a number, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise SchedulerConfigError(f"{where} must be an integer, got {value!r}")
+    if not math.isfinite(value) or value < minimum:
+        raise SchedulerConfigError(f"{where} must be a finite number >= {minimum}, got {value!r}")
+    return value
+
+
+def _address(where: str, value: object) -> tuple[str, int]:
+    if not isinstance(value, str) or ":" not in value:
+        raise SchedulerConfigError(f"{where} must be 'host:port', got {value!r}")
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise SchedulerConfigError(f"{where} must be 'host:port' with a port in 0..65535, got {value!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class BandwidthConfig:
+    """Static bytes/s for a server that has no node store (measured figures replace these when it has one)."""
+
+    memory_bps: float
+    disk_bps: float
+    remote_bps: float | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("memory_bps", "disk_bps", "remote_bps"):
+            value = getattr(self, key)
+            if value is not None:
+                _number(f"bandwidth.{key}", value, minimum=1.0)
+
+    def to_node_bandwidth(self) -> NodeBandwidth:
+        """The policy's view of these figures."""
+        return NodeBandwidth(self.memory_bps, self.disk_bps, self.remote_bps)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """One Triton server behind the scheduler."""
+
+    name: str
+    grpc: str
+    http: str | None = None
+    repository_api_key: str | None = field(default=None, repr=False)
+    repository_api_header: str = "x-warmstart-repo-key"
+    node_store: str | None = None
+    memory_budget_bytes: int = 8 << 30
+    bandwidth: BandwidthConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or len(self.name) > 128:
+            raise SchedulerConfigError(f"server name must be a non-empty string, got {self.name!r}")
+        _address(f"servers[{self.name}].grpc", self.grpc)
+        if self.http is not None:
+            _address(f"servers[{self.name}].http", self.http)
+        _number(f"servers[{self.name}].memory_budget_bytes", self.memory_budget_bytes, integer=True)
+        if self.repository_api_key is not None and not isinstance(self.repository_api_key, str):
+            raise SchedulerConfigError(f"servers[{self.name}].repository_api_key must be a string")
+        if self.node_store is not None and not (
+            isinstance(self.node_store, str) and self.node_store.startswith(("http://", "https://"))
+        ):
+            raise SchedulerConfigError(f"servers[{self.name}].node_store must be an http(s) URL")
+        if self.node_store is None and self.bandwidth is None:
+            raise SchedulerConfigError(
+                f"servers[{self.name}]: give a node_store URL (measured bandwidths) or a static bandwidth"
+            )
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Build from a mapping; unknown keys are rejected."""
+        _reject_unknown("server", data, cls)
+        values = dict(data)
+        if isinstance(values.get("bandwidth"), Mapping):
+            _reject_unknown("server.bandwidth", values["bandwidth"], BandwidthConfig)
+            values["bandwidth"] = BandwidthConfig(**values["bandwidth"])
+        if "name" not in values or "grpc" not in values:
+            raise SchedulerConfigError(f"server: 'name' and 'grpc' are required, got {sorted(values)}")
+        return cls(**values)
+
+    @property
+    def grpc_metadata(self) -> dict[str, str]:
+        """gRPC metadata authorizing Triton's repository API (Triton prefixes restricted keys over gRPC)."""
+        if self.repository_api_key is None:
+            return {}
+        return {"triton-grpc-protocol-" + self.repository_api_header: self.repository_api_key}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A deployable model: checkpoint, engine, size, keep-alive and limits.
+
+    ``triton_config`` (optional) is a full Triton model config sent verbatim with the load; without it the
+    warmstart backend renders one from checkpoint and engine.
+    """
+
+    name: str
+    checkpoint: str
+    engine: str = "torch"
+    size_bytes: int = 1 << 30
+    keep_alive_s: float = 300.0
+    max_concurrency: int = 8
+    max_tokens: int = 4096
+    triton_config: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            validate_model_name(self.name)
+        except InvalidModelName as e:
+            raise SchedulerConfigError(f"models: {e}") from e
+        if not isinstance(self.checkpoint, str) or not self.checkpoint:
+            raise SchedulerConfigError(f"models[{self.name}].checkpoint must be a non-empty string")
+        if self.engine not in ("torch", "jax"):
+            raise SchedulerConfigError(
+                f"models[{self.name}].engine must be 'torch' or 'jax', got {self.engine!r}"
+            )
+        _number(f"models[{self.name}].size_bytes", self.size_bytes, minimum=1, integer=True)
+        _number(f"models[{self.name}].keep_alive_s", self.keep_alive_s)
+        _number(f"models[{self.name}].max_concurrency", self.max_concurrency, minimum=1, integer=True)
+        _number(f"models[{self.name}].max_tokens", self.max_tokens, minimum=1, integer=True)
+        if self.triton_config is not None:
+            if not isinstance(self.triton_config, Mapping):
+                raise SchedulerConfigError(f"models[{self.name}].triton_config must be a mapping")
+            object.__setattr__(self, "triton_config", MappingProxyType(dict(self.triton_config)))
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> Self:
+        """Build model ``name`` from a mapping; unknown keys are rejected."""
+        _reject_unknown(f"models[{name}]", data, cls)
+        values = dict(data)
+        values.pop("name", None)
+        if "checkpoint" not in values:
+            raise SchedulerConfigError(f"models[{name}]: 'checkpoint' is required")
+        return cls(name=name, **values)
+
+    def to_spec(self) -> ModelSpec:
+        """The policy's view of this model."""
+        return ModelSpec(
+            name=self.name,
+            checkpoint_uri=self.checkpoint,
+            size_bytes=self.size_bytes,
+            engine=self.engine,
+            keep_alive_s=float(self.keep_alive_s),
+            max_concurrency=self.max_concurrency,
+        )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Everything the scheduler process needs. Listen addresses default to loopback."""
+
+    servers: tuple[ServerConfig, ...] = ()
+    models: tuple[ModelConfig, ...] = ()
+    listen_http: str = "127.0.0.1:8080"
+    listen_grpc: str = "127.0.0.1:8081"
+    admin_token: str | None = field(default=None, repr=False)
+    cold_start_queue: int = 256
+    cold_start_timeout_s: float = 120.0
+    request_timeout_s: float = 300.0
+    upstream_timeout_s: float = 5.0
+    upstream_retries: int = 3
+    max_failovers: int = 3
+    health_interval_s: float = 1.0
+    store_poll_interval_s: float = 2.0
+    reaper_interval_s: float = 0.5
+    initial_load_overhead_s: float = 1.0
+    migration: bool = True
+    migration_threshold_tokens: int = 4
+    replay_s_per_token: float = 0.002
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "servers", tuple(self.servers))
+        object.__setattr__(self, "models", tuple(self.models))
+        _address("listen_http", self.listen_http)
+        _address("listen_grpc", self.listen_grpc)
+        for key in ("cold_start_queue", "upstream_retries", "max_failovers", "migration_threshold_tokens"):
+            _number(key, getattr(self, key), integer=True)
+        for key in (
+            "cold_start_timeout_s",
+            "request_timeout_s",
+            "upstream_timeout_s",
+            "health_interval_s",
+            "store_poll_interval_s",
+            "reaper_interval_s",
+            "initial_load_overhead_s",
+            "replay_s_per_token",
+        ):
+            _number(key, getattr(self, key))
+        if not isinstance(self.migration, bool):
+            raise SchedulerConfigError(f"migration must be true or false, got {self.migration!r}")
+        if self.admin_token is not None and (
+            not isinstance(self.admin_token, str) or len(self.admin_token) < 16
+        ):
+            raise SchedulerConfigError("admin_token must be a string of at least 16 characters")
+        names = [s.name for s in self.servers]
+        if len(set(names)) != len(names):
+            raise SchedulerConfigError(f"server names must be unique, got {names}")
+        model_names = [m.name for m in self.models]
+        if len(set(model_names)) != len(model_names):
+            raise SchedulerConfigError(f"model names must be unique, got {model_names}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Build from a mapping (the parsed YAML); unknown keys are rejected at every level."""
+        if not isinstance(data, Mapping):
+            raise SchedulerConfigError("the scheduler config must be a mapping")
+        values = dict(data)
+        listen = values.pop("listen", None)
+        if listen is not None:
+            if not isinstance(listen, Mapping) or set(listen) - {"http", "grpc"}:
+                raise SchedulerConfigError("listen: expected a mapping with keys 'http' and/or 'grpc'")
+            if "http" in listen:
+                values["listen_http"] = listen["http"]
+            if "grpc" in listen:
+                values["listen_grpc"] = listen["grpc"]
+        token_file = values.pop("admin_token_file", None)
+        if token_file is not None:
+            if "admin_token" in values:
+                raise SchedulerConfigError("give admin_token or admin_token_file, not both")
+            values["admin_token"] = Path(token_file).read_text().strip()
+        _reject_unknown("scheduler config", values, cls)
+        servers = values.get("servers") or []
+        if not isinstance(servers, list):
+            raise SchedulerConfigError("servers must be a list")
+        values["servers"] = tuple(ServerConfig.from_dict(s) for s in servers)
+        models = values.get("models") or {}
+        if not isinstance(models, Mapping):
+            raise SchedulerConfigError("models must be a mapping of name -> model")
+        values["models"] = tuple(ModelConfig.from_dict(str(n), m) for n, m in models.items())
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: Path | str) -> Self:
+        """Read ``path`` (YAML) and build the config."""
+        import yaml
+
+        with Path(path).open() as f:
+            data = yaml.safe_load(f)
+        return cls.from_dict(data or {})

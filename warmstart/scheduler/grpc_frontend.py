@@ -1,0 +1,278 @@
+"""The scheduler's gRPC front end: the KServe v2 service Triton implements, served with ``grpc.aio``.
+
+ModelStreamInfer multiplexes many generations on one stream (matched by request id, as Triton does);
+ServerLive/Ready, ModelReady, ServerMetadata, ModelMetadata, ModelConfig and RepositoryIndex answer for
+the models the scheduler deploys. Unary ModelInfer is refused like Triton refuses it for decoupled models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from warmstart.scheduler.errors import SchedulerError
+from warmstart.scheduler.names import validate_model_name
+from warmstart.scheduler.protocol import (
+    BadRequest,
+    coerce_sampling,
+    model_metadata,
+    sampling_from_json,
+    status_of,
+)
+from warmstart.scheduler.router import Router
+from warmstart.scheduler.upstream import TokenChunk
+
+logger = logging.getLogger(__name__)
+
+
+def _bytes_tensor(values: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def _decode_bytes(raw: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos + 4 <= len(raw):
+        (n,) = struct.unpack_from("<I", raw, pos)
+        out.append(raw[pos + 4 : pos + 4 + n])
+        pos += 4 + n
+    return out
+
+
+def _inputs(req: pb.ModelInferRequest) -> dict[str, Any]:
+    """Input tensors by name, as bytes (BYTES), bool (BOOL) or ints (INT*), raw or typed contents."""
+    raw = list(req.raw_input_contents)
+    out: dict[str, Any] = {}
+    for i, t in enumerate(req.inputs):
+        data = raw[i] if i < len(raw) else None
+        if t.datatype == "BYTES":
+            values = (
+                _decode_bytes(data) if data is not None else [bytes(b) for b in t.contents.bytes_contents]
+            )
+            out[t.name] = values[0] if values else b""
+        elif t.datatype == "BOOL":
+            values_b = (
+                [bool(x) for x in np.frombuffer(data, dtype=np.bool_)]
+                if data is not None
+                else list(t.contents.bool_contents)
+            )
+            out[t.name] = bool(values_b[0]) if values_b else False
+        else:
+            raise BadRequest(f"input {t.name!r}: datatype {t.datatype} is not accepted by the scheduler")
+    return out
+
+
+def _param(p: pb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def _response(
+    req: pb.ModelInferRequest, model: str, chunk: TokenChunk, text: str, *, final_flag: bool | None
+) -> pb.ModelStreamInferResponse:
+    r = pb.ModelInferResponse(model_name=model, model_version="1", id=req.id)
+    outputs: list[tuple[str, str, list[int], bytes]] = [
+        ("text_output", "BYTES", [1], _bytes_tensor([text.encode()])),
+        ("token_ids", "INT64", [len(chunk.token_ids)], np.asarray(chunk.token_ids, dtype=np.int64).tobytes()),
+    ]
+    if chunk.finish_reason:
+        outputs.append(("finish_reason", "BYTES", [1], _bytes_tensor([chunk.finish_reason.encode()])))
+    for name, dtype, shape, data in outputs:
+        t = r.outputs.add()
+        t.name, t.datatype = name, dtype
+        t.shape.extend(shape)
+        r.raw_output_contents.append(data)
+    if final_flag is not None:
+        r.parameters["triton_final_response"].bool_param = final_flag
+    return pb.ModelStreamInferResponse(infer_response=r)
+
+
+class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
+    """KServe v2 gRPC service over a :class:`Router`."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    # -- health and metadata ----------------------------------------------------------------------------
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:  # noqa: N802
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:  # noqa: N802
+        return pb.ServerReadyResponse(ready=any(rt.healthy for rt in self.router.servers.values()))
+
+    async def ServerMetadata(  # noqa: N802
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="warmstart-scheduler", version="0.1.0", extensions=["generate"])
+
+    async def _abort(self, context: Any, error: BaseException) -> None:
+        await context.abort(getattr(grpc.StatusCode, status_of(error).grpc), str(error))
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:  # noqa: N802
+        try:
+            self.router.model_config(request.name)
+        except SchedulerError as e:
+            if status_of(e).http == 404:
+                return pb.ModelReadyResponse(ready=False)
+            await self._abort(context, e)
+        return pb.ModelReadyResponse(ready=any(rt.healthy for rt in self.router.servers.values()))
+
+    async def ModelMetadata(  # noqa: N802
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        try:
+            meta = model_metadata(self.router.model_config(request.name))
+        except SchedulerError as e:
+            await self._abort(context, e)
+            raise
+        return pb.ModelMetadataResponse(
+            name=meta["name"],
+            versions=meta["versions"],
+            platform=meta["platform"],
+            inputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["inputs"]],
+            outputs=[pb.ModelMetadataResponse.TensorMetadata(**t) for t in meta["outputs"]],
+        )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:  # noqa: N802
+        try:
+            model = self.router.model_config(request.name)
+            rendered = dict(self.router.rendered_config(model))
+        except SchedulerError as e:
+            await self._abort(context, e)
+            raise
+        config = json_format.ParseDict(rendered, mc.ModelConfig(), ignore_unknown_fields=True)
+        return pb.ModelConfigResponse(config=config)
+
+    async def RepositoryIndex(  # noqa: N802
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        return pb.RepositoryIndexResponse(
+            models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in self.router.repository_index()]
+        )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "ModelInfer RPC doesn't support models with decoupled transaction policy; use ModelStreamInfer",
+        )
+        raise AssertionError("unreachable")
+
+    # -- streaming ----------------------------------------------------------------------------------------
+    async def ModelStreamInfer(  # noqa: N802
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+        reading_done = asyncio.Event()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            tasks.discard(task)
+            out.put_nowait(None)
+
+        async def reader() -> None:
+            try:
+                async for req in request_iterator:
+                    task = asyncio.create_task(self._serve(req, out))
+                    tasks.add(task)
+                    task.add_done_callback(finished)
+            finally:
+                reading_done.set()
+                out.put_nowait(None)
+
+        reader_task = asyncio.create_task(reader())
+        try:
+            while True:
+                item = await out.get()
+                if item is not None:
+                    yield item
+                elif reading_done.is_set() and not tasks and out.empty():
+                    return
+        finally:
+            reader_task.cancel()
+            for t in list(tasks):
+                t.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.gather(reader_task, *tasks, return_exceptions=True)
+
+    async def _serve(
+        self, req: pb.ModelInferRequest, out: asyncio.Queue[pb.ModelStreamInferResponse | None]
+    ) -> None:
+        """One generation on a multiplexed stream: responses (or one error) go to ``out``."""
+        try:
+            model = validate_model_name(req.model_name)
+            inputs = _inputs(req)
+            params = {k: _param(v) for k, v in req.parameters.items()}
+            empty_final = bool(params.pop("triton_enable_empty_final_response", False))
+            prompt = inputs.get("text_input")
+            if not isinstance(prompt, bytes):
+                raise BadRequest("text_input (BYTES) is required")
+            sampling: dict[str, Any] = {}
+            if "sampling_parameters" in inputs:
+                sampling.update(sampling_from_json(inputs["sampling_parameters"]))
+            sampling.update(coerce_sampling(params, strict=False))
+            stream = bool(inputs.get("stream", False))
+            exclude = bool(inputs.get("exclude_input_in_output", False))
+            gen = self.router.new_generation(
+                model, prompt.decode("utf-8", errors="replace"), sampling, request_id=req.id or None
+            )
+            async with contextlib.aclosing(self.router.stream(gen)) as it:
+                if stream:
+                    async for chunk in it:
+                        empty = not chunk.text and not chunk.token_ids and not chunk.finish_reason
+                        if chunk.final and empty and not empty_final:
+                            continue
+                        out.put_nowait(
+                            _response(
+                                req, model, chunk, chunk.text, final_flag=chunk.final if empty_final else None
+                            )
+                        )
+                else:
+                    async for _ in it:
+                        pass
+                    text = "".join(gen.text)
+                    whole = TokenChunk(text, tuple(gen.tokens), gen.finish_reason, True)
+                    out.put_nowait(
+                        _response(
+                            req,
+                            model,
+                            whole,
+                            text if exclude else gen.prompt + text,
+                            final_flag=True if empty_final else None,
+                        )
+                    )
+        except asyncio.CancelledError:
+            raise
+        except SchedulerError as e:
+            logger.info("stream request %s failed: %s", req.id, e)
+            out.put_nowait(
+                pb.ModelStreamInferResponse(
+                    error_message=str(e), infer_response=pb.ModelInferResponse(id=req.id)
+                )
+            )
+        except Exception as e:
+            logger.exception("stream request %s failed", req.id)
+            out.put_nowait(
+                pb.ModelStreamInferResponse(
+                    error_message=f"internal error: {e!r}", infer_response=pb.ModelInferResponse(id=req.id)
+                )
+            )
+
+
+def add_to_server(server: grpc.aio.Server, router: Router) -> GrpcFrontend:
+    """Register the KServe v2 service for ``router`` on ``server``."""
+    frontend = GrpcFrontend(router)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(frontend, server)
+    return frontend
+
+
+__all__ = ["GrpcFrontend", "add_to_server"]

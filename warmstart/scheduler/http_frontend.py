@@ -1,0 +1,410 @@
+"""The scheduler's HTTP front end (aiohttp): KServe v2 health, metadata and generate endpoints as Triton
+serves them, OpenAI-compatible completions, and the token-protected admin API.
+
+Every model name is checked against the allow-list before anything else happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from warmstart.scheduler.config import ModelConfig, SchedulerConfigError, ServerConfig
+from warmstart.scheduler.errors import SchedulerError, UnknownModelError, UnknownServerError
+from warmstart.scheduler.names import validate_model_name
+from warmstart.scheduler.protocol import (
+    BadRequest,
+    chat_prompt,
+    coerce_sampling,
+    model_metadata,
+    sampling_from_json,
+    status_of,
+)
+from warmstart.scheduler.router import DuplicateModelError, DuplicateServerError, Generation, Router
+from warmstart.scheduler.upstream import TokenChunk
+
+logger = logging.getLogger(__name__)
+
+_SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+_MAX_BODY = 8 << 20
+
+
+def _error(error: BaseException) -> web.Response:
+    return web.json_response({"error": str(error)}, status=status_of(error).http)
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise BadRequest("request body must be a JSON object")
+    return data
+
+
+def _model_from_path(request: web.Request) -> str:
+    segments = request.raw_path.split("?", 1)[0].split("/")  # ["", "v2", "models", <raw name>, ...]
+    if len(segments) < 4:
+        raise BadRequest("no model name in the path")
+    validate_model_name(segments[3])  # the name as sent, before any percent-decoding
+    return validate_model_name(request.match_info["model"])
+
+
+async def _first(it: AsyncIterator[TokenChunk]) -> TokenChunk | None:
+    """The first chunk (so errors surface before the response status is sent); None if none."""
+    try:
+        return await it.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def _chunks(first: TokenChunk | None, it: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
+    if first is not None:
+        yield first
+        async for c in it:
+            yield c
+
+
+class HttpFrontend:
+    """Builds the aiohttp application around a :class:`Router`."""
+
+    def __init__(self, router: Router, *, admin_token: str | None) -> None:
+        self.router = router
+        self._admin_token = admin_token
+        self.app = web.Application(client_max_size=_MAX_BODY)
+        r = self.app.router
+        r.add_get("/v2/health/live", self.live)
+        r.add_get("/v2/health/ready", self.ready)
+        r.add_get("/v2", self.server_metadata)
+        r.add_get("/v2/models/{model}", self.metadata)
+        r.add_get("/v2/models/{model}/ready", self.model_ready)
+        r.add_get("/v2/models/{model}/config", self.model_config)
+        r.add_post("/v2/models/{model}/generate", self.generate)
+        r.add_post("/v2/models/{model}/generate_stream", self.generate_stream)
+        r.add_post("/v2/models/{model}/versions/{version}/generate", self.generate)
+        r.add_post("/v2/models/{model}/versions/{version}/generate_stream", self.generate_stream)
+        r.add_post("/v2/repository/index", self.repository_index)
+        r.add_get("/v1/models", self.openai_models)
+        r.add_post("/v1/completions", self.completions)
+        r.add_post("/v1/chat/completions", self.chat_completions)
+        r.add_get("/admin/v1/state", self._admin(self.admin_state))
+        r.add_post("/admin/v1/models", self._admin(self.admin_add_model))
+        r.add_delete("/admin/v1/models/{name}", self._admin(self.admin_remove_model))
+        r.add_post("/admin/v1/servers", self._admin(self.admin_add_server))
+        r.add_delete("/admin/v1/servers/{name}", self._admin(self.admin_remove_server))
+
+    # -- health and metadata ------------------------------------------------------------------------------
+    async def live(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        healthy = any(rt.healthy for rt in self.router.servers.values())
+        return web.Response(status=200 if healthy else 400)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"name": "warmstart-scheduler", "version": "0.1.0", "extensions": ["generate"]}
+        )
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        try:
+            model = self.router.model_config(_model_from_path(request))
+        except SchedulerError as e:
+            return _error(e)
+        return web.json_response(model_metadata(model))
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        try:
+            model = self.router.model_config(_model_from_path(request))
+            return web.json_response(dict(self.router.rendered_config(model)))
+        except SchedulerError as e:
+            return _error(e)
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        try:
+            self.router.model_config(_model_from_path(request))
+        except SchedulerError as e:
+            return _error(e)
+        healthy = any(rt.healthy for rt in self.router.servers.values())
+        return web.Response(status=200 if healthy else 400)
+
+    async def repository_index(self, request: web.Request) -> web.Response:
+        return web.json_response(self.router.repository_index())
+
+    # -- KServe generate ------------------------------------------------------------------------------------
+    def _generation(self, model: str, body: dict[str, Any]) -> tuple[Generation, bool]:
+        prompt = body.get("text_input")
+        if not isinstance(prompt, str):
+            raise BadRequest("text_input must be a string")
+        params = body.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise BadRequest("parameters must be an object")
+        sampling: dict[str, Any] = {}
+        if "sampling_parameters" in body:
+            sp = body["sampling_parameters"]
+            sampling.update(
+                sampling_from_json(sp) if isinstance(sp, str) else coerce_sampling(sp, strict=True)
+            )
+        sampling.update(coerce_sampling(body, strict=False))
+        sampling.update(coerce_sampling(params, strict=False))
+        exclude = bool(params.get("exclude_input_in_output", body.get("exclude_input_in_output", False)))
+        request_id = body.get("id")
+        gen = self.router.new_generation(
+            model, prompt, sampling, request_id=str(request_id) if request_id else None
+        )
+        return gen, exclude
+
+    def _event(self, gen: Generation, chunk: TokenChunk, request_id: Any) -> dict[str, Any]:
+        event: dict[str, Any] = {
+            "model_name": gen.model,
+            "model_version": "1",
+            "text_output": chunk.text,
+            "token_ids": list(chunk.token_ids),
+        }
+        if chunk.finish_reason:
+            event["finish_reason"] = chunk.finish_reason
+        if request_id is not None:
+            event["id"] = request_id
+        return event
+
+    async def generate(self, request: web.Request) -> web.Response:
+        try:
+            model = _model_from_path(request)
+            body = await _json_body(request)
+            gen, exclude = self._generation(model, body)
+            async with contextlib.aclosing(self.router.stream(gen)) as it:
+                async for _ in it:
+                    pass
+        except SchedulerError as e:
+            return _error(e)
+        text = "".join(gen.text)
+        out: dict[str, Any] = {
+            "model_name": gen.model,
+            "model_version": "1",
+            "text_output": text if exclude else gen.prompt + text,
+            "token_ids": list(gen.tokens),
+        }
+        if gen.finish_reason:
+            out["finish_reason"] = gen.finish_reason
+        if body.get("id") is not None:
+            out["id"] = body["id"]
+        return web.json_response(out)
+
+    async def _sse(
+        self,
+        request: web.Request,
+        it: AsyncIterator[TokenChunk],
+        render: Callable[[TokenChunk], dict[str, Any] | None],
+        done: str | None = None,
+    ) -> web.StreamResponse:
+        """Send the first chunk's error as a plain status, then stream events."""
+        try:
+            first = await _first(it)
+        except SchedulerError as e:
+            status = status_of(e).http
+            return web.Response(
+                status=status, text=f"data: {json.dumps({'error': str(e)})}\n\n", headers=_SSE_HEADERS
+            )
+        resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+        await resp.prepare(request)
+        try:
+            async for chunk in _chunks(first, it):
+                event = render(chunk)
+                if event is not None:
+                    await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+        except SchedulerError as e:
+            await resp.write(f"data: {json.dumps({'error': str(e)})}\n\n".encode())
+        except ConnectionResetError:
+            logger.debug("client went away mid-stream")
+            return resp
+        if done is not None:
+            await resp.write(f"data: {done}\n\n".encode())
+        await resp.write_eof()
+        return resp
+
+    async def generate_stream(self, request: web.Request) -> web.StreamResponse:
+        try:
+            model = _model_from_path(request)
+            body = await _json_body(request)
+            gen, _ = self._generation(model, body)
+        except SchedulerError as e:
+            return _error(e)
+        request_id = body.get("id")
+        async with contextlib.aclosing(self.router.stream(gen)) as it:
+
+            def render(chunk: TokenChunk) -> dict[str, Any] | None:
+                if chunk.final and not chunk.text and not chunk.token_ids and not chunk.finish_reason:
+                    return None
+                return self._event(gen, chunk, request_id)
+
+            return await self._sse(request, it, render)
+
+    # -- OpenAI-compatible -----------------------------------------------------------------------------------
+    async def openai_models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "owned_by": "warmstart"} for m in sorted(self.router.models)
+                ],
+            }
+        )
+
+    def _openai_generation(self, body: dict[str, Any], prompt: str) -> Generation:
+        model = validate_model_name(body.get("model"))
+        sampling = coerce_sampling(body, strict=False)
+        sampling.setdefault("max_tokens", 16)
+        return self.router.new_generation(model, prompt, sampling)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await _json_body(request)
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if not isinstance(prompt, str):
+                raise BadRequest("prompt must be a string (or a list of one string)")
+            gen = self._openai_generation(body, prompt)
+        except SchedulerError as e:
+            return _error(e)
+        return await self._openai(request, body, gen, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await _json_body(request)
+            gen = self._openai_generation(body, chat_prompt(body.get("messages")))
+        except SchedulerError as e:
+            return _error(e)
+        return await self._openai(request, body, gen, chat=True)
+
+    async def _openai(
+        self, request: web.Request, body: dict[str, Any], gen: Generation, *, chat: bool
+    ) -> web.StreamResponse:
+        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        created = int(time.time())
+        obj = "chat.completion" if chat else "text_completion"
+        async with contextlib.aclosing(self.router.stream(gen)) as it:
+            if not body.get("stream"):
+                try:
+                    async for _ in it:
+                        pass
+                except SchedulerError as e:
+                    return _error(e)
+                text = "".join(gen.text)
+                choice: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason or "stop"}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": text}
+                else:
+                    choice["text"] = text
+                    choice["logprobs"] = None
+                n_prompt = len(gen.prompt_ids) if gen.prompt_ids is not None else 0
+                return web.json_response(
+                    {
+                        "id": cid,
+                        "object": obj,
+                        "created": created,
+                        "model": gen.model,
+                        "choices": [choice],
+                        "usage": {
+                            "prompt_tokens": n_prompt,
+                            "completion_tokens": len(gen.tokens),
+                            "total_tokens": n_prompt + len(gen.tokens),
+                        },
+                    }
+                )
+            first_sent = False
+
+            def render(chunk: TokenChunk) -> dict[str, Any] | None:
+                nonlocal first_sent
+                finish = chunk.finish_reason if chunk.final else None
+                if chunk.final and finish is None:
+                    finish = gen.finish_reason or "stop"
+                if not chunk.text and finish is None:
+                    return None
+                if chat:
+                    delta: dict[str, Any] = {"content": chunk.text}
+                    if not first_sent:
+                        delta["role"] = "assistant"
+                    first_sent = True
+                    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+                else:
+                    choice = {"index": 0, "text": chunk.text, "finish_reason": finish, "logprobs": None}
+                return {
+                    "id": cid,
+                    "object": obj + ".chunk" if chat else obj,
+                    "created": created,
+                    "model": gen.model,
+                    "choices": [choice],
+                }
+
+            return await self._sse(request, it, render, done="[DONE]")
+
+    # -- admin -----------------------------------------------------------------------------------------------
+    def _admin(
+        self, handler: Callable[[web.Request], Awaitable[web.Response]]
+    ) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def guarded(request: web.Request) -> web.Response:
+            if self._admin_token is None:
+                return web.json_response(
+                    {"error": "the admin API is disabled (no admin_token configured)"}, status=403
+                )
+            supplied = request.headers.get("Authorization", "")
+            expected = f"Bearer {self._admin_token}"
+            if not hmac.compare_digest(supplied.encode(), expected.encode()):
+                return web.json_response(
+                    {"error": "admin token missing or wrong"},
+                    status=401,
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            try:
+                return await handler(request)
+            except (
+                SchedulerConfigError,
+                BadRequest,
+                DuplicateModelError,
+                DuplicateServerError,
+                TypeError,
+            ) as e:
+                return web.json_response({"error": str(e)}, status=400)
+            except (UnknownModelError, UnknownServerError) as e:
+                return web.json_response({"error": str(e)}, status=404)
+            except SchedulerError as e:
+                return _error(e)
+
+        return guarded
+
+    async def admin_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.router.describe())
+
+    async def admin_add_model(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        name = body.pop("name", None)
+        if not isinstance(name, str):
+            raise BadRequest("name is required")
+        await self.router.add_model(ModelConfig.from_dict(name, body))
+        return web.json_response({"added": name}, status=201)
+
+    async def admin_remove_model(self, request: web.Request) -> web.Response:
+        name = validate_model_name(request.match_info["name"])
+        await self.router.remove_model(name)
+        return web.json_response({"removed": name})
+
+    async def admin_add_server(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        server = ServerConfig.from_dict(body)
+        await self.router.add_server(server)
+        return web.json_response({"added": server.name}, status=201)
+
+    async def admin_remove_server(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        await self.router.remove_server(name)
+        return web.json_response({"removed": name})

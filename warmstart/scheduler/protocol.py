@@ -1,0 +1,159 @@
+"""What both front ends share: sampling-parameter parsing, error → status mapping, model metadata."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from warmstart.scheduler.config import ModelConfig
+from warmstart.scheduler.errors import InvalidModelName, SchedulerError, UnknownModelError
+from warmstart.scheduler.router import ColdStartQueueFull, ColdStartTimeout, GenerationFailed
+from warmstart.scheduler.upstream import ModelLoadFailed, UpstreamRequestError
+
+SAMPLING_KEYS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens"})
+_INT_KEYS = frozenset({"max_tokens", "top_k", "seed", "min_tokens"})
+_FLOAT_KEYS = frozenset({"temperature", "top_p"})
+
+
+class BadRequest(SchedulerError, ValueError):
+    """A request is malformed (bad JSON, bad types, unknown sampling keys)."""
+
+
+def coerce_sampling(values: Mapping[str, Any], *, strict: bool) -> dict[str, Any]:
+    """Sampling parameters from ``values``: known keys coerced to their types.
+
+    ``strict`` rejects unknown keys (a ``sampling_parameters`` JSON); otherwise they are ignored (top-level
+    request fields that Triton would have passed as request parameters).
+    """
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in SAMPLING_KEYS:
+            if strict:
+                raise BadRequest(
+                    f"unknown sampling parameter {key!r}; known: {', '.join(sorted(SAMPLING_KEYS))}"
+                )
+            continue
+        if value is None:
+            continue
+        try:
+            if key in _INT_KEYS:
+                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                    raise ValueError(value)
+                out[key] = int(value)
+            elif key in _FLOAT_KEYS:
+                if isinstance(value, bool):
+                    raise ValueError(value)
+                out[key] = float(value)
+            else:  # stop: a string or a list of strings
+                stops = [value] if isinstance(value, str) else list(value)
+                if not all(isinstance(s, str) for s in stops):
+                    raise ValueError(value)
+                out[key] = stops
+        except (TypeError, ValueError) as e:
+            raise BadRequest(f"sampling parameter {key!r} has a bad value {value!r}") from e
+    return out
+
+
+def sampling_from_json(text: str | bytes) -> dict[str, Any]:
+    """Parse a ``sampling_parameters`` JSON string (strict)."""
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"sampling_parameters is not valid JSON: {e}") from e
+    if not isinstance(data, Mapping):
+        raise BadRequest("sampling_parameters must be a JSON object")
+    return coerce_sampling(data, strict=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """How an error is reported: HTTP status and gRPC status-code name."""
+
+    http: int
+    grpc: str
+
+
+def status_of(error: BaseException) -> Status:
+    """The HTTP/gRPC status for an error raised while serving a request."""
+    if isinstance(error, (InvalidModelName, BadRequest, UpstreamRequestError)):
+        return Status(400, "INVALID_ARGUMENT")
+    if isinstance(error, UnknownModelError):
+        return Status(404, "NOT_FOUND")
+    if isinstance(error, (ColdStartQueueFull, ColdStartTimeout)):
+        return Status(503, "UNAVAILABLE")
+    if isinstance(error, GenerationFailed):
+        return Status(502, "UNAVAILABLE")
+    if isinstance(error, ModelLoadFailed):
+        return Status(500, "INTERNAL")
+    if isinstance(error, ValueError):
+        return Status(400, "INVALID_ARGUMENT")
+    return Status(500, "INTERNAL")
+
+
+_DTYPE = {
+    "TYPE_STRING": "BYTES",
+    "TYPE_BOOL": "BOOL",
+    "TYPE_INT64": "INT64",
+    "TYPE_INT32": "INT32",
+    "TYPE_FP32": "FP32",
+}
+
+DEFAULT_INPUTS: tuple[dict[str, Any], ...] = (
+    {"name": "text_input", "datatype": "BYTES", "shape": [1]},
+    {"name": "stream", "datatype": "BOOL", "shape": [1]},
+    {"name": "sampling_parameters", "datatype": "BYTES", "shape": [1]},
+    {"name": "exclude_input_in_output", "datatype": "BOOL", "shape": [1]},
+    {"name": "input_ids", "datatype": "INT64", "shape": [-1]},
+    {"name": "num_generated", "datatype": "INT64", "shape": [1]},
+)
+DEFAULT_OUTPUTS: tuple[dict[str, Any], ...] = (
+    {"name": "text_output", "datatype": "BYTES", "shape": [-1]},
+    {"name": "token_ids", "datatype": "INT64", "shape": [-1]},
+    {"name": "finish_reason", "datatype": "BYTES", "shape": [-1]},
+)
+
+
+def model_metadata(model: ModelConfig) -> dict[str, Any]:
+    """KServe v2 model metadata for ``model`` (from its Triton config when given, else the backend's I/O)."""
+    inputs: list[dict[str, Any]] = list(DEFAULT_INPUTS)
+    outputs: list[dict[str, Any]] = list(DEFAULT_OUTPUTS)
+    if model.triton_config is not None:
+        cfg = model.triton_config
+
+        def conv(items: Any) -> list[dict[str, Any]]:
+            return [
+                {
+                    "name": t["name"],
+                    "datatype": _DTYPE.get(t.get("data_type", ""), "BYTES"),
+                    "shape": [int(d) for d in t.get("dims", [-1])],
+                }
+                for t in items or []
+            ]
+
+        inputs, outputs = conv(cfg.get("input")), conv(cfg.get("output"))
+    return {
+        "name": model.name,
+        "versions": ["1"],
+        "platform": "warmstart",
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
+def chat_prompt(messages: Any) -> str:
+    """A plain chat template (the backend's tokenizer template is its own business)."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list")
+    lines = []
+    for m in messages:
+        if (
+            not isinstance(m, Mapping)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise BadRequest("each message needs a string 'role' and 'content'")
+        lines.append(f"{m['role']}: {m['content']}")
+    lines.append("assistant:")
+    return "\n".join(lines)

@@ -1,0 +1,780 @@
+"""The router: a thin asyncio loop around the pure policy.
+
+For each generation it snapshots cluster state, asks :func:`~warmstart.scheduler.policy.place` what to do,
+and applies the answer: route to a warm instance, join a load in flight (never a second load of the same
+model), start a load (after unloading the evictions and polling the index until their memory is free), or
+wait in the bounded cold-start queue. Tokens stream back through one queue per generation, so the
+upstream under a generation can change (failure recovery, live migration) without the client noticing:
+the router resumes on another server with the prompt plus every token the client already has.
+
+Background loops: health checks (dead servers leave routing, recovered ones come back with their index
+re-read), node-store polls (inventory tiers and measured bandwidths), and the keep-alive reaper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from warmstart.scheduler.config import ModelConfig, SchedulerConfig, ServerConfig
+from warmstart.scheduler.errors import SchedulerError, UnknownModelError, UnknownServerError
+from warmstart.scheduler.names import validate_model_name
+from warmstart.scheduler.nodestore import NodeStoreClient, NodeStoreError
+from warmstart.scheduler.policy import Action, expired_models, place
+from warmstart.scheduler.state import (
+    ClusterSnapshot,
+    ClusterStateStore,
+    InMemoryClusterState,
+    Instance,
+    LoadInFlight,
+    NodeBandwidth,
+    RunningRequest,
+    ServerState,
+    Tier,
+)
+from warmstart.scheduler.upstream import (
+    GenerationRequest,
+    ModelLoadFailed,
+    TokenChunk,
+    TritonUpstream,
+    UpstreamError,
+    UpstreamModelMissing,
+    UpstreamUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_TOKEN_S = 0.05  # per-token time assumed for a model until one generation measured it
+_PLACEHOLDER_BANDWIDTH = NodeBandwidth(1.0, 1.0, None)  # never used for a decision: server marked unhealthy
+
+
+class ColdStartQueueFull(SchedulerError):
+    """The cold-start queue holds as many waiting requests as it may (HTTP 503)."""
+
+
+class ColdStartTimeout(SchedulerError):
+    """The model did not become ready for this request within the cold-start timeout (HTTP 503)."""
+
+
+class GenerationFailed(SchedulerError):
+    """A generation could not be completed: every failover attempt failed too (HTTP 502)."""
+
+
+class DuplicateServerError(SchedulerError, ValueError):
+    """A server with this name is already registered."""
+
+
+class DuplicateModelError(SchedulerError, ValueError):
+    """A model with this name is already registered."""
+
+
+# ------------------------------------------------------------------------------------------- runtime state
+
+
+@dataclass(eq=False)
+class Generation:
+    """The scheduler's record of one client generation: what the client has received so far."""
+
+    id: str
+    model: str
+    prompt: str
+    sampling: dict[str, Any]
+    max_tokens: int
+    prompt_ids: tuple[int, ...] | None = None
+    tokens: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    finished: bool = False
+    server: str | None = None
+    failovers: int = 0
+    migrations: int = 0
+    # control plane for switching the upstream under the client's stream
+    queue: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
+    attempt: int = 0
+    paused: bool = False
+    held: list[TokenChunk] = field(default_factory=list)
+    pump: asyncio.Task[None] | None = None
+
+    def upstream_request(self) -> GenerationRequest:
+        """The upstream request that continues this generation from what the client has."""
+        return GenerationRequest(
+            model=self.model,
+            request_id=f"{self.id}.{self.attempt}",
+            prompt=self.prompt,
+            sampling=self.sampling,
+            prompt_ids=self.prompt_ids,
+            generated=tuple(self.tokens),
+        )
+
+
+@dataclass(eq=False)
+class _InstanceRT:
+    model: str
+    size_bytes: int
+    last_used_s: float
+    requests: dict[str, Generation] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _LoadRT:
+    model: str
+    size_bytes: int
+    expected_finish_s: float
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class ServerRuntime:
+    """One server's live state as the router tracks it; rendered to a frozen ServerState for the policy."""
+
+    config: ServerConfig
+    upstream: TritonUpstream
+    healthy: bool = False
+    bandwidth: NodeBandwidth | None = None
+    store_tiers: dict[str, Tier] = field(default_factory=dict)
+    overhead_s: float = 1.0
+    instances: dict[str, _InstanceRT] = field(default_factory=dict)
+    loads: dict[str, _LoadRT] = field(default_factory=dict)
+    unloading: dict[str, int] = field(default_factory=dict)
+    probe: asyncio.Task[bool] | None = None
+    removed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def to_state(self, now: float, token_s: Mapping[str, float]) -> ServerState:
+        """The frozen view the policy decides on. Memory still being freed shrinks the budget."""
+        instances = tuple(
+            Instance(
+                model=i.model,
+                size_bytes=i.size_bytes,
+                last_used_s=i.last_used_s,
+                requests=tuple(
+                    RunningRequest(
+                        request_id=g.id,
+                        prompt_tokens=len(g.prompt_ids) if g.prompt_ids is not None else len(g.prompt) // 4,
+                        generated_tokens=len(g.tokens),
+                        expected_remaining_s=max(0, g.max_tokens - len(g.tokens))
+                        * token_s.get(g.model, _DEFAULT_TOKEN_S),
+                    )
+                    for g in i.requests.values()
+                ),
+            )
+            for i in self.instances.values()
+        )
+        return ServerState(
+            name=self.name,
+            healthy=self.healthy and self.bandwidth is not None and not self.removed,
+            memory_budget_bytes=max(0, self.config.memory_budget_bytes - sum(self.unloading.values())),
+            bandwidth=self.bandwidth or _PLACEHOLDER_BANDWIDTH,
+            triton_load_overhead_s=self.overhead_s,
+            instances=instances,
+            loading=tuple(
+                LoadInFlight(ld.model, ld.size_bytes, ld.expected_finish_s) for ld in self.loads.values()
+            ),
+            store_tiers=dict(self.store_tiers),
+        )
+
+
+@dataclass
+class RouterStats:
+    """Counters the admin API and the tests read."""
+
+    loads: dict[str, int] = field(default_factory=dict)  # "server/model" -> successful loads
+    load_failures: int = 0
+    unloads: int = 0
+    evictions: int = 0
+    failovers: int = 0
+    migrations: int = 0
+    rejected_queue_full: int = 0
+    rejected_timeout: int = 0
+    generations: int = 0
+
+
+ConfigRenderer = Callable[[ModelConfig], Mapping[str, Any]]
+
+
+def default_renderer(model: ModelConfig) -> Mapping[str, Any]:
+    """The Triton config for ``model``: its explicit ``triton_config``, else the warmstart backend's."""
+    if model.triton_config is not None:
+        config = dict(model.triton_config)
+        config["name"] = model.name
+        return config
+    try:
+        from warmstart.backend import model_config  # type: ignore[attr-defined]
+    except ImportError as e:
+        raise ModelLoadFailed(
+            f"model {model.name!r} has no triton_config and warmstart.backend.model_config is unavailable"
+        ) from e
+    rendered: Mapping[str, Any] = model_config(model.name, model.checkpoint, model.engine)
+    return rendered
+
+
+# ------------------------------------------------------------------------------------------------ router
+
+
+class Router:
+    """Places, loads, routes and streams; owns the background loops. Single asyncio loop, no locks."""
+
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        *,
+        store: ClusterStateStore | None = None,
+        renderer: ConfigRenderer = default_renderer,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.store: ClusterStateStore = store if store is not None else InMemoryClusterState()
+        self._render = renderer
+        self._clock = clock
+        self.models: dict[str, ModelConfig] = {}
+        self.servers: dict[str, ServerRuntime] = {}
+        self.generations: dict[str, Generation] = {}
+        self.stats = RouterStats()
+        self._token_s: dict[str, float] = {}
+        self._load_errors: dict[str, tuple[float, ModelLoadFailed]] = {}
+        self._changed = asyncio.Event()
+        self._waiting = 0
+        self._ids = itertools.count(1)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stores: dict[str, NodeStoreClient] = {}
+        for m in config.models:
+            self._add_model(m)
+        for s in config.servers:
+            self._add_server(s)
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Check every server once, read the node stores, then start the background loops."""
+        await asyncio.gather(*(self._check_server(s) for s in list(self.servers.values())))
+        await asyncio.gather(*(self._poll_store(s) for s in list(self.servers.values())))
+        self._loops = [
+            asyncio.create_task(
+                self._every(self.config.health_interval_s, self._health_round), name="health"
+            ),
+            asyncio.create_task(
+                self._every(self.config.store_poll_interval_s, self._store_round), name="stores"
+            ),
+            asyncio.create_task(self._every(self.config.reaper_interval_s, self._reap_round), name="reaper"),
+        ]
+
+    async def close(self) -> None:
+        """Stop the loops and in-flight work; close every upstream channel."""
+        for t in [*self._loops, *self._tasks]:
+            t.cancel()
+        await asyncio.gather(*self._loops, *self._tasks, return_exceptions=True)
+        for g in list(self.generations.values()):
+            if g.pump is not None:
+                g.pump.cancel()
+        for s in self.servers.values():
+            await s.upstream.close()
+        for c in self._stores.values():
+            await c.close()
+
+    async def _every(self, interval: float, round_: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await round_()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("background round %s failed", getattr(round_, "__name__", round_))
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def _wait_change(self, timeout: float) -> None:
+        event = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+
+    # -- membership (config and admin API) ----------------------------------------------------------
+    def _add_model(self, model: ModelConfig) -> None:
+        if model.name in self.models:
+            raise DuplicateModelError(f"model {model.name!r} already exists")
+        self.models[model.name] = model
+        self.store.put_model(model.to_spec())
+
+    def _add_server(self, server: ServerConfig) -> ServerRuntime:
+        if server.name in self.servers:
+            raise DuplicateServerError(f"server {server.name!r} already exists")
+        rt = ServerRuntime(
+            config=server,
+            upstream=TritonUpstream(
+                server, timeout_s=self.config.upstream_timeout_s, retries=self.config.upstream_retries
+            ),
+            overhead_s=self.config.initial_load_overhead_s,
+        )
+        if server.bandwidth is not None:
+            rt.bandwidth = server.bandwidth.to_node_bandwidth()
+        if server.node_store is not None:
+            self._stores[server.name] = NodeStoreClient(
+                server.node_store, timeout_s=self.config.upstream_timeout_s
+            )
+        self.servers[server.name] = rt
+        return rt
+
+    async def add_model(self, model: ModelConfig) -> None:
+        """Register a model at run time."""
+        self._add_model(model)
+        self._notify()
+
+    async def remove_model(self, name: str) -> None:
+        """Forget a model; idle instances of it are unloaded by the reaper, busy ones when they finish."""
+        validate_model_name(name)
+        if name not in self.models:
+            raise UnknownModelError(f"no model named {name!r}")
+        del self.models[name]
+        self.store.delete_model(name)
+        self._notify()
+
+    async def add_server(self, server: ServerConfig) -> None:
+        """Register a server at run time; it takes traffic once it answers a health check."""
+        rt = self._add_server(server)
+        await self._check_server(rt)
+        await self._poll_store(rt)
+        self._notify()
+
+    async def remove_server(self, name: str) -> None:
+        """Take a server out of routing; its running generations resume elsewhere."""
+        rt = self.servers.get(name)
+        if rt is None:
+            raise UnknownServerError(f"no server named {name!r}")
+        rt.removed = True
+        del self.servers[name]
+        with contextlib.suppress(UnknownServerError):
+            self.store.delete_server(name)
+        for inst in rt.instances.values():
+            for g in list(inst.requests.values()):
+                g.queue.put_nowait(("failed", g.attempt, UpstreamUnavailable(f"server {name} removed")))
+        self._notify()
+        await rt.upstream.close()
+        client = self._stores.pop(name, None)
+        if client is not None:
+            await client.close()
+
+    # -- snapshot ----------------------------------------------------------------------------------------
+    def snapshot(self) -> ClusterSnapshot:
+        """Publish every server's state into the store and read one consistent snapshot back."""
+        now = self._clock()
+        for rt in self.servers.values():
+            self.store.put_server(rt.to_state(now, self._token_s))
+        return self.store.snapshot(now)
+
+    # -- placement -----------------------------------------------------------------------------------
+    def model_config(self, name: str) -> ModelConfig:
+        """The config of a registered model (name validated first)."""
+        validate_model_name(name)
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModelError(f"no model named {name!r} is deployed") from None
+
+    async def _acquire(self, gen: Generation) -> ServerRuntime:
+        """A server with ``gen.model`` loaded and a slot reserved for ``gen`` (loads it if needed)."""
+        started = self._clock()
+        deadline = started + self.config.cold_start_timeout_s
+        queued = False
+        try:
+            while True:
+                if gen.model not in self.models:
+                    raise UnknownModelError(f"model {gen.model!r} was removed")
+                failed = self._load_errors.get(gen.model)
+                if failed is not None and failed[0] >= started:
+                    raise failed[1]
+                placement = place(self.snapshot(), gen.model)
+                if placement.action is Action.ROUTE and placement.server is not None:
+                    rt = self.servers[placement.server]
+                    inst = rt.instances[gen.model]
+                    inst.requests[gen.id] = gen
+                    inst.last_used_s = self._clock()
+                    gen.server = rt.name
+                    return rt
+                if not queued:
+                    if self._waiting >= self.config.cold_start_queue:
+                        self.stats.rejected_queue_full += 1
+                        raise ColdStartQueueFull(
+                            f"cold-start queue full ({self.config.cold_start_queue} waiting); retry later"
+                        )
+                    self._waiting += 1
+                    queued = True
+                if placement.action is Action.LOAD and placement.server is not None:
+                    self._start_load(self.servers[placement.server], gen.model, placement.evictions)
+                    continue
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    self.stats.rejected_timeout += 1
+                    raise ColdStartTimeout(
+                        f"model {gen.model!r} not ready within {self.config.cold_start_timeout_s:.0f} s "
+                        f"(last decision: {placement.action.value})"
+                    )
+                await self._wait_change(min(remaining, 1.0))
+        finally:
+            if queued:
+                self._waiting -= 1
+
+    def _release(self, rt: ServerRuntime, gen: Generation) -> None:
+        inst = rt.instances.get(gen.model)
+        if inst is not None and inst.requests.pop(gen.id, None) is not None:
+            inst.last_used_s = self._clock()
+        if gen.server == rt.name:
+            gen.server = None
+        self._notify()
+
+    # -- loads and unloads --------------------------------------------------------------------------------
+    def _start_load(self, rt: ServerRuntime, model: str, evictions: tuple[str, ...]) -> None:
+        """Register the load (so every later placement joins it) and run it in the background."""
+        spec = self.models[model]
+        now = self._clock()
+        evicted = []
+        for m in evictions:
+            inst = rt.instances.pop(m, None)
+            if inst is not None:
+                rt.unloading[m] = inst.size_bytes
+                evicted.append(m)
+                self.stats.evictions += 1
+        bw = rt.bandwidth.of(rt.store_tiers.get(model, Tier.REMOTE)) if rt.bandwidth else None
+        expected = (spec.size_bytes / bw if bw else 0.0) + rt.overhead_s
+        load = _LoadRT(model, spec.size_bytes, now + expected)
+        rt.loads[model] = load
+        load.task = self._spawn(self._load(rt, spec, tuple(evicted)), name=f"load {rt.name}/{model}")
+
+    async def _load(self, rt: ServerRuntime, spec: ModelConfig, evictions: tuple[str, ...]) -> None:
+        try:
+            for m in evictions:
+                await self._unload(rt, m)
+            tier = rt.store_tiers.get(spec.name, Tier.REMOTE)
+            logger.info("loading %s on %s (tier %s)", spec.name, rt.name, tier.value)
+            elapsed = await rt.upstream.load(
+                spec.name, self._render(spec), timeout_s=self.config.cold_start_timeout_s
+            )
+            bw = rt.bandwidth.of(tier) if rt.bandwidth else None
+            overhead = max(0.0, elapsed - (spec.size_bytes / bw if bw else 0.0))
+            rt.overhead_s = 0.7 * rt.overhead_s + 0.3 * overhead
+            rt.instances[spec.name] = _InstanceRT(spec.name, spec.size_bytes, self._clock())
+            key = f"{rt.name}/{spec.name}"
+            self.stats.loads[key] = self.stats.loads.get(key, 0) + 1
+            logger.info("loaded %s on %s in %.2f s", spec.name, rt.name, elapsed)
+        except UpstreamUnavailable as e:
+            logger.warning("load of %s on %s failed, server unreachable: %s", spec.name, rt.name, e)
+            await self._server_suspect(rt)
+        except ModelLoadFailed as e:
+            logger.error("load of %s on %s failed: %s", spec.name, rt.name, e)
+            self.stats.load_failures += 1
+            self._load_errors[spec.name] = (self._clock(), e)
+        except UpstreamError as e:
+            logger.error("load of %s on %s failed: %s", spec.name, rt.name, e)
+            self.stats.load_failures += 1
+            self._load_errors[spec.name] = (self._clock(), ModelLoadFailed(str(e)))
+        finally:
+            rt.loads.pop(spec.name, None)
+            self._notify()
+
+    async def _unload(self, rt: ServerRuntime, model: str) -> None:
+        """Unload ``model`` (already out of routing) and count its memory free once the index says so."""
+        try:
+            if rt.healthy:
+                await rt.upstream.unload(model)
+                self.stats.unloads += 1
+                logger.info("unloaded %s on %s", model, rt.name)
+        except UpstreamError as e:
+            logger.warning("unload of %s on %s failed: %s", model, rt.name, e)
+        finally:
+            rt.unloading.pop(model, None)
+            self._notify()
+
+    async def _reap_round(self) -> None:
+        """Unload models idle longer than their keep-alive (and instances of removed models)."""
+        for server, model in expired_models(self.snapshot()):
+            rt = self.servers.get(server)
+            if rt is None or model not in rt.instances or model in rt.unloading:
+                continue
+            inst = rt.instances.pop(model)
+            rt.unloading[model] = inst.size_bytes
+            self._spawn(self._unload(rt, model), name=f"unload {server}/{model}")
+
+    # -- health and node stores -------------------------------------------------------------------------
+    async def _check_server(self, rt: ServerRuntime) -> bool:
+        """One health probe; on a state change update routing (and re-read the index on recovery)."""
+        try:
+            await rt.upstream.check_live(timeout_s=min(1.0, self.config.upstream_timeout_s))
+        except UpstreamUnavailable:
+            if rt.healthy:
+                self._mark_dead(rt)
+            return False
+        if not rt.healthy:
+            try:
+                await self._resync(rt)
+            except UpstreamError as e:
+                logger.warning("server %s is live but its index is unreadable: %s", rt.name, e)
+                return False
+            rt.healthy = True
+            logger.info("server %s is healthy", rt.name)
+            self._notify()
+        return True
+
+    async def _resync(self, rt: ServerRuntime) -> None:
+        """Rebuild the instances of ``rt`` from its repository index (models READY there)."""
+        index = await rt.upstream.index()
+        ready = {m["name"] for m in index if m["state"] == "READY"}
+        for name in list(rt.instances):
+            if name not in ready:
+                del rt.instances[name]
+        for name in ready:
+            if name in self.models and name not in rt.instances:
+                rt.instances[name] = _InstanceRT(name, self.models[name].size_bytes, self._clock())
+
+    def _mark_dead(self, rt: ServerRuntime) -> None:
+        logger.warning("server %s is down: out of routing", rt.name)
+        rt.healthy = False
+        for inst in rt.instances.values():
+            for g in list(inst.requests.values()):
+                g.queue.put_nowait(("failed", g.attempt, UpstreamUnavailable(f"server {rt.name} is down")))
+        rt.instances.clear()
+        self._notify()
+
+    async def _server_suspect(self, rt: ServerRuntime) -> None:
+        """A call to ``rt`` failed: probe it once (deduplicated across callers)."""
+        if rt.probe is None or rt.probe.done():
+            rt.probe = asyncio.create_task(self._check_server(rt))
+        await asyncio.shield(rt.probe)
+
+    async def _health_round(self) -> None:
+        await asyncio.gather(*(self._check_server(rt) for rt in list(self.servers.values())))
+
+    async def _poll_store(self, rt: ServerRuntime) -> None:
+        client = self._stores.get(rt.name)
+        if client is None:
+            return
+        try:
+            report = await client.report()
+        except NodeStoreError as e:
+            logger.warning("node store of %s: %s", rt.name, e)
+            return
+        changed = rt.bandwidth is None or rt.store_tiers != report.tiers
+        rt.bandwidth = report.bandwidth
+        rt.store_tiers = dict(report.tiers)
+        if changed:
+            self._notify()
+
+    async def _store_round(self) -> None:
+        await asyncio.gather(*(self._poll_store(rt) for rt in list(self.servers.values())))
+
+    # -- generations -------------------------------------------------------------------------------------
+    def new_generation(
+        self, model: str, prompt: str, sampling: Mapping[str, Any], *, request_id: str | None = None
+    ) -> Generation:
+        """A generation record for ``model`` (validated, known). Temperature > 0 gets a seed so a
+        resumed generation continues exactly."""
+        spec = self.model_config(model)
+        params = dict(sampling)
+        max_tokens = int(params.get("max_tokens", 16))
+        if max_tokens < 0 or max_tokens > spec.max_tokens:
+            raise ValueError(f"max_tokens must be in 0..{spec.max_tokens}, got {max_tokens}")
+        params["max_tokens"] = max_tokens
+        if float(params.get("temperature", 0.0) or 0.0) > 0 and params.get("seed") is None:
+            params["seed"] = secrets.randbits(31)
+        gid = request_id or f"g{next(self._ids)}"
+        return Generation(
+            id=f"{gid}-{secrets.token_hex(4)}",
+            model=spec.name,
+            prompt=prompt,
+            sampling=params,
+            max_tokens=max_tokens,
+        )
+
+    async def stream(self, gen: Generation) -> AsyncGenerator[TokenChunk, None]:
+        """Run ``gen`` and yield its chunks; the upstream may change under it without a gap or a repeat."""
+        self.generations[gen.id] = gen
+        self.stats.generations += 1
+        rt: ServerRuntime | None = None
+        try:
+            rt = await self._acquire(gen)
+            self._start_pump(gen, rt)
+            while True:
+                item = await gen.queue.get()
+                kind, attempt = item[0], item[1]
+                if kind == "switch":  # live migration: a new upstream (already reserved) takes over
+                    _, _, new_rt, pump = item
+                    old = rt
+                    rt = new_rt
+                    gen.attempt = attempt
+                    gen.held.clear()
+                    gen.paused = False
+                    if gen.pump is not None:
+                        gen.pump.cancel()
+                    gen.pump = pump
+                    gen.server = new_rt.name
+                    if old is not None:
+                        self._release(old, gen)
+                    gen.migrations += 1
+                    continue
+                if kind == "resume":
+                    gen.paused = False
+                    for chunk in gen.held:
+                        self._account(gen, chunk)
+                        yield chunk
+                        if chunk.final:
+                            return
+                    gen.held.clear()
+                    continue
+                if attempt != gen.attempt:
+                    continue  # from an upstream that was replaced
+                if kind == "chunk":
+                    chunk = item[2]
+                    if gen.paused:
+                        gen.held.append(chunk)
+                        continue
+                    self._account(gen, chunk)
+                    if rt is not None and (inst := rt.instances.get(gen.model)) is not None:
+                        inst.last_used_s = self._clock()
+                    yield chunk
+                    if chunk.final:
+                        return
+                elif kind == "failed":
+                    error = item[2]
+                    if not isinstance(error, (UpstreamUnavailable, UpstreamModelMissing)):
+                        raise error
+                    gen.failovers += 1
+                    self.stats.failovers += 1
+                    if gen.failovers > self.config.max_failovers:
+                        raise GenerationFailed(
+                            f"generation {gen.id} failed after {gen.failovers - 1} failovers: {error}"
+                        ) from error
+                    logger.warning(
+                        "generation %s lost its upstream (%s); resuming at token %d",
+                        gen.id,
+                        error,
+                        len(gen.tokens),
+                    )
+                    if gen.pump is not None:
+                        gen.pump.cancel()
+                    gen.paused = False
+                    gen.held.clear()
+                    if rt is not None:
+                        failed_rt = rt
+                        self._release(failed_rt, gen)
+                        rt = None
+                        if isinstance(error, UpstreamModelMissing):
+                            failed_rt.instances.pop(gen.model, None)
+                        else:
+                            await self._server_suspect(failed_rt)
+                    await asyncio.sleep(min(0.05 * 2**gen.failovers, 1.0))
+                    gen.attempt += 1
+                    rt = await self._acquire(gen)
+                    self._start_pump(gen, rt)
+        finally:
+            gen.finished = True
+            if gen.pump is not None:
+                gen.pump.cancel()
+            if rt is not None:
+                self._release(rt, gen)
+            self.generations.pop(gen.id, None)
+
+    def _account(self, gen: Generation, chunk: TokenChunk) -> None:
+        gen.tokens.extend(chunk.token_ids)
+        gen.text.append(chunk.text)
+        if chunk.finish_reason:
+            gen.finish_reason = chunk.finish_reason
+
+    def _start_pump(self, gen: Generation, rt: ServerRuntime) -> None:
+        gen.server = rt.name
+        gen.pump = self._pump(gen, rt, gen.attempt, gen.upstream_request())
+
+    def _pump(
+        self, gen: Generation, rt: ServerRuntime, attempt: int, req: GenerationRequest
+    ) -> asyncio.Task[None]:
+        """Read one upstream stream into ``gen.queue`` (tagged with ``attempt``)."""
+
+        async def run() -> None:
+            t_last = self._clock()
+            try:
+                async with contextlib.aclosing(
+                    rt.upstream.generate(req, idle_timeout_s=self.config.request_timeout_s)
+                ) as chunks:
+                    async for chunk in chunks:
+                        now = self._clock()
+                        if chunk.token_ids:
+                            per = (now - t_last) / len(chunk.token_ids)
+                            prev = self._token_s.get(gen.model, per)
+                            self._token_s[gen.model] = 0.9 * prev + 0.1 * per
+                        t_last = now
+                        gen.queue.put_nowait(("chunk", attempt, chunk))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                gen.queue.put_nowait(("failed", attempt, e))
+
+        return self._spawn(run(), name=f"pump {gen.id}.{attempt}")
+
+    def rendered_config(self, model: ModelConfig) -> Mapping[str, Any]:
+        """The Triton config a load of ``model`` sends."""
+        return self._render(model)
+
+    def repository_index(self) -> list[dict[str, str]]:
+        """A Triton-style index over the deployed models: READY when loaded on a healthy server."""
+        out = []
+        for name in sorted(self.models):
+            state = ""
+            if any(rt.healthy and name in rt.instances for rt in self.servers.values()):
+                state = "READY"
+            elif any(name in rt.loads for rt in self.servers.values()):
+                state = "LOADING"
+            out.append({"name": name, "version": "1", "state": state, "reason": ""})
+        return out
+
+    # -- admin view -----------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able view of servers, models, generations and counters (admin API)."""
+        return {
+            "servers": {
+                rt.name: {
+                    "healthy": rt.healthy,
+                    "reported": rt.bandwidth is not None,
+                    "instances": {
+                        m: {"requests": len(i.requests), "last_used_s": i.last_used_s}
+                        for m, i in rt.instances.items()
+                    },
+                    "loading": sorted(rt.loads),
+                    "unloading": sorted(rt.unloading),
+                    "store_tiers": {m: t.value for m, t in rt.store_tiers.items()},
+                    "load_overhead_s": rt.overhead_s,
+                }
+                for rt in self.servers.values()
+            },
+            "models": sorted(self.models),
+            "generations": {
+                g.id: {"model": g.model, "server": g.server, "tokens": len(g.tokens)}
+                for g in self.generations.values()
+            },
+            "cold_start_waiting": self._waiting,
+            "stats": {
+                "loads": dict(self.stats.loads),
+                "load_failures": self.stats.load_failures,
+                "unloads": self.stats.unloads,
+                "evictions": self.stats.evictions,
+                "failovers": self.stats.failovers,
+                "migrations": self.stats.migrations,
+                "rejected_queue_full": self.stats.rejected_queue_full,
+                "rejected_timeout": self.stats.rejected_timeout,
+                "generations": self.stats.generations,
+            },
+        }

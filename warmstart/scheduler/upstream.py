@@ -1,0 +1,328 @@
+"""Calls from the scheduler to one Triton server over gRPC (``grpc.aio``): health, repository, streaming.
+
+Every call has a timeout; unary calls are retried a bounded number of times with exponential backoff when
+the server is unreachable. Failures are typed so the router can tell a dead server (fail over, resume by
+replay) from a request the model refused (tell the client).
+
+Generation requests follow the warmstart backend's vllm-style I/O: ``text_input``, ``stream``,
+``sampling_parameters`` (JSON), ``exclude_input_in_output`` in; ``text_output``, ``token_ids``,
+``finish_reason`` out. A generation resumed elsewhere sends ``input_ids`` (prompt ids, when known, plus
+the ids generated so far) and ``num_generated``; the backend prefills them and, sampling being a function
+of (seed, position), continues token-exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from warmstart.scheduler.config import ServerConfig
+from warmstart.scheduler.errors import SchedulerError
+from warmstart.scheduler.names import validate_model_name
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# RPC status codes that mean "this server cannot be reached or went away": fail over to another one.
+_UNREACHABLE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
+
+
+class UpstreamError(SchedulerError):
+    """Base class of failures talking to a Triton server."""
+
+
+class UpstreamUnavailable(UpstreamError):
+    """The server did not answer (connection refused or reset, UNAVAILABLE, timeout): fail over."""
+
+
+class UpstreamModelMissing(UpstreamError):
+    """The server does not have the model loaded (it restarted, or it was unloaded under us)."""
+
+
+class UpstreamRequestError(UpstreamError):
+    """The model answered the request with an error (bad input, engine failure); not retried."""
+
+
+class ModelLoadFailed(UpstreamError):
+    """Triton refused or failed to load a model; the message carries Triton's reason."""
+
+
+class ModelUnloadFailed(UpstreamError):
+    """Triton refused to unload a model, or it did not reach UNAVAILABLE in time."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One upstream generation: the prompt, sampling parameters, and what was generated already.
+
+    ``generated`` non-empty means resume: the backend gets ``input_ids`` (``prompt_ids`` + ``generated``
+    when the prompt ids are known, else ``generated`` alone beside ``text_input``) and ``num_generated``.
+    """
+
+    model: str
+    request_id: str
+    prompt: str
+    sampling: Mapping[str, Any]
+    prompt_ids: tuple[int, ...] | None = None
+    generated: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """One upstream response: new text, new token ids, and the finish reason on the last one."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None
+    final: bool
+
+
+def _bytes_tensor(values: Sequence[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def _decode_bytes_tensor(raw: bytes) -> list[bytes]:
+    out: list[bytes] = []
+    pos = 0
+    while pos + 4 <= len(raw):
+        (n,) = struct.unpack_from("<I", raw, pos)
+        pos += 4
+        out.append(raw[pos : pos + n])
+        pos += n
+    return out
+
+
+def build_infer_request(req: GenerationRequest) -> pb.ModelInferRequest:
+    """The ModelInferRequest for ``req`` (streaming, prompt excluded from the output, empty final allowed)."""
+    r = pb.ModelInferRequest(model_name=req.model, id=req.request_id)
+
+    def add(name: str, datatype: str, shape: list[int], raw: bytes) -> None:
+        t = r.inputs.add()
+        t.name = name
+        t.datatype = datatype
+        t.shape.extend(shape)
+        r.raw_input_contents.append(raw)
+
+    add("text_input", "BYTES", [1], _bytes_tensor([req.prompt.encode()]))
+    add("stream", "BOOL", [1], np.array([True]).tobytes())
+    add("exclude_input_in_output", "BOOL", [1], np.array([True]).tobytes())
+    add("sampling_parameters", "BYTES", [1], _bytes_tensor([json.dumps(dict(req.sampling)).encode()]))
+    if req.generated:
+        ids = (req.prompt_ids or ()) + req.generated
+        add("input_ids", "INT64", [len(ids)], np.asarray(ids, dtype=np.int64).tobytes())
+        add("num_generated", "INT64", [1], np.asarray([len(req.generated)], dtype=np.int64).tobytes())
+    r.parameters["triton_enable_empty_final_response"].bool_param = True
+    return r
+
+
+def parse_infer_response(resp: pb.ModelInferResponse) -> TokenChunk:
+    """Text, token ids, finish reason and the final flag of one streamed response."""
+    text = ""
+    ids: tuple[int, ...] = ()
+    finish: str | None = None
+    raw = list(resp.raw_output_contents)
+    for i, out in enumerate(resp.outputs):
+        data = raw[i] if i < len(raw) else b""
+        if out.name == "text_output":
+            parts = _decode_bytes_tensor(data) if data else [bytes(b) for b in out.contents.bytes_contents]
+            text = b"".join(parts).decode("utf-8", errors="replace")
+        elif out.name == "token_ids":
+            if data:
+                ids = tuple(int(x) for x in np.frombuffer(data, dtype=np.int64))
+            else:
+                ids = tuple(int(x) for x in out.contents.int64_contents)
+        elif out.name == "finish_reason":
+            parts = _decode_bytes_tensor(data) if data else [bytes(b) for b in out.contents.bytes_contents]
+            value = b"".join(parts).decode("utf-8", errors="replace")
+            finish = value or None
+    final = (
+        resp.parameters["triton_final_response"].bool_param
+        if "triton_final_response" in resp.parameters
+        else False
+    )
+    return TokenChunk(text=text, token_ids=ids, finish_reason=finish, final=final)
+
+
+def _is_model_missing(message: str) -> bool:
+    lowered = message.lower()
+    return "unknown model" in lowered or ("is not found" in lowered) or "is not ready" in lowered
+
+
+class TritonUpstream:
+    """One Triton server as seen from the scheduler: a gRPC channel plus typed calls with timeouts."""
+
+    def __init__(self, config: ServerConfig, *, timeout_s: float, retries: int) -> None:
+        self.config = config
+        self.name = config.name
+        self._timeout = timeout_s
+        self._retries = retries
+        self._channel = grpc.aio.insecure_channel(config.grpc, options=_CHANNEL_OPTIONS)
+        self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._repo_metadata = tuple(config.grpc_metadata.items())
+
+    async def close(self) -> None:
+        """Close the channel (cancels open streams)."""
+        await self._channel.close(grace=None)
+
+    async def _unary(self, what: str, call: Callable[[], Awaitable[T]], *, retries: int | None = None) -> T:
+        attempts = (self._retries if retries is None else retries) + 1
+        delay = 0.05
+        for attempt in range(attempts):
+            try:
+                return await call()
+            except grpc.aio.AioRpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                if attempt + 1 >= attempts:
+                    raise UpstreamUnavailable(
+                        f"{self.name}: {what} failed after {attempts} attempts: {e.code().name} {e.details()}"
+                    ) from e
+                logger.debug(
+                    "%s: %s attempt %d failed (%s), retrying", self.name, what, attempt + 1, e.code()
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- health -------------------------------------------------------------------------------------------
+    async def check_live(self, timeout_s: float | None = None) -> None:
+        """Raise :class:`UpstreamUnavailable` unless the server answers ServerLive with live=true."""
+        t = timeout_s if timeout_s is not None else self._timeout
+        try:
+            resp = await self._stub.ServerLive(pb.ServerLiveRequest(), timeout=t)
+        except grpc.aio.AioRpcError as e:
+            raise UpstreamUnavailable(f"{self.name}: not live ({e.code().name})") from e
+        if not resp.live:
+            raise UpstreamUnavailable(f"{self.name}: ServerLive answered live=false")
+
+    # -- repository ---------------------------------------------------------------------------------------
+    async def index(self) -> list[dict[str, str]]:
+        """The repository index: ``[{"name", "version", "state", "reason"}]``."""
+        try:
+            resp = await self._unary(
+                "repository index",
+                lambda: self._stub.RepositoryIndex(
+                    pb.RepositoryIndexRequest(), metadata=self._repo_metadata, timeout=self._timeout
+                ),
+            )
+        except grpc.aio.AioRpcError as e:
+            raise UpstreamError(
+                f"{self.name}: repository index refused: {e.code().name} {e.details()}"
+            ) from e
+        return [
+            {"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in resp.models
+        ]
+
+    async def load(self, name: str, config: Mapping[str, Any], *, timeout_s: float) -> float:
+        """Load ``name`` with the full ``config``; returns the seconds it took. Never issued twice here."""
+        validate_model_name(name)
+        request = pb.RepositoryModelLoadRequest(model_name=name)
+        request.parameters["config"].string_param = json.dumps(dict(config))
+        t0 = time.monotonic()
+        try:
+            await self._unary(
+                f"load {name}",
+                lambda: self._stub.RepositoryModelLoad(
+                    request, metadata=self._repo_metadata, timeout=timeout_s
+                ),
+                retries=0,
+            )
+        except grpc.aio.AioRpcError as e:
+            if e.code() in _UNREACHABLE and e.code() != grpc.StatusCode.INTERNAL:
+                raise UpstreamUnavailable(f"{self.name}: load {name}: {e.code().name} {e.details()}") from e
+            raise ModelLoadFailed(f"{self.name}: loading {name!r} failed: {e.details()}") from e
+        return time.monotonic() - t0
+
+    async def unload(self, name: str, *, wait_s: float = 30.0) -> None:
+        """Unload ``name`` and poll the index until it is UNAVAILABLE (memory freed), at most ``wait_s``."""
+        validate_model_name(name)
+        try:
+            await self._unary(
+                f"unload {name}",
+                lambda: self._stub.RepositoryModelUnload(
+                    pb.RepositoryModelUnloadRequest(model_name=name),
+                    metadata=self._repo_metadata,
+                    timeout=self._timeout,
+                ),
+            )
+        except grpc.aio.AioRpcError as e:
+            raise ModelUnloadFailed(f"{self.name}: unloading {name!r} failed: {e.details()}") from e
+        deadline = time.monotonic() + wait_s
+        while True:
+            states = [m["state"] for m in await self.index() if m["name"] == name]
+            if all(s == "UNAVAILABLE" for s in states):
+                return
+            if time.monotonic() >= deadline:
+                raise ModelUnloadFailed(f"{self.name}: {name!r} still {states} {wait_s:.0f} s after unload")
+            await asyncio.sleep(0.05)
+
+    # -- inference ----------------------------------------------------------------------------------------
+    async def generate(
+        self, req: GenerationRequest, *, idle_timeout_s: float
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """Stream the responses of one generation; the stream is cancelled when the caller stops reading.
+
+        Raises :class:`UpstreamUnavailable` when the server goes away or goes silent for ``idle_timeout_s``,
+        :class:`UpstreamModelMissing` when it no longer has the model, :class:`UpstreamRequestError` when the
+        model answered with an error.
+        """
+        validate_model_name(req.model)
+        request = build_infer_request(req)
+
+        async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+            yield request
+
+        call = self._stub.ModelStreamInfer(requests())
+        try:
+            while True:
+                try:
+                    resp = await asyncio.wait_for(call.read(), idle_timeout_s)
+                except TimeoutError as e:
+                    raise UpstreamUnavailable(f"{self.name}: no response for {idle_timeout_s:.1f} s") from e
+                except grpc.aio.AioRpcError as e:
+                    if e.code() in _UNREACHABLE:
+                        raise UpstreamUnavailable(
+                            f"{self.name}: stream broke: {e.code().name} {e.details()}"
+                        ) from e
+                    raise UpstreamRequestError(f"{self.name}: {e.code().name} {e.details()}") from e
+                if resp is grpc.aio.EOF:
+                    raise UpstreamUnavailable(f"{self.name}: stream ended before the final response")
+                if resp.error_message:
+                    if _is_model_missing(resp.error_message):
+                        raise UpstreamModelMissing(f"{self.name}: {resp.error_message}")
+                    raise UpstreamRequestError(resp.error_message)
+                chunk = parse_infer_response(resp.infer_response)
+                yield chunk
+                if chunk.final:
+                    return
+        finally:
+            call.cancel()
