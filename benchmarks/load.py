@@ -69,7 +69,8 @@ def _log(msg: str) -> None:
 # Checkpoint shapes and generation
 # =============================================================================================================
 
-HIDDEN, INTER, HEADS, KV_HEADS, MIN_VOCAB = 2048, 5632, 16, 4, 32000
+HIDDEN, INTER, HEADS, KV_HEADS, MIN_VOCAB = 1536, 4096, 12, 2, 16000
+SHAPES_VERSION = 2  # bump when tensor_specs changes: cached checkpoints of another version are regenerated
 
 
 def size_tag(gib: float) -> str:
@@ -79,6 +80,8 @@ def size_tag(gib: float) -> str:
 def tensor_specs(target_bytes: int) -> list[tuple[str, tuple[int, ...], str]]:
     """Qwen2-style (q/k/v biases, GQA, untied lm_head) tensors summing to ``target_bytes`` within 8 KiB.
 
+    Hidden 1536, intermediate 4096, 12 query / 2 KV heads: 3 layers at 0.25 GiB, 19 at 1 GiB, 85 at 4 GiB.
+
     The layer count is what fits beside a vocabulary of at least 32000 rows; the vocabulary then takes up
     the remainder, so every size uses the same layer shapes (only the number of layers and vocabulary rows
     grow), which keeps seconds per GiB comparable across sizes.
@@ -86,7 +89,8 @@ def tensor_specs(target_bytes: int) -> list[tuple[str, tuple[int, ...], str]]:
     h, i, min_vocab = HIDDEN, INTER, MIN_VOCAB
     if target_bytes < GIB // 8:  # smoke-test sizes: a smaller model of the same family
         h, i, min_vocab = 512, 1408, 4096
-    kvd = h // HEADS * KV_HEADS
+    heads, kv_heads = HEADS, KV_HEADS
+    kvd = h // heads * kv_heads
     layer: list[tuple[str, tuple[int, ...], str]] = [
         ("input_layernorm.weight", (h,), "float32"),
         ("self_attn.q_proj.weight", (h, h), "bfloat16"),
@@ -103,7 +107,7 @@ def tensor_specs(target_bytes: int) -> list[tuple[str, tuple[int, ...], str]]:
     ]
     isz = {"bfloat16": 2, "float16": 2, "float32": 4}
     per_layer = sum(math.prod(s) * isz[d] for _, s, d in layer)
-    row = 2 * h * 2  # one vocabulary row in embed_tokens and in lm_head
+    row = 2 * h * 2  # one vocabulary row in embed_tokens and in lm_head (bf16 each)
     fixed = h * 4  # final norm
     n_layers = max(1, (target_bytes - fixed - min_vocab * row) // per_layer)
     vocab = max(1024, (target_bytes - fixed - n_layers * per_layer) // row)
@@ -217,28 +221,49 @@ def _format_present(d: Path, fmt: str) -> bool:
 
 
 def ensure_checkpoints(cache: Path, gib: float, formats: set[str]) -> Checkpoints:
-    """Write the checkpoint of ``gib`` GiB in every format of ``formats`` that is missing (never rewrites)."""
+    """Write the checkpoint of ``gib`` GiB in every format of ``formats`` that is missing (never rewrites).
+
+    Generation runs in a child process, so the driver never imports torch or JAX (it forks every worker).
+    """
     d = cache / size_tag(gib)
     d.mkdir(parents=True, exist_ok=True)
     missing = [f for f in FORMATS if f in formats and not _format_present(d, f)]
     mpath = d / F_MANIFEST
-    if not missing and mpath.exists():
-        return Checkpoints(gib, d, json.loads(mpath.read_text()))
+    if mpath.exists() and json.loads(mpath.read_text()).get("shapes_version") != SHAPES_VERSION:
+        _log(f"[gen] {size_tag(gib)}: cached checkpoints have other shapes; regenerating {d}")
+        shutil.rmtree(d)
+        d.mkdir(parents=True)
+        missing = [f for f in FORMATS if f in formats]
+    if missing or not mpath.exists():
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--generate",
+            str(gib),
+            str(cache),
+            ",".join(missing),
+        ]
+        subprocess.run(cmd, check=True)
+    return Checkpoints(gib, d, json.loads(mpath.read_text()))
+
+
+def generate_checkpoints(cache: Path, gib: float, missing: list[str]) -> None:
+    d = cache / size_tag(gib)
     t0 = time.perf_counter()
     _log(f"[gen] {size_tag(gib)}: generating tensors for {', '.join(missing) or 'manifest'}")
     tensors = generate_tensors(gib)
     manifest = {
         "gib": gib,
+        "shapes_version": SHAPES_VERSION,
         "tensor_bytes": sum(a.nbytes for a in tensors.values()),
         "tensors": [[k, list(a.shape), a.dtype.name] for k, a in tensors.items()],
     }
-    _atomic_file(mpath, lambda p: p.write_text(json.dumps(manifest)))
+    _atomic_file(d / F_MANIFEST, lambda p: p.write_text(json.dumps(manifest)))
     for fmt in missing:
         t1 = time.perf_counter()
         _WRITERS[fmt](d, tensors)
         _log(f"[gen] {size_tag(gib)}: wrote {fmt} in {time.perf_counter() - t1:.1f} s")
     _log(f"[gen] {size_tag(gib)}: done in {time.perf_counter() - t0:.1f} s")
-    return Checkpoints(gib, d, manifest)
 
 
 def _write_warmstart(d: Path, tensors: dict[str, Any]) -> None:
@@ -556,7 +581,7 @@ def _w_raw_mmap(d: Path) -> tuple[Loader, Toucher]:
 
 @worker("raw-mmap-shm")
 def _w_raw_mmap_shm(d: Path) -> tuple[Loader, Toucher]:
-    return _raw_mmap(shm_copy_dir(d))
+    return _raw_mmap(Path(os.environ.get("WS_BENCH_SHM_DIR") or shm_copy_dir(d)))
 
 
 def _prefaulted(nbytes: int) -> Any:
@@ -841,7 +866,15 @@ def all_competitors() -> list[Competitor]:
             env=_ws_mem_env,
             prepare="mem",
         ),
-        Competitor("raw-mmap-shm", "raw-mmap-shm", "mem", "raw", "raw", lambda d: []),
+        Competitor(
+            "raw-mmap-shm",
+            "raw-mmap-shm",
+            "mem",
+            "raw",
+            "raw",
+            lambda d: [],
+            env=lambda d: {"WS_BENCH_SHM_DIR": str(_RAW_SHM.get(d.name, shm_copy_dir(d)))},
+        ),
         # disk, warm
         Competitor(
             "ws-torch-disk", "ws-torch", "disk-warm", "warmstart", "torch", _ws_files, env=ws_env_disk
@@ -1056,15 +1089,29 @@ def peer_versions() -> dict[str, str]:
 # --- tier preparation -----------------------------------------------------------------------------------------
 
 
-def prepare_shm_copy(ck: Checkpoints) -> None:
-    """A copy of the warmstart files in /dev/shm: the raw memory-tier limit maps these."""
-    dst = shm_copy_dir(ck.root)
-    if (dst / "index.json").exists():
-        return
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ck.root / D_WARMSTART, tmp)
-    os.replace(tmp, dst)
+_RAW_SHM: dict[str, Path] = {}
+
+
+def prepare_raw_shm(ck: Checkpoints) -> Path:
+    """The /dev/shm files the raw memory-tier limit maps: warmstart's own memory-tier entry of this checkpoint
+    where there is one (the very same bytes in the same place; found by its index.json), else a copy."""
+    ours = (ck.root / D_WARMSTART / "index.json").read_bytes()
+    found = None
+    if MEMTIER_DIR.is_dir():
+        for e in sorted(MEMTIER_DIR.iterdir()):
+            idx = e / "index.json"
+            if not e.name.startswith(".") and idx.is_file() and idx.read_bytes() == ours:
+                found = e
+                break
+    if found is None:
+        found = shm_copy_dir(ck.root)
+        if not (found / "index.json").exists():
+            tmp = found.with_name(found.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(ck.root / D_WARMSTART, tmp)
+            os.replace(tmp, found)
+    _RAW_SHM[ck.root.name] = found
+    return found
 
 
 def remove_shm_copies(cks: list[Checkpoints]) -> None:
@@ -1614,6 +1661,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--list", action="store_true", help="list competitors and exit")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
+    p.add_argument("--generate", nargs=3, metavar=("GIB", "CACHE", "FORMATS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -1635,6 +1683,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         kind, d = args.worker
         print(json.dumps(run_worker(kind, Path(d))), flush=True)
+        return 0
+    if args.generate:
+        gib_s, cache_s, fmts = args.generate
+        generate_checkpoints(Path(cache_s), float(gib_s), [f for f in fmts.split(",") if f])
         return 0
 
     if args.sizes:
@@ -1693,8 +1745,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         for ck in cks:
-            if any(c.tier == "mem" for c in comps):
-                prepare_shm_copy(ck)
             size: dict[str, Any] = {
                 "gib": ck.gib,
                 "tensor_bytes": ck.tensor_bytes,
@@ -1714,6 +1764,8 @@ def main(argv: list[str] | None = None) -> int:
                     "runs": [],
                     "errors": [],
                 }
+            if any(c.name == "raw-mmap-shm" for c in comps):
+                size["raw_shm_dir"] = str(prepare_raw_shm(ck))
             results["sizes"][ck.tag] = size
         runnable = [
             c
