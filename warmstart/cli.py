@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "convert": "warmstart.commands.convert",
     "export": "warmstart.commands.export",
     "inspect": "warmstart.commands.inspect",
+    "scheduler": "warmstart.commands.scheduler",
     "store": "warmstart.commands.store",
     "verify": "warmstart.commands.verify",
 }

@@ -77,10 +77,11 @@ def _address(where: str, value: object) -> tuple[str, int]:
 
 @dataclass(frozen=True)
 class BandwidthConfig:
-    """Static bytes/s for a server that has no node store (measured figures replace these when it has one)."""
+    """Static bytes/s: the figures of a server without a node store, or the fallback for tiers its node store
+    has not measured yet (a fresh store reports ``remote_bps: null`` until its first download)."""
 
-    memory_bps: float
-    disk_bps: float
+    memory_bps: float | None = None
+    disk_bps: float | None = None
     remote_bps: float | None = None
 
     def __post_init__(self) -> None:
@@ -90,7 +91,9 @@ class BandwidthConfig:
                 _number(f"bandwidth.{key}", value, minimum=1.0)
 
     def to_node_bandwidth(self) -> NodeBandwidth:
-        """The policy's view of these figures."""
+        """The policy's view of these figures (memory and disk must be given)."""
+        if self.memory_bps is None or self.disk_bps is None:
+            raise SchedulerConfigError("bandwidth: memory_bps and disk_bps are required without a node store")
         return NodeBandwidth(self.memory_bps, self.disk_bps, self.remote_bps)
 
 
@@ -120,10 +123,12 @@ class ServerConfig:
             isinstance(self.node_store, str) and self.node_store.startswith(("http://", "https://"))
         ):
             raise SchedulerConfigError(f"servers[{self.name}].node_store must be an http(s) URL")
-        if self.node_store is None and self.bandwidth is None:
-            raise SchedulerConfigError(
-                f"servers[{self.name}]: give a node_store URL (measured bandwidths) or a static bandwidth"
-            )
+        if self.node_store is None:
+            if self.bandwidth is None:
+                raise SchedulerConfigError(
+                    f"servers[{self.name}]: give a node_store URL (measured bandwidths) or a static bandwidth"
+                )
+            self.bandwidth.to_node_bandwidth()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Self:

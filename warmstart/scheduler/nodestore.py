@@ -2,7 +2,8 @@
 
 ``GET /v1/models`` → ``{"models": [{"name": ..., "tier": "memory"|"disk"|"remote", ...}, ...]}``
 ``GET /v1/bandwidth`` → ``{"memory_bps": ..., "disk_bps": ..., "remote_bps": ... | null}`` (measured by
-the node, bytes per second). Names that fail the model-name allow-list are ignored.
+the node, bytes per second; null until measured, when a server's configured ``bandwidth`` fills in).
+Names that fail the model-name allow-list are ignored.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class NodeReport:
     """One poll of a node store: tier per checkpoint name and the measured bandwidths."""
 
     tiers: Mapping[str, Tier] = field(default_factory=dict)
-    bandwidth: NodeBandwidth | None = None
+    bandwidth: MeasuredBandwidth = field(default_factory=lambda: MeasuredBandwidth(None, None, None))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tiers", MappingProxyType(dict(self.tiers)))
@@ -61,18 +62,49 @@ def parse_inventory(data: Any) -> dict[str, Tier]:
     return tiers
 
 
-def parse_bandwidth(data: Any) -> NodeBandwidth:
-    """The measured bandwidths from a ``/v1/bandwidth`` body."""
+@dataclass(frozen=True, slots=True)
+class MeasuredBandwidth:
+    """Bytes/s a node store measured per tier; ``None`` where it has not measured that tier yet."""
+
+    memory_bps: float | None
+    disk_bps: float | None
+    remote_bps: float | None
+
+    def to_node_bandwidth(self, fallback: NodeBandwidth | None) -> NodeBandwidth:
+        """The policy's view: measured figures, the configured ``fallback`` for tiers not measured yet.
+
+        Raises :class:`NodeStoreError` when a local tier has neither (the node cannot be placed on).
+        """
+
+        def pick(measured: float | None, default: float | None) -> float | None:
+            return measured if measured is not None else default
+
+        memory = pick(self.memory_bps, fallback.memory_bps if fallback else None)
+        disk = pick(self.disk_bps, fallback.disk_bps if fallback else None)
+        if memory is None or disk is None:
+            raise NodeStoreError("the node store has not measured its memory and disk tiers yet")
+        try:
+            return NodeBandwidth(
+                memory, disk, pick(self.remote_bps, fallback.remote_bps if fallback else None)
+            )
+        except InvalidSnapshotError as e:
+            raise NodeStoreError(f"bandwidth: {e}") from e
+
+
+def parse_bandwidth(data: Any) -> MeasuredBandwidth:
+    """The measured bandwidths from a ``/v1/bandwidth`` body (missing or null: not measured yet)."""
     if not isinstance(data, Mapping):
         raise NodeStoreError("bandwidth: expected an object")
-    try:
-        return NodeBandwidth(
-            memory_bps=float(data["memory_bps"]),
-            disk_bps=float(data["disk_bps"]),
-            remote_bps=float(data["remote_bps"]) if data.get("remote_bps") is not None else None,
-        )
-    except (KeyError, TypeError, ValueError, InvalidSnapshotError) as e:
-        raise NodeStoreError(f"bandwidth: {e}") from e
+    values: dict[str, float | None] = {}
+    for key in ("memory_bps", "disk_bps", "remote_bps"):
+        value = data.get(key)
+        if value is None:
+            values[key] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise NodeStoreError(f"bandwidth: {key} must be a positive number, got {value!r}")
+        values[key] = float(value)
+    return MeasuredBandwidth(**values)
 
 
 class NodeStoreClient:

@@ -323,7 +323,7 @@ class Router:
             ),
             overhead_s=self.config.initial_load_overhead_s,
         )
-        if server.bandwidth is not None:
+        if server.node_store is None and server.bandwidth is not None:
             rt.bandwidth = server.bandwidth.to_node_bandwidth()
         if server.node_store is not None:
             self._stores[server.name] = NodeStoreClient(
@@ -569,8 +569,14 @@ class Router:
         except NodeStoreError as e:
             logger.warning("node store of %s: %s", rt.name, e)
             return
-        changed = rt.bandwidth is None or rt.store_tiers != report.tiers
-        rt.bandwidth = report.bandwidth
+        fallback = rt.config.bandwidth.to_node_bandwidth() if rt.config.bandwidth is not None else None
+        try:
+            bandwidth = report.bandwidth.to_node_bandwidth(fallback)
+        except NodeStoreError as e:
+            logger.warning("node store of %s: %s", rt.name, e)
+            return
+        changed = rt.bandwidth != bandwidth or rt.store_tiers != report.tiers
+        rt.bandwidth = bandwidth
         rt.store_tiers = dict(report.tiers)
         if changed:
             self._notify()

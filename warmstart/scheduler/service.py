@@ -82,12 +82,14 @@ async def serve(config: SchedulerConfig) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``scheduler`` subcommand's options."""
     parser.add_argument("--config", required=True, help="cluster YAML (servers, models, listen addresses)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``warmstart scheduler``."""
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level is not None:
+        logging.getLogger().setLevel(args.log_level)
     config = SchedulerConfig.from_yaml(args.config)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config))

@@ -1,0 +1,166 @@
+"""Process-free tests of the scheduler service's pieces: config, node-store parsing, request parsing,
+and the upstream request/response encoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2 as pb
+
+from warmstart.scheduler.config import SchedulerConfig, SchedulerConfigError
+from warmstart.scheduler.nodestore import NodeStoreError, parse_bandwidth, parse_inventory
+from warmstart.scheduler.protocol import (
+    BadRequest,
+    chat_prompt,
+    coerce_sampling,
+    sampling_from_json,
+    status_of,
+)
+from warmstart.scheduler.router import ColdStartQueueFull, ColdStartTimeout
+from warmstart.scheduler.state import NodeBandwidth, Tier
+from warmstart.scheduler.upstream import GenerationRequest, build_infer_request, parse_infer_response
+
+SERVER = {"name": "a", "grpc": "127.0.0.1:8001", "bandwidth": {"memory_bps": 1e10, "disk_bps": 1e9}}
+MODEL = {"checkpoint": "s3://models/m"}
+
+
+def test_config_defaults_bind_loopback_and_keep_cold_start_timeout_separate() -> None:
+    cfg = SchedulerConfig.from_dict({"servers": [SERVER], "models": {"m": MODEL}})
+    assert cfg.listen_http.startswith("127.0.0.1:") and cfg.listen_grpc.startswith("127.0.0.1:")
+    assert cfg.cold_start_timeout_s != cfg.request_timeout_s
+    assert cfg.models[0].to_spec().name == "m"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"servers": [SERVER], "bogus": 1},
+        {"servers": [{**SERVER, "bogus": 1}]},
+        {"servers": [{**SERVER, "bandwidth": {"memory_bps": 1e10, "disk_bps": 1e9, "pcie": 1}}]},
+        {"models": {"m": {**MODEL, "bogus": 1}}},
+        {"listen": {"http": "127.0.0.1:1", "admin": "x"}},
+    ],
+)
+def test_config_rejects_unknown_keys_at_every_level(data: dict) -> None:
+    with pytest.raises(SchedulerConfigError, match=r"unknown keys|listen"):
+        SchedulerConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"migration": "false"}, "true or false"),
+        ({"cold_start_queue": "10"}, "must be a number"),
+        ({"cold_start_timeout_s": -1}, ">= 0"),
+        ({"models": {"../x": MODEL}}, "model names must match"),
+        ({"models": {"m": {"engine": "torch"}}}, "'checkpoint' is required"),
+        ({"servers": [{"name": "a", "grpc": "127.0.0.1:8001"}]}, "node_store URL"),
+        ({"servers": [SERVER, SERVER]}, "unique"),
+        ({"admin_token": "short"}, "16 characters"),
+        ({"listen": {"http": "no-port"}}, "host:port"),
+    ],
+)
+def test_config_rejects_invalid_values(data: dict, match: str) -> None:
+    with pytest.raises(SchedulerConfigError, match=match):
+        SchedulerConfig.from_dict(data)
+
+
+def test_config_reads_yaml_and_admin_token_file(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("a-very-long-admin-token\n")
+    path = tmp_path / "cluster.yaml"
+    path.write_text(
+        f"admin_token_file: {token}\nservers:\n  - name: a\n    grpc: 127.0.0.1:8001\n"
+        "    node_store: http://127.0.0.1:7070\nmodels:\n  m:\n    checkpoint: s3://models/m\n"
+    )
+    cfg = SchedulerConfig.from_yaml(path)
+    assert cfg.admin_token == "a-very-long-admin-token"
+    assert "a-very-long" not in repr(cfg)
+
+
+def test_inventory_keeps_the_best_tier_and_skips_invalid_names() -> None:
+    tiers = parse_inventory(
+        {
+            "models": [
+                {"name": "m", "tier": "disk"},
+                {"name": "m", "tier": "memory"},
+                {"name": "../x", "tier": "disk"},
+            ]
+        }
+    )
+    assert tiers == {"m": Tier.MEMORY}
+    with pytest.raises(NodeStoreError):
+        parse_inventory({"models": [{"name": "m", "tier": "tape"}]})
+    with pytest.raises(NodeStoreError):
+        parse_inventory([])
+
+
+def test_bandwidth_not_yet_measured_falls_back_to_configured_figures() -> None:
+    measured = parse_bandwidth({"memory_bps": 2e10, "disk_bps": 3e9, "remote_bps": None})
+    assert measured.to_node_bandwidth(None) == NodeBandwidth(2e10, 3e9, None)
+    assert measured.to_node_bandwidth(NodeBandwidth(1.0, 1.0, 5e8)) == NodeBandwidth(2e10, 3e9, 5e8)
+    with pytest.raises(NodeStoreError):
+        parse_bandwidth({"memory_bps": -1})
+    with pytest.raises(NodeStoreError):
+        parse_bandwidth({}).to_node_bandwidth(None)
+
+
+def test_sampling_parsing_coerces_known_keys_and_rejects_unknown_ones_in_json() -> None:
+    assert coerce_sampling({"max_tokens": "8", "temperature": 1, "stop": "x", "other": 1}, strict=False) == {
+        "max_tokens": 8,
+        "temperature": 1.0,
+        "stop": ["x"],
+    }
+    with pytest.raises(BadRequest, match="unknown sampling parameter"):
+        sampling_from_json('{"max_tokens": 4, "beam": 2}')
+    with pytest.raises(BadRequest, match="not valid JSON"):
+        sampling_from_json("{")
+    with pytest.raises(BadRequest):
+        coerce_sampling({"max_tokens": 1.5}, strict=True)
+    assert chat_prompt([{"role": "user", "content": "hi"}]) == "user: hi\nassistant:"
+
+
+def test_cold_start_rejections_map_to_503() -> None:
+    assert status_of(ColdStartQueueFull("x")).http == 503
+    assert status_of(ColdStartTimeout("x")).http == 503
+
+
+def test_resume_request_carries_generated_ids_and_count() -> None:
+    req = build_infer_request(
+        GenerationRequest(
+            "m", "r1", "hello", {"max_tokens": 4, "seed": 2}, prompt_ids=(1, 2), generated=(7, 8)
+        )
+    )
+    names = [t.name for t in req.inputs]
+    assert names == [
+        "text_input",
+        "stream",
+        "exclude_input_in_output",
+        "sampling_parameters",
+        "input_ids",
+        "num_generated",
+    ]
+    ids = np.frombuffer(req.raw_input_contents[names.index("input_ids")], dtype=np.int64)
+    assert ids.tolist() == [1, 2, 7, 8]
+    assert np.frombuffer(req.raw_input_contents[names.index("num_generated")], dtype=np.int64).tolist() == [2]
+    sp = req.raw_input_contents[names.index("sampling_parameters")][4:]
+    assert json.loads(sp) == {"max_tokens": 4, "seed": 2}
+    assert req.parameters["triton_enable_empty_final_response"].bool_param
+
+
+def test_response_parsing_reads_text_ids_reason_and_final_flag() -> None:
+    r = pb.ModelInferResponse(model_name="m")
+    for name, dtype, data in [
+        ("text_output", "BYTES", len(b" w5").to_bytes(4, "little") + b" w5"),
+        ("token_ids", "INT64", np.array([5], dtype=np.int64).tobytes()),
+        ("finish_reason", "BYTES", (6).to_bytes(4, "little") + b"length"),
+    ]:
+        t = r.outputs.add()
+        t.name, t.datatype = name, dtype
+        r.raw_output_contents.append(data)
+    r.parameters["triton_final_response"].bool_param = True
+    chunk = parse_infer_response(r)
+    assert (chunk.text, chunk.token_ids, chunk.finish_reason, chunk.final) == (" w5", (5,), "length", True)
