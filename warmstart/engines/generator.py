@@ -136,12 +136,22 @@ class BatchedGenerator:
         return handle
 
     def generate(
-        self, prompt_ids: Sequence[int], params: SamplingParams, *, generated_ids: Sequence[int] = ()
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        generated_ids: Sequence[int] = (),
+        detokenize: Detokenize | None = None,
     ) -> tuple[list[int], str]:
         """Blocking convenience: the new token ids and the finish reason. Raises the request's error."""
         out: list[int] = []
         handle = self.submit(
-            prompt_ids, params, generated_ids=generated_ids, on_token=out.append, on_finish=lambda r, e: None
+            prompt_ids,
+            params,
+            generated_ids=generated_ids,
+            on_token=out.append,
+            on_finish=lambda r, e: None,
+            detokenize=detokenize,
         )
         handle.wait()
         if handle.error is not None:
