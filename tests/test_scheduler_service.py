@@ -550,3 +550,111 @@ def test_cold_start_queue_full_answers_503(tritons, make_scheduler) -> None:
         assert sched.state()["stats"]["rejected_queue_full"] == 1
     finally:
         _unload_everywhere(tritons, ["m17"])
+
+
+# ------------------------------------------------------------------------------------------- live migration
+
+
+async def _stream_with_hook(
+    base: str, model: str, body: dict[str, Any], at: int, hook: Any
+) -> tuple[list[int], list[str]]:
+    """Stream ``body``; after ``at`` tokens await ``hook()`` (while the stream keeps going)."""
+    tokens: list[int] = []
+    texts: list[str] = []
+    hooked: list[asyncio.Task[Any]] = []
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{base}/v2/models/{model}/generate_stream", json=body) as resp,
+    ):
+        assert resp.status == 200
+        async for line in resp.content:
+            if not line.startswith(b"data: "):
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            tokens.extend(event["token_ids"])
+            texts.append(event["text_output"])
+            if len(tokens) >= at and not hooked:
+                hooked.append(asyncio.create_task(hook()))
+    if hooked:
+        await hooked[0]
+    return tokens, texts
+
+
+def test_admin_migration_moves_a_running_stream_token_exactly(tritons, make_scheduler) -> None:
+    sched = make_scheduler(
+        [server_entry("s0", tritons[0]), server_entry("s1", tritons[1])],
+        {"m18": model_entry("m18", token_delay_s=0.04)},
+    )
+    n = 40
+    body = {
+        "text_input": "move me",
+        "parameters": {"stream": True, "max_tokens": n, "temperature": 0.8, "seed": 5},
+    }
+    outcome: dict[str, Any] = {}
+
+    async def hook() -> None:
+        gen_id, info = next(iter(sched.state()["generations"].items()))
+        dest = "s1" if info["server"] == "s0" else "s0"
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{sched.http}/admin/v1/migrate", json={"generation": gen_id, "server": dest}, headers=auth
+            ) as resp,
+        ):
+            outcome.update(await resp.json(), status=resp.status, source=info["server"], dest=dest)
+            outcome["server_after"] = sched.state()["generations"].get(gen_id, {}).get("server")
+
+    try:
+        tokens, texts = asyncio.run(_stream_with_hook(sched.http, "m18", body, 5, hook))
+        assert outcome["status"] == 200 and outcome["outcome"] == "switched", outcome
+        assert outcome["server_after"] == outcome["dest"]
+        assert tokens == expected_tokens("move me", n, seed=5)  # no gap, no duplicate
+        assert "".join(texts) == expected_text("move me", n, seed=5)
+        stats = sched.state()["stats"]
+        assert stats["migrations"] == 1 and stats["failovers"] == 0
+        assert stats["loads"] == {f"{outcome['source']}/m18": 1, f"{outcome['dest']}/m18": 1}
+    finally:
+        _unload_everywhere(tritons, ["m18"])
+
+
+def test_waiting_request_triggers_migration_that_frees_the_server_holding_its_model(
+    tritons, stores, make_scheduler
+) -> None:
+    mib = 1 << 20
+    stores[0].tiers = {"m19": "memory", "m20": "memory"}
+    stores[1].tiers = {"m19": "memory"}
+    for s in stores[:2]:
+        s.bandwidth = {"memory_bps": 1e10, "disk_bps": 1e9, "remote_bps": 1e3}  # remote: 1 MiB takes ~17 min
+    sched = make_scheduler(
+        [server_entry(f"s{i}", tritons[i], stores[i], memory_budget_bytes=mib) for i in range(2)],
+        {"m19": model_entry("m19", token_delay_s=0.04), "m20": model_entry("m20")},
+        cold_start_timeout_s=30.0,
+    )
+    n = 50
+    body = {"text_input": "long one", "parameters": {"stream": True, "max_tokens": n}}
+    second: dict[str, Any] = {}
+
+    async def hook() -> None:
+        t0 = time.monotonic()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{sched.http}/v2/models/m20/generate",
+                json={"text_input": "short", "parameters": {"max_tokens": 3}},
+            ) as resp,
+        ):
+            second.update(status=resp.status, body=await resp.json(), seconds=time.monotonic() - t0)
+
+    try:
+        tokens, _ = asyncio.run(_stream_with_hook(sched.http, "m19", body, 5, hook))
+        assert tokens == expected_tokens("long one", n)
+        assert second["status"] == 200, second
+        assert second["body"]["token_ids"] == expected_tokens("short", 3)
+        stats = sched.state()["stats"]
+        assert stats["migrations"] == 1
+        assert stats["loads"] == {"s0/m19": 1, "s1/m19": 1, "s0/m20": 1}
+        assert second["seconds"] < 15
+    finally:
+        _unload_everywhere(tritons, ["m19", "m20"])

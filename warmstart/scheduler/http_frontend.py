@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from warmstart.scheduler.config import ModelConfig, SchedulerConfigError, ServerConfig
-from warmstart.scheduler.errors import SchedulerError, UnknownModelError, UnknownServerError
+from warmstart.scheduler.errors import MigrationError, SchedulerError, UnknownModelError, UnknownServerError
 from warmstart.scheduler.names import validate_model_name
 from warmstart.scheduler.protocol import (
     BadRequest,
@@ -28,7 +28,13 @@ from warmstart.scheduler.protocol import (
     sampling_from_json,
     status_of,
 )
-from warmstart.scheduler.router import DuplicateModelError, DuplicateServerError, Generation, Router
+from warmstart.scheduler.router import (
+    DuplicateModelError,
+    DuplicateServerError,
+    Generation,
+    Router,
+    UnknownGenerationError,
+)
 from warmstart.scheduler.upstream import TokenChunk
 
 logger = logging.getLogger(__name__)
@@ -101,6 +107,7 @@ class HttpFrontend:
         r.add_delete("/admin/v1/models/{name}", self._admin(self.admin_remove_model))
         r.add_post("/admin/v1/servers", self._admin(self.admin_add_server))
         r.add_delete("/admin/v1/servers/{name}", self._admin(self.admin_remove_server))
+        r.add_post("/admin/v1/migrate", self._admin(self.admin_migrate))
 
     # -- health and metadata ------------------------------------------------------------------------------
     async def live(self, request: web.Request) -> web.Response:
@@ -375,8 +382,10 @@ class HttpFrontend:
                 TypeError,
             ) as e:
                 return web.json_response({"error": str(e)}, status=400)
-            except (UnknownModelError, UnknownServerError) as e:
+            except (UnknownModelError, UnknownServerError, UnknownGenerationError) as e:
                 return web.json_response({"error": str(e)}, status=404)
+            except MigrationError as e:
+                return web.json_response({"error": str(e)}, status=409)
             except SchedulerError as e:
                 return _error(e)
 
@@ -408,3 +417,14 @@ class HttpFrontend:
         name = request.match_info["name"]
         await self.router.remove_server(name)
         return web.json_response({"removed": name})
+
+    async def admin_migrate(self, request: web.Request) -> web.Response:
+        """Move one running generation to another server (e.g. to drain a server before maintenance)."""
+        body = await _json_body(request)
+        gen_id, server = body.get("generation"), body.get("server")
+        if not isinstance(gen_id, str) or not isinstance(server, str):
+            raise BadRequest("'generation' and 'server' (strings) are required")
+        result = await self.router.migrate_generation(gen_id, server)
+        return web.json_response(
+            {"outcome": result.outcome.value, "rounds": result.rounds, "source_tokens": result.source_tokens}
+        )

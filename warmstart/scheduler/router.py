@@ -20,14 +20,28 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from warmstart.scheduler.config import ModelConfig, SchedulerConfig, ServerConfig
-from warmstart.scheduler.errors import SchedulerError, UnknownModelError, UnknownServerError
+from warmstart.scheduler.errors import (
+    MigrationDestinationError,
+    MigrationError,
+    SchedulerError,
+    UnknownModelError,
+    UnknownServerError,
+)
+from warmstart.scheduler.migration import MigrationOutcome, MigrationResult, migrate
 from warmstart.scheduler.names import validate_model_name
 from warmstart.scheduler.nodestore import NodeStoreClient, NodeStoreError
-from warmstart.scheduler.policy import Action, expired_models, place
+from warmstart.scheduler.policy import (
+    Action,
+    MigrationPlan,
+    choose_evictions,
+    expired_models,
+    place,
+    plan_migration,
+)
 from warmstart.scheduler.state import (
     ClusterSnapshot,
     ClusterStateStore,
@@ -65,6 +79,10 @@ class ColdStartTimeout(SchedulerError):
 
 class GenerationFailed(SchedulerError):
     """A generation could not be completed: every failover attempt failed too (HTTP 502)."""
+
+
+class UnknownGenerationError(SchedulerError, LookupError):
+    """No running generation has this id (it finished, or never existed)."""
 
 
 class DuplicateServerError(SchedulerError, ValueError):
@@ -245,6 +263,8 @@ class Router:
         self._changed = asyncio.Event()
         self._waiting = 0
         self._ids = itertools.count(1)
+        self._attempts = itertools.count(1)
+        self._migrating_for: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stores: dict[str, NodeStoreClient] = {}
@@ -408,6 +428,10 @@ class Router:
                     inst.last_used_s = self._clock()
                     gen.server = rt.name
                     return rt
+                if placement.action in (Action.LOAD, Action.WAIT, Action.QUEUE) and self._try_migration(
+                    gen.model
+                ):
+                    placement = replace(placement, action=Action.QUEUE)  # wait for the moves, then load
                 if not queued:
                     if self._waiting >= self.config.cold_start_queue:
                         self.stats.rejected_queue_full += 1
@@ -684,7 +708,7 @@ class Router:
                         else:
                             await self._server_suspect(failed_rt)
                     await asyncio.sleep(min(0.05 * 2**gen.failovers, 1.0))
-                    gen.attempt += 1
+                    gen.attempt = next(self._attempts)
                     rt = await self._acquire(gen)
                     self._start_pump(gen, rt)
         finally:
@@ -693,6 +717,11 @@ class Router:
                 gen.pump.cancel()
             if rt is not None:
                 self._release(rt, gen)
+            while not gen.queue.empty():  # a switch that arrived too late: drop its stream and its slot
+                item = gen.queue.get_nowait()
+                if item[0] == "switch":
+                    item[3].cancel()
+                    self._release(item[2], gen)
             self.generations.pop(gen.id, None)
 
     def _account(self, gen: Generation, chunk: TokenChunk) -> None:
@@ -730,6 +759,103 @@ class Router:
                 gen.queue.put_nowait(("failed", attempt, e))
 
         return self._spawn(run(), name=f"pump {gen.id}.{attempt}")
+
+    # -- live migration ------------------------------------------------------------------------------------
+    def _try_migration(self, model: str) -> bool:
+        """Start a planned migration that makes room for ``model`` sooner; True while one is under way."""
+        if model in self._migrating_for:
+            return True
+        if not self.config.migration:
+            return False
+        plan = plan_migration(
+            self.snapshot(),
+            model,
+            replay_s_per_token=self.config.replay_s_per_token,
+            threshold_tokens=self.config.migration_threshold_tokens,
+        )
+        if plan is None:
+            return False
+        logger.info(
+            "migrating %s off %s to make room for %s (gain %.2f s)",
+            [m.model for m in plan.moves],
+            plan.server,
+            model,
+            plan.gain_s,
+        )
+        self._migrating_for.add(model)
+        self._spawn(self._execute_plan(plan), name=f"migrate for {model}")
+        return True
+
+    async def _execute_plan(self, plan: MigrationPlan) -> None:
+        try:
+            jobs = [
+                self.migrate_generation(rid, move.destination)
+                for move in plan.moves
+                for rid in move.request_ids
+                if rid in self.generations
+            ]
+            for outcome in await asyncio.gather(*jobs, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    logger.warning("planned migration for %s: %s", plan.model, outcome)
+        finally:
+            self._migrating_for.discard(plan.model)
+            self._notify()
+
+    async def _ensure_loaded(self, rt: ServerRuntime, model: str) -> None:
+        """Load ``model`` on ``rt`` (evicting idle models if needed) unless it is there; wait for it."""
+        if model not in rt.instances and model not in rt.loads:
+            state = rt.to_state(self._clock(), self._token_s)
+            evictions = choose_evictions(state, self.models[model].size_bytes, self._clock())
+            self._start_load(rt, model, evictions)
+        load = rt.loads.get(model)
+        if load is not None and load.task is not None:
+            await asyncio.shield(load.task)
+        if model not in rt.instances:
+            raise MigrationDestinationError(f"{model!r} could not be loaded on {rt.name}")
+
+    async def migrate_generation(self, gen_id: str, destination: str) -> MigrationResult:
+        """Move running generation ``gen_id`` to ``destination`` by multi-round replay, then switch."""
+        from warmstart.scheduler.live_migration import GenerationSource, ServerDest
+
+        gen = self.generations.get(gen_id)
+        if gen is None:
+            raise UnknownGenerationError(f"no running generation {gen_id!r}")
+        rt = self.servers.get(destination)
+        if rt is None:
+            raise UnknownServerError(f"no server named {destination!r}")
+        if gen.server == destination:
+            raise MigrationError(f"generation {gen_id} already runs on {destination}")
+        if not rt.healthy:
+            raise MigrationDestinationError(f"server {destination} is not healthy")
+        await self._ensure_loaded(rt, gen.model)
+        result = await migrate(
+            GenerationSource(gen),
+            ServerDest(self, gen, rt),
+            threshold_tokens=self.config.migration_threshold_tokens,
+        )
+        if result.outcome is MigrationOutcome.SWITCHED:
+            self.stats.migrations += 1
+        logger.info(
+            "migration of %s to %s: %s after %d rounds",
+            gen_id,
+            destination,
+            result.outcome.value,
+            result.rounds,
+        )
+        return result
+
+    def switch_upstream(self, gen: Generation, rt: ServerRuntime) -> None:
+        """Reserve a slot for ``gen`` on ``rt``, start its stream there from the client's position, and
+        hand it to the generation's loop, which drops the old upstream."""
+        inst = rt.instances.get(gen.model)
+        if inst is None or not rt.healthy:
+            raise MigrationDestinationError(f"{gen.model!r} is not loaded on healthy server {rt.name}")
+        inst.requests[gen.id] = gen
+        inst.last_used_s = self._clock()
+        attempt = next(self._attempts)
+        req = replace(gen.upstream_request(), request_id=f"{gen.id}.{attempt}")
+        pump = self._pump(gen, rt, attempt, req)
+        gen.queue.put_nowait(("switch", attempt, rt, pump))
 
     def rendered_config(self, model: ModelConfig) -> Mapping[str, Any]:
         """The Triton config a load of ``model`` sends."""
