@@ -13,7 +13,8 @@ Inputs (vllm_backend conventions, plus resume):
 * ``input_ids`` (INT64 [-1]) and ``num_generated`` (INT64 [1]): the prompt's token ids followed by the ids
   already generated (elsewhere), and how many of them were generated. The generation then continues
   token-exactly where it stopped (same seed). ``text_input`` may accompany them; it is then only the text
-  repeated in non-streaming output.
+  repeated in non-streaming output. When ``num_generated`` covers all of ``input_ids``, the prompt is
+  ``text_input`` (tokenized here): a router that never tokenizes resumes that way.
 """
 
 from __future__ import annotations
@@ -177,7 +178,9 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], parameters_json: str 
             raise BadInput(f"num_generated={n_gen} must be in 0..{len(flat)} (the length of input_ids)")
         prompt_ids, generated = tuple(flat[: len(flat) - n_gen]), tuple(flat[len(flat) - n_gen :])
         if not prompt_ids:
-            raise EmptyPrompt("input_ids holds no prompt tokens (num_generated covers all of them)")
+            if not text:
+                raise EmptyPrompt("input_ids holds no prompt tokens (num_generated covers all of them)")
+            prompt_ids = None  # resume from text: the prompt is text_input (tokenized here), input_ids generated
     elif ngen_arr is not None:
         raise ConflictingInputs("num_generated needs input_ids (prompt ids followed by the generated ids)")
     elif text is None:
