@@ -164,3 +164,20 @@ def test_response_parsing_reads_text_ids_reason_and_final_flag() -> None:
     r.parameters["triton_final_response"].bool_param = True
     chunk = parse_infer_response(r)
     assert (chunk.text, chunk.token_ids, chunk.finish_reason, chunk.final) == (" w5", (5,), "length", True)
+
+
+def test_backend_accepts_the_schedulers_resume_form_text_prompt_plus_generated_ids() -> None:
+    """The scheduler never tokenizes: it resumes with text_input + input_ids holding only generated ids."""
+    from warmstart.backend.request import parse_request
+
+    req = parse_request(
+        {
+            "text_input": np.array([b"hello"], dtype=np.object_),
+            "stream": np.array([True]),
+            "exclude_input_in_output": np.array([True]),
+            "input_ids": np.array([7, 8], dtype=np.int64),
+            "num_generated": np.array([2], dtype=np.int64),
+        },
+        json.dumps({"max_tokens": 4}),
+    )
+    assert req.prompt_ids is None and req.text == "hello" and req.generated_ids == (7, 8)

@@ -4,9 +4,10 @@ Triton servers, driven by :func:`warmstart.scheduler.migration.migrate`.
 * The source is the generation's current upstream stream. ``pause`` stops forwarding its tokens to the
   client (they are held back, not dropped); ``resume`` forwards what was held; the switch replaces the
   upstream under the client's stream.
-* The destination replays the context in rounds: each round sends prompt + tokens so far with
-  ``max_tokens`` equal to the tokens already generated (a prefill-only request: zero new tokens), which
-  checks that the destination serves the model and pays its prefill. ``start`` opens the real stream there
+* The destination replays the context in rounds: each round sends the prompt + the tokens so far with
+  ``max_tokens`` one more than the tokens already generated (a 1-token prefill round whose token is
+  discarded), which checks that the destination serves the model and pays its prefill while the source
+  keeps generating. ``start`` opens the real stream there
   from the position the client has reached, and the router switches the client's stream to it: the
   destination's first token is the one after the client's last, so there is no gap and no duplicate.
 """
@@ -72,16 +73,13 @@ class ServerDest:
             self.gen.upstream_request(),
             request_id=f"{self.gen.id}.replay{self.rounds}",
             generated=generated,
-            sampling={**self.gen.sampling, "max_tokens": len(generated)},
+            sampling={**self.gen.sampling, "max_tokens": len(generated) + 1},
         )
-        if not generated:
-            return  # nothing generated yet: the prompt is replayed by the real start
         async with contextlib.aclosing(
             self.rt.upstream.generate(req, idle_timeout_s=self.router.config.request_timeout_s)
         ) as chunks:
-            async for chunk in chunks:
-                if chunk.token_ids:
-                    raise UpstreamError(f"{self.rt.name}: a prefill-only replay produced tokens")
+            async for _ in chunks:  # the one new token is discarded: the source is still the one streaming
+                pass
 
     async def start(self, progress: GenerationProgress) -> None:
         if tuple(self.gen.tokens) != progress.tokens:
