@@ -4,7 +4,7 @@ from warmstart.format.index import FileInfo, Index, PartitionInfo, TensorInfo
 from warmstart.format.reader import Checkpoint, open_checkpoint
 from warmstart.format.writer import save
 
-open = open_checkpoint  # noqa: A001 - the format's public verb is `open`
+open = open_checkpoint
 
 __all__ = [
     "Checkpoint",
