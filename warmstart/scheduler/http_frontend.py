@@ -108,6 +108,7 @@ class HttpFrontend:
         r.add_post("/admin/v1/servers", self._admin(self.admin_add_server))
         r.add_delete("/admin/v1/servers/{name}", self._admin(self.admin_remove_server))
         r.add_post("/admin/v1/migrate", self._admin(self.admin_migrate))
+        r.add_post("/admin/v1/servers/{name}/models/{model}/load", self._admin(self.admin_load))
 
     # -- health and metadata ------------------------------------------------------------------------------
     async def live(self, request: web.Request) -> web.Response:
@@ -428,3 +429,10 @@ class HttpFrontend:
         return web.json_response(
             {"outcome": result.outcome.value, "rounds": result.rounds, "source_tokens": result.source_tokens}
         )
+
+    async def admin_load(self, request: web.Request) -> web.Response:
+        """Load a model on a given server now (pre-warming), evicting idle models if it must."""
+        model = validate_model_name(request.match_info["model"])
+        server = request.match_info["name"]
+        await self.router.preload(server, model)
+        return web.json_response({"loaded": model, "server": server})

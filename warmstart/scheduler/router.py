@@ -227,12 +227,15 @@ def default_renderer(model: ModelConfig) -> Mapping[str, Any]:
         config["name"] = model.name
         return config
     try:
-        from warmstart.backend import model_config  # type: ignore[attr-defined]
+        from warmstart.backend.config import model_config
     except ImportError as e:
         raise ModelLoadFailed(
-            f"model {model.name!r} has no triton_config and warmstart.backend.model_config is unavailable"
+            f"model {model.name!r} has no triton_config and warmstart.backend.config is unavailable"
         ) from e
-    rendered: Mapping[str, Any] = model_config(model.name, model.checkpoint, model.engine)
+    try:
+        rendered: Mapping[str, Any] = model_config(model.name, model.checkpoint, model.engine)
+    except ValueError as e:
+        raise ModelLoadFailed(f"model {model.name!r}: {e}") from e
     return rendered
 
 
@@ -812,6 +815,18 @@ class Router:
             await asyncio.shield(load.task)
         if model not in rt.instances:
             raise MigrationDestinationError(f"{model!r} could not be loaded on {rt.name}")
+
+    async def preload(self, server: str, model: str) -> None:
+        """Load ``model`` on ``server`` now (admin pre-warming); raises ModelLoadFailed if it fails."""
+        self.model_config(model)
+        rt = self.servers.get(server)
+        if rt is None:
+            raise UnknownServerError(f"no server named {server!r}")
+        try:
+            await self._ensure_loaded(rt, model)
+        except MigrationDestinationError as e:
+            failed = self._load_errors.get(model)
+            raise ModelLoadFailed(str(failed[1]) if failed else str(e)) from e
 
     async def migrate_generation(self, gen_id: str, destination: str) -> MigrationResult:
         """Move running generation ``gen_id`` to ``destination`` by multi-round replay, then switch."""

@@ -1,0 +1,128 @@
+"""The scheduler in front of real tritonservers running the real ``warmstart`` backend on a tiny random
+Llama checkpoint: live migration and SIGKILL recovery continue token-exactly (seeded sampling)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from _scheduler_cluster import ADMIN_TOKEN, REPO_KEY, BackgroundScheduler, scheduler_config
+from backend_support import make_tiny_checkpoint, write_model
+
+from warmstart.triton import TritonConfig, TritonServer
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow]
+
+N = 160
+BODY = {
+    "text_input": "Once upon a time",
+    "parameters": {"stream": True, "max_tokens": N, "temperature": 0.8, "seed": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[list[TritonServer], BackgroundScheduler]]:
+    root = tmp_path_factory.mktemp("sched-backend")
+    ckpt = make_tiny_checkpoint(root / "tiny_llama", "llama")
+    repo = root / "repo"
+    write_model(repo, "tiny", str(ckpt), "torch")
+    servers: list[TritonServer] = []
+    sched: BackgroundScheduler | None = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")  # 2 shared cores
+        try:
+            for i in range(2):
+                s = TritonServer(
+                    TritonConfig(model_repositories=(repo,), repository_api_key=REPO_KEY),
+                    workdir=root / f"t{i}",
+                )
+                servers.append(s)
+                s.start()
+            sched = BackgroundScheduler(
+                scheduler_config(
+                    [
+                        {
+                            "name": f"s{i}",
+                            "grpc": s.grpc_url,
+                            "repository_api_key": REPO_KEY,
+                            "bandwidth": {"memory_bps": 1e10, "disk_bps": 1e9, "remote_bps": 1e8},
+                        }
+                        for i, s in enumerate(servers)
+                    ],
+                    {"tiny": {"checkpoint": str(ckpt), "engine": "torch", "size_bytes": 1 << 20}},
+                )
+            )
+            yield servers, sched
+        finally:
+            if sched is not None:
+                sched.close()
+            for s in servers:
+                s.stop()
+
+
+async def _stream(sched: BackgroundScheduler, at: int | None = None, hook: Any = None) -> list[int]:
+    tokens: list[int] = []
+    task: asyncio.Task[Any] | None = None
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"{sched.http}/v2/models/tiny/generate_stream", json=BODY) as resp,
+    ):
+        assert resp.status == 200, await resp.text()
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                tokens.extend(event["token_ids"])
+                if at is not None and len(tokens) >= at and task is None:
+                    task = asyncio.create_task(hook())
+    if task is not None:
+        await task
+    return tokens
+
+
+def test_real_backend_migration_then_sigkill_continue_token_exactly(cluster: Any) -> None:
+    servers, sched = cluster
+    reference = asyncio.run(_stream(sched))
+    assert len(reference) == N
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    for name in ("s0", "s1"):  # warm on both, so the migration only replays
+        req = urllib.request.Request(
+            f"{sched.http}/admin/v1/servers/{name}/models/tiny/load", data=b"{}", method="POST", headers=auth
+        )
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            assert resp.status == 200
+
+    outcome: dict[str, Any] = {}
+
+    async def migrate() -> None:
+        gen_id, info = next(iter(sched.state()["generations"].items()))
+        dest = "s1" if info["server"] == "s0" else "s0"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{sched.http}/admin/v1/migrate",
+                json={"generation": gen_id, "server": dest},
+                headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            ) as resp,
+        ):
+            outcome.update(await resp.json(), status=resp.status)
+
+    assert asyncio.run(_stream(sched, 4, migrate)) == reference
+    assert outcome.get("outcome") == "switched", outcome
+    assert sched.state()["stats"]["migrations"] == 1
+
+    async def kill() -> None:
+        serving = next(iter(sched.state()["generations"].values()))["server"]
+        os.kill(servers[int(serving[1:])].pid, signal.SIGKILL)
+
+    assert asyncio.run(_stream(sched, 4, kill)) == reference
+    assert sched.state()["stats"]["failovers"] >= 1
