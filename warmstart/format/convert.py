@@ -382,7 +382,7 @@ def _open_gguf(path: Path) -> ModelSource:
         )
     except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as e:
         raise InvalidSource(f"transformers cannot load {path}: {e}") from e
-    state = model.state_dict()  # model order; a tied lm_head appears here and is kept
+    state = _untied(model.state_dict())  # model order; tied aliases (lm_head = embeddings) stored once
     files: dict[str, bytes] = {"config.json": model.config.to_json_string().encode()}
     if model.generation_config is not None:
         files["generation_config.json"] = model.generation_config.to_json_string().encode()
@@ -402,6 +402,19 @@ def _open_gguf(path: Path) -> ModelSource:
         yield from state.items()
 
     return ModelSource("gguf", str(path), "transformers", specs, tensors, files, config)
+
+
+def _untied(state: dict[str, Any]) -> dict[str, Any]:
+    """Drop tensors that alias an earlier one (tied weights): the loaders re-tie them from the config."""
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    out: dict[str, Any] = {}
+    for name, t in state.items():
+        key = (t.data_ptr(), tuple(t.shape))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t
+    return out
 
 
 # --- orbax ------------------------------------------------------------------------------------------------
