@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 DISK_READ_BYTES = 64 * 1024**2
 DISK_THREADS = 2
-_MADV_POPULATE_WRITE = 23
 
 
 @dataclass
@@ -91,17 +90,18 @@ def create_partition_files(directory: Path, index: Index) -> Partitions:
 
 
 def anonymous_partitions(index: Index) -> tuple[mmap.mmap, list[memoryview]]:
-    """One pre-faulted, hugepage-advised anonymous buffer holding every partition at 4096-aligned starts."""
+    """One anonymous buffer holding every partition at 4096-aligned starts (faulted in while being filled)."""
     starts = []
     total = 0
     for p in index.partitions:
         starts.append(total)
         total += spec.align_up(p.size)
     m = mmap.mmap(-1, max(total, 1), mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if total:
+    if total and os.environ.get("WARMSTART_BUFFER_HUGEPAGE") == "1":
+        # Off by default. Measured on this VM (1 GiB from SeaweedFS): MADV_POPULATE_WRITE up front took 5.9 s
+        # (THP compaction stalls, serialized before the first read); MADV_HUGEPAGE alone made the load 1.65x
+        # slower than 4 KiB pages, whose faults during the copies overlap the network reads (1.10x raw GETs).
         m.madvise(mmap.MADV_HUGEPAGE)
-        with contextlib.suppress(OSError):  # fault every page in one go (~9 GB/s vs ~1 GB/s one by one)
-            m.madvise(_MADV_POPULATE_WRITE)
     mv = memoryview(m)
     return m, [mv[s : s + p.size] for s, p in zip(starts, index.partitions, strict=True)]
 
