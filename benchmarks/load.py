@@ -1606,60 +1606,82 @@ def plot(
     tags = list(results["sizes"])
     measured = [c for c in comps if any(_med(results["sizes"][t], c.name) for t in tags)]
     if bars_png is not None and measured:
-        fig, ax = plt.subplots(figsize=(max(10, 0.55 * len(measured) * max(1, len(tags)) / 2), 6))
-        w = 0.8 / max(1, len(tags))
-        for j, tag in enumerate(tags):
-            size = results["sizes"][tag]
-            ys = [(size["competitors"][c.name].get("gbps") or 0.0) for c in measured]
-            xs = [i + (j - (len(tags) - 1) / 2) * w for i in range(len(measured))]
-            ax.bar(
-                xs,
-                ys,
-                w,
-                label=tag,
-                color=[_COLORS[c.kind] for c in measured],
-                alpha=0.45 + 0.55 * (j + 1) / len(tags),
-                edgecolor="black",
-                linewidth=0.3,
-            )
-        ax.set_xticks(range(len(measured)))
-        ax.set_xticklabels([f"{c.name}\n[{c.tier}]" for c in measured], rotation=60, ha="right", fontsize=7)
-        ax.set_ylabel("GB/s (tensor bytes / median time to usable); bars left→right: " + ", ".join(tags))
-        ax.set_yscale("log")
-        ax.set_title(
-            "Checkpoint load: time to usable tensors (load + touch every page), fresh process, median"
+        tiers = [t for t in TIERS if any(c.tier == t for c in measured)]
+        ncols = 2 if len(tiers) > 1 else 1
+        nrows = (len(tiers) + ncols - 1) // ncols
+        fig, axes = plt.subplots(nrows, ncols, figsize=(8 * ncols, 4.2 * nrows), squeeze=False)
+        cmap = plt.get_cmap("viridis")
+        size_colors = [cmap(0.15 + 0.7 * j / max(1, len(tags) - 1)) for j in range(len(tags))]
+        for ax, tier in zip(axes.flat, tiers, strict=False):
+            cs = [c for c in measured if c.tier == tier]
+            w = 0.8 / max(1, len(tags))
+            for j, tag in enumerate(tags):
+                size = results["sizes"][tag]
+                ys = [(size["competitors"][c.name].get("gbps") or 0.0) for c in cs]
+                xs = [i + (j - (len(tags) - 1) / 2) * w for i in range(len(cs))]
+                ax.bar(xs, ys, w, label=tag, color=size_colors[j], edgecolor="black", linewidth=0.3)
+            ax.set_xticks(range(len(cs)))
+            ax.set_xticklabels([c.name for c in cs], rotation=35, ha="right", fontsize=8)
+            for lab, c in zip(ax.get_xticklabels(), cs, strict=True):
+                lab.set_color(_COLORS[c.kind])
+                if c.kind == "warmstart":
+                    lab.set_fontweight("bold")
+            ax.set_yscale("log")
+            vals = [
+                v
+                for tag in tags
+                for c in cs
+                if (v := results["sizes"][tag]["competitors"][c.name].get("gbps"))
+            ]
+            if vals:
+                ax.set_ylim(min(vals) / 3, max(vals) * 2)
+            ax.set_ylabel("GB/s (median)")
+            ax.set_title(TIERS[tier], fontsize=10)
+            ax.grid(axis="y", alpha=0.3, which="both")
+            ax.legend(fontsize=7, title="size", title_fontsize=7)
+        for ax in list(axes.flat)[len(tiers) :]:
+            ax.axis("off")
+        fig.suptitle(
+            "Time to usable tensors (load + touch every 4 KiB page), fresh process, median; "
+            "labels: green = warmstart, grey = raw limit, blue = peer",
+            fontsize=10,
         )
-        from matplotlib.patches import Patch
-
-        ax.legend(handles=[Patch(color=v, label=k) for k, v in _COLORS.items()], loc="upper right")
-        ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         bars_png.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(bars_png, dpi=110)
         plt.close(fig)
     if scaling_png is not None and measured and len(tags) >= 2:
-        fig, ax = plt.subplots(figsize=(9, 6))
+        tiers = [t for t in TIERS if any(c.tier == t for c in measured)]
+        ncols = 2 if len(tiers) > 1 else 1
+        nrows = (len(tiers) + ncols - 1) // ncols
+        fig, axes = plt.subplots(nrows, ncols, figsize=(8 * ncols, 4.2 * nrows), squeeze=False)
         xs_gib = [results["sizes"][t]["tensor_bytes"] / GIB for t in tags]
-        for c in measured:
-            ys = [_med(results["sizes"][t], c.name) for t in tags]
-            pts = [(x, y) for x, y in zip(xs_gib, ys, strict=True) if y]
-            if len(pts) < 2:
-                continue
-            style = {"warmstart": "-o", "raw": ":s", "peer": "--^"}[c.kind]
-            ax.plot(
-                *zip(*pts, strict=True),
-                style,
-                label=c.name,
-                linewidth=2 if c.kind == "warmstart" else 1,
-                markersize=4,
-            )
-        ax.set_xlabel("checkpoint size (GiB)")
-        ax.set_ylabel("median seconds to usable")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_title("Load time vs checkpoint size")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, ncol=2)
+        for ax, tier in zip(axes.flat, tiers, strict=False):
+            for c in (c for c in measured if c.tier == tier):
+                ys = [_med(results["sizes"][t], c.name) for t in tags]
+                pts = [(x, y) for x, y in zip(xs_gib, ys, strict=True) if y]
+                if not pts:
+                    continue
+                style = {"warmstart": "-o", "raw": ":s", "peer": "--^"}[c.kind]
+                ax.plot(
+                    *zip(*pts, strict=True),
+                    style,
+                    label=c.name,
+                    linewidth=2.2 if c.kind == "warmstart" else 1,
+                    markersize=4,
+                )
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("checkpoint size (GiB)")
+            ax.set_ylabel("median seconds to usable")
+            ax.set_title(TIERS[tier], fontsize=10)
+            ax.grid(alpha=0.3, which="both")
+            ax.legend(fontsize=7, loc="upper left")
+        for ax in list(axes.flat)[len(tiers) :]:
+            ax.axis("off")
+        fig.suptitle(
+            "Load time vs checkpoint size (solid = warmstart, dotted = raw limit, dashed = peer)", fontsize=10
+        )
         fig.tight_layout()
         scaling_png.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(scaling_png, dpi=110)
@@ -1715,6 +1737,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keep-shm", action="store_true", help="keep the /dev/shm copies for the raw memory limit"
     )
     p.add_argument("--list", action="store_true", help="list competitors and exit")
+    p.add_argument("--replot", type=Path, default=None, help="redraw the plots of a results JSON and exit")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "DIR"), help=argparse.SUPPRESS)
     p.add_argument("--generate", nargs=3, metavar=("GIB", "CACHE", "FORMATS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -1744,6 +1767,18 @@ def main(argv: list[str] | None = None) -> int:
         generate_checkpoints(Path(cache_s), float(gib_s), [f for f in fmts.split(",") if f])
         return 0
 
+    if args.replot:
+        res = json.loads(args.replot.read_text())
+        names = set().union(*(set(sz["competitors"]) for sz in res["sizes"].values()))
+        cs = [c for c in all_competitors() if c.name in names]
+        is_scaling = args.replot.stem == "load_scaling"
+        plot(
+            res,
+            cs,
+            None if is_scaling else args.replot.with_suffix(".png"),
+            args.replot.with_name("load_scaling.png"),
+        )
+        return 0
     if args.sizes:
         sizes = [float(s) for s in args.sizes.split(",")]
     elif args.scaling:
