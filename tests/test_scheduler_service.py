@@ -175,7 +175,9 @@ def _post(
 # ----------------------------------------------------------------------------------------------- placement
 
 
-def test_scheduler_places_cold_model_on_server_holding_it_in_memory(tritons, stores, make_scheduler) -> None:
+def test_scheduler_places_cold_model_on_server_holding_it_in_memory(
+    tritons: list[TritonServer], stores: list[FakeNodeStore], make_scheduler: Any
+) -> None:
     stores[0].tiers = {"m0": "remote"}
     stores[1].tiers = {"m0": "disk"}
     stores[2].tiers = {"m0": "memory"}
@@ -191,7 +193,9 @@ def test_scheduler_places_cold_model_on_server_holding_it_in_memory(tritons, sto
         _unload_everywhere(tritons, ["m0"])
 
 
-def test_twenty_concurrent_first_requests_cause_one_load(tritons, make_scheduler) -> None:
+def test_twenty_concurrent_first_requests_cause_one_load(
+    tritons: list[TritonServer], make_scheduler: Any
+) -> None:
     sched = make_scheduler(
         [server_entry(f"s{i}", t) for i, t in enumerate(tritons)],
         {"m1": model_entry("m1", load_delay_s=1.0, max_concurrency=32)},
@@ -209,11 +213,11 @@ def test_twenty_concurrent_first_requests_cause_one_load(tritons, make_scheduler
         _unload_everywhere(tritons, ["m1"])
 
 
-def test_idle_model_is_unloaded_after_keep_alive(tritons, make_scheduler) -> None:
+def test_idle_model_is_unloaded_after_keep_alive(tritons: list[TritonServer], make_scheduler: Any) -> None:
     sched = make_scheduler([server_entry("s0", tritons[0])], {"m2": model_entry("m2", keep_alive_s=1.0)})
     asyncio.run(_generate_stream(sched.http, "m2", "x", 2))
     assert _states(tritons[0]).get("m2") == "READY"
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30  # generous: the 2 cores are shared
     while time.monotonic() < deadline:
         if _states(tritons[0]).get("m2") == "UNAVAILABLE" and sched.state()["stats"]["unloads"] == 1:
             break
@@ -223,7 +227,9 @@ def test_idle_model_is_unloaded_after_keep_alive(tritons, make_scheduler) -> Non
     assert "m2" not in sched.state()["servers"]["s0"]["instances"]
 
 
-def test_least_recently_used_model_is_evicted_when_memory_is_full(tritons, make_scheduler) -> None:
+def test_least_recently_used_model_is_evicted_when_memory_is_full(
+    tritons: list[TritonServer], make_scheduler: Any
+) -> None:
     mib = 1 << 20
     sched = make_scheduler(
         [server_entry("s0", tritons[1], memory_budget_bytes=2 * mib)],
@@ -245,7 +251,9 @@ def test_least_recently_used_model_is_evicted_when_memory_is_full(tritons, make_
 # ---------------------------------------------------------------------------------------- failure recovery
 
 
-def test_sigkill_mid_stream_continues_token_exactly_on_another_server(repo, tmp_path, make_scheduler) -> None:
+def test_sigkill_mid_stream_continues_token_exactly_on_another_server(
+    repo: Path, tmp_path: Path, make_scheduler: Any
+) -> None:
     own = _start_tritons(repo, tmp_path, 2)
     try:
         sched = make_scheduler(
@@ -277,6 +285,7 @@ def test_sigkill_mid_stream_continues_token_exactly_on_another_server(repo, tmp_
                             name for name, s in sched.state()["servers"].items() if "m6" in s["instances"]
                         )
                         victim = own[int(serving[1:])]
+                        assert victim.pid is not None
                         os.kill(victim.pid, signal.SIGKILL)
                         killed.append(serving)
 
@@ -285,6 +294,25 @@ def test_sigkill_mid_stream_continues_token_exactly_on_another_server(repo, tmp_
         state = sched.state()
         assert state["stats"]["failovers"] >= 1
         assert state["servers"][killed[0]]["healthy"] is False
+        # the health loop brings it back once a server answers on its address again
+        dead = own[int(killed[0][1:])]
+        cfg = dead.config
+        revived = TritonServer(
+            TritonConfig(
+                model_repositories=cfg.model_repositories,
+                repository_api_key=REPO_KEY,
+                http_port=cfg.http_port,
+                grpc_port=cfg.grpc_port,
+                metrics_port=cfg.metrics_port,
+            ),
+            workdir=tmp_path / "revived",
+        )
+        own.append(revived)
+        revived.start()
+        deadline = time.monotonic() + 20
+        while not sched.state()["servers"][killed[0]]["healthy"]:
+            assert time.monotonic() < deadline, "the restarted server did not come back into routing"
+            time.sleep(0.2)
     finally:
         _stop_all(own)
 
@@ -293,7 +321,7 @@ def test_sigkill_mid_stream_continues_token_exactly_on_another_server(repo, tmp_
 
 
 def test_two_hundred_concurrent_streams_over_five_models_none_lost_or_duplicated(
-    tritons, make_scheduler
+    tritons: list[TritonServer], make_scheduler: Any
 ) -> None:
     import tritonclient.grpc.aio as grpcaio
 
@@ -357,7 +385,9 @@ def test_two_hundred_concurrent_streams_over_five_models_none_lost_or_duplicated
 MALICIOUS = ["../x", "%2e%2e%2f", "/etc/passwd", "a\x00b", "a" * 200, "..", "x/../../y"]
 
 
-def test_malicious_model_names_are_rejected_at_every_edge(tritons, make_scheduler) -> None:
+def test_malicious_model_names_are_rejected_at_every_edge(
+    tritons: list[TritonServer], make_scheduler: Any
+) -> None:
     import tritonclient.grpc as grpcclient
 
     sched = make_scheduler([server_entry("s0", tritons[0])], {"m12": model_entry("m12")})
@@ -391,7 +421,9 @@ def test_malicious_model_names_are_rejected_at_every_edge(tritons, make_schedule
     assert not any(".." in n or "/" in n for n in loaded)
 
 
-def test_admin_api_refuses_requests_without_the_token(tritons, make_scheduler) -> None:
+def test_admin_api_refuses_requests_without_the_token(
+    tritons: list[TritonServer], make_scheduler: Any
+) -> None:
     sched = make_scheduler([server_entry("s0", tritons[0])], {})
     new_model = {"name": "m13", **model_entry("m13")}
     assert _post(f"{sched.http}/admin/v1/models", new_model)[0] == 401
@@ -414,7 +446,9 @@ def test_admin_api_refuses_requests_without_the_token(tritons, make_scheduler) -
         _unload_everywhere(tritons, ["m13"])
 
 
-def test_admin_api_is_disabled_without_a_configured_token(tritons, make_scheduler) -> None:
+def test_admin_api_is_disabled_without_a_configured_token(
+    tritons: list[TritonServer], make_scheduler: Any
+) -> None:
     sched = make_scheduler([server_entry("s0", tritons[0])], {}, admin_token=None)
     assert _post(f"{sched.http}/admin/v1/state", None, {"Authorization": "Bearer "}, method="GET")[0] == 403
 
@@ -422,7 +456,9 @@ def test_admin_api_is_disabled_without_a_configured_token(tritons, make_schedule
 # ---------------------------------------------------------------------------------------------- front ends
 
 
-def test_tritonclient_grpc_streaming_through_the_scheduler(tritons, make_scheduler) -> None:
+def test_tritonclient_grpc_streaming_through_the_scheduler(
+    tritons: list[TritonServer], make_scheduler: Any
+) -> None:
     import tritonclient.grpc as grpcclient
 
     sched = make_scheduler([server_entry("s0", tritons[0])], {"m14": model_entry("m14")})
@@ -443,7 +479,7 @@ def test_tritonclient_grpc_streaming_through_the_scheduler(tritons, make_schedul
             np.array([json.dumps({"max_tokens": 5, "seed": 3}).encode()], dtype=np.object_)
         )
         client.async_stream_infer("m14", [inp, stream, sp], request_id="r1", enable_empty_final_response=True)
-        text = []
+        text: list[str] = []
         while True:
             result, error = results.get(timeout=30)
             assert error is None, error
@@ -460,7 +496,9 @@ def test_tritonclient_grpc_streaming_through_the_scheduler(tritons, make_schedul
         _unload_everywhere(tritons, ["m14"])
 
 
-def test_http_generate_and_generate_stream_through_the_scheduler(tritons, make_scheduler) -> None:
+def test_http_generate_and_generate_stream_through_the_scheduler(
+    tritons: list[TritonServer], make_scheduler: Any
+) -> None:
     sched = make_scheduler([server_entry("s0", tritons[0])], {"m15": model_entry("m15")})
     try:
         with urllib.request.urlopen(f"{sched.http}/v2/health/ready", timeout=10) as resp:
@@ -491,7 +529,9 @@ def test_http_generate_and_generate_stream_through_the_scheduler(tritons, make_s
         _unload_everywhere(tritons, ["m15"])
 
 
-def test_openai_completions_and_chat_stream_through_the_scheduler(tritons, make_scheduler) -> None:
+def test_openai_completions_and_chat_stream_through_the_scheduler(
+    tritons: list[TritonServer], make_scheduler: Any
+) -> None:
     sched = make_scheduler([server_entry("s0", tritons[0])], {"m16": model_entry("m16")})
 
     async def sse(path: str, body: dict[str, Any]) -> list[Any]:
@@ -529,7 +569,7 @@ def test_openai_completions_and_chat_stream_through_the_scheduler(tritons, make_
         _unload_everywhere(tritons, ["m16"])
 
 
-def test_cold_start_queue_full_answers_503(tritons, make_scheduler) -> None:
+def test_cold_start_queue_full_answers_503(tritons: list[TritonServer], make_scheduler: Any) -> None:
     sched = make_scheduler(
         [server_entry("s0", tritons[2])], {"m17": model_entry("m17", load_delay_s=1.5)}, cold_start_queue=1
     )
@@ -581,7 +621,9 @@ async def _stream_with_hook(
     return tokens, texts
 
 
-def test_admin_migration_moves_a_running_stream_token_exactly(tritons, make_scheduler) -> None:
+def test_admin_migration_moves_a_running_stream_token_exactly(
+    tritons: list[TritonServer], make_scheduler: Any
+) -> None:
     sched = make_scheduler(
         [server_entry("s0", tritons[0]), server_entry("s1", tritons[1])],
         {"m18": model_entry("m18", token_delay_s=0.04)},
@@ -620,7 +662,7 @@ def test_admin_migration_moves_a_running_stream_token_exactly(tritons, make_sche
 
 
 def test_waiting_request_triggers_migration_that_frees_the_server_holding_its_model(
-    tritons, stores, make_scheduler
+    tritons: list[TritonServer], stores: list[FakeNodeStore], make_scheduler: Any
 ) -> None:
     mib = 1 << 20
     stores[0].tiers = {"m19": "memory", "m20": "memory"}
@@ -658,3 +700,67 @@ def test_waiting_request_triggers_migration_that_frees_the_server_holding_its_mo
         assert second["seconds"] < 15
     finally:
         _unload_everywhere(tritons, ["m19", "m20"])
+
+
+# ---------------------------------------------------------------------------------------------- process
+
+
+def test_warmstart_scheduler_command_serves_and_stops_on_sigterm(
+    tritons: list[TritonServer], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    from warmstart._process import free_ports
+
+    http_port, grpc_port = free_ports(2)
+    config = {
+        "listen": {"http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"},
+        "admin_token": ADMIN_TOKEN,
+        "servers": [server_entry("s0", tritons[2])],
+        "models": {"m21": model_entry("m21")},
+    }
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "warmstart.cli", "scheduler", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("scheduler ready"):
+                break
+        else:
+            pytest.fail("the scheduler exited before it was ready")
+        base = f"http://127.0.0.1:{http_port}"
+        events = asyncio.run(_generate_stream(base, "m21", "cli", 3))
+        assert [t for e in events for t in e["token_ids"]] == expected_tokens("cli", 3)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        _unload_everywhere(tritons, ["m21"])
+
+
+def test_warmstart_scheduler_command_rejects_unknown_config_keys(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("servers: []\nmodels: {}\nlisten_everywhere: true\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "warmstart.cli", "scheduler", "--config", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "unknown keys listen_everywhere" in out.stderr
