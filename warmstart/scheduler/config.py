@@ -230,6 +230,7 @@ class SchedulerConfig:
     initial_load_overhead_s: float = 1.0
     migration: bool = True
     migration_threshold_tokens: int = 4
+    migration_min_gain_s: float = 1.0
     replay_s_per_token: float = 0.002
 
     def __post_init__(self) -> None:
@@ -247,6 +248,7 @@ class SchedulerConfig:
             "store_poll_interval_s",
             "reaper_interval_s",
             "initial_load_overhead_s",
+            "migration_min_gain_s",
             "replay_s_per_token",
         ):
             _number(key, getattr(self, key))

@@ -775,6 +775,7 @@ class Router:
             model,
             replay_s_per_token=self.config.replay_s_per_token,
             threshold_tokens=self.config.migration_threshold_tokens,
+            min_gain_s=self.config.migration_min_gain_s,
         )
         if plan is None:
             return False
