@@ -1105,6 +1105,24 @@ def availability(comps: list[Competitor], s3_ok: str | None) -> dict[str, str | 
     return out
 
 
+def code_under_test() -> dict[str, Any]:
+    """Which warmstart code the workers import, and its commit (WS_BENCH_COMMIT for an exported tree)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("warmstart")
+    where = str(Path(spec.origin).parent) if spec and spec.origin else None
+    out: dict[str, Any] = {"warmstart_path": where, "commit": os.environ.get("WS_BENCH_COMMIT")}
+    if out["commit"] is None and where and (Path(where).parent / ".git").exists():
+        git = ["git", "-C", str(Path(where).parent)]
+        r = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+        out["commit"] = r.stdout.strip() or None
+        r = subprocess.run(
+            [*git, "status", "--porcelain", "--", "warmstart"], capture_output=True, text=True, check=False
+        )
+        out["uncommitted_changes_in_warmstart"] = bool(r.stdout.strip())
+    return out
+
+
 def peer_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -1830,6 +1848,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
         },
         "versions": peer_versions(),
+        "code": code_under_test(),
         "reps": reps,
         "method": "fresh process per load; interleaved round-robin (rotated per rep); median; "
         "time = load call + touch one byte per 4 KiB page of every tensor; imports before the clock",
