@@ -40,6 +40,8 @@ from warmstart.scheduler.errors import InvalidModelName, SchedulerError
 from warmstart.scheduler.names import validate_model_name
 from warmstart.scheduler.state import ModelSpec, NodeBandwidth
 
+POLICIES = ("warmstart", "random", "serverlessllm")
+
 
 class SchedulerConfigError(SchedulerError, ValueError):
     """The scheduler configuration is invalid; the message names the key."""
@@ -232,6 +234,8 @@ class SchedulerConfig:
     migration_threshold_tokens: int = 4
     migration_min_gain_s: float = 1.0
     replay_s_per_token: float = 0.002
+    policy: str = "warmstart"  # placement rule: warmstart | random | serverlessllm (baselines for benchmarks)
+    policy_seed: int = 0  # seeds the random placement baseline
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "servers", tuple(self.servers))
@@ -252,6 +256,9 @@ class SchedulerConfig:
             "replay_s_per_token",
         ):
             _number(key, getattr(self, key))
+        if self.policy not in POLICIES:
+            raise SchedulerConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        _number("policy_seed", self.policy_seed, integer=True)
         if not isinstance(self.migration, bool):
             raise SchedulerConfigError(f"migration must be true or false, got {self.migration!r}")
         if self.admin_token is not None and (

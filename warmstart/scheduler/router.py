@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import random
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -37,10 +38,13 @@ from warmstart.scheduler.nodestore import NodeStoreClient, NodeStoreError
 from warmstart.scheduler.policy import (
     Action,
     MigrationPlan,
+    Placement,
     choose_evictions,
     expired_models,
     place,
     plan_migration,
+    random_place,
+    serverlessllm_place,
 )
 from warmstart.scheduler.state import (
     ClusterSnapshot,
@@ -218,6 +222,18 @@ class RouterStats:
 
 
 ConfigRenderer = Callable[[ModelConfig], Mapping[str, Any]]
+PlaceFn = Callable[[ClusterSnapshot, str], Placement]
+
+
+def placement_rule(config: SchedulerConfig) -> PlaceFn:
+    """The placement function ``config.policy`` names: ``warmstart`` (:func:`place`), or the benchmark
+    baselines ``random`` (:func:`random_place`, seeded by ``policy_seed``) and ``serverlessllm``."""
+    if config.policy == "random":
+        rng = random.Random(config.policy_seed)
+        return lambda snapshot, model: random_place(snapshot, model, rng)
+    if config.policy == "serverlessllm":
+        return serverlessllm_place
+    return place
 
 
 def default_renderer(model: ModelConfig) -> Mapping[str, Any]:
@@ -257,6 +273,7 @@ class Router:
         self.store: ClusterStateStore = store if store is not None else InMemoryClusterState()
         self._render = renderer
         self._clock = clock
+        self._place = placement_rule(config)
         self.models: dict[str, ModelConfig] = {}
         self.servers: dict[str, ServerRuntime] = {}
         self.generations: dict[str, Generation] = {}
@@ -423,7 +440,7 @@ class Router:
                 failed = self._load_errors.get(gen.model)
                 if failed is not None and failed[0] >= started:
                     raise failed[1]
-                placement = place(self.snapshot(), gen.model)
+                placement = self._place(self.snapshot(), gen.model)
                 if placement.action is Action.ROUTE and placement.server is not None:
                     rt = self.servers[placement.server]
                     inst = rt.instances[gen.model]
