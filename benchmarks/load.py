@@ -49,7 +49,7 @@ SHM_ROOT = Path("/dev/shm")
 DEFAULT_SIZES = (0.5, 1.0, 2.0)
 SCALING_SIZES = (0.25, 0.5, 1.0, 2.0, 4.0)
 # --scaling without --only/--skip leaves out the slowest peers (their per-size figures are in the default run)
-SCALING_SKIP = "fastsafetensors*,tensorizer*,runai-streamer,orbax*"
+SCALING_SKIP = "fastsafetensors*,tensorizer*,runai-streamer,runai-streamer-s3,orbax*"
 S3_BUCKET = "models"
 S3_SAFETENSORS = "st/model.safetensors"  # beside the warmstart objects, for Run:ai's S3 streaming
 WORKER_TIMEOUT = 900.0
