@@ -1794,7 +1794,7 @@ def main(argv: list[str] | None = None) -> int:
             res,
             cs,
             None if is_scaling else args.replot.with_suffix(".png"),
-            args.replot.with_name("load_scaling.png"),
+            args.replot.with_name("load_scaling.png") if is_scaling else None,
         )
         return 0
     if args.sizes:
@@ -1914,8 +1914,8 @@ def main(argv: list[str] | None = None) -> int:
             plot(
                 results,
                 comps,
-                out_dir / f"{stem}.png" if not args.scaling else None,
-                out_dir / "load_scaling.png",
+                None if args.scaling else out_dir / f"{stem}.png",
+                out_dir / "load_scaling.png" if args.scaling else None,
             )
         except Exception as e:
             _log(f"[plot] failed: {e}")
