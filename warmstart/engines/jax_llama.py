@@ -1,9 +1,13 @@
 # ruff: noqa: N806  (B, T, S, H, KV, D, F name tensor dims, as in the shape comments)
 """A compact Llama / Qwen2 in JAX, and an engine around it with a static slot-based KV cache.
 
-Weights stay in torch's ``[out, in]`` layout and are applied with einsum (no transposes). The
-layer loop is a `lax.scan` over stacked layer weights: one stacking copy at load, but compile time
-that does not grow with depth (30 layers: ~1-2 s per shape instead of ~13 s unrolled).
+The layer loop is a `lax.scan` over stacked layer weights: one stacking copy at load, but compile
+time that does not grow with depth (30 layers: ~1-2 s per shape instead of ~13 s unrolled). The
+stacking copy also transposes torch's ``[out, in]`` matrices to ``[in, out]``: XLA:CPU runs a
+multi-row ``x @ w.T`` as an Eigen gemm behind a per-call transpose of ``w`` (batch-2 decode of
+SmolLM2 measured ~10x slower than batch 1), while ``x @ w`` with ``w`` [in, out] costs about
+the same for 2 to 8 rows. A one-row product on [in, out] is slow (strided gemv), so decode
+always runs at least two rows.
 Prefill lengths are bucketed to powers of two, decode attention lengths likewise, so the number
 of compiles stays small.
 """
@@ -131,20 +135,23 @@ def params_from_flat(flat: Mapping[str, Any], args: ModelArgs, dtype: Any = jnp.
         return a
 
     def stack(suffix: str, shape: tuple[int, ...]) -> jax.Array:
-        return jax.device_put(
-            np.stack([get(f"model.layers.{i}.{suffix}", shape) for i in range(args.n_layers)])
-        )
+        # [out, in] weights are stored transposed, [in, out]: XLA:CPU otherwise transposes them on every
+        # call of a multi-row product (several times slower batched decode). Same single copy as stacking.
+        out = np.empty((args.n_layers, *shape[::-1]), np_dtype)
+        for i in range(args.n_layers):
+            out[i] = get(f"model.layers.{i}.{suffix}", shape).T
+        return jax.device_put(out)
 
     layers = {
         "attn_norm": stack("input_layernorm.weight", (D,)),  # [L, D]
-        "wq": stack("self_attn.q_proj.weight", (H * hd, D)),  # [L, H*hd, D]
-        "wk": stack("self_attn.k_proj.weight", (KV * hd, D)),  # [L, KV*hd, D]
+        "wq": stack("self_attn.q_proj.weight", (H * hd, D)),  # [L, D, H*hd]
+        "wk": stack("self_attn.k_proj.weight", (KV * hd, D)),  # [L, D, KV*hd]
         "wv": stack("self_attn.v_proj.weight", (KV * hd, D)),
-        "wo": stack("self_attn.o_proj.weight", (D, H * hd)),  # [L, D, H*hd]
+        "wo": stack("self_attn.o_proj.weight", (D, H * hd)),  # [L, H*hd, D]
         "mlp_norm": stack("post_attention_layernorm.weight", (D,)),
-        "w_gate": stack("mlp.gate_proj.weight", (F, D)),  # [L, F, D]
+        "w_gate": stack("mlp.gate_proj.weight", (F, D)),  # [L, D, F]
         "w_up": stack("mlp.up_proj.weight", (F, D)),
-        "w_down": stack("mlp.down_proj.weight", (D, F)),  # [L, D, F]
+        "w_down": stack("mlp.down_proj.weight", (D, F)),  # [L, F, D]
     }
     if args.qkv_bias:
         layers["bq"] = stack("self_attn.q_proj.bias", (H * hd,))
@@ -152,22 +159,28 @@ def params_from_flat(flat: Mapping[str, Any], args: ModelArgs, dtype: Any = jnp.
         layers["bv"] = stack("self_attn.v_proj.bias", (KV * hd,))
     if args.o_bias:
         layers["bo"] = stack("self_attn.o_proj.bias", (D,))
-    embed = jax.device_put(get("model.embed_tokens.weight", (args.vocab_size, D)))  # zero-copy if f32+aligned
-    if args.tie_word_embeddings or "lm_head.weight" not in flat:
-        lm_head = embed
-    else:
-        lm_head = jax.device_put(get("lm_head.weight", (args.vocab_size, D)))
+    embed = get("model.embed_tokens.weight", (args.vocab_size, D))
+    head = (
+        embed
+        if args.tie_word_embeddings or "lm_head.weight" not in flat
+        else get("lm_head.weight", embed.shape)
+    )
     inv_freq = 1.0 / (args.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
     return {
-        "embed": embed,  # [V, D]
+        "embed": jax.device_put(embed),  # [V, D], zero-copy when f32 and 64-B aligned
         "norm": jax.device_put(get("model.norm.weight", (D,))),
-        "lm_head": lm_head,  # [V, D]
+        "lm_head": jax.device_put(np.ascontiguousarray(head.T)),  # [D, V]
         "inv_freq": jax.device_put(inv_freq.astype(np.float32)),  # [hd/2]
         "layers": layers,
     }
 
 
 # ---------------------------------------------------------------- model
+
+
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` with ``w`` stored [in, out]. x: [..., in] -> [..., out]."""
+    return jnp.einsum("...d,do->...o", x, w)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -191,9 +204,9 @@ def _qkv(
 ) -> tuple[jax.Array, ...]:
     B, T, _ = x.shape
     h = rms_norm(x, lp["attn_norm"], a.norm_eps)
-    q = jnp.einsum("btd,od->bto", h, lp["wq"])  # [B, T, H*hd]
-    k = jnp.einsum("btd,od->bto", h, lp["wk"])  # [B, T, KV*hd]
-    v = jnp.einsum("btd,od->bto", h, lp["wv"])
+    q = linear(h, lp["wq"])  # [B, T, H*hd]
+    k = linear(h, lp["wk"])  # [B, T, KV*hd]
+    v = linear(h, lp["wv"])
     if a.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
     q = rope(q.reshape(B, T, a.n_heads, a.head_dim), positions, inv_freq)
@@ -212,18 +225,18 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, a: ModelA
 
 
 def _finish(lp: Params, x: jax.Array, o: jax.Array, a: ModelArgs) -> jax.Array:
-    x = x + jnp.einsum("bte,de->btd", o, lp["wo"])  # [B, T, D]
+    x = x + linear(o, lp["wo"])  # [B, T, D]
     if a.o_bias:
         x = x + lp["bo"]
     h = rms_norm(x, lp["mlp_norm"], a.norm_eps)
-    g = jnp.einsum("btd,fd->btf", h, lp["w_gate"])  # [B, T, F]
-    u = jnp.einsum("btd,fd->btf", h, lp["w_up"])
-    return x + jnp.einsum("btf,df->btd", jax.nn.silu(g) * u, lp["w_down"])
+    g = linear(h, lp["w_gate"])  # [B, T, F]
+    u = linear(h, lp["w_up"])
+    return x + linear(jax.nn.silu(g) * u, lp["w_down"])
 
 
 def _head(params: Params, h: jax.Array, a: ModelArgs) -> jax.Array:
     h = rms_norm(h, params["norm"], a.norm_eps)
-    return jnp.einsum("...d,vd->...v", h, params["lm_head"]).astype(jnp.float32)  # [..., V]
+    return linear(h, params["lm_head"]).astype(jnp.float32)  # [..., V]
 
 
 def forward(params: Params, tokens: jax.Array, *, a: ModelArgs) -> jax.Array:
@@ -320,7 +333,8 @@ class JaxEngine:
         self.max_batch = max_batch
         self.max_context = min(max_context or 2048, a.max_position_embeddings)
         self.eos_token_ids = eos_ids_from_config(dict(config))
-        shape = (a.n_layers, max_batch, self.max_context, a.n_kv_heads, a.head_dim)
+        self._slots = max(2, max_batch)  # decode runs >= 2 rows
+        shape = (a.n_layers, self._slots, self.max_context, a.n_kv_heads, a.head_dim)
         self._cache: Cache = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
         self._free = list(range(max_batch))  # a heap: lowest slots first keeps decode batches small
         self._prefill = jax.jit(partial(prefill, a=a), donate_argnums=(1,))
@@ -352,8 +366,8 @@ class JaxEngine:
                 raise ValueError("step() on a released sequence")
             if s.length >= self.max_context:
                 raise ContextFull(f"sequence holds {s.length} tokens, the context limit; finish it")
-        # Decode the first nb slots (nb a power of two): batch-1 decode stays a cheap gemv on XLA:CPU.
-        nb = bucket(max(_slot(s) for s in states) + 1, minimum=1, maximum=self.max_batch)
+        # Decode the first nb slots (nb a power of two >= 2, see the module docstring).
+        nb = bucket(max(_slot(s) for s in states) + 1, minimum=2, maximum=self._slots)
         tokens = np.zeros(nb, np.int32)
         # Rows not stepped write garbage at the last position, which no live sequence has filled
         # yet (a sequence holding max_context tokens can no longer step).
