@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from warmstart.scheduler import InvalidModelName, SchedulerError, validate_model_name
+from warmstart.errors import WarmstartError
+from warmstart.scheduler import InvalidModelName, validate_model_name
 
 VALID = {
     "plain": "smollm2",
@@ -46,7 +47,7 @@ def test_validate_model_name_raises_invalid_when_malicious(name: str, why: str) 
     with pytest.raises(InvalidModelName, match="must match") as info:
         validate_model_name(name)
     assert why in str(info.value)
-    assert isinstance(info.value, SchedulerError) and isinstance(info.value, ValueError)
+    assert isinstance(info.value, WarmstartError) and isinstance(info.value, ValueError)
 
 
 @pytest.mark.parametrize("value", [None, 42, b"model"], ids=["none", "int", "bytes"])

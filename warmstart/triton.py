@@ -38,6 +38,8 @@ from typing import Any, Self
 
 from warmstart import errors as _errors
 from warmstart._process import ManagedProcess, free_ports, tail
+from warmstart.errors import InvalidModelName
+from warmstart.names import validate_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,6 @@ __all__ = [
     "validate_model_name",
 ]
 
-MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HEADER_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")  # gRPC metadata keys must be lowercase
 _API_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{8,256}$")  # printable ASCII, no spaces
 _STUB_PYTHON = "3.11"
@@ -79,26 +80,8 @@ class TritonStartError(TritonError):
     """tritonserver exited or did not become live in time; the message ends with its log tail."""
 
 
-class InvalidModelName(TritonError, ValueError):
-    """A model name is not allowed (it must match ``MODEL_NAME_PATTERN`` and contain no ``..``)."""
-
-
 class ModelLoadError(TritonError):
     """Triton refused or failed to load or unload a model; the message carries Triton's reason."""
-
-
-def validate_model_name(name: str) -> str:
-    """Return ``name`` if it is a safe model name, else raise :class:`InvalidModelName`.
-
-    Allowed: ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`` and no ``..`` anywhere, so no path separators, no
-    dot-only names and nothing that Triton could resolve outside its repositories.
-    """
-    if not isinstance(name, str) or not MODEL_NAME_PATTERN.fullmatch(name) or ".." in name:
-        raise InvalidModelName(
-            f"invalid model name {name!r}: use 1-128 characters from [A-Za-z0-9._-], starting with a "
-            "letter or digit, without '..'"
-        )
-    return name
 
 
 def _pytriton_root() -> Path:

@@ -4,6 +4,7 @@ This package's policy layer is pure: frozen snapshots in, decisions out. The I/O
 Triton repository calls, node-store reports) are thin wrappers around it.
 """
 
+from warmstart.names import MODEL_NAME_PATTERN, validate_model_name
 from warmstart.scheduler.errors import (
     CannotFitError,
     InvalidModelName,
@@ -24,7 +25,6 @@ from warmstart.scheduler.migration import (
     MigrationSource,
     migrate,
 )
-from warmstart.scheduler.names import MODEL_NAME_PATTERN, validate_model_name
 from warmstart.scheduler.policy import (
     Action,
     Estimate,

@@ -36,8 +36,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Self
 
+from warmstart.names import validate_model_name
 from warmstart.scheduler.errors import InvalidModelName, SchedulerError
-from warmstart.scheduler.names import validate_model_name
 from warmstart.scheduler.state import ModelSpec, NodeBandwidth
 
 POLICIES = ("warmstart", "random", "serverlessllm")

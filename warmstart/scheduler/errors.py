@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from warmstart.errors import InvalidModelName, WarmstartError
 
-class SchedulerError(Exception):
+__all__ = ["InvalidModelName", "SchedulerError"]  # InvalidModelName is shared with the rest of warmstart
+
+
+class SchedulerError(WarmstartError):
     """Base class of every error the scheduler raises on purpose."""
-
-
-class InvalidModelName(SchedulerError, ValueError):  # noqa: N818, RUF100 (name fixed by the issue)
-    """A model name from a request is not on the allow-list (it never reaches Triton)."""
 
 
 class InvalidSnapshotError(SchedulerError, ValueError):

@@ -21,8 +21,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from warmstart.names import validate_model_name
 from warmstart.scheduler.errors import SchedulerError
-from warmstart.scheduler.names import validate_model_name
 from warmstart.scheduler.protocol import (
     BadRequest,
     coerce_sampling,

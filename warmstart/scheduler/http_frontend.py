@@ -17,9 +17,9 @@ from typing import Any
 
 from aiohttp import web
 
+from warmstart.names import validate_model_name
 from warmstart.scheduler.config import ModelConfig, SchedulerConfigError, ServerConfig
 from warmstart.scheduler.errors import MigrationError, SchedulerError, UnknownModelError, UnknownServerError
-from warmstart.scheduler.names import validate_model_name
 from warmstart.scheduler.protocol import (
     BadRequest,
     chat_prompt,

@@ -17,8 +17,8 @@ from typing import Any
 
 import aiohttp
 
+from warmstart.names import validate_model_name
 from warmstart.scheduler.errors import InvalidModelName, InvalidSnapshotError, SchedulerError
-from warmstart.scheduler.names import validate_model_name
 from warmstart.scheduler.state import NodeBandwidth, Tier
 
 logger = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from warmstart.names import validate_model_name
 from warmstart.scheduler.config import ModelConfig, SchedulerConfig, ServerConfig
 from warmstart.scheduler.errors import (
     MigrationDestinationError,
@@ -33,7 +34,6 @@ from warmstart.scheduler.errors import (
     UnknownServerError,
 )
 from warmstart.scheduler.migration import MigrationOutcome, MigrationResult, migrate
-from warmstart.scheduler.names import validate_model_name
 from warmstart.scheduler.nodestore import NodeStoreClient, NodeStoreError
 from warmstart.scheduler.policy import (
     Action,

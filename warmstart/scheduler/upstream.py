@@ -27,9 +27,9 @@ import numpy as np
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from warmstart.names import validate_model_name
 from warmstart.scheduler.config import ServerConfig
 from warmstart.scheduler.errors import SchedulerError
-from warmstart.scheduler.names import validate_model_name
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
-"""The allow-list for model names that come from requests, checked before anything reaches Triton.
+"""The one allow-list for model names, checked at every edge before a name reaches Triton or a file system.
 
-Triton 2.51 loads ``../outside`` from outside its repository when asked over gRPC, so the scheduler
-accepts only names that are a single, plain path component.
+Triton 2.51 loads ``../outside`` from outside its repository when asked over gRPC, so the scheduler, the
+tritonserver owner and the node store accept only names that are a single, plain path component.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-from warmstart.scheduler.errors import InvalidModelName
+from warmstart.errors import InvalidModelName
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
