@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ml_dtypes
@@ -20,7 +21,7 @@ import warmstart.format as wf
 from warmstart.errors import CacheFull, CheckpointNotFound, InvalidModelName, ModelNotFound
 from warmstart.format.sources import TensorStoreSource
 from warmstart.loaders.hostcache import DiskCache, HostCache, validate_name, wait_until
-from warmstart.loaders.tiers import Tiers, cache_key, open_host
+from warmstart.loaders.tiers import Tiers, cache_key, open_host, wait_disk_copies
 
 torch = pytest.importorskip("torch")
 
@@ -113,13 +114,16 @@ def test_load_equals_source_when_loaded_from_local_path_or_file_uri(
         assert_equal(again, src)
 
 
-def test_remote_fill_populates_memory_and_disk_in_one_transfer(
+def test_remote_fill_populates_memory_then_disk_from_one_transfer(
     tmp_path: Path, ckpt: tuple[Path, dict[str, np.ndarray]]
 ) -> None:
     path, src = ckpt
-    t = tiers_for(tmp_path, "memory+disk")
+    seen: list[tuple[str, tuple[str, ...]]] = []
+    t = replace(tiers_for(tmp_path, "memory+disk"), on_transfer=lambda x: seen.append((x.source, x.targets)))
     host = open_host(path.as_uri(), tiers=t)
-    assert [(x.source, x.targets) for x in host.transfers] == [("remote", ("memory", "disk"))]
+    assert [(x.source, x.targets) for x in host.transfers] == [("remote", ("memory",))]
+    assert wait_disk_copies(60) == []  # the disk copy runs in the background, from the memory tier
+    assert sorted(seen) == [("memory", ("disk",)), ("remote", ("memory",))]
     key = cache_key(path.as_uri().rstrip("/") + "/")
     assert t.memory is not None and t.disk is not None
     assert t.memory.contains(key) and t.disk.contains(key)
@@ -407,6 +411,7 @@ def test_corrupt_disk_copy_is_evicted_and_refetched_from_remote(
     assert t.memory is not None and t.disk is not None
     uri = path.as_uri()
     open_host(uri, tiers=t)
+    assert wait_disk_copies(60) == []
     gc.collect()
     key = cache_key(uri + "/")
     t.memory.evict(key)

@@ -171,6 +171,10 @@ class CacheFull(CacheError):
         self.capacity = capacity
 
 
+class StorageFull(CacheFull):
+    """The file system under a cache tier ran out of space while a checkpoint was being written into it."""
+
+
 class EntryInUse(CacheError):
     """A cached checkpoint cannot be evicted or replaced because a process is using it."""
 

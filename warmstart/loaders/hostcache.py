@@ -329,6 +329,10 @@ class CacheDir:
         finally:
             lock.release()
 
+    def try_fill_lock(self, key: str) -> _Lock | None:
+        """The fill lock of ``key`` if no one holds it (release it with ``.release()``), else None."""
+        return _try_lock(self._lockfile(validate_name(key), "fill"), fcntl.LOCK_EX)
+
     @contextlib.contextmanager
     def filling(
         self, key: str, nbytes: int, *, on_evict: Callable[[str], None] | None = None

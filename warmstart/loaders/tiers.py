@@ -23,10 +23,11 @@ import contextlib
 import logging
 import mmap
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import xxhash
 
@@ -38,6 +39,7 @@ from warmstart.format.sources import LocalSource, TensorStoreSource, is_uri
 from warmstart.loaders import pipeline
 from warmstart.loaders.hostcache import DiskCache, HostCache, Lease, default_host_root, validate_name
 from warmstart.loaders.pipeline import Transfer
+from warmstart.loaders.remote import http_reader_for
 from warmstart.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -280,7 +282,7 @@ def ensure_disk(uri: str, key: str, t: Tiers) -> tuple[Lease, list[Transfer]]:
             return lease, transfers
         src, index, raw = _fetch_index(uri)
         with t.disk.filling(key, index.total_bytes, on_evict=_evict_cb(t, "disk")) as f:
-            secs = pipeline.remote_to(src, index, buffers=None, disk_dir=f.path)
+            secs = pipeline.remote_to(src, index, disk_dir=f.path, reader=http_reader_for(uri))
             pipeline.copy_model_files(src, index, raw, [f.path])
         transfers.append(Transfer("remote", ("disk",), index.total_bytes, secs))
         assert f.lease is not None
@@ -335,34 +337,110 @@ def _disk_to_memory(key: str, t: Tiers, transfers: list[Transfer]) -> Lease | No
 
 
 def _remote_to_memory(uri: str, key: str, t: Tiers, transfers: list[Transfer]) -> Lease:
+    """Fill the memory tier from remote; then copy it to the disk tier in the background.
+
+    The disk copy is not needed to use the checkpoint, so it never delays it: the memory tier is published
+    as soon as its bytes are verified, and a background thread (:class:`DiskCopy`) copies the published files
+    to the disk tier with ``os.sendfile`` (a kernel copy: no Python, no GIL). The disk tier's fill lock is
+    taken before the remote read starts, so another process wanting the disk copy waits for this one
+    instead of fetching again.
+    """
     assert t.memory is not None
     src, index, raw = _fetch_index(uri)
-    targets: tuple[str, ...] = ("memory",)
-    with t.memory.filling(key, index.total_bytes, on_evict=_evict_cb(t, "memory")) as f:
-        if t.disk is not None:
-            with (
-                t.disk.fill_lock(key),
-                t.disk.filling(key, index.total_bytes, on_evict=_evict_cb(t, "disk")) as df,
-            ):
-                secs = _remote_into(src, index, f.path, df.path)
-                pipeline.copy_model_files(src, index, raw, [f.path, df.path])
-            assert df.lease is not None
-            df.lease.release()
-            targets = ("memory", "disk")
-        else:
-            secs = _remote_into(src, index, f.path, None)
+    disk_lock = contextlib.ExitStack()
+    copy_to_disk = False
+    if t.disk is not None and not t.disk.contains(key):
+        held = t.disk.try_fill_lock(key)  # None: another process is filling the disk tier with it already
+        if held is not None:
+            disk_lock.callback(held.release)
+            copy_to_disk = not t.disk.contains(key)
+    try:
+        with t.memory.filling(key, index.total_bytes, on_evict=_evict_cb(t, "memory")) as f:
+            secs = pipeline.remote_to(src, index, mem_dir=f.path, reader=http_reader_for(uri))
             pipeline.copy_model_files(src, index, raw, [f.path])
-    transfers.append(Transfer("remote", targets, index.total_bytes, secs))
-    assert f.lease is not None
+        transfers.append(Transfer("remote", ("memory",), index.total_bytes, secs))
+        assert f.lease is not None
+        if copy_to_disk:
+            DiskCopy.start(key, t, index, disk_lock)
+        else:
+            disk_lock.close()
+    except BaseException:
+        disk_lock.close()
+        raise
     return f.lease
 
 
-def _remote_into(src: TensorStoreSource, index: Index, mem_dir: Path, disk_dir: Path | None) -> float:
-    parts = pipeline.create_partition_files(mem_dir, index)
-    try:
-        return pipeline.remote_to(src, index, buffers=parts.buffers, disk_dir=disk_dir)
-    finally:
-        parts.close()
+class DiskCopy:
+    """A background copy of a memory-tier entry into the disk tier (see :func:`_remote_to_memory`).
+
+    The thread is not a daemon: a process that loaded a checkpoint finishes writing its disk copy before
+    the interpreter exits. A failure (a full disk, say) is logged and kept in :attr:`error`; the memory
+    tier already serves the checkpoint. :func:`wait_disk_copies` waits for every copy of this process.
+    """
+
+    _running: ClassVar[list[DiskCopy]] = []
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, key: str, t: Tiers, index: Index, disk_lock: contextlib.ExitStack) -> None:
+        assert t.memory is not None
+        self.key = key
+        self.error: BaseException | None = None
+        self.transfer: Transfer | None = None
+        self._t = t
+        self._index = index
+        self._disk_lock = disk_lock
+        self._hold = t.memory.lookup(key)  # keeps the memory entry from being evicted while it is copied
+        self._thread = threading.Thread(target=self._run, name=f"warmstart-disk-copy-{key}", daemon=False)
+
+    @classmethod
+    def start(cls, key: str, t: Tiers, index: Index, disk_lock: contextlib.ExitStack) -> DiskCopy:
+        c = cls(key, t, index, disk_lock)
+        with cls._lock:
+            cls._running.append(c)
+        c._thread.start()
+        return c
+
+    def _run(self) -> None:
+        t = self._t
+        assert t.disk is not None
+        try:
+            if self._hold is None:
+                log.warning("memory copy of %s vanished before its disk copy; skipping it", self.key)
+                return
+            on_evict = _evict_cb(t, "disk")
+            with self._disk_lock, t.disk.filling(self.key, self._index.total_bytes, on_evict=on_evict) as df:
+                secs = pipeline.local_copy(self._hold.path, self._index, df.path)
+            assert df.lease is not None
+            df.lease.release()
+            self.transfer = Transfer("memory", ("disk",), self._index.total_bytes, secs)
+            _report(t, [self.transfer])
+        except BaseException as e:
+            self.error = e
+            log.warning("could not copy %s to the disk tier at %s: %s", self.key, t.disk.root, e)
+        finally:
+            self._disk_lock.close()
+            if self._hold is not None:
+                self._hold.release()
+            with DiskCopy._lock:
+                DiskCopy._running.remove(self)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the copy; raise its error, if any."""
+        self._thread.join(timeout)
+        if self.error is not None:
+            raise self.error
+
+
+def wait_disk_copies(timeout: float | None = None) -> list[BaseException]:
+    """Wait for every background disk-tier copy of this process; returns the errors (also logged)."""
+    with DiskCopy._lock:
+        running = list(DiskCopy._running)
+    errors = []
+    for c in running:
+        c._thread.join(timeout)
+        if c.error is not None:
+            errors.append(c.error)
+    return errors
 
 
 def _open_remote(uri: str, key: str, t: Tiers) -> HostCheckpoint:
@@ -373,8 +451,8 @@ def _open_remote(uri: str, key: str, t: Tiers) -> HostCheckpoint:
         lease, transfers = ensure_disk(uri, key, t)
         return _from_lease(lease, uri, transfers)
     src, index, _ = _fetch_index(uri)
-    _buf, views = pipeline.anonymous_partitions(index)  # the views keep the buffer alive
-    secs = pipeline.remote_to(src, index, buffers=views, disk_dir=None)
+    views = pipeline.anonymous_partitions(index)  # the views keep the buffer out of the pool
+    secs = pipeline.remote_to(src, index, buffers=views, reader=http_reader_for(uri))
     transfers = [Transfer("remote", ("buffer",), index.total_bytes, secs)]
     _report(t, transfers)
     return HostCheckpoint(index, views, tier="remote", location=uri, read_file=src.read, transfers=transfers)

@@ -228,7 +228,7 @@ class NodeStore:
         self.metrics.load_seconds.labels(tr.source).observe(tr.seconds)
         self.metrics.transferred.labels(tr.source).inc(tr.nbytes)
         self.metrics.transfers.labels(tr.source).inc()
-        if tr.seconds > 0 and tr.nbytes > 0:
+        if tr.seconds > 0 and tr.nbytes > 0 and tr.source != "memory":  # memory → disk measures disk writes
             self._record_bw(tr.source, tr.bytes_per_s)
 
     def _on_evict(self, tier: str, key: str) -> None:
