@@ -180,7 +180,8 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], parameters_json: str 
         if not prompt_ids:
             if not text:
                 raise EmptyPrompt("input_ids holds no prompt tokens (num_generated covers all of them)")
-            prompt_ids = None  # resume from text: the prompt is text_input (tokenized here), input_ids generated
+            # resume from text: the prompt is text_input (tokenized here), input_ids are all generated
+            prompt_ids = None
     elif ngen_arr is not None:
         raise ConflictingInputs("num_generated needs input_ids (prompt ids followed by the generated ids)")
     elif text is None:

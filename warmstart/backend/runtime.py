@@ -19,7 +19,7 @@ from warmstart.backend.config import ModelSettings
 from warmstart.backend.metrics import Metrics, NullMetrics
 from warmstart.backend.request import GenerateRequest, error_code
 from warmstart.backend.weights import LoadedCheckpoint, load_checkpoint, resolve_reference
-from warmstart.engines import BatchedGenerator, Engine, SamplingParams, TextStreamer, build_engine
+from warmstart.engines import BatchedGenerator, Engine, TextStreamer, build_engine
 from warmstart.errors import WarmstartError
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,22 @@ class _Stream:
             self.sink.send(body, self.ids, reason, final=True)
 
 
+def warm_engine(engine: Engine, max_batch: int) -> None:
+    """Prefill and step batches of 1, 2, 4, ... ``max_batch`` short sequences on ``engine``.
+
+    Engines that compile per shape bucket (JAX) then compile at load, not under the first requests.
+    Runs before the generator thread owns the engine.
+    """
+    sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+    for n in sizes:
+        states = [engine.new_sequence([0]) for _ in range(n)]
+        try:
+            engine.step(states, [0] * n)
+        finally:
+            for state in states:
+                engine.release(state)
+
+
 class Runtime:
     """A loaded model: tokenizer, engine and the generator thread that batches its requests."""
 
@@ -135,14 +151,12 @@ class Runtime:
         try:
             ref = resolve_reference(settings.checkpoint, model_dir)
             loaded = load_checkpoint(ref, settings.engine, dtype=settings.dtype)
-            runtime = cls.from_loaded(loaded, settings, metrics=metrics)
+            runtime = cls.from_loaded(loaded, settings, metrics=metrics, warmup=warmup)
         except (WarmstartError, OSError, ValueError, KeyError, ImportError) as e:
             raise ModelLoadFailed(
                 f"model {model_name!r}: cannot load checkpoint {ref!r} with the {settings.engine} engine: "
                 f"{type(e).__name__}: {e}"
             ) from e
-        if warmup:
-            runtime.warmup()
         seconds = time.perf_counter() - t0
         runtime.metrics.model_loaded(loaded.tier, seconds)
         logger.info(
@@ -156,25 +170,26 @@ class Runtime:
 
     @classmethod
     def from_loaded(
-        cls, loaded: LoadedCheckpoint, settings: ModelSettings, *, metrics: Metrics | None = None
+        cls,
+        loaded: LoadedCheckpoint,
+        settings: ModelSettings,
+        *,
+        metrics: Metrics | None = None,
+        warmup: bool = True,
     ) -> Runtime:
         """Build the engine and tokenizer from an already loaded checkpoint."""
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_str(loaded.tokenizer_json)
-        if loaded.model is not None:
-            from warmstart.engines.torch_engine import TorchEngine
-
-            engine: Engine = TorchEngine(loaded.model, max_batch=settings.max_batch)
-        else:
-            assert loaded.weights is not None
-            engine = build_engine(
-                settings.engine,  # type: ignore[arg-type]  # validated by ModelSettings
-                loaded.config,
-                loaded.weights,
-                dtype=settings.dtype,
-                max_batch=settings.max_batch,
-            )
+        engine = build_engine(
+            settings.engine,  # type: ignore[arg-type]  # validated by ModelSettings
+            loaded.config,
+            loaded.weights,
+            dtype=settings.dtype,
+            max_batch=settings.max_batch,
+        )
+        if warmup:
+            warm_engine(engine, settings.max_batch)
         return cls(engine, tokenizer, max_batch=settings.max_batch, metrics=metrics)
 
     # -- text ------------------------------------------------------------------------------------------
@@ -185,9 +200,6 @@ class Runtime:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     # -- requests --------------------------------------------------------------------------------------
-    def warmup(self) -> None:
-        """Run one tiny generation so that compilation (JAX jit) happens at load, not at the first request."""
-        self.generator.generate([0], SamplingParams(max_tokens=2))
 
     def submit(self, request: GenerateRequest, sink: ResponseSink, *, arrived: float | None = None) -> None:
         """Start generating for ``request``; responses go to ``sink``.

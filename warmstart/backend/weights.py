@@ -5,14 +5,13 @@ A reference (the ``checkpoint`` parameter of a model config) is a local path, a 
 environment of the server; a relative path is relative to the model's directory in the repository, so a
 repository can point at a checkpoint next to it (see ``model_repository/README.md``).
 
-Weights come through the warmstart loaders (``warmstart.torch.load_model`` / ``warmstart.jax.load_params``,
-which use the node store and the host-memory tier when configured) when those are installed, and are
-otherwise read tensor by tensor with :meth:`warmstart.format.Checkpoint.read`.
+Weights come through the warmstart loaders: the tier chain (node store, host-memory and disk caches, as
+configured by ``WARMSTART_*`` variables in tritonserver's environment) brings the checkpoint into host memory
+once, and the engine's tensors are zero-copy views of it. The tier it came from is reported.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
@@ -83,19 +82,12 @@ def resolve_reference(raw: str, model_dir: Path | str | None, env: Mapping[str, 
     return str(path.resolve())
 
 
-def classify_tier(ref: str) -> str:
-    """The tier a reference is read from when no loader reports one: ``remote`` for URIs, else ``disk``."""
-    if _URI.match(ref) and not ref.startswith("file://"):
-        return "remote"
-    return "disk"
-
-
 @dataclass
 class LoadedCheckpoint:
     """What an engine and a tokenizer need from a checkpoint, plus where it came from and how long it took.
 
-    Exactly one of ``model`` (a transformers model from ``warmstart.torch.load_model``) and ``weights``
-    (``{hf_name: array}``) is set.
+    ``weights`` (``{hf_name: tensor}``) are views of ``host`` (the host-memory copy), which stays referenced
+    while they live.
     """
 
     location: str
@@ -103,16 +95,9 @@ class LoadedCheckpoint:
     tokenizer_json: str
     tier: str
     seconds: float
-    weights: Mapping[str, Any] | None = None
-    model: Any = None
+    weights: Mapping[str, Any]
     generation_config: dict[str, Any] = field(default_factory=dict)
-
-
-def _optional(module: str, attr: str) -> Any:
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return None
+    host: Any = field(default=None, repr=False)
 
 
 def _read_json(read_file: Any, location: str, name: str, *, required: bool) -> dict[str, Any]:
@@ -135,59 +120,49 @@ def _read_json(read_file: Any, location: str, name: str, *, required: bool) -> d
 
 
 def load_checkpoint(ref: str, engine: str, *, dtype: str | None = None) -> LoadedCheckpoint:
-    """Open the checkpoint ``ref`` (already resolved) and load what ``engine`` needs.
+    """Bring the checkpoint ``ref`` (already resolved) into host memory and load what ``engine`` needs.
 
-    Raises the format's :class:`~warmstart.errors.CheckpointError` subclasses (not found, corrupt, ...)
-    and :class:`CheckpointFileMissing`; the caller turns them into a failed model load.
+    The checkpoint goes through the tier chain (:func:`warmstart.loaders.tiers.open_host`: node store,
+    memory and disk caches when configured, else straight from the path or URI); the tensors are views of
+    that host copy (:func:`warmstart.torch.tensors_from_host`, :func:`warmstart.jax.params_from_host`).
+    Raises the :class:`~warmstart.errors.CheckpointError` subclasses (not found, corrupt, ...) and
+    :class:`CheckpointFileMissing`; the caller turns them into a failed model load.
     """
-    t0 = time.perf_counter()
-    open_host = _optional("warmstart.loaders", "open_host")
-    tier = classify_tier(ref)
-    host: Any = None
-    if open_host is not None:
-        host = open_host(ref)
-        tier = str(getattr(host, "tier", tier))
-        read_file = host.read_file
-        location = str(getattr(host, "location", ref))
-    else:
-        import warmstart.format
+    from warmstart.loaders.tiers import open_host
 
-        ckpt = warmstart.format.open(ref)
-        read_file = ckpt.read_file
-        location = ckpt.location
-    config = _read_json(read_file, location, "config.json", required=True)
-    generation_config = _read_json(read_file, location, "generation_config.json", required=False)
+    t0 = time.perf_counter()
+    host = open_host(ref)
+    location = str(host.location)
+    config = _read_json(host.read_file, location, "config.json", required=True)
+    generation_config = _read_json(host.read_file, location, "generation_config.json", required=False)
     try:
-        tokenizer_json = read_file("tokenizer.json").decode("utf-8")
+        tokenizer_json = host.read_file("tokenizer.json").decode("utf-8")
     except FileNotFoundError:
         raise CheckpointFileMissing(
             f"checkpoint {location} has no tokenizer.json; convert the model with a fast tokenizer"
         ) from None
+    weights: Mapping[str, Any]
+    if engine == "torch":
+        import torch
 
-    model: Any = None
-    weights: Mapping[str, Any] | None = None
-    source: Any = host if host is not None else ref
-    if engine == "torch" and (load_model := _optional("warmstart.torch", "load_model")) is not None:
-        model = load_model(source, dtype=dtype)
-    elif engine == "jax" and (load_params := _optional("warmstart.jax", "load_params")) is not None:
-        weights = load_params(source)
+        from warmstart.torch import tensors_from_host
+
+        weights = tensors_from_host(
+            host, device=torch.device("cpu"), dtype=getattr(torch, dtype) if dtype else None
+        )
     else:
-        if host is not None and hasattr(host, "read"):
-            reader = host
-        else:
-            import warmstart.format
+        from warmstart.jax import params_from_host
 
-            reader = warmstart.format.open(ref)
-        weights = {name: reader.read(name) for name in reader.names}
+        weights = params_from_host(host, dtype=dtype)
     seconds = time.perf_counter() - t0
-    logger.info("checkpoint %s loaded from the %s tier in %.3f s", location, tier, seconds)
+    logger.info("checkpoint %s loaded from the %s tier in %.3f s", location, host.tier, seconds)
     return LoadedCheckpoint(
         location=location,
         config=config,
         tokenizer_json=tokenizer_json,
-        tier=tier,
+        tier=str(host.tier),
         seconds=seconds,
         weights=weights,
-        model=model,
         generation_config=generation_config,
+        host=host,
     )

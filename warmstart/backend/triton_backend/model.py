@@ -17,7 +17,9 @@ Errors: a per-request error response with the FINAL flag (INVALID_ARG for bad in
 went away, INTERNAL otherwise).
 """
 
+import faulthandler
 import json
+import signal
 import threading
 import time
 
@@ -38,19 +40,22 @@ class _Sink:
 
     def __init__(self, sender):
         self._sender = sender
-        self._lock = threading.Lock()
-        self._closed = False  # after the FINAL flag the sender must not be touched again
+        self._lock = threading.Lock()  # None once the FINAL flag went out: the sender is never touched again
 
     def is_cancelled(self):
         with self._lock:
-            return self._closed or self._sender.is_cancelled()
+            return self._sender is None or self._sender.is_cancelled()
 
     def _send(self, response, final):
         with self._lock:
-            if self._closed:
+            sender = self._sender
+            if sender is None:
                 return
-            self._closed = final
-            self._sender.send(response, flags=_FINAL if final else 0)
+            if final:
+                # Drop the sender now: Triton frees the request's response factory (which pins the model and
+                # so blocks its unload) only when the Python ResponseSender object is destroyed.
+                self._sender = None
+            sender.send(response, flags=_FINAL if final else 0)
 
     def send(self, text, token_ids, finish_reason, *, final):
         tensors = [
@@ -85,6 +90,7 @@ class TritonPythonModel:
         return cfg
 
     def initialize(self, args):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <stub pid>`: stacks to the log
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException(
