@@ -1155,17 +1155,21 @@ def peer_versions() -> dict[str, str]:
 _RAW_SHM: dict[str, Path] = {}
 
 
-def prepare_raw_shm(ck: Checkpoints) -> Path:
-    """The /dev/shm files the raw memory-tier limit maps: warmstart's own memory-tier entry of this checkpoint
-    where there is one (the very same bytes in the same place; found by its index.json), else a copy."""
+def memtier_entry(ck: Checkpoints) -> Path | None:
+    """warmstart's memory-tier entry of this checkpoint (found by its index.json), if there is one."""
     ours = (ck.root / D_WARMSTART / "index.json").read_bytes()
-    found = None
     if MEMTIER_DIR.is_dir():
         for e in sorted(MEMTIER_DIR.iterdir()):
             idx = e / "index.json"
             if not e.name.startswith(".") and idx.is_file() and idx.read_bytes() == ours:
-                found = e
-                break
+                return e
+    return None
+
+
+def prepare_raw_shm(ck: Checkpoints) -> Path:
+    """The /dev/shm files the raw memory-tier limit maps: warmstart's own memory-tier entry of this checkpoint
+    where there is one (the very same bytes in the same place), else a copy."""
+    found = memtier_entry(ck)
     if found is None:
         found = shm_copy_dir(ck.root)
         if not (found / "index.json").exists():
@@ -1300,6 +1304,9 @@ def launch(
 
 def _launch(comp: Competitor, ck: Checkpoints, timeout: float, record_resident: bool) -> dict[str, Any]:
     files = comp.files(ck.root)
+    if comp.prepare == "mem" and record_resident and memtier_entry(ck) is None:
+        # A memory-tier run must be a hit; a miss would silently time a disk -> memory fill.
+        return {"error": "the memory-tier entry is gone before the run (evicted?)"}
     if comp.cold:
         evict(files)
     elif files:
@@ -1331,6 +1338,7 @@ def _launch(comp: Competitor, ck: Checkpoints, timeout: float, record_resident: 
 def run_all(comps: list[Competitor], cks: list[Checkpoints], reps: int, results: dict[str, Any]) -> None:
     """Interleaved: for each repetition, for each size, every competitor once (order rotated per rep)."""
     n = len(comps)
+    results["reps_completed"] = 0
     for rep in range(reps):
         order = comps[rep % n :] + comps[: rep % n] if n else []
         for ck in cks:
@@ -1341,6 +1349,7 @@ def run_all(comps: list[Competitor], cks: list[Checkpoints], reps: int, results:
                     rec["errors"].append(out["error"])
                     _log(f"[rep {rep + 1}/{reps}] {ck.tag:>8} {comp.name:<22} ERROR {out['error']}")
                     continue
+                out["rep"] = rep
                 rec["runs"].append(out)
                 res = out.get("resident_before")
                 res_s = "" if res is None else f"  resident {res / max(1, ck.tensor_bytes):5.1%}"
@@ -1348,6 +1357,16 @@ def run_all(comps: list[Competitor], cks: list[Checkpoints], reps: int, results:
                     f"[rep {rep + 1}/{reps}] {ck.tag:>8} {comp.name:<22} {out['seconds']:8.3f} s "
                     f"{ck.tensor_bytes / out['seconds'] / 1e9:7.2f} GB/s{res_s}"
                 )
+        results["reps_completed"] = rep + 1
+
+
+def keep_complete_reps(results: dict[str, Any]) -> None:
+    """After an interruption, keep only the repetitions every competitor finished (equal footing)."""
+    done = results.get("reps_completed", 0)
+    for size in results["sizes"].values():
+        for rec in size["competitors"].values():
+            rec["runs"] = [r for r in rec["runs"] if r.get("rep", 0) < done]
+    results["reps"] = done
 
 
 # =============================================================================================================
@@ -1785,6 +1804,12 @@ def main(argv: list[str] | None = None) -> int:
         generate_checkpoints(Path(cache_s), float(gib_s), [f for f in fmts.split(",") if f])
         return 0
 
+    import signal
+
+    def _term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
     if args.replot:
         res = json.loads(args.replot.read_text())
         names = set().union(*(set(sz["competitors"]) for sz in res["sizes"].values()))
@@ -1892,7 +1917,14 @@ def main(argv: list[str] | None = None) -> int:
         for c in comps:
             if c not in runnable:
                 _log(f"[skip] {c.name}: {results['sizes'][cks[0].tag]['competitors'][c.name]['unavailable']}")
-        run_all(runnable, cks, reps, results)
+        try:
+            run_all(runnable, cks, reps, results)
+        except KeyboardInterrupt:
+            results["interrupted"] = (
+                f"stopped during repetition {results.get('reps_completed', 0) + 1} of {reps}"
+            )
+            _log(f"[run] interrupted; keeping the {results.get('reps_completed', 0)} complete repetitions")
+            keep_complete_reps(results)
     finally:
         if s3 is not None:
             s3.stop()
