@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,9 +19,10 @@ import numpy as np
 import pytest
 
 import warmstart.format as wf
-from warmstart.errors import CacheFull, CheckpointNotFound, InvalidModelName, ModelNotFound
+from warmstart.errors import CacheFull, CheckpointNotFound, InvalidModelName, ModelNotFound, StorageFull
 from warmstart.format.sources import TensorStoreSource
 from warmstart.loaders.hostcache import DiskCache, HostCache, validate_name, wait_until
+from warmstart.loaders.pipeline import BUFFERS, BufferPool
 from warmstart.loaders.tiers import Tiers, cache_key, open_host, wait_disk_copies
 
 torch = pytest.importorskip("torch")
@@ -152,6 +154,38 @@ def test_load_equals_source_when_loaded_from_s3(
     if kind != "embedded":
         named = Tiers(memory=t.memory, disk=t.disk, remote="s3://models/test-loaders")
         assert_equal(load_state_dict(name, tiers=named), src)
+    else:  # the process's buffer pool: a second load reuses the first one's (faulted) buffer once it is free
+        gc.collect()
+        reused = BUFFERS.reused
+        sd = load_state_dict(uri, tiers=t)
+        assert BUFFERS.reused == reused + 1
+        assert_equal(sd, src)
+    assert wait_disk_copies(60) == []
+
+
+def test_buffer_pool_reuses_a_buffer_only_after_its_views_are_gone_and_stays_bounded() -> None:
+    pool = BufferPool(capacity=3 << 20)
+    a = pool.views(1 << 20, [(0, 100), (4096, 5000)])
+    a[1][:3] = b"abc"
+    b = pool.views(1 << 20, [(0, 10)])  # a is alive: a second buffer
+    assert pool.created == 2 and pool.reused == 0
+    keep = torch.frombuffer(a[1], dtype=torch.uint8)
+    del a
+    gc.collect()
+    assert pool.idle_bytes() == 0  # a tensor still views the first buffer
+    del keep, b
+    gc.collect()
+    assert pool.idle_bytes() == 2 << 20
+    c = pool.views(1 << 20, [(4096, 5000)])
+    assert pool.reused == 1 and bytes(c[0][:3]) == b"abc"  # the same memory, no new mapping
+    big = pool.views(4 << 20, [(0, 4 << 20)])
+    del big
+    gc.collect()
+    assert pool.idle_bytes() <= 3 << 20  # the 4 MiB buffer is over the bound: unmapped, not kept
+    del c
+    gc.collect()
+    pool.clear()
+    assert pool.idle_bytes() == 0
 
 
 # --- zero copy ---------------------------------------------------------------------------------------------
@@ -363,7 +397,9 @@ def test_kill_9_during_download_leaves_no_visible_entry(
     assert list((shm / ".tmp").iterdir())  # the hidden leftovers exist until the next fill cleans them
     sd = load_state_dict(path.as_uri(), tiers=Tiers(memory=mem, disk=dc))
     assert_equal(sd, src)
+    assert wait_disk_copies(60) == []
     assert list((shm / ".tmp").iterdir()) == [] and list((disk / ".tmp").iterdir()) == []
+    assert dc.entries() != []
 
 
 # --- corruption ------------------------------------------------------------------------------------------
@@ -458,3 +494,77 @@ def test_tiers_from_env_reads_the_environment(tmp_path: Path) -> None:
 
 def test_wait_until_times_out() -> None:
     assert not wait_until(lambda: False, 0.05)
+
+
+# --- full file systems (a real small tmpfs; needs root's mount, skipped elsewhere) -------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
+    """``mount(options)`` mounts a fresh tmpfs under ``tmp_path`` and returns it; all are unmounted after."""
+    mounted: list[Path] = []
+
+    def mount(options: str) -> Path:
+        d = tmp_path / f"mnt{len(mounted)}"
+        d.mkdir()
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(d)],
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(d)
+        return d
+
+    try:
+        yield mount
+    finally:
+        for d in reversed(mounted):
+            subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+def test_full_disk_tier_raises_storage_full_and_leaves_nothing(
+    tmp_path: Path, small_tmpfs: Callable[[str], Path]
+) -> None:
+    path = tmp_path / "ckpt"
+    save(path, scale=30)  # ~9.5 MB: more than the 8 MiB file system, though no capacity is configured
+    disk = DiskCache(small_tmpfs("size=8m"))
+    with pytest.raises(StorageFull, match="no space"):
+        open_host(path.as_uri(), tiers=Tiers(disk=disk))
+    assert disk.entries() == [] and list((disk.root / ".tmp").iterdir()) == []
+
+
+def test_full_memory_tier_raises_storage_full_and_leaves_nothing(
+    tmp_path: Path, small_tmpfs: Callable[[str], Path]
+) -> None:
+    path = tmp_path / "ckpt"
+    save(path, scale=30)
+    mem = HostCache(small_tmpfs("size=8m"))
+    for ref in (path.as_uri(), str(path)):  # remote -> memory, and disk -> memory
+        with pytest.raises(StorageFull):
+            open_host(ref, tiers=Tiers(memory=mem))
+        assert mem.entries() == [] and list((mem.root / ".tmp").iterdir()) == []
+
+
+def test_full_disk_under_memory_fill_keeps_the_memory_copy_and_reports_the_disk_error(
+    tmp_path: Path, small_tmpfs: Callable[[str], Path]
+) -> None:
+    path = tmp_path / "ckpt"
+    src = save(path, scale=30)
+    t = Tiers(memory=HostCache(tmp_path / "shm"), disk=DiskCache(small_tmpfs("size=8m")))
+    assert_equal(load_state_dict(path.as_uri(), tiers=t), src)  # usable: the disk copy is not needed
+    errors = wait_disk_copies(60)
+    assert len(errors) == 1 and isinstance(errors[0], StorageFull)
+    assert t.disk is not None
+    assert t.disk.entries() == [] and list((t.disk.root / ".tmp").iterdir()) == []
+
+
+def test_memory_tier_on_a_huge_page_tmpfs(tmp_path: Path, small_tmpfs: Callable[[str], Path]) -> None:
+    path = tmp_path / "ckpt"
+    src = save(path, scale=10)
+    mem = HostCache(small_tmpfs("size=64m,huge=within_size"))
+    assert mem.huge_pages and not HostCache(tmp_path / "plain").huge_pages
+    assert_equal(load_state_dict(path, tiers=Tiers(memory=mem)), src)
+    assert_equal(load_state_dict(path, tiers=Tiers(memory=mem)), src)

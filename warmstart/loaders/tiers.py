@@ -226,11 +226,7 @@ def _open_local(root: Path, t: Tiers) -> HostCheckpoint:
     transfers: list[Transfer] = []
 
     def fill(tmp: Path) -> None:
-        parts = pipeline.create_partition_files(tmp, index)
-        try:
-            secs = pipeline.disk_to(root, index, parts.buffers, verify=True, direct=t.direct)
-        finally:
-            parts.close()
+        secs = pipeline.disk_to(root, index, tmp, verify=True, direct=t.direct)
         pipeline.copy_model_files(src, index, index_bytes, [tmp])
         transfers.append(Transfer("disk", ("memory",), index.total_bytes, secs))
 
@@ -318,11 +314,7 @@ def _disk_to_memory(key: str, t: Tiers, transfers: list[Transfer]) -> Lease | No
     index = Index.from_json_bytes(index_bytes)
     try:
         with t.memory.filling(key, index.total_bytes, on_evict=_evict_cb(t, "memory")) as f:
-            parts = pipeline.create_partition_files(f.path, index)
-            try:
-                secs = pipeline.disk_to(disk_lease.path, index, parts.buffers, direct=t.direct)
-            finally:
-                parts.close()
+            secs = pipeline.disk_to(disk_lease.path, index, f.path, direct=t.direct)
             pipeline.copy_model_files(LocalSource(disk_lease.path), index, index_bytes, [f.path])
     except ChecksumMismatch as e:
         log.warning("disk copy of %s is corrupt (%s); evicting it and fetching from remote", key, e)
@@ -379,6 +371,7 @@ class DiskCopy:
     """
 
     _running: ClassVar[list[DiskCopy]] = []
+    _failed: ClassVar[list[BaseException]] = []  # errors not yet collected by wait_disk_copies()
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
     def __init__(self, key: str, t: Tiers, index: Index, disk_lock: contextlib.ExitStack) -> None:
@@ -416,6 +409,8 @@ class DiskCopy:
             _report(t, [self.transfer])
         except BaseException as e:
             self.error = e
+            with DiskCopy._lock:
+                DiskCopy._failed.append(e)
             log.warning("could not copy %s to the disk tier at %s: %s", self.key, t.disk.root, e)
         finally:
             self._disk_lock.close()
@@ -432,14 +427,14 @@ class DiskCopy:
 
 
 def wait_disk_copies(timeout: float | None = None) -> list[BaseException]:
-    """Wait for every background disk-tier copy of this process; returns the errors (also logged)."""
+    """Wait for every background disk-tier copy of this process; returns the errors of the copies that
+    failed since the last call (they were logged when they happened)."""
     with DiskCopy._lock:
         running = list(DiskCopy._running)
-    errors = []
     for c in running:
         c._thread.join(timeout)
-        if c.error is not None:
-            errors.append(c.error)
+    with DiskCopy._lock:
+        errors, DiskCopy._failed[:] = list(DiskCopy._failed), []
     return errors
 
 
