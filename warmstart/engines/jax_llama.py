@@ -340,6 +340,12 @@ class JaxEngine:
         self._prefill = jax.jit(partial(prefill, a=a), donate_argnums=(1,))
         self._decode = jax.jit(partial(decode, a=a), static_argnames=("kv_len",), donate_argnums=(1,))
         self.forward = jax.jit(partial(forward, a=a))
+        self._shapes: set[tuple[str, int, int]] = set()  # compiled (kind, rows, length)
+
+    def _note_shape(self, kind: str, rows: int, length: int) -> None:
+        if (kind, rows, length) not in self._shapes:
+            self._shapes.add((kind, rows, length))
+            log.info("JAX engine compiling %s for %d row(s) x %d positions", kind, rows, length)
 
     def new_sequence(self, token_ids: Sequence[int]) -> SeqState:
         check_prompt(token_ids, vocab_size=self.vocab_size, max_context=self.max_context)
@@ -350,6 +356,7 @@ class JaxEngine:
         tokens = np.zeros((1, T), np.int32)
         tokens[0, :n] = token_ids
         slot = heapq.heappop(self._free)
+        self._note_shape("prefill", 1, T)
         try:
             logits, self._cache = self._prefill(self.params, self._cache, tokens, np.int32(n), np.int32(slot))
         except BaseException:
@@ -375,6 +382,7 @@ class JaxEngine:
         for s, t in zip(states, token_ids, strict=True):
             tokens[_slot(s)], positions[_slot(s)] = t, s.length
         kv_len = bucket(max(s.length for s in states) + 1, minimum=64, maximum=self.max_context)
+        self._note_shape("decode", nb, kv_len)
         logits, self._cache = self._decode(self.params, self._cache, tokens, positions, kv_len=kv_len)
         out = np.asarray(logits)  # [nb, V]
         for s in states:
