@@ -154,41 +154,46 @@ def _convert_ws(src: Path | str, ws_dir: Path) -> None:
 
 
 def prepare_smollm2(cache: Path) -> BenchModel:
-    """SmolLM2 dequantized from the GGUF: ``hf/`` via ``save_pretrained``, ``ws/`` via ``convert(gguf)``."""
+    """SmolLM2 dequantized from the GGUF once (transformers, float32), then written twice: ``ws/`` with
+    ``warmstart.format.convert`` and ``hf/`` as a safetensors directory (what ``save_pretrained`` writes: one
+    ``model.safetensors`` without the tied head, ``config.json``, generation config, tokenizer files)."""
     root = cache / "smollm2"
     m = BenchModel("smollm2", root / "hf", root / "ws")
-    gguf = _smollm2_gguf()
-    if not _done(m.hf_dir):
-        import torch
-        from safetensors.torch import save_file
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    if _done(m.hf_dir) and _done(m.ws_dir):
+        return m
+    from safetensors.torch import save_file
 
-        _log(f"  smollm2: dequantizing {gguf.name} and saving safetensors to {m.hf_dir} (~30 s)")
+    from warmstart.format.convert import convert, open_model_source
+
+    gguf = _smollm2_gguf()
+    _log(f"  smollm2: dequantizing {gguf.name} (~20 s)")
+    t0 = time.monotonic()
+    source = open_model_source(gguf)
+    if not _done(m.ws_dir):
+        tmp = _fresh(m.ws_dir.with_name("ws.tmp"))
+        convert(source, tmp, overwrite=True)
+        if m.ws_dir.exists():
+            shutil.rmtree(m.ws_dir)
+        tmp.rename(m.ws_dir)
+        _mark_done(m.ws_dir)
+        _log(f"  smollm2: warmstart checkpoint {m.ws_dir} written ({time.monotonic() - t0:.1f} s)")
+    if not _done(m.hf_dir):
         tmp = _fresh(m.hf_dir.with_name("hf.tmp"))
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-        )
-        # save_pretrained refuses a model loaded from GGUF: write what it would write (config, generation
-        # config, one safetensors file without the tied head), exactly as a user's own export would be.
         tmp.mkdir()
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if getattr(model.config, "tie_word_embeddings", False):
+        config = json.loads(source.files["config.json"])
+        config.pop("quantization_config", None)  # from_pretrained would try to re-quantize
+        state = {k: v.contiguous() for k, v in source.tensors()}
+        if config.get("tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.config.save_pretrained(str(tmp))
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(str(tmp))
-        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tmp))
-        del model, state
+        del state
+        for name, data in source.files.items():
+            (tmp / name).write_bytes(json.dumps(config, indent=2).encode() if name == "config.json" else data)
         if m.hf_dir.exists():
             shutil.rmtree(m.hf_dir)
         tmp.rename(m.hf_dir)
         _mark_done(m.hf_dir)
-    if not _done(m.ws_dir):
-        _log(f"  smollm2: converting {gguf.name} to a warmstart checkpoint (~30 s)")
-        _convert_ws(gguf, m.ws_dir)
+        _log(f"  smollm2: safetensors directory {m.hf_dir} written ({time.monotonic() - t0:.1f} s)")
     return m
 
 
@@ -664,7 +669,7 @@ class EmbeddedTiers(TierControl):
     """Tiers configured in tritonserver's environment (``WARMSTART_MEMORY_CACHE``, ``WARMSTART_DISK_CACHE``,
     ``WARMSTART_REMOTE``) and driven here through the same cache directories (``warmstart.loaders``)."""
 
-    def __init__(self, work: Path, remote: str, endpoint: str) -> None:
+    def __init__(self, work: Path, remote: str, endpoint: str | None, ref_kind: str = "name") -> None:
         from warmstart.loaders.hostcache import DiskCache, HostCache
         from warmstart.loaders.tiers import Tiers
 
@@ -672,31 +677,40 @@ class EmbeddedTiers(TierControl):
         self.disk_root = work / "disk-tier"
         self.disk_root.mkdir(parents=True, exist_ok=True)
         self.remote = remote.rstrip("/")
+        self.ref_kind = ref_kind
         self.server_env = {
             "WARMSTART_MEMORY_CACHE": str(self.mem_root),
             "WARMSTART_DISK_CACHE": str(self.disk_root),
             "WARMSTART_REMOTE": self.remote,
-            "WARMSTART_S3_ENDPOINT": endpoint,
         }
+        if endpoint:
+            self.server_env["WARMSTART_S3_ENDPOINT"] = endpoint
         self.memory = HostCache(self.mem_root)
         self.disk = DiskCache(self.disk_root)
         self.tiers = Tiers(memory=self.memory, disk=self.disk, remote=self.remote)
         self.disk_only = Tiers(disk=self.disk, remote=self.remote)
 
     def checkpoint_ref(self, m: BenchModel) -> str:
-        return m.store_name
+        """A bare name (resolved under ``WARMSTART_REMOTE``), or with ``ref_kind="uri"`` the S3 URI."""
+        return m.store_name if self.ref_kind == "name" else f"{self.remote}/{m.store_name}/"
+
+    def key(self, m: BenchModel) -> str:
+        from warmstart.loaders.tiers import cache_key
+
+        ref = self.checkpoint_ref(m)
+        return ref if self.ref_kind == "name" else cache_key(ref.rstrip("/") + "/")
 
     def _fill(self, m: BenchModel, tiers: Any) -> None:
         import gc
 
         from warmstart.loaders.tiers import open_host
 
-        host = open_host(m.store_name, tiers=tiers)
+        host = open_host(self.checkpoint_ref(m), tiers=tiers)
         del host
         gc.collect()
 
     def prepare(self, m: BenchModel, tier: str) -> None:
-        key = m.store_name
+        key = self.key(m)
         if tier == "memory":
             if not self.memory.contains(key):
                 self._fill(m, self.tiers)
@@ -711,14 +725,80 @@ class EmbeddedTiers(TierControl):
             raise ValueError(tier)
 
     def disk_dir(self, m: BenchModel) -> Path | None:
-        return self.disk_root / m.store_name
+        return self.disk_root / self.key(m)
 
     def close(self) -> None:
         shutil.rmtree(self.mem_root, ignore_errors=True)
 
 
-def make_tier_control(work: Path, remote: str, endpoint: str) -> TierControl:
-    return EmbeddedTiers(work, remote, endpoint)
+class StoreTiers(TierControl):
+    """The node store daemon (``warmstart store``, :class:`warmstart.store.owner.StoreServer`) owns the memory
+    tier (``/dev/shm``) and the disk tier; tritonserver gets ``WARMSTART_STORE`` and the models name their
+    checkpoint by its store name. Tier states are set with the store's ``ensure`` and ``evict``."""
+
+    def __init__(self, work: Path, remote: str, endpoint: str | None) -> None:
+        from warmstart.store.owner import StoreServer
+
+        self.mem_root = Path(tempfile.mkdtemp(prefix="ws-coldstart-store-", dir="/dev/shm"))
+        env = dict(os.environ)
+        if endpoint:
+            env["WARMSTART_S3_ENDPOINT"] = endpoint
+        self.store = StoreServer(
+            root=work / "store",
+            remote=remote,
+            memory_capacity="12GiB",
+            disk_capacity="24GiB",
+            memory_root=self.mem_root,
+            env=env,
+        ).start()
+        self.client = self.store.client()
+        self.server_env = {"WARMSTART_STORE": self.store.url}
+        if endpoint:
+            self.server_env["WARMSTART_S3_ENDPOINT"] = endpoint
+        self._disk_paths: dict[str, Path] = {}
+        _log(f"node store pid {self.store.pid} at {self.store.url} (memory tier {self.mem_root})")
+
+    def checkpoint_ref(self, m: BenchModel) -> str:
+        return m.store_name
+
+    def prepare(self, m: BenchModel, tier: str) -> None:
+        name = m.store_name
+        if tier == "memory":
+            self.client.ensure(name, "memory")
+        elif tier.startswith("disk"):
+            self.client.evict(name, "memory")
+            info = self.client.ensure(name, "disk")
+            self._disk_paths[name] = Path(info["path"])
+        elif tier == "remote":
+            self.client.evict(name, "all")
+        else:
+            raise ValueError(tier)
+
+    def disk_dir(self, m: BenchModel) -> Path | None:
+        return self._disk_paths.get(m.store_name)
+
+    def close(self) -> None:
+        self.store.stop()
+        with contextlib.suppress(OSError):
+            shutil.copy(self.store.root / "store.log", self.store.root.parent.parent / "last-store.log")
+        shutil.rmtree(self.mem_root, ignore_errors=True)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (or copy, across file systems) the files of ``src`` into a new directory ``dst``."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        if p.is_file():
+            try:
+                os.link(p, dst / p.name)
+            except OSError:
+                shutil.copy2(p, dst / p.name)
+
+
+def make_tier_control(args: argparse.Namespace, work: Path, remote: str, endpoint: str | None) -> TierControl:
+    if args.tiers == "store":
+        return StoreTiers(work, remote, endpoint)
+    return EmbeddedTiers(work, remote, endpoint, args.checkpoint_ref)
 
 
 # =============================================================================================================
@@ -1057,9 +1137,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where models are generated (reused)")
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="directory for coldstart.json/.png")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--no-s3",
+        action="store_true",
+        help="no SeaweedFS: the tiers fill from a local file:// remote; the remote tier is not measured",
+    )
+    p.add_argument(
+        "--tiers",
+        choices=("store", "embedded"),
+        default="store",
+        help="who owns the memory and disk tiers: the node store daemon (default) or the loaders embedded "
+        "in the backend (WARMSTART_MEMORY_CACHE/WARMSTART_DISK_CACHE/WARMSTART_REMOTE)",
+    )
+    p.add_argument(
+        "--checkpoint-ref",
+        choices=("name", "uri"),
+        default="name",
+        help="embedded tiers only: the models name their checkpoint by a bare name (default) or its URI",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.models, args.reps, args.competitors, args.decode_models = "smollm2", 1, "baseline,memory", ""
+        args.no_s3 = True
     args.model_list = [m for m in args.models.split(",") if m]
     args.competitor_list = [c for c in args.competitors.split(",") if c]
     for m in args.model_list:
@@ -1068,6 +1167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for c in args.competitor_list:
         if c not in ALL_COMPETITORS:
             p.error(f"unknown competitor {c!r}; choose from {', '.join(ALL_COMPETITORS)}")
+    if args.no_s3 and "remote" in args.competitor_list:
+        args.competitor_list.remove("remote")
     if args.reps < 1:
         p.error("--reps must be >= 1")
     return args
@@ -1096,7 +1197,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         repo.mkdir()
         for key, m in models.items():
             write_baseline_model(repo, baseline_name(key), m.hf_dir)
-        if need_ws:
+        if need_ws and args.no_s3:
+            # a local "remote" (file://) from which the tiers are filled; no remote tier is measured
+            local_remote = work / "remote"
+            for m in models.values():
+                _link_tree(m.ws_dir, local_remote / m.store_name)
+            bench.tiers = make_tier_control(args, work, f"file://{local_remote}", None)
+        elif need_ws:
             bench.s3 = SeaweedFS(SeaweedFSConfig(data_dir=work / "seaweedfs", buckets=(S3_BUCKET,))).start()
             os.environ["WARMSTART_S3_ENDPOINT"] = bench.s3.endpoint
             from warmstart.format.transfer import upload
@@ -1105,13 +1212,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 t0 = time.monotonic()
                 upload(m.ws_dir, f"s3://{S3_BUCKET}/{S3_PREFIX}/{m.store_name}/", overwrite=True)
                 _log(f"  uploaded {m.key} to SeaweedFS in {time.monotonic() - t0:.1f} s")
-            bench.tiers = make_tier_control(work, f"s3://{S3_BUCKET}/{S3_PREFIX}", bench.s3.endpoint)
-            os.environ.update(bench.tiers.server_env)
+            bench.tiers = make_tier_control(args, work, f"s3://{S3_BUCKET}/{S3_PREFIX}", bench.s3.endpoint)
+        if bench.tiers is not None:
+            os.environ.update(bench.tiers.server_env)  # tritonserver inherits it
             for key, m in models.items():
-                for eng in engines if key in decode_models else ["torch"]:
+                for eng in {"torch", *(engines if key in decode_models else [])}:
                     write_warmstart_model(repo, ws_name(key, eng), bench.tiers.checkpoint_ref(m), eng)
-                if ws_name(key) not in os.listdir(repo):
-                    write_warmstart_model(repo, ws_name(key), bench.tiers.checkpoint_ref(m), "torch")
         bench.server = TritonServer(TritonConfig(model_repositories=(repo,)), workdir=work / "triton").start()
         _log(f"tritonserver pid {bench.server.pid} at {bench.server.grpc_url}; log {bench.server.log_path}")
 
@@ -1152,6 +1258,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if bench.server is not None:
             bench.server.stop()
+            with contextlib.suppress(OSError, TypeError):
+                shutil.copy(bench.server.log_path, args.cache / "last-tritonserver.log")
         if bench.s3 is not None:
             bench.s3.stop()
         if bench.tiers is not None:
