@@ -31,6 +31,7 @@ from warmstart.engines import (  # noqa: E402
     NoFreeSlot,
     PromptTooLong,
     SamplingParams,
+    TextStreamer,
     UnknownEngineKind,
     UnsupportedModel,
     build_engine,
@@ -399,3 +400,14 @@ def test_smollm2_jax_matches_transformers_and_both_engines_answer_paris(smollm2:
             full, _ = g.generate(prompt, params)
             rest, _ = g.generate(prompt, params, generated_ids=full[:3])
             assert full[:3] + rest == full
+
+
+@pytest.mark.slow
+def test_text_streamer_with_real_tokenizer_reassembles_multibyte_text(smollm2: tuple[Any, Any]) -> None:
+    _, tok = smollm2
+    text = "naïve café: 終わり 😀 → done"
+    ids = tok(text, add_special_tokens=False).input_ids
+    streamer = TextStreamer(tok.decode)
+    deltas = [streamer.push(i) for i in ids] + [streamer.flush()]
+    assert "".join(deltas) == tok.decode(ids)
+    assert not any("\ufffd" in d for d in deltas)
