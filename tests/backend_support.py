@@ -186,12 +186,12 @@ def grpc_generate_many(
     q: queue.Queue[tuple[Any, Any]] = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     results = {f"r{i}": StreamResult() for i in range(len(requests))}
+    pending = set(results)
     t0 = time.monotonic()
     try:
         client.start_stream(callback=lambda result, error: q.put((result, error)))
         for i, inputs in enumerate(requests):
             client.async_stream_infer(model, inputs, request_id=f"r{i}", enable_empty_final_response=True)
-        pending = set(results)
         deadline = t0 + timeout
         while pending:
             result, error = q.get(timeout=max(0.1, deadline - time.monotonic()))
@@ -223,9 +223,10 @@ def grpc_generate_many(
                 client.stop_stream(cancel_requests=True)
                 for rid in pending:
                     results[rid].error = "cancelled by client"
+                pending.clear()
                 break
     finally:
-        client.stop_stream(cancel_requests=True)
+        client.stop_stream(cancel_requests=bool(pending))
         client.close()
     return [results[f"r{i}"] for i in range(len(requests))]
 
