@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "export": "warmstart.commands.export",
     "inspect": "warmstart.commands.inspect",
     "scheduler": "warmstart.commands.scheduler",
+    "serve": "warmstart.commands.serve",
     "store": "warmstart.commands.store",
     "verify": "warmstart.commands.verify",
 }
