@@ -154,3 +154,27 @@ def test_streamer_releases_held_back_text_that_was_not_a_stop_string() -> None:
     assert not s.stopped
     assert "".join(deltas) == "an ENd"
     assert deltas[-4:] == ["", "", "ENd", ""]  # "EN" held back until it could no longer become "END"
+
+
+def _full_sort_reference(x: np.ndarray, p: SamplingParams) -> np.ndarray:
+    z = x.astype(np.float64) / p.temperature
+    order = np.argsort(-z, kind="stable")[: p.top_k or None]
+    e = np.exp(z[order] - z.max())
+    cum = np.cumsum(e) / e.sum()
+    return order[: min(int(np.searchsorted(cum, p.top_p)) + 1, len(order))] if p.top_p < 1 else order
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8, top_p=0.9),
+        SamplingParams(temperature=6.0, top_p=0.99),  # flat: the nucleus search has to grow
+        SamplingParams(temperature=0.8, top_k=50, top_p=0.5),
+        SamplingParams(temperature=0.8, top_k=7),
+    ],
+)
+def test_filtered_candidates_equal_a_full_sort_with_ties_broken_by_id(params: SamplingParams) -> None:
+    logits = np.round(np.random.default_rng(3).normal(0, 3, 5000), 1).astype(np.float32)  # many ties
+    ids, probs = filtered_probs(logits, params)
+    assert ids.tolist() == _full_sort_reference(logits, params).tolist()
+    assert abs(probs.sum() - 1) < 1e-12

@@ -116,24 +116,48 @@ def rng_for(seed: int, position: int) -> np.random.Generator:
     return np.random.Generator(np.random.Philox(key=np.array([seed, position], dtype=np.uint64)))
 
 
+def _ranked(x: np.ndarray, n: int) -> np.ndarray:
+    """Ids of the ``n`` largest entries of ``x``, by descending value, ties by ascending id. O(V + n log n)."""
+    if n >= len(x):
+        return np.argsort(-x, kind="stable")
+    threshold = np.partition(x, len(x) - n)[len(x) - n]  # the n-th largest value
+    cand = np.flatnonzero(x >= threshold)  # ascending ids, at least n of them
+    return cand[np.argsort(-x[cand], kind="stable")[:n]]
+
+
 def filtered_probs(logits: np.ndarray, params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """Temperature, top-k and top-p applied to ``logits`` [vocab].
 
-    Returns ``(token_ids, probs)``: candidate ids in descending-logit order (ties by id) and their
-    renormalized float64 probabilities.
+    Returns ``(token_ids, probs)``: the candidate ids and their renormalized float64 probabilities.
+    With top-k or top-p the ids are in descending-logit order (ties by id); with neither, all ids in
+    id order (no sort needed). The result does not depend on how the candidates were searched for.
     """
     x = np.asarray(logits, dtype=np.float64) / params.temperature  # [V]
-    order = np.argsort(-x, kind="stable")  # [V]
+    e = np.exp(x - x.max())  # unnormalized probabilities
+    vocab = len(x)
+    if params.top_k == 0 and params.top_p >= 1.0:
+        return np.arange(vocab), e / e.sum()
     if params.top_k > 0:
-        order = order[: params.top_k]
-    z = x[order]
-    p = np.exp(z - z[0])
-    p /= p.sum()
+        ids = _ranked(x, min(params.top_k, vocab))
+        total = e[ids].sum()
+    else:
+        ids, total = np.empty(0, np.int64), e.sum()
     if params.top_p < 1.0:
+        if params.top_k > 0:
+            cum = np.cumsum(e[ids]) / total
+        else:  # rank a growing prefix until it holds the nucleus (usually a few hundred ids)
+            n = 256
+            while True:
+                ids = _ranked(x, min(n, vocab))
+                cum = np.cumsum(e[ids]) / total
+                if cum[-1] >= params.top_p or len(ids) == vocab:
+                    break
+                n *= 4
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep = int(np.searchsorted(np.cumsum(p), params.top_p, side="left")) + 1
-        order, p = order[:keep], p[:keep] / p[:keep].sum()
-    return order, p
+        keep = min(int(np.searchsorted(cum, params.top_p, side="left")) + 1, len(ids))
+        ids = ids[:keep]
+    p = e[ids]
+    return ids, p / p.sum()
 
 
 def sample_token(logits: np.ndarray, params: SamplingParams, position: int) -> int:
