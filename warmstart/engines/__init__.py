@@ -21,6 +21,7 @@ from warmstart.engines.base import (
     NoFreeSlot,
     PromptTooLong,
     SeqState,
+    UnknownEngineKind,
     UnsupportedModel,
 )
 from warmstart.engines.generator import BatchedGenerator, RequestHandle
@@ -28,10 +29,6 @@ from warmstart.engines.sampling import SamplingParams, sample_token
 from warmstart.engines.streaming import TextStreamer
 
 ENGINE_KINDS = ("torch", "jax")
-
-
-class UnknownEngineKind(EngineError, ValueError):
-    """`build_engine` was asked for an engine kind that does not exist."""
 
 
 def build_engine(

@@ -39,6 +39,10 @@ class UnsupportedModel(EngineError, ValueError):
     """The model config uses a feature this engine does not implement."""
 
 
+class UnknownEngineKind(EngineError, ValueError):
+    """`build_engine` was asked for an engine kind that does not exist."""
+
+
 class MissingWeight(EngineError, KeyError):
     """A tensor the model needs is absent from the weights dict."""
 
