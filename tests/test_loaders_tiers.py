@@ -457,6 +457,7 @@ def test_corrupt_disk_copy_is_evicted_and_refetched_from_remote(
     assert [x.source for x in host.transfers] == ["remote"]
     del host
     assert_equal(load_params(uri, tiers=t), src)
+    assert wait_disk_copies(60) == []  # the disk tier is refilled from the new memory copy
     wf.open(t.disk.root / key).verify()
 
 

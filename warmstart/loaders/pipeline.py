@@ -169,6 +169,30 @@ BUFFERS = BufferPool(parse_size(os.environ.get("WARMSTART_BUFFER_POOL", "4GiB"))
 """The process's pool of remote-read buffers; ``WARMSTART_BUFFER_POOL`` bounds its idle bytes (0 disables)."""
 
 
+_MADV_POPULATE_WRITE = 23
+_libc: ctypes.CDLL | None = None
+
+
+def populate_write(view: memoryview) -> bool:
+    """Fault in the whole pages of a writable buffer now, in one call (``MADV_POPULATE_WRITE``, Linux 5.14+).
+
+    Measured here on 512 MiB of fresh anonymous memory: 0.35 s against 0.55-0.69 s for the same pages
+    faulted one at a time by the copies that fill them; already-present pages cost only a page-table walk
+    (a reused pool buffer). False where the kernel lacks it (the copies then fault the pages in).
+    """
+    global _libc
+    n = len(view)
+    if n < mmap.PAGESIZE or view.readonly:
+        return False
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
+    lo = -(-addr // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (addr + n) // mmap.PAGESIZE * mmap.PAGESIZE
+    return hi > lo and _libc.madvise(lo, hi - lo, _MADV_POPULATE_WRITE) == 0
+
+
 def _bad_chunk(index: Index, pi: int, ci: int, where: str) -> ChecksumMismatch:
     part = index.partitions[pi]
     start, end = index.chunk_range(pi, ci)
@@ -268,30 +292,28 @@ def _jobs(index: Index, get_bytes: int) -> list[tuple[int, int, int]]:
 
 
 def remote_to(
-    src: TensorStoreSource,
+    src: TensorStoreSource | HttpReader,
     index: Index,
     *,
     buffers: Sequence[memoryview] | None = None,
     mem_dir: Path | None = None,
     disk_dir: Path | None = None,
-    reader: HttpReader | None = None,
     threads: int = REMOTE_THREADS,
     get_bytes: int = REMOTE_GET_BYTES,
 ) -> float:
     """Fetch every partition chunk into ``buffers`` and/or the partition files of ``mem_dir`` and ``disk_dir``.
 
-    Every chunk is verified against its xxh3 as it arrives. With a ``reader`` (direct HTTP), ``threads``
+    Every chunk is verified against its xxh3 as it arrives. From an :class:`HttpReader`, ``threads``
     threads each GET ``get_bytes`` runs of chunks and stream them, ``PIECE_BYTES`` at a time, into the
     destination buffer or (for files) a small reused staging buffer that is hashed and ``pwrite``-n to each
     file: every byte is copied once per destination by the kernel, nothing is held in Python objects.
-    Without one, TensorStore reads the chunks (8 in flight). Returns the seconds spent.
+    From a :class:`TensorStoreSource`, TensorStore reads the chunks (8 in flight). Returns the seconds spent.
     """
     t0 = time.perf_counter()
     files = _TierFiles(index, mem_dir, disk_dir) if mem_dir or disk_dir else None
-    ok = False
     try:
-        if reader is not None:
-            _http_fill(reader, index, buffers=buffers, files=files, threads=threads, get_bytes=get_bytes)
+        if isinstance(src, HttpReader):
+            _http_fill(src, index, buffers=buffers, files=files, threads=threads, get_bytes=get_bytes)
         else:
             _tensorstore_fill(src, index, buffers, files)
         if files is not None:
@@ -299,12 +321,11 @@ def remote_to(
                 files.sync()
             except OSError as e:
                 raise _write_error(e, str(disk_dir)) from e
-        ok = True
     finally:
         if files is not None:
             files.close()
-        if reader is not None and not ok:
-            reader.close()
+        if isinstance(src, HttpReader):
+            src.close()  # the threads are done (and after a failure, connections may hold half-read bodies)
     return time.perf_counter() - t0
 
 
@@ -358,6 +379,8 @@ def _http_fill(
                 start = index.chunk_range(pi, c0)[0]
                 end = index.chunk_range(pi, c1 - 1)[1]
                 body = reader.get(part.file, start, end - start)
+                if buffers is not None:  # fault the range in bulk while the response body arrives
+                    populate_write(buffers[pi][start:end])
                 for ci in range(c0, c1):
                     s, e = index.chunk_range(pi, ci)
                     h = xxhash.xxh3_64()
@@ -509,7 +532,7 @@ def local_copy(src_dir: Path, index: Index, dst_dir: Path, *, step: int = DISK_R
 
 
 def copy_model_files(
-    src: LocalSource | TensorStoreSource, index: Index, index_bytes: bytes, dirs: Sequence[Path]
+    src: LocalSource | TensorStoreSource | HttpReader, index: Index, index_bytes: bytes, dirs: Sequence[Path]
 ) -> None:
     """Copy the model files (verified) and then ``index.json`` (the validated bytes) into every directory."""
     for f in index.files:

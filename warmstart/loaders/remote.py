@@ -92,15 +92,17 @@ class HttpReader:
             self._all.append(c)
         return c
 
-    def get(self, name: str, offset: int, length: int) -> Body:
-        """Start ``GET name`` for bytes ``[offset, offset + length)``; read the body before the next get."""
-        if not spec.is_safe_file_name(name):
+    def _request(self, name: str, byte_range: tuple[int, int] | None) -> tuple[http.client.HTTPResponse, str]:
+        if not spec.is_safe_file_name(name) and name != spec.INDEX_FILE:
             raise RemoteReadError(f"refusing to read {name!r}: not a plain file name inside the checkpoint")
-        if length <= 0:
-            raise ValueError(f"length must be positive, got {length}")
         url = self.base_url + name
         path = self._path + urllib.parse.quote(name)
-        headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Host": self._netloc}
+        headers = {"Host": self._netloc}
+        what = url
+        if byte_range is not None:
+            offset, length = byte_range
+            headers["Range"] = f"bytes={offset}-{offset + length - 1}"
+            what = f"{url} bytes {offset}+{length}"
         if self._sign is not None:
             headers.update(self._sign("GET", f"{self._scheme}://{self._netloc}{path}"))
         last: BaseException | None = None
@@ -115,14 +117,29 @@ class HttpReader:
             if resp.status == 404:
                 resp.read()
                 raise FileNotFoundError(f"{url} does not exist")
-            if resp.status not in (200, 206):
+            if resp.status not in ((200, 206) if byte_range else (200,)):
                 body = resp.read()[:300].decode(errors="replace")
-                raise RemoteReadError(f"GET {url} bytes {offset}+{length}: HTTP {resp.status} {body}")
-            size = resp.getheader("Content-Length")
-            if size is not None and int(size) != length:
-                raise RemoteReadError(f"GET {url} bytes {offset}+{length}: server sent {size} bytes")
-            return Body(resp, url, length)
-        raise RemoteReadError(f"GET {url}: {last}") from last
+                raise RemoteReadError(f"GET {what}: HTTP {resp.status} {body}")
+            return resp, what
+        raise RemoteReadError(f"GET {what}: {last}") from last
+
+    def get(self, name: str, offset: int, length: int) -> Body:
+        """Start ``GET name`` for bytes ``[offset, offset + length)``; read the body before the next get."""
+        if length <= 0:
+            raise ValueError(f"length must be positive, got {length}")
+        resp, what = self._request(name, (offset, length))
+        size = resp.getheader("Content-Length")
+        if size is not None and int(size) != length:
+            raise RemoteReadError(f"GET {what}: the server sent {size} bytes")
+        return Body(resp, what, length)
+
+    def read(self, name: str) -> bytes:
+        """A whole (small) object: ``index.json`` or a model file."""
+        resp, what = self._request(name, None)
+        try:
+            return resp.read()
+        except (OSError, http.client.HTTPException) as e:
+            raise RemoteReadError(f"GET {what}: {e}") from e
 
     def close(self) -> None:
         with self._lock:

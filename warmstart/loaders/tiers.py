@@ -39,7 +39,7 @@ from warmstart.format.sources import LocalSource, TensorStoreSource, is_uri
 from warmstart.loaders import pipeline
 from warmstart.loaders.hostcache import DiskCache, HostCache, Lease, default_host_root, validate_name
 from warmstart.loaders.pipeline import Transfer
-from warmstart.loaders.remote import http_reader_for
+from warmstart.loaders.remote import HttpReader, http_reader_for
 from warmstart.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -256,8 +256,9 @@ def _report(t: Tiers, transfers: list[Transfer]) -> None:
             t.on_transfer(tr)
 
 
-def _fetch_index(uri: str) -> tuple[TensorStoreSource, Index, bytes]:
-    src = TensorStoreSource(uri)
+def _fetch_index(uri: str) -> tuple[TensorStoreSource | HttpReader, Index, bytes]:
+    """The remote source of ``uri`` (direct HTTP where possible, else TensorStore) and its validated index."""
+    src: TensorStoreSource | HttpReader = http_reader_for(uri) or TensorStoreSource(uri)
     try:
         raw = src.read(spec.INDEX_FILE)
     except FileNotFoundError:
@@ -278,7 +279,7 @@ def ensure_disk(uri: str, key: str, t: Tiers) -> tuple[Lease, list[Transfer]]:
             return lease, transfers
         src, index, raw = _fetch_index(uri)
         with t.disk.filling(key, index.total_bytes, on_evict=_evict_cb(t, "disk")) as f:
-            secs = pipeline.remote_to(src, index, disk_dir=f.path, reader=http_reader_for(uri))
+            secs = pipeline.remote_to(src, index, disk_dir=f.path)
             pipeline.copy_model_files(src, index, raw, [f.path])
         transfers.append(Transfer("remote", ("disk",), index.total_bytes, secs))
         assert f.lease is not None
@@ -348,7 +349,7 @@ def _remote_to_memory(uri: str, key: str, t: Tiers, transfers: list[Transfer]) -
             copy_to_disk = not t.disk.contains(key)
     try:
         with t.memory.filling(key, index.total_bytes, on_evict=_evict_cb(t, "memory")) as f:
-            secs = pipeline.remote_to(src, index, mem_dir=f.path, reader=http_reader_for(uri))
+            secs = pipeline.remote_to(src, index, mem_dir=f.path)
             pipeline.copy_model_files(src, index, raw, [f.path])
         transfers.append(Transfer("remote", ("memory",), index.total_bytes, secs))
         assert f.lease is not None
@@ -447,7 +448,7 @@ def _open_remote(uri: str, key: str, t: Tiers) -> HostCheckpoint:
         return _from_lease(lease, uri, transfers)
     src, index, _ = _fetch_index(uri)
     views = pipeline.anonymous_partitions(index)  # the views keep the buffer out of the pool
-    secs = pipeline.remote_to(src, index, buffers=views, reader=http_reader_for(uri))
+    secs = pipeline.remote_to(src, index, buffers=views)
     transfers = [Transfer("remote", ("buffer",), index.total_bytes, secs)]
     _report(t, transfers)
     return HostCheckpoint(index, views, tier="remote", location=uri, read_file=src.read, transfers=transfers)
