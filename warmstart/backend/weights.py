@@ -119,6 +119,13 @@ def _read_json(read_file: Any, location: str, name: str, *, required: bool) -> d
     return obj
 
 
+def source_tier(host: Any) -> str:
+    """The tier the bytes came from: the source of the first transfer when the load filled a cache (a first
+    load through the memory tier is a disk or remote load), else the tier the checkpoint was found in."""
+    transfers = getattr(host, "transfers", None) or []
+    return str(transfers[0].source) if transfers else str(host.tier)
+
+
 def load_checkpoint(ref: str, engine: str, *, dtype: str | None = None) -> LoadedCheckpoint:
     """Bring the checkpoint ``ref`` (already resolved) into host memory and load what ``engine`` needs.
 
@@ -155,12 +162,13 @@ def load_checkpoint(ref: str, engine: str, *, dtype: str | None = None) -> Loade
 
         weights = params_from_host(host, dtype=dtype)
     seconds = time.perf_counter() - t0
-    logger.info("checkpoint %s loaded from the %s tier in %.3f s", location, host.tier, seconds)
+    tier = source_tier(host)
+    logger.info("checkpoint %s loaded from the %s tier in %.3f s", location, tier, seconds)
     return LoadedCheckpoint(
         location=location,
         config=config,
         tokenizer_json=tokenizer_json,
-        tier=str(host.tier),
+        tier=tier,
         seconds=seconds,
         weights=weights,
         generation_config=generation_config,
