@@ -62,7 +62,7 @@ WS_TIERS = ("memory", "disk-warm", "disk-cold", "remote")
 BASELINES = ("baseline", "baseline-cold")
 ALL_COMPETITORS = (*BASELINES, *WS_TIERS)
 PROMPT = "The capital of France is"
-DECODE_PROMPT = "Write a long story about a dragon who learns to cook."
+DECODE_PROMPT = "Once upon a time, in a small village by the sea, there lived"  # SmolLM2: 64+ tokens, no EOS
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # The generated ~1 GiB Llama: hidden 2048, 16 layers, 16 heads (head_dim 128), 4 KV heads (GQA), MLP 2816,
@@ -615,8 +615,10 @@ def stream_requests(
         if not done.wait(timeout):
             raise TimeoutError(f"{model}: streams not finished after {timeout:.0f} s")
     finally:
+        # Cancel only requests still pending: on Triton 2.51, cancelling finished requests of a decoupled
+        # model can leave it stuck in UNLOADING at the next unload.
         with contextlib.suppress(Exception):
-            client.stop_stream(cancel_requests=True)
+            client.stop_stream(cancel_requests=not done.is_set())
         client.close()
     for r in results:
         if r.error:
@@ -660,6 +662,13 @@ class TierControl:
 
     def disk_dir(self, m: BenchModel) -> Path | None:
         raise NotImplementedError
+
+    def transfer_totals(self) -> dict[str, tuple[float, float]]:
+        """Cumulative (seconds, bytes) of transfers into the tiers, by source tier (empty if unknown)."""
+        return {}
+
+    def settle(self, m: BenchModel, timeout: float = 300.0) -> None:
+        """Wait until background transfers that concern ``m`` are over (none by default)."""
 
     def close(self) -> None:
         pass
@@ -777,6 +786,36 @@ class StoreTiers(TierControl):
     def disk_dir(self, m: BenchModel) -> Path | None:
         return self._disk_paths.get(m.store_name)
 
+    def settle(self, m: BenchModel, timeout: float = 300.0) -> None:
+        """The store copies memory -> disk in the background after a remote fill: wait until a model held in
+        memory is also on disk and the transfer counters stand still, so no copy overlaps a measurement."""
+        deadline = time.monotonic() + timeout
+        last = self.transfer_totals()
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            entry = next((e for e in self.client.models() if e.get("name") == m.store_name), None)
+            tiers = set(entry.get("tiers", [])) if entry else set()
+            now = self.transfer_totals()
+            if now == last and ("memory" not in tiers or "disk" in tiers):
+                return
+            last = now
+        _log(f"  warning: the node store was still busy with {m.store_name} after {timeout:.0f} s")
+
+    def transfer_totals(self) -> dict[str, tuple[float, float]]:
+        out: dict[str, list[float]] = {}
+        for line in self.client.metrics().splitlines():
+            m = _METRIC_LINE.match(line)
+            if not m:
+                continue
+            source = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2))).get("source")
+            if source is None:
+                continue
+            if m.group(1) == "warmstart_store_load_seconds_sum":
+                out.setdefault(source, [0.0, 0.0])[0] = float(m.group(3))
+            elif m.group(1) == "warmstart_store_transferred_bytes_total":
+                out.setdefault(source, [0.0, 0.0])[1] = float(m.group(3))
+        return {k: (v[0], v[1]) for k, v in out.items()}
+
     def close(self) -> None:
         self.store.stop()
         with contextlib.suppress(OSError):
@@ -813,9 +852,12 @@ class Sample:
     rep: int
     ttft: float
     triton_load: float
-    weight_load: float | None
+    weight_load: float | None  # the backend's load metric (warmstart: checkpoint -> warmed-up engine)
     first_token: float
-    tier_reported: str | None = None
+    tier_reported: str | None = None  # the tier label of warmstart_model_load_seconds
+    transfer: float | None = None  # seconds the node store spent moving bytes into its tiers for this load
+    moved: dict[str, int] = field(default_factory=dict)  # bytes the store moved, by source tier
+    text: str = ""
 
 
 @dataclass
@@ -865,27 +907,48 @@ class Bench:
             self.unload(name)
             assert self.tiers is not None
             self.tiers.prepare(m, competitor)
+            self.tiers.settle(m)
             disk = self.tiers.disk_dir(m)
             if competitor == "disk-warm" and disk is not None:
                 warm_page_cache(disk)
             elif competitor == "disk-cold" and disk is not None:
                 evict_page_cache(disk)
+        before = self.tiers.transfer_totals() if self.tiers is not None else {}
         t0 = time.perf_counter()
         self.load(name)
         t1 = time.perf_counter()
         (r,) = stream_requests(self.server.grpc_url, name, PROMPT, self.args.max_tokens)
         if r.t_first is None:
             raise RuntimeError(f"{name}: no token came back")
+        after = self.tiers.transfer_totals() if self.tiers is not None else {}
+        moved = {k: int(v[1] - before.get(k, (0.0, 0.0))[1]) for k, v in after.items()}
+        moved = {k: v for k, v in moved.items() if v > 0}
+        transfer = sum(v[0] - before.get(k, (0.0, 0.0))[0] for k, v in after.items()) if after else None
         if competitor in BASELINES:
             weight, labels = read_metric(self.server.metrics_url, "coldstart_baseline_load_seconds", name)
         else:
             weight, labels = read_metric(self.server.metrics_url, "warmstart_model_load_seconds", name)
         self.unload(name)
-        s = Sample(key, competitor, rep, r.t_first - t0, t1 - t0, weight, r.t_first - t1, labels.get("tier"))
+        if self.tiers is not None and competitor not in BASELINES:
+            self.tiers.settle(m)  # the next cold start must not overlap this one's background copies
+        s = Sample(
+            key,
+            competitor,
+            rep,
+            r.t_first - t0,
+            t1 - t0,
+            weight,
+            r.t_first - t1,
+            labels.get("tier"),
+            transfer if competitor not in BASELINES else None,
+            moved,
+            r.text,
+        )
+        moved_text = ", ".join(f"{v / 1e6:.0f} MB from {k}" for k, v in moved.items()) or "nothing"
         _log(
             f"  rep {rep} {key:8s} {competitor:13s} ttft {s.ttft:7.3f} s  (load {s.triton_load:6.3f}, "
-            f"weights {_fmt(s.weight_load)}, first token {s.first_token:6.3f}; tier {s.tier_reported or '-'}) "
-            f"text {r.text!r}"
+            f"backend {_fmt(s.weight_load)}, store transfer {_fmt(s.transfer)}, first token "
+            f"{s.first_token:6.3f}; store moved {moved_text}) text {r.text!r}"
         )
         return s
 
@@ -907,6 +970,8 @@ class Bench:
                 rs = stream_requests(self.server.grpc_url, name, DECODE_PROMPT, self.args.decode_tokens, n=n)
                 wall = time.perf_counter() - t0
                 toks = sum(r.tokens for r in rs)
+                if any(r.t_first is None for r in rs):
+                    raise RuntimeError(f"{name}: a stream produced no token (EOS first?)")
                 # decode rate: tokens after each stream's first, over the time from first to last token
                 first = min(r.t_first for r in rs if r.t_first is not None)
                 last = max(r.t_end for r in rs if r.t_end is not None)
@@ -959,9 +1024,12 @@ def summarize(bench: Bench, competitors: list[str]) -> dict[str, Any]:
                 "ttft_s": _median([s.ttft for s in ss]),
                 "triton_load_s": _median([s.triton_load for s in ss]),
                 "weight_load_s": _median([s.weight_load for s in ss]),
+                "store_transfer_s": _median([s.transfer for s in ss]),
                 "first_token_s": _median([s.first_token for s in ss]),
                 "ttft_all_s": [s.ttft for s in ss],
                 "tier_reported": sorted({s.tier_reported for s in ss if s.tier_reported}),
+                "store_moved_from": sorted({k for s in ss for k in s.moved}),
+                "text": ss[0].text,
             }
         for c, row in rows.items():
             base = rows.get("baseline-cold" if c in ("disk-cold", "baseline-cold") else "baseline")
@@ -1024,22 +1092,23 @@ def targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_table(summary: dict[str, Any]) -> str:
     lines = [
-        f"{'model':8s} {'competitor':13s} {'n':>2s} {'TTFT s':>8s} {'Triton load':>11s} {'weights':>8s} "
-        f"{'1st token':>9s} {'vs baseline':>11s}  tier"
+        f"{'model':8s} {'competitor':13s} {'n':>2s} {'TTFT s':>8s} {'Triton load':>11s} {'backend load':>12s} "
+        f"{'store xfer':>10s} {'1st token':>9s} {'vs baseline':>11s}  store moved from"
     ]
     for key, s in summary.items():
         for c, r in s["competitors"].items():
             sp = r["speedup_vs_baseline"]
+            moved = ",".join(r.get("store_moved_from", [])) or ("-" if c in BASELINES else "nothing")
             lines.append(
                 f"{key:8s} {c:13s} {r['n']:2d} {_fmt(r['ttft_s'], '8.3f')} {_fmt(r['triton_load_s'], '11.3f')} "
-                f"{_fmt(r['weight_load_s'], '8.3f')} {_fmt(r['first_token_s'], '9.3f')} "
-                f"{(f'{sp:10.1f}x' if sp else '          -')}  {','.join(r['tier_reported']) or '-'}"
+                f"{_fmt(r['weight_load_s'], '12.3f')} {_fmt(r.get('store_transfer_s'), '10.3f')} "
+                f"{_fmt(r['first_token_s'], '9.3f')} {(f'{sp:10.2f}x' if sp else '          -')}  {moved}"
             )
         if s.get("raw_s3_read_s") is not None:
             gb = s["checkpoint_bytes"] / 1e9
             lines.append(
                 f"{key:8s} {'raw S3 read':13s} {len(s['raw_s3_read_all_s']):2d} {s['raw_s3_read_s']:8.3f}"
-                f"   ({gb / s['raw_s3_read_s']:.2f} GB/s over {gb:.3f} GB)"
+                f"   ({gb / s['raw_s3_read_s']:.2f} GB/s over {gb:.3f} GB, parallel ranged GETs)"
             )
     return "\n".join(lines)
 
@@ -1068,44 +1137,41 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = list(summary)
-    fig, axes = plt.subplots(1, len(keys), figsize=(6.5 * len(keys), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(7 * len(keys), 5), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         rows = summary[key]["competitors"]
         names = list(rows)
-        weights = [rows[c]["weight_load_s"] or 0.0 for c in names]
-        other = [max(0.0, (rows[c]["triton_load_s"] or 0.0) - w) for c, w in zip(names, weights, strict=True)]
+        # segments: store transfer | rest of the backend's load | rest of Triton's load | first token
+        xfer = [min(rows[c].get("store_transfer_s") or 0.0, rows[c]["weight_load_s"] or 0.0) for c in names]
+        backend = [max(0.0, (rows[c]["weight_load_s"] or 0.0) - x) for c, x in zip(names, xfer, strict=True)]
+        triton = [
+            max(0.0, (rows[c]["triton_load_s"] or 0.0) - (rows[c]["weight_load_s"] or 0.0)) for c in names
+        ]
         first = [rows[c]["first_token_s"] or 0.0 for c in names]
-        x = range(len(names))
-        ax.bar(x, weights, label="weight load", color="#4C72B0")
-        ax.bar(x, other, bottom=weights, label="rest of Triton model load", color="#DD8452")
-        ax.bar(
-            x,
-            first,
-            bottom=[a + b for a, b in zip(weights, other, strict=True)],
-            label="first token",
-            color="#55A868",
-        )
+        segments = [
+            (xfer, "node store transfer into memory", "#8172B2"),
+            (backend, "backend load (weights, engine, warm-up; baseline: from_pretrained)", "#4C72B0"),
+            (triton, "rest of Triton model load (stub start, imports)", "#DD8452"),
+            (first, "first token after load", "#55A868"),
+        ]
+        x = list(range(len(names)))
+        bottom = [0.0] * len(names)
+        for values, label, color in segments:
+            ax.bar(x, values, bottom=bottom, label=label, color=color)
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         for i, c in enumerate(names):
-            t = rows[c]["ttft_s"]
-            ax.text(
-                i,
-                (weights[i] + other[i] + first[i]) * 1.01,
-                f"{t:.2f}s",
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
+            ax.text(i, bottom[i] * 1.01, f"{rows[c]['ttft_s']:.2f}s", ha="center", va="bottom", fontsize=8)
         raw = summary[key].get("raw_s3_read_s")
         if raw is not None and "memory" in rows:
             ax.axhline(
                 raw + rows["memory"]["ttft_s"], color="grey", ls="--", lw=1, label="raw S3 read + memory TTFT"
             )
-        ax.set_xticks(list(x))
+        ax.set_xticks(x)
         ax.set_xticklabels(names, rotation=20)
         gib = summary[key]["checkpoint_bytes"] / GIB
-        ax.set_title(f"{key} ({gib:.2f} GiB): time to first token, cold (median)")
+        ax.set_title(f"{key} ({gib:.2f} GiB): cold start to first token (median)")
         ax.set_ylabel("seconds")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1274,6 +1340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python benchmarks/coldstart.py " + " ".join(sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "code": code_state(),
         "settings": {
             "reps": args.reps,
             "prompt": PROMPT,
@@ -1290,6 +1357,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": bench.errors,
         "seconds": time.monotonic() - t_start,
     }
+
+
+def code_state() -> dict[str, Any]:
+    """The commit measured. tritonserver's stub imports ``warmstart`` from the working tree (editable install;
+    the stub ignores PYTHONPATH), so uncommitted changes under ``warmstart/`` are recorded too."""
+    import subprocess
+
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False)
+        return r.stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "warmstart_changes": git("status", "--short", "warmstart")}
 
 
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
