@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -121,7 +122,7 @@ def worker(kind: str, uri: str, mem_dir: str, disk_dir: str) -> dict[str, Any]:
         total = sum(s for _, s in parts)
         buf = np.empty(total, np.uint8)
         buf.fill(1)  # a reused, pre-faulted buffer
-        mv = memoryview(buf)
+        mv = memoryview(buf.data)
         jobs, base = [], 0
         for f, size in parts:
             jobs += [(f, o, base + o, min(chunk, size - o)) for o in range(0, size, chunk)]
@@ -135,7 +136,7 @@ def worker(kind: str, uri: str, mem_dir: str, disk_dir: str) -> dict[str, Any]:
             errors: list[BaseException] = []
 
             def run() -> None:
-                conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+                conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=120)
                 try:
                     while True:
                         with lock:
@@ -181,12 +182,15 @@ def worker(kind: str, uri: str, mem_dir: str, disk_dir: str) -> dict[str, Any]:
             sd = load_state_dict(uri, tiers=tiers)
             return [t.view(torch.uint8).numpy() for t in sd.values()]
 
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     obj = load()
     t1 = time.perf_counter()
     _touch(obj)
     t2 = time.perf_counter()
-    return {"kind": kind, "seconds": t2 - t0, "load_seconds": t1 - t0}
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"kind": kind, "seconds": t2 - t0, "load_seconds": t1 - t0, "cpu_seconds": cpu}
 
 
 def _clean(*dirs: Path) -> None:
@@ -222,6 +226,7 @@ def main() -> None:
     if not (ckpt / "index.json").exists():
         make_checkpoint(ckpt, a.size_mib)
     runs: dict[str, list[float]] = {k: [] for k in kinds}
+    cpu: dict[str, list[float]] = {k: [] for k in kinds}
     with SeaweedFS(SeaweedFSConfig(data_dir=work / "seaweedfs", buckets=(BUCKET,))) as s3:
         env = dict(os.environ, WARMSTART_S3_ENDPOINT=s3.endpoint)
         os.environ["WARMSTART_S3_ENDPOINT"] = s3.endpoint
@@ -243,23 +248,31 @@ def main() -> None:
                     raise SystemExit(f"{kind} failed:\n{out.stderr[-3000:]}")
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 runs[kind].append(r["seconds"])
+                cpu[kind].append(r["cpu_seconds"])
                 print(
-                    f"rep {rep} {kind:12s} {r['seconds']:.3f} s  {nbytes / r['seconds'] / 1e9:.2f} GB/s",
+                    f"rep {rep} {kind:12s} {r['seconds']:.3f} s  {nbytes / r['seconds'] / 1e9:.2f} GB/s  "
+                    f"cpu {r['cpu_seconds']:.2f} s",
                     flush=True,
                 )
         _clean(mem_dir, disk_dir)
     med = {k: statistics.median(v) for k, v in runs.items() if v}
-    raw = [med[k] for k in ("raw-ts", "raw-http") if k in med]
-    print(f"\n{nbytes / 2**20:.0f} MiB, {a.reps} reps, medians:")
+    raws: list[str] = [k for k in ("raw-ts", "raw-http") if k in med]
+    best: str | None = min(raws, key=lambda k: med[k]) if raws else None
+    print(f"\n{nbytes / 2**20:.0f} MiB, {a.reps} reps, medians; paired = median over reps of t(ws) / t(raw)")
+    print("in the same rep (cancels most drift in background load); cpu = the loading process's user+sys:")
+    paired: dict[str, float] = {}
     for k, v in med.items():
-        line = f"  {k:12s} {v:.3f} s  {nbytes / v / 1e9:.2f} GB/s"
-        if raw and k.startswith("ws"):
-            line += f"  t/t(raw best) = {v / min(raw):.2f}"
-            if "raw-ts" in med:
-                line += f"  t/t(raw-ts) = {v / med['raw-ts']:.2f}"
+        line = f"  {k:12s} {v:.3f} s  {nbytes / v / 1e9:.2f} GB/s  cpu {statistics.median(cpu[k]):.2f} s"
+        if best is not None and k.startswith("ws"):
+            paired[k] = statistics.median(x / y for x, y in zip(runs[k], runs[best], strict=True))
+            line += f"  t/t({best}) = {v / med[best]:.2f}  paired {paired[k]:.2f}"
         print(line)
     if a.json:
-        a.json.write_text(json.dumps({"bytes": nbytes, "runs": runs, "medians": med}, indent=1))
+        a.json.write_text(
+            json.dumps(
+                {"bytes": nbytes, "runs": runs, "cpu": cpu, "medians": med, "paired": paired}, indent=1
+            )
+        )
     if a.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

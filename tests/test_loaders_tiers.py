@@ -549,6 +549,20 @@ def test_full_memory_tier_raises_storage_full_and_leaves_nothing(
         assert mem.entries() == [] and list((mem.root / ".tmp").iterdir()) == []
 
 
+@pytest.mark.s3
+def test_full_memory_tier_raises_storage_full_when_filled_from_s3(
+    tmp_path: Path, seaweedfs: object, small_tmpfs: Callable[[str], Path]
+) -> None:
+    path = tmp_path / "ckpt"
+    save(path, scale=30)
+    uri = "s3://models/test-loaders/full-memory/"
+    upload(path, uri)
+    mem = HostCache(small_tmpfs("size=8m"))
+    with pytest.raises(StorageFull, match="no space"):
+        open_host(uri, tiers=Tiers(memory=mem))
+    assert mem.entries() == [] and list((mem.root / ".tmp").iterdir()) == []
+
+
 def test_full_disk_under_memory_fill_keeps_the_memory_copy_and_reports_the_disk_error(
     tmp_path: Path, small_tmpfs: Callable[[str], Path]
 ) -> None:

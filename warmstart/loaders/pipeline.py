@@ -180,17 +180,26 @@ def populate_write(view: memoryview) -> bool:
     faulted one at a time by the copies that fill them; already-present pages cost only a page-table walk
     (a reused pool buffer). False where the kernel lacks it (the copies then fault the pages in).
     """
+    return _populate_write(view) == 0
+
+
+def _populate_write(view: memoryview) -> int:
+    """0, or the errno of ``madvise(MADV_POPULATE_WRITE)`` over the whole pages of ``view``."""
     global _libc
     n = len(view)
-    if n < mmap.PAGESIZE or view.readonly:
-        return False
+    if view.readonly:
+        return errno.EINVAL
+    if n < mmap.PAGESIZE:
+        return 0
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
         _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
     lo = -(-addr // mmap.PAGESIZE) * mmap.PAGESIZE
     hi = (addr + n) // mmap.PAGESIZE * mmap.PAGESIZE
-    return hi > lo and _libc.madvise(lo, hi - lo, _MADV_POPULATE_WRITE) == 0
+    if hi <= lo or _libc.madvise(lo, hi - lo, _MADV_POPULATE_WRITE) == 0:
+        return 0
+    return ctypes.get_errno()
 
 
 def _bad_chunk(index: Index, pi: int, ci: int, where: str) -> ChecksumMismatch:
@@ -310,10 +319,23 @@ def remote_to(
     From a :class:`TensorStoreSource`, TensorStore reads the chunks (8 in flight). Returns the seconds spent.
     """
     t0 = time.perf_counter()
-    files = _TierFiles(index, mem_dir, disk_dir) if mem_dir or disk_dir else None
+    maps = None
+    if isinstance(src, HttpReader) and mem_dir is not None and buffers is None:
+        maps = _SharedMaps(mem_dir, index)  # receive straight into the memory-tier files
+        buffers, mem_dir = maps.views, None
+    files = None
     try:
+        files = _TierFiles(index, mem_dir, disk_dir) if mem_dir or disk_dir else None
         if isinstance(src, HttpReader):
-            _http_fill(src, index, buffers=buffers, files=files, threads=threads, get_bytes=get_bytes)
+            _http_fill(
+                src,
+                index,
+                buffers=buffers,
+                files=files,
+                threads=threads,
+                get_bytes=get_bytes,
+                shared=None if maps is None else maps.directory,
+            )
         else:
             _tensorstore_fill(src, index, buffers, files)
         if files is not None:
@@ -324,9 +346,61 @@ def remote_to(
     finally:
         if files is not None:
             files.close()
+        if maps is not None:
+            maps.close()
         if isinstance(src, HttpReader):
             src.close()  # the threads are done (and after a failure, connections may hold half-read bodies)
     return time.perf_counter() - t0
+
+
+class _SharedMaps:
+    """The partition files of a memory-tier fill directory at their final size, mapped shared and writable.
+
+    Receiving straight into these mappings is one kernel copy per byte (socket → tmpfs page). Their pages
+    are allocated in bulk, a GET's range at a time, by ``MADV_POPULATE_WRITE`` while the body arrives (fewer
+    and cheaper faults than page by page); a full tmpfs then fails that call (:class:`StorageFull`) instead
+    of raising SIGBUS in a copy. Measured against ``pwrite`` from a staging buffer on /dev/shm, 512 MiB
+    from SeaweedFS, 5 interleaved runs: 1.01x vs 1.15x the raw GETs into a pre-faulted buffer.
+    """
+
+    def __init__(self, directory: Path, index: Index) -> None:
+        self.directory = directory
+        st = os.statvfs(directory)
+        free = st.f_bavail * st.f_frsize
+        if free < index.total_bytes:
+            raise StorageFull(
+                f"no space left in {directory}: {index.total_bytes} bytes needed, {free} free; free memory or "
+                "lower the memory tier's capacity",
+                tier=str(directory),
+                needed=index.total_bytes,
+            )
+        self.views: list[memoryview] = []
+        self._maps: list[mmap.mmap] = []
+        try:
+            for p in index.partitions:
+                fd = os.open(directory / p.file, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+                try:
+                    os.ftruncate(fd, p.size)
+                    if p.size:
+                        m = mmap.mmap(fd, p.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                        self._maps.append(m)
+                        self.views.append(memoryview(m))
+                    else:
+                        self.views.append(memoryview(bytearray(0)))
+                finally:
+                    os.close(fd)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for v in self.views:
+            v.release()
+        self.views = []
+        for m in self._maps:
+            with contextlib.suppress(BufferError):  # a traceback may still hold a slice: GC unmaps it
+                m.close()
+        self._maps = []
 
 
 def _tensorstore_fill(
@@ -361,7 +435,9 @@ def _http_fill(
     files: _TierFiles | None,
     threads: int,
     get_bytes: int,
+    shared: Path | None = None,
 ) -> None:
+    """``shared``: the directory whose tmpfs files ``buffers`` map (their pages must be allocated first)."""
     jobs = _jobs(index, get_bytes)
     jobs.reverse()  # pop() from the end takes them in file order
     lock = threading.Lock()
@@ -380,7 +456,14 @@ def _http_fill(
                 end = index.chunk_range(pi, c1 - 1)[1]
                 body = reader.get(part.file, start, end - start)
                 if buffers is not None:  # fault the range in bulk while the response body arrives
-                    populate_write(buffers[pi][start:end])
+                    err = _populate_write(buffers[pi][start:end])
+                    if err and shared is not None and err != errno.EINVAL:  # EINVAL: kernel < 5.14
+                        raise StorageFull(
+                            f"cannot allocate {end - start} bytes of {shared / part.file} (memory tier full?): "
+                            f"{os.strerror(err)}",
+                            tier=str(shared),
+                            needed=end - start,
+                        )
                 for ci in range(c0, c1):
                     s, e = index.chunk_range(pi, ci)
                     h = xxhash.xxh3_64()
