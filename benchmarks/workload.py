@@ -74,14 +74,14 @@ MB = 10**6
 BYTE_VOCAB = 320  # 256 byte tokens + room; no EOS: generations run to max_tokens
 
 # Generated Llama shapes: hidden 768, 12 heads (head_dim 64), 4 KV heads, MLP 2048, fp32 -> ~24.4 MB per layer.
-LLAMA_BASE = {
+LLAMA_BASE: dict[str, Any] = {
     "hidden_size": 768,
     "intermediate_size": 2048,
     "num_attention_heads": 12,
     "num_key_value_heads": 4,
 }
 DEFAULT_LAYERS = {"llama-a": 2, "llama-b": 4, "llama-c": 7, "llama-d": 10, "llama-e": 14, "llama-f": 18}
-QUICK_BASE = {
+QUICK_BASE: dict[str, Any] = {
     "hidden_size": 256,
     "intermediate_size": 512,
     "num_attention_heads": 4,
@@ -148,7 +148,7 @@ def _mark_done(d: Path) -> None:
     d.with_name(d.name + ".complete").write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
 
 
-def generate_llama(dest: Path, base: dict[str, int], layers: int, seed: int) -> None:
+def generate_llama(dest: Path, base: dict[str, Any], layers: int, seed: int) -> None:
     """A random fp32 Llama (untied head, byte vocabulary) saved as a warmstart checkpoint at ``dest``."""
     import numpy as np
     import transformers
@@ -313,7 +313,7 @@ def prompt_text(model: BenchModel, tokens: int, seed: int) -> str:
 
 
 def _http(
-    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout=60.0
+    method: str, url: str, body: Any = None, headers: dict[str, str] | None = None, timeout: float = 60.0
 ) -> Any:
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
@@ -370,6 +370,7 @@ class Cluster:
     nodes: list[Node] = field(default_factory=list)
     shm: Path | None = None
     generation: int = 0
+    s3_dir: Path | None = None
 
     def start(self) -> None:
         from warmstart.backend.config import model_config, to_pbtxt
@@ -377,12 +378,20 @@ class Cluster:
         from warmstart.objectstore import SeaweedFS, SeaweedFSConfig
         from warmstart.store.owner import StoreServer
 
-        self.s3 = SeaweedFS(SeaweedFSConfig(data_dir=self.work / "seaweedfs", buckets=(BUCKET,))).start()
+        # SeaweedFS keeps its data under the cache: checkpoints are uploaded once (keyed by name and bytes)
+        data = self.s3_dir or self.work / "seaweedfs"
+        self.s3 = SeaweedFS(SeaweedFSConfig(data_dir=data, buckets=(BUCKET,))).start()
         os.environ["WARMSTART_S3_ENDPOINT"] = self.s3.endpoint
-        _log(f"SeaweedFS pid {self.s3.pid} at {self.s3.endpoint}")
+        _log(f"SeaweedFS pid {self.s3.pid} at {self.s3.endpoint}, data in {data}")
+        marker = data / "uploaded.json"
+        uploaded = json.loads(marker.read_text()) if marker.is_file() else {}
         for m in self.models:
+            if uploaded.get(m.name) == m.size_bytes:
+                continue
             t0 = time.monotonic()
             upload(m.ws_dir, f"s3://{BUCKET}/{PREFIX}/{m.name}/", overwrite=True)
+            uploaded[m.name] = m.size_bytes
+            marker.write_text(json.dumps(uploaded))
             _log(f"  uploaded {m.name} ({m.size_bytes / MB:.0f} MB) in {time.monotonic() - t0:.1f} s")
         repo = self.work / "repo"
         for m in self.models:
@@ -506,7 +515,9 @@ class Cluster:
 def initial_layout(models: list[BenchModel], n_servers: int, memory_capacity: int, budget: int) -> Any:
     """Each model in one node's memory tier (largest first, round robin over nodes with room) and on the disk
     tier of that node and the next one; elsewhere only remote. The same for every policy."""
-    layout = {f"node{i}": {"memory": [], "disk": []} for i in range(n_servers)}
+    layout: dict[str, dict[str, list[str]]] = {
+        f"node{i}": {"memory": [], "disk": []} for i in range(n_servers)
+    }
     used = [0] * n_servers
     for j, m in enumerate(sorted(models, key=lambda m: -m.size_bytes)):
         order = [(j + k) % n_servers for k in range(n_servers)]
@@ -549,6 +560,9 @@ class Scheduler:
             "store_poll_interval_s": 0.5,
             "health_interval_s": 1.0,
             "migration_min_gain_s": 1.0,
+            # ServerlessLLM's threshold: switch once fewer than 20 new tokens appeared during a replay round.
+            # With 4 (the default) a destination sharing 2 busy cores with its source rarely catches up.
+            "migration_threshold_tokens": args.migration_threshold,
             "servers": [
                 {
                     "name": n.name,
@@ -778,7 +792,7 @@ def contention_round(
     t, d = r % n, (r + 1) % n
     b = b_models[r % len(b_models)]
     budget = max(m.size_bytes for m in [a, b, *([c] if c else [])]) + 8 * MB  # exactly one model per node
-    layout = {f"node{i}": {"memory": [], "disk": []} for i in range(n)}
+    layout: dict[str, dict[str, list[str]]] = {f"node{i}": {"memory": [], "disk": []} for i in range(n)}
     layout[f"node{t}"]["memory"].append(b.name)
     for i in range(n):
         layout[f"node{i}"]["memory"].append(a.name)
@@ -932,7 +946,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("trace workload", result["policies"])]
+    panels = [("trace workload", result["policies"])] if result["policies"] else []
     if result.get("contention"):
         panels.append(("contention scenario (request for B)", result["contention"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
@@ -961,6 +975,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def code_version() -> dict[str, Any]:
+    """The commit measured, and which files under warmstart/ differed from it (others edit concurrently)."""
+
+    def git(*a: str) -> str:
+        r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False)
+        return r.stdout.strip()
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted": git("status", "--porcelain", "warmstart").splitlines(),
+    }
 
 
 def policy_speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -1011,6 +1038,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--b-after-tokens", type=int, default=8,
                    help="B is sent once every long generation has streamed this many tokens")  # fmt: skip
+    p.add_argument("--migration-threshold", type=int, default=20, help="scheduler migration_threshold_tokens")
+    p.add_argument("--contention-only", action="store_true", help="skip the trace workload")
     p.add_argument("--no-policy-speed", action="store_true")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
@@ -1036,15 +1065,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.cache.mkdir(parents=True, exist_ok=True)
     _log(f"preparing models under {args.cache}")
     models = prepare_models(args.cache, args.quick, with_smollm2=not (args.quick or args.no_smollm2))
-    by_size = {m.name: m.size_bytes for m in models}
-    total = sum(by_size.values())
+    size_of = {m.name: m.size_bytes for m in models}
+    total = sum(size_of.values())
     largest = max(m.size_bytes for m in models)
     budget = max(int(args.budget_frac * total), largest + 8 * MB)
     memory_capacity = (
         budget + largest + 16 * MB
     )  # loaded models are mapped from the memory tier, plus one spare
     layout = initial_layout(models, args.servers, memory_capacity, budget)
-    need = max(sum(by_size[n] for n in node["disk"]) for node in layout.values())
+    need = max(sum(size_of[n] for n in node["disk"]) for node in layout.values())
     disk_capacity = max(int(0.7 * total), need + 8 * MB)  # about 70 % of the models per node
     for m in models:
         _log(f"  {m.name}: {m.size_bytes / MB:.0f} MB")
@@ -1059,12 +1088,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache))
     cluster = Cluster(work, models, args.servers, memory_capacity, disk_capacity)
+    cluster.s3_dir = args.cache / ("seaweedfs-quick" if args.quick else "seaweedfs")
     saved_env = dict(os.environ)
     result: dict[str, Any] = {
         "benchmark": "workload",
         "command": "python benchmarks/workload.py " + " ".join(sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "code": code_version(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "models": {m.name: {"bytes": m.size_bytes, "kind": m.kind} for m in models},
         "cluster": {
@@ -1082,7 +1113,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         cluster.start()
         result["store_bandwidth"] = {}
-        for policy in args.policy_list:
+        for policy in [] if args.contention_only else args.policy_list:
             try:
                 result["policies"][policy] = run_policy(
                     policy, cluster, layout, requests, texts, budget, work, args
@@ -1170,7 +1201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{len(result['errors'])} error(s):")
         for e in result["errors"]:
             print("  " + e)
-    if not args.no_plot and result["policies"]:
+    if not args.no_plot and (result["policies"] or result["contention"]):
         plot(result, args.out / f"{name}.png")
         print(f"\nwrote {args.out / (name + '.json')} and {args.out / (name + '.png')}")
     return 1 if result["errors"] else 0

@@ -49,7 +49,7 @@ def test_workload_is_seeded_scaled_and_clamped(tmp_path: Path, arrivals: str) ->
 def test_initial_layout_puts_each_model_in_one_memory_tier_within_capacity(tmp_path: Path) -> None:
     mod = _load_module()
 
-    class M(mod.BenchModel):  # type: ignore[misc, name-defined]
+    class M(mod.BenchModel):  # type: ignore[name-defined]
         @property
         def size_bytes(self) -> int:
             return int(self.name[1:]) * mod.MB
