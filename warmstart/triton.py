@@ -292,7 +292,12 @@ class TritonServer:
     ``stop()`` is idempotent and leaves no process behind.
     """
 
-    def __init__(self, config: TritonConfig, *, workdir: Path | str | None = None) -> None:
+    def __init__(
+        self, config: TritonConfig, *, workdir: Path | str | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
+        """``env``: variables set for this server (and its backend stubs) on top of this process's environment,
+        e.g. ``{"WARMSTART_STORE": store_url}``; this process's own environment is never changed."""
+        self._extra_env = dict(env or {})
         self._requested = config
         self._config = config
         self._workdir = Path(workdir) if workdir is not None else None
@@ -379,7 +384,9 @@ class TritonServer:
         self._config = dataclasses.replace(cfg, **updates)
         argv = self._config.to_argv(binary)
         logger.info("starting tritonserver: %s", _redact(argv, self._config.repository_api_key))
-        self._process = ManagedProcess(argv, env=triton_env(), log_path=log_file, cwd=self._workdir)
+        self._process = ManagedProcess(
+            argv, env=triton_env({**os.environ, **self._extra_env}), log_path=log_file, cwd=self._workdir
+        )
         self._process.start()
         try:
             self.wait_ready(timeout)
