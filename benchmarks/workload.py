@@ -793,11 +793,11 @@ def contention_round(
     b = b_models[r % len(b_models)]
     budget = max(m.size_bytes for m in [a, b, *([c] if c else [])]) + 8 * MB  # exactly one model per node
     layout: dict[str, dict[str, list[str]]] = {f"node{i}": {"memory": [], "disk": []} for i in range(n)}
-    layout[f"node{t}"]["memory"].append(b.name)
-    for i in range(n):
-        layout[f"node{i}"]["memory"].append(a.name)
-        if c is not None:
-            layout[f"node{i}"]["memory"].append(c.name)
+    others = [i for i in range(n) if i not in (t, d)]
+    layout[f"node{t}"]["memory"] += [b.name, a.name]
+    layout[f"node{d}"]["memory"].append(a.name)
+    if c is not None and others:
+        layout[f"node{others[0]}"]["memory"].append(c.name)
     cluster.restart_tritons()
     cluster.reset_stores(layout)
     sched = Scheduler(work / f"contention-{policy}-{r}", cluster, policy, budget, args)
@@ -805,7 +805,6 @@ def contention_round(
         sched.start()
         sched.preload(f"node{t}", a.name)
         sched.preload(f"node{d}", a.name)
-        others = [i for i in range(n) if i not in (t, d)]
         if c is not None and others:
             sched.preload(f"node{others[0]}", c.name)
         time.sleep(1.0)
