@@ -626,6 +626,28 @@ def stream_requests(
     return results
 
 
+# The runtime's "model X ready in T s (weights W s from the Y tier)" line, when it reaches Triton's log.
+_WEIGHTS_LOG = re.compile(r"ready in [0-9.]+ s \(weights ([0-9.]+) s")
+
+
+def _log_size(path: Path | None) -> int:
+    try:
+        return path.stat().st_size if path is not None else 0
+    except OSError:
+        return 0
+
+
+def _log_tail(path: Path | None, offset: int) -> str:
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
 _METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}\s+([-+0-9.eE]+|NaN)\s*$")
 
 
@@ -858,6 +880,9 @@ class Sample:
     transfer: float | None = None  # seconds the node store spent moving bytes into its tiers for this load
     moved: dict[str, int] = field(default_factory=dict)  # bytes the store moved, by source tier
     text: str = ""
+    weights: float | None = (
+        None  # checkpoint -> weights in memory, when the backend logs it (see _WEIGHTS_LOG)
+    )
 
 
 @dataclass
@@ -870,6 +895,7 @@ class Bench:
     samples: list[Sample] = field(default_factory=list)
     raw_s3: dict[str, list[float]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     # -- one cold start -------------------------------------------------------------------------------------
     def _grpc(self) -> Any:
@@ -914,6 +940,7 @@ class Bench:
             elif competitor == "disk-cold" and disk is not None:
                 evict_page_cache(disk)
         before = self.tiers.transfer_totals() if self.tiers is not None else {}
+        log_offset = _log_size(self.server.log_path)
         t0 = time.perf_counter()
         self.load(name)
         t1 = time.perf_counter()
@@ -931,6 +958,10 @@ class Bench:
         self.unload(name)
         if self.tiers is not None and competitor not in BASELINES:
             self.tiers.settle(m)  # the next cold start must not overlap this one's background copies
+        weights = None
+        if competitor not in BASELINES:
+            m_log = _WEIGHTS_LOG.search(_log_tail(self.server.log_path, log_offset))
+            weights = float(m_log.group(1)) if m_log else None
         s = Sample(
             key,
             competitor,
@@ -943,6 +974,7 @@ class Bench:
             transfer if competitor not in BASELINES else None,
             moved,
             r.text,
+            weights,
         )
         moved_text = ", ".join(f"{v / 1e6:.0f} MB from {k}" for k, v in moved.items()) or "nothing"
         _log(
@@ -1025,6 +1057,7 @@ def summarize(bench: Bench, competitors: list[str]) -> dict[str, Any]:
                 "triton_load_s": _median([s.triton_load for s in ss]),
                 "weight_load_s": _median([s.weight_load for s in ss]),
                 "store_transfer_s": _median([s.transfer for s in ss]),
+                "weights_logged_s": _median([s.weights for s in ss]),
                 "first_token_s": _median([s.first_token for s in ss]),
                 "ttft_all_s": [s.ttft for s in ss],
                 "tier_reported": sorted({s.tier_reported for s in ss if s.tier_reported}),
@@ -1204,6 +1237,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS, help="directory for coldstart.json/.png")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=0.0,
+        help="start no new repetition after this many minutes (0: no limit); medians of what was measured",
+    )
+    p.add_argument(
         "--no-s3",
         action="store_true",
         help="no SeaweedFS: the tiers fill from a local file:// remote; the remote tier is not measured",
@@ -1287,32 +1326,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         bench.server = TritonServer(TritonConfig(model_repositories=(repo,)), workdir=work / "triton").start()
         _log(f"tritonserver pid {bench.server.pid} at {bench.server.grpc_url}; log {bench.server.log_path}")
 
-        # interleaved cold starts: each repetition visits every (model, competitor), order rotating
-        order = [(k, c) for k in models for c in competitors]
-        for rep in range(args.reps):
-            shift = rep % len(order)
-            for key, c in order[shift:] + order[:shift]:
-                if c == "remote" and bench.s3 is not None:
-                    bench.raw_s3.setdefault(key, []).append(bench.raw_s3_once(key))
-                try:
-                    bench.samples.append(bench.cold_start(key, c, rep))
-                except Exception as e:
-                    msg = f"{key} {c} rep {rep}: {type(e).__name__}: {e}"
-                    bench.errors.append(msg)
-                    _log("  FAILED " + msg)
-                    traceback.print_exc()
-                    with contextlib.suppress(Exception):
-                        bench.unload(baseline_name(key) if c in BASELINES else ws_name(key))
-
         decode: dict[str, Any] = {}
         for key in decode_models:
             per: dict[str, Any] = {}
             for eng in [*engines, "baseline"]:
                 name = baseline_name(key) if eng == "baseline" else ws_name(key, eng)
-                if eng != "baseline":
-                    assert bench.tiers is not None
-                    bench.tiers.prepare(models[key], "memory")
                 try:
+                    if eng != "baseline":
+                        assert bench.tiers is not None
+                        bench.tiers.prepare(models[key], "memory")
+                        bench.tiers.settle(models[key])
                     per[eng] = bench.decode_speed(key, name)
                 except Exception as e:
                     per[eng] = {"error": f"{type(e).__name__}: {e}"}
@@ -1321,6 +1344,36 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     with contextlib.suppress(Exception):
                         bench.unload(name)
             decode[key] = per
+
+        # interleaved cold starts: each repetition visits every (model, competitor), order rotating
+        order = [(k, c) for k in models for c in competitors]
+        deadline = t_start + args.budget_minutes * 60 if args.budget_minutes else None
+        rep = 0
+        try:
+            for rep in range(args.reps if order else 0):
+                if deadline is not None and rep > 0 and time.monotonic() > deadline:
+                    bench.notes.append(
+                        f"stopped after {rep} repetitions: --budget-minutes {args.budget_minutes}"
+                    )
+                    _log("  " + bench.notes[-1])
+                    break
+                shift = rep % len(order)
+                for key, c in order[shift:] + order[:shift]:
+                    if c == "remote" and bench.s3 is not None:
+                        bench.raw_s3.setdefault(key, []).append(bench.raw_s3_once(key))
+                    try:
+                        bench.samples.append(bench.cold_start(key, c, rep))
+                    except Exception as e:
+                        msg = f"{key} {c} rep {rep}: {type(e).__name__}: {e}"
+                        bench.errors.append(msg)
+                        _log("  FAILED " + msg)
+                        traceback.print_exc()
+                        with contextlib.suppress(Exception):
+                            bench.unload(baseline_name(key) if c in BASELINES else ws_name(key))
+        except (KeyboardInterrupt, SystemExit):
+            # keep what was measured: the table, JSON and plot are still written
+            bench.notes.append(f"interrupted during repetition {rep}; later samples missing")
+            _log("  " + bench.notes[-1])
     finally:
         if bench.server is not None:
             bench.server.stop()
@@ -1355,6 +1408,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "decode": decode,
         "samples": [s.__dict__ for s in bench.samples],
         "errors": bench.errors,
+        "notes": bench.notes,
         "seconds": time.monotonic() - t_start,
     }
 
@@ -1393,6 +1447,8 @@ def main(argv: list[str] | None = None) -> int:
     if result["decode"]:
         print("\nDecode speed through Triton (model loaded from the memory tier)")
         print(render_decode(result["decode"]))
+    for note in result["notes"]:
+        print(f"\nnote: {note}")
     if result["errors"]:
         print(f"\n{len(result['errors'])} error(s):")
         for e in result["errors"]:
