@@ -10,11 +10,14 @@ Competitors:
 * ``raw-ts``: TensorStore ranged GETs (64 MiB, 8 in flight) → ``bytes`` (as ``benchmarks/load.py``).
 * ``raw-http``: 8 threads of ``http.client`` ranged GETs (64 MiB) into a pre-faulted buffer.
 * ``ws-embedded``: ``load_state_dict(uri)`` with no tiers (aligned anonymous buffer).
+* ``ws-embedded-reuse``: the same, timing the second load of the process (its pooled buffer is reused).
 * ``ws-fill``: memory + disk tiers, emptied before every run (a real remote → memory + disk fill).
 * ``ws-fill-mem``: memory tier only, emptied before every run.
 
 A ``ws-*`` kind with the suffix ``@ts`` runs with ``WARMSTART_REMOTE_READER=tensorstore`` (every read through
-TensorStore, as before the direct HTTP reader), e.g. ``--kinds raw-http,ws-fill,ws-fill@ts``.
+TensorStore, as before the direct HTTP reader), e.g. ``--kinds raw-http,ws-fill,ws-fill@ts``; with ``@base``
+it imports warmstart from ``--baseline DIR`` (e.g. ``git archive <commit> warmstart | tar -x -C DIR``), for a
+before/after comparison in one interleaved run.
 
     .venv/bin/python benchmarks/remote_fill.py --size-mib 512 --reps 3
 """
@@ -22,6 +25,7 @@ TensorStore, as before the direct HTTP reader), e.g. ``--kinds raw-http,ws-fill,
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -39,7 +43,7 @@ from typing import Any
 PAGE = 4096
 BUCKET = "models"
 PREFIX = "remote-fill-bench"
-KINDS = ("raw-ts", "raw-http", "ws-embedded", "ws-fill", "ws-fill-mem")
+KINDS = ("raw-ts", "raw-http", "ws-embedded", "ws-embedded-reuse", "ws-fill", "ws-fill-mem")
 
 
 def make_checkpoint(out: Path, size_mib: int) -> None:
@@ -97,6 +101,7 @@ def worker(kind: str, uri: str, mem_dir: str, disk_dir: str) -> dict[str, Any]:
     import tensorstore as ts
     import torch
 
+    import warmstart.loaders.tiers as tiers_mod
     from warmstart.loaders.hostcache import DiskCache, HostCache
     from warmstart.loaders.tiers import Tiers
     from warmstart.objectstore import kvstore_spec
@@ -174,14 +179,18 @@ def worker(kind: str, uri: str, mem_dir: str, disk_dir: str) -> dict[str, Any]:
             os.environ["WARMSTART_REMOTE_READER"] = "tensorstore"
         tiers = {
             "ws-embedded": Tiers(),
+            "ws-embedded-reuse": Tiers(),
             "ws-fill": Tiers(memory=HostCache(mem_dir), disk=DiskCache(disk_dir)),
             "ws-fill-mem": Tiers(memory=HostCache(mem_dir)),
-        }[kind.removesuffix("@ts")]
+        }[kind.removesuffix("@ts").removesuffix("@base")]
 
         def load() -> list[Any]:
             sd = load_state_dict(uri, tiers=tiers)
             return [t.view(torch.uint8).numpy() for t in sd.values()]
 
+    if kind.startswith("ws-embedded-reuse"):  # a second load in this process: the pooled buffer is reused
+        _touch(load())
+        gc.collect()
     r0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     obj = load()
@@ -190,7 +199,11 @@ def worker(kind: str, uri: str, mem_dir: str, disk_dir: str) -> dict[str, Any]:
     t2 = time.perf_counter()
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    return {"kind": kind, "seconds": t2 - t0, "load_seconds": t1 - t0, "cpu_seconds": cpu}
+    out = {"kind": kind, "seconds": t2 - t0, "load_seconds": t1 - t0, "cpu_seconds": cpu}
+    if kind.startswith("ws-fill") and hasattr(tiers_mod, "wait_disk_copies"):
+        tiers_mod.wait_disk_copies()  # the disk tier is copied from the memory tier in the background
+        out["disk_done_seconds"] = time.perf_counter() - t0
+    return out
 
 
 def _clean(*dirs: Path) -> None:
@@ -208,6 +221,9 @@ def main() -> None:
         "--memory-dir", type=Path, default=None, help="memory-tier root (default: under /dev/shm)"
     )
     ap.add_argument("--json", type=Path, default=None, help="write the runs and medians here")
+    ap.add_argument(
+        "--baseline", type=Path, default=None, help="a directory holding an older warmstart/ (@base)"
+    )
     ap.add_argument("--worker", nargs=4, metavar=("KIND", "URI", "MEM", "DISK"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -227,6 +243,7 @@ def main() -> None:
         make_checkpoint(ckpt, a.size_mib)
     runs: dict[str, list[float]] = {k: [] for k in kinds}
     cpu: dict[str, list[float]] = {k: [] for k in kinds}
+    disk_done: dict[str, list[float]] = {}
     with SeaweedFS(SeaweedFSConfig(data_dir=work / "seaweedfs", buckets=(BUCKET,))) as s3:
         env = dict(os.environ, WARMSTART_S3_ENDPOINT=s3.endpoint)
         os.environ["WARMSTART_S3_ENDPOINT"] = s3.endpoint
@@ -237,9 +254,14 @@ def main() -> None:
             order = kinds if rep % 2 == 0 else kinds[::-1]
             for kind in order:
                 _clean(mem_dir, disk_dir)
+                wenv = env
+                if kind.endswith("@base"):
+                    if a.baseline is None:
+                        raise SystemExit("@base kinds need --baseline DIR")
+                    wenv = dict(env, PYTHONPATH=str(a.baseline.resolve()))
                 out = subprocess.run(
                     [sys.executable, __file__, "--worker", kind, uri, str(mem_dir), str(disk_dir)],
-                    env=env,
+                    env=wenv,
                     capture_output=True,
                     text=True,
                     check=False,
@@ -249,9 +271,16 @@ def main() -> None:
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 runs[kind].append(r["seconds"])
                 cpu[kind].append(r["cpu_seconds"])
+                if "disk_done_seconds" in r:
+                    disk_done.setdefault(kind, []).append(r["disk_done_seconds"])
                 print(
                     f"rep {rep} {kind:12s} {r['seconds']:.3f} s  {nbytes / r['seconds'] / 1e9:.2f} GB/s  "
-                    f"cpu {r['cpu_seconds']:.2f} s",
+                    f"cpu {r['cpu_seconds']:.2f} s"
+                    + (
+                        f"  disk tier done at {r['disk_done_seconds']:.3f} s"
+                        if "disk_done_seconds" in r
+                        else ""
+                    ),
                     flush=True,
                 )
         _clean(mem_dir, disk_dir)
@@ -266,6 +295,8 @@ def main() -> None:
         if best is not None and k.startswith("ws"):
             paired[k] = statistics.median(x / y for x, y in zip(runs[k], runs[best], strict=True))
             line += f"  t/t({best}) = {v / med[best]:.2f}  paired {paired[k]:.2f}"
+        if k in disk_done:
+            line += f"  (disk tier complete at {statistics.median(disk_done[k]):.3f} s)"
         print(line)
     if a.json:
         a.json.write_text(

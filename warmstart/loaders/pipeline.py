@@ -1,13 +1,13 @@
-"""Byte movers between tiers: remote → (memory + disk) in one overlapped pass, and disk → memory.
+"""Byte movers between tiers: remote → memory (or disk), memory → disk, and disk → memory.
 
 * remote: ranged GETs of runs of whole checksum chunks, several in flight (:mod:`warmstart.loaders.remote`:
   direct HTTP where it can sign the request, else TensorStore). Each thread streams its response a few MiB
-  at a time straight into the destination (an anonymous buffer from a reused pool in embedded mode) or,
-  for the tiers' files, into a reused staging buffer that is hashed and ``pwrite``-n to the memory-tier file
-  (tmpfs) and the disk-tier file in turn. Every chunk's xxh3 is checked as it arrives. No Python object ever
-  holds a chunk, and the kernel does all copies with the GIL released.
-* disk: 2 threads each ``preadv`` 64 MiB (a whole number of checksum chunks) straight into the destination
-  mapping, verifying the chunk checksums from the buffer (xxh3 runs at ~20 GB/s, well above the disk).
+  at a time straight into the destination: a pooled anonymous buffer (embedded mode) or the shared mappings
+  of the memory-tier files, whose pages it allocates in bulk (``MADV_POPULATE_WRITE``) while the body
+  arrives; a disk-tier-only fill goes through a reused staging buffer and ``pwrite``. Every chunk's xxh3 is
+  checked as it arrives. No Python object ever holds a chunk; the kernel does the copies, GIL released.
+* memory → disk: ``os.sendfile`` from the published memory-tier files (a background copy, see ``tiers``).
+* disk → memory: 2 threads ``preadv`` into a staging buffer, hash, ``pwrite`` into the tmpfs files.
 """
 
 from __future__ import annotations
@@ -314,8 +314,8 @@ def remote_to(
 
     Every chunk is verified against its xxh3 as it arrives. From an :class:`HttpReader`, ``threads``
     threads each GET ``get_bytes`` runs of chunks and stream them, ``PIECE_BYTES`` at a time, into the
-    destination buffer or (for files) a small reused staging buffer that is hashed and ``pwrite``-n to each
-    file: every byte is copied once per destination by the kernel, nothing is held in Python objects.
+    destination buffer (``buffers``, or the shared mappings of ``mem_dir``'s files), or for ``disk_dir`` a
+    small reused staging buffer that is hashed and ``pwrite``-n: one kernel copy per byte and destination.
     From a :class:`TensorStoreSource`, TensorStore reads the chunks (8 in flight). Returns the seconds spent.
     """
     t0 = time.perf_counter()
