@@ -871,8 +871,13 @@ def s3_prefix(tag: str) -> str:
     return f"bench/load/v{SHAPES_VERSION}/{tag}/"
 
 
+# Every /dev/shm path and the disk fill directory carry the driver's PID: a second invocation (the smoke test
+# while a long run goes on) must never see, fill or delete the first one's memory tier.
+RUN_ID = f"wsbench-{os.getpid()}"
+
+
 def shm_copy_dir(d: Path) -> Path:
-    return SHM_ROOT / f"wsbench-raw-{d.name}"
+    return SHM_ROOT / f"{RUN_ID}-raw-{d.name}"
 
 
 TIERS = {
@@ -1040,12 +1045,12 @@ def all_competitors() -> list[Competitor]:
 # (filled once from disk by the driver, then mapped); WARMSTART_MEMORY_CACHE + WARMSTART_DISK_CACHE with a URI
 # = remote -> memory + disk tiers in one pass (emptied before every run, so every run is a real fill).
 
-MEMTIER_DIR = SHM_ROOT / "wsbench-memtier"
-FILL_MEM_DIR = SHM_ROOT / "wsbench-fill-mem"
+MEMTIER_DIR = SHM_ROOT / f"{RUN_ID}-memtier"
+FILL_MEM_DIR = SHM_ROOT / f"{RUN_ID}-fill-mem"
 
 
 def _fill_disk_dir(d: Path) -> Path:
-    return d.parent / "fill-disk"
+    return d.parent / f"{RUN_ID}-fill-disk"
 
 
 def _ws_disk_env(d: Path) -> dict[str, str]:
@@ -1304,9 +1309,13 @@ def launch(
 
 def _launch(comp: Competitor, ck: Checkpoints, timeout: float, record_resident: bool) -> dict[str, Any]:
     files = comp.files(ck.root)
-    if comp.prepare == "mem" and record_resident and memtier_entry(ck) is None:
+    entry_ino = None
+    if comp.prepare == "mem" and record_resident:
         # A memory-tier run must be a hit; a miss would silently time a disk -> memory fill.
-        return {"error": "the memory-tier entry is gone before the run (evicted?)"}
+        entry = memtier_entry(ck)
+        if entry is None:
+            return {"error": "the memory-tier entry is gone before the run (evicted?)"}
+        entry_ino = entry.stat().st_ino
     if comp.cold:
         evict(files)
     elif files:
@@ -1328,6 +1337,10 @@ def _launch(comp: Competitor, ck: Checkpoints, timeout: float, record_resident: 
         return {"error": f"rc={r.returncode}: " + " | ".join(tail)[:600]}
     out: dict[str, Any] = json.loads(line)
     out["resident_before"] = resident
+    if entry_ino is not None:
+        after = memtier_entry(ck)
+        if after is None or after.stat().st_ino != entry_ino:
+            return {"error": "memory-tier miss: the entry was replaced during the run (a fill was timed)"}
     if out["tensors"] != ck.n_tensors or (comp.framework != "raw" and out["bytes"] != ck.tensor_bytes):
         out["error"] = (
             f"loaded {out['tensors']} tensors / {out['bytes']} B, expected {ck.n_tensors} / {ck.tensor_bytes}"
@@ -1382,7 +1395,8 @@ def summarize(results: dict[str, Any], comps: list[Competitor]) -> None:
             secs = [r["seconds"] for r in rec["runs"]]
             rec["median_s"] = statistics.median(secs) if secs else None
             rec["gbps"] = nbytes / rec["median_s"] / 1e9 if secs else None
-            rec["median_load_s"] = statistics.median(r["load_seconds"] for r in rec["runs"]) if secs else None
+            loads = [r["load_seconds"] for r in rec["runs"] if r.get("load_seconds") is not None]
+            rec["median_load_s"] = statistics.median(loads) if loads else None
 
 
 def _med(size: dict[str, Any], name: str) -> float | None:
@@ -1582,6 +1596,10 @@ def check_targets(results: dict[str, Any], comps: list[Competitor]) -> list[Chec
     return out
 
 
+def _num(x: float | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:{width}.{digits}f}"
+
+
 def format_table(results: dict[str, Any], comps: list[Competitor]) -> str:
     lines = []
     for tag, size in results["sizes"].items():
@@ -1610,7 +1628,7 @@ def format_table(results: dict[str, Any], comps: list[Competitor]) -> str:
             xl = f"{lim[1] / t:7.2f}" if lim else f"{'-':>7}"
             xp = f"{bp[1] / t:11.2f}" if bp else f"{'-':>11}"
             lines.append(
-                f"| {c.name:<22} | {c.tier:<9} | {t:9.3f} | {rec['median_load_s']:8.3f} | {rec['gbps']:6.2f} | "
+                f"| {c.name:<22} | {c.tier:<9} | {t:9.3f} | {_num(rec['median_load_s'], 8, 3)} | {rec['gbps']:6.2f} | "
                 f"{xl} | {xp} | {len(rec['runs'])}/{results['reps']}"
                 + (f" ({len(rec['errors'])} err)" if rec["errors"] else "")
                 + " |"
