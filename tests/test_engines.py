@@ -38,6 +38,7 @@ from warmstart.engines import (  # noqa: E402
 )
 from warmstart.engines.jax_llama import JaxEngine  # noqa: E402
 from warmstart.engines.torch_engine import TorchEngine  # noqa: E402
+from warmstart.engines.torch_llama import TorchLlamaEngine  # noqa: E402
 
 VOCAB = 97
 KINDS = ("torch", "jax")
@@ -146,6 +147,78 @@ def test_torch_engine_decode_matches_teacher_forcing_as_batch_membership_changes
         eng.step([states[i] for i in live], [int(ids[i, states[i].length]) for i in live])
         for i in live:
             assert_logits_close(states[i].logits, ref[i, states[i].length - 1])
+
+
+@pytest.mark.parametrize(
+    ("kind", "tie", "extra"),
+    [("llama", False, {}), ("qwen2", True, {}), ("llama", True, {"attention_bias": True})],
+    ids=["llama-gqa-untied", "qwen2-bias-tied", "llama-attention-bias"],
+)
+def test_compact_torch_logits_match_transformers_through_growing_cache_and_scattered_slots(
+    kind: str, tie: bool, extra: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("warmstart.engines.torch_llama._MIN_CACHE", 8)  # grows 8 -> 16 -> 32
+    model = random_hf_model(kind, tie=tie, seed=1, **extra)
+    flat = flat_numpy(model)
+    if tie:
+        flat.pop("lm_head.weight", None)
+    eng = build_engine("torch", model.config.to_dict(), flat, max_batch=3, max_context=64)
+    assert isinstance(eng, TorchLlamaEngine)
+    ids = np.random.default_rng(0).integers(0, VOCAB, (2, 24))
+    ref = ref_logits(model, ids)
+    x = eng.new_sequence([1, 2])  # slot 0
+    a, b = eng.new_sequence(ids[0, :16].tolist()), eng.new_sequence(ids[1, :5].tolist())  # slots 1, 2
+    eng.release(x)
+    assert_logits_close(a.logits, ref[0, 15])
+    assert_logits_close(b.logits, ref[1, 4])
+    for t in range(16, 24):
+        live = [b, a] if t % 2 else [a]  # any order, contiguous slots (a view of the cache)
+        eng.step(live, [int(ids[1, b.length]) if s is b else int(ids[0, t]) for s in live])
+        assert_logits_close(a.logits, ref[0, t])
+        assert_logits_close(b.logits, ref[1, b.length - 1])
+    c = eng.new_sequence([3])  # slot 0: a step of slots 0 and 2 gathers the cache rows
+    eng.step([c, b], [4, int(ids[1, b.length])])
+    assert_logits_close(b.logits, ref[1, b.length - 1])
+    assert eng._cache[0].shape[3] == 32
+
+
+def test_torch_engine_falls_back_to_transformers_for_unsupported_architectures(tiny: Any) -> None:
+    cfg, flat = tiny.config.to_dict(), flat_numpy(tiny)
+    assert isinstance(build_engine("torch", cfg, flat), TorchLlamaEngine)
+    linear_rope = {**cfg, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}}
+    for unsupported in ({**cfg, "mlp_bias": True}, {**cfg, "hidden_act": "gelu"}, linear_rope):
+        with pytest.raises(UnsupportedModel):
+            TorchLlamaEngine(unsupported, flat)
+    eng = build_engine("torch", {**cfg, "hidden_act": "gelu"}, flat)
+    assert isinstance(eng, TorchEngine)
+
+
+def test_compact_torch_engine_reuses_released_slots_and_reports_exhaustion(tiny: Any) -> None:
+    eng = TorchLlamaEngine(tiny.config.to_dict(), flat_numpy(tiny), max_batch=2, max_context=32)
+    a, b = eng.new_sequence([1, 2]), eng.new_sequence([3])
+    with pytest.raises(NoFreeSlot, match="all 2 sequences are in use"):
+        eng.new_sequence([4])
+    eng.release(a)
+    eng.release(a)  # idempotent
+    c = eng.new_sequence(list(range(31)))
+    eng.step([b, c], [5, 6])
+    assert (b.length, c.length) == (2, 32)
+    with pytest.raises(ContextFull, match="context limit"):
+        eng.step([c], [7])
+
+
+def test_jax_warm_up_leaves_the_engine_exact(tiny: Any) -> None:
+    eng = JaxEngine(tiny.config.to_dict(), flat_numpy(tiny), max_batch=4, max_context=64)
+    eng.warm_up(4)
+    assert {k for k, _, _ in eng._shapes} == {"prefill", "decode"}
+    assert {rows for k, rows, _ in eng._shapes if k == "decode"} == {2, 4}
+    ids = np.random.default_rng(5).integers(0, VOCAB, (4, 20))
+    ref = ref_logits(tiny, ids)
+    states = [eng.new_sequence(ids[i, :16].tolist()) for i in range(4)]
+    for t in range(16, 20):
+        eng.step(states, [int(ids[i, t]) for i in range(4)])
+    for i, s in enumerate(states):
+        assert_logits_close(s.logits, ref[i, 19])
 
 
 def test_jax_engine_step_of_some_sequences_leaves_others_intact(tiny: Any) -> None:

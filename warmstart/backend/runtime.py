@@ -101,11 +101,14 @@ class _Stream:
 
 
 def warm_engine(engine: Engine, max_batch: int) -> None:
-    """Prefill and step batches of 1, 2, 4, ... ``max_batch`` short sequences on ``engine``.
-
-    Engines that compile per shape bucket (JAX) then compile at load, not under the first requests.
-    Runs before the generator thread owns the engine.
+    """Make ``engine`` ready for its first requests: its own ``warm_up(max_batch)`` when it has one
+    (JAX compiles its shape buckets; torch has nothing to do), else prefill and step batches of
+    1, 2, 4, ... ``max_batch`` short sequences. Runs before the generator thread owns the engine.
     """
+    warm_up = getattr(engine, "warm_up", None)
+    if callable(warm_up):
+        warm_up(max_batch)
+        return
     sizes = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
     for n in sizes:
         states = [engine.new_sequence([0]) for _ in range(n)]

@@ -1,4 +1,5 @@
-"""Generation engines: torch (transformers models) and JAX (a compact Llama/Qwen2).
+"""Generation engines: torch (a compact Llama/Qwen2/Mistral, else any transformers model) and JAX
+(a compact Llama/Qwen2).
 
 Importing this package imports neither torch nor jax; `build_engine` imports the one it needs.
 """
@@ -46,15 +47,29 @@ def build_engine(
     dtype (a torch dtype or name for "torch", a jnp dtype or name for "jax"); None keeps the
     weights' dtype for torch and uses float32 for JAX (XLA:CPU bf16 is slow). ``max_context``
     defaults to the model's ``max_position_embeddings``, capped at 2048 for JAX's static cache.
+
+    For "torch", architectures `warmstart.engines.torch_llama` implements get that compact engine
+    (milliseconds to build, no transformers import); any other goes through transformers.
     """
     if kind == "torch":
         try:
             import torch
 
-            from warmstart.engines.torch_engine import TorchEngine
+            from warmstart.engines import torch_llama
         except ImportError as e:
             raise ImportError("the torch engine needs the torch extra: pip install 'warmstart[torch]'") from e
         tdtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        if torch_llama.supports(config):  # no transformers import, no model construction
+            return torch_llama.TorchLlamaEngine(
+                config, weights, dtype=tdtype, max_batch=max_batch, max_context=max_context
+            )
+        try:
+            from warmstart.engines.torch_engine import TorchEngine
+        except ImportError as e:
+            raise ImportError(
+                f"model_type {config.get('model_type')!r} needs transformers for the torch engine: "
+                "pip install 'warmstart[torch]'"
+            ) from e
         return TorchEngine.from_state_dict(
             config, weights, tdtype, max_batch=max_batch, max_context=max_context
         )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -44,6 +45,34 @@ Params = dict[str, Any]
 Cache = tuple[jax.Array, jax.Array]  # k, v: [L, slots, S, KV, hd]
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # x, k cache, v cache
 _SUPPORTED = ("llama", "qwen2")
+CACHE_ENV = "WARMSTART_JAX_CACHE"  # persistent compilation cache dir; empty: off
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Point JAX's persistent compilation cache at ``path`` (default: ``$WARMSTART_JAX_CACHE``, else
+    ``~/.cache/warmstart/jax``) unless one is configured already; returns the directory in use.
+
+    Every executable is cached, however fast it compiled: a second load of a model (a cold start on
+    the same node) then skips XLA compilation. JAX reads the setting at its first compile in the
+    process, so call this before compiling anything. An empty ``$WARMSTART_JAX_CACHE`` turns it off.
+    """
+    current = getattr(jax.config, "jax_compilation_cache_dir", None)
+    if current:
+        return str(current)
+    if path is None:
+        env = os.environ.get(CACHE_ENV)
+        if env == "":
+            return None
+        path = env or os.path.join(os.path.expanduser("~"), ".cache", "warmstart", "jax")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        log.warning("JAX compilation cache %s unusable (%s); compiling without it", path, e)
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path
 
 
 @dataclass(frozen=True)
@@ -121,6 +150,17 @@ def _to_numpy(v: Any, dtype: np.dtype) -> np.ndarray:
     return a if a.dtype == dtype else a.astype(dtype)
 
 
+def _transpose_into(out: np.ndarray, a: np.ndarray, rows: int = 256) -> np.ndarray:
+    """``out[...] = a.T`` for a 2-D ``a``, a block of ``rows`` rows of ``a`` at a time (numpy's strided
+    whole-matrix transpose thrashes the cache: 3-10x slower on a [49152, 576] head)."""
+    if a.ndim != 2:
+        out[...] = a
+        return out
+    for j in range(0, a.shape[0], rows):
+        out[:, j : j + rows] = a[j : j + rows].T
+    return out
+
+
 def params_from_flat(flat: Mapping[str, Any], args: ModelArgs, dtype: Any = jnp.float32) -> Params:
     """Stack a flat ``{hf_name: array}`` dict into this model's param tree (layer weights copied once)."""
     np_dtype = np.dtype(dtype)
@@ -139,7 +179,7 @@ def params_from_flat(flat: Mapping[str, Any], args: ModelArgs, dtype: Any = jnp.
         # call of a multi-row product (several times slower batched decode). Same single copy as stacking.
         out = np.empty((args.n_layers, *shape[::-1]), np_dtype)
         for i in range(args.n_layers):
-            out[i] = get(f"model.layers.{i}.{suffix}", shape).T
+            _transpose_into(out[i], get(f"model.layers.{i}.{suffix}", shape))
         return jax.device_put(out)
 
     layers = {
@@ -169,7 +209,7 @@ def params_from_flat(flat: Mapping[str, Any], args: ModelArgs, dtype: Any = jnp.
     return {
         "embed": jax.device_put(embed),  # [V, D], zero-copy when f32 and 64-B aligned
         "norm": jax.device_put(get("model.norm.weight", (D,))),
-        "lm_head": jax.device_put(np.ascontiguousarray(head.T)),  # [D, V]
+        "lm_head": jax.device_put(_transpose_into(np.empty(head.shape[::-1], np_dtype), head)),  # [D, V]
         "inv_freq": jax.device_put(inv_freq.astype(np.float32)),  # [hd/2]
         "layers": layers,
     }
@@ -327,6 +367,7 @@ class JaxEngine:
         max_context: int | None = None,
     ) -> None:
         self.args = a = ModelArgs.from_hf_config(config)
+        enable_compilation_cache()
         self.dtype = jnp.dtype(dtype or jnp.float32)
         self.params = params_from_flat(weights, a, self.dtype)
         self.vocab_size = a.vocab_size
@@ -341,6 +382,24 @@ class JaxEngine:
         self._decode = jax.jit(partial(decode, a=a), static_argnames=("kv_len",), donate_argnums=(1,))
         self.forward = jax.jit(partial(forward, a=a))
         self._shapes: set[tuple[str, int, int]] = set()  # compiled (kind, rows, length)
+
+    def warm_up(self, max_batch: int) -> None:
+        """Compile what the first requests need: a short prefill and a decode step for each batch
+        bucket up to ``max_batch`` (runs each once; a cached compile when the persistent cache has it).
+
+        The decode steps use throwaway states in slots nobody holds yet: what they write at position 1
+        is overwritten by the prefill that later takes the slot (prefills fill at least 16 positions).
+        """
+        first = self.new_sequence([0])
+        try:
+            top = min(max(max_batch, 1), self.max_batch)
+            for nb in sorted({bucket(n, minimum=2, maximum=self._slots) for n in range(1, top + 1)}):
+                others = [i for i in range(nb) if i != _slot(first)][: nb - 1]
+                states = [first, *(SeqState(1, first.logits, handle=i) for i in others)]
+                self.step(states, [0] * len(states))
+                first.length = 1
+        finally:
+            self.release(first)
 
     def _note_shape(self, kind: str, rows: int, length: int) -> None:
         if (kind, rows, length) not in self._shapes:
