@@ -651,17 +651,28 @@ def _log_tail(path: Path | None, offset: int) -> str:
 _METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}\s+([-+0-9.eE]+|NaN)\s*$")
 
 
-def read_metric(metrics_url: str, name: str, model: str) -> tuple[float | None, dict[str, str]]:
-    """Value and labels of the metric ``name`` with label ``model="<model>"`` (None when absent)."""
+def read_metrics(metrics_url: str, name: str, model: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """Every sample of the metric ``name`` with label ``model="<model>"``: {sorted labels: value}."""
     with urllib.request.urlopen(metrics_url, timeout=10) as resp:
         text = resp.read().decode()
+    out: dict[tuple[tuple[str, str], ...], float] = {}
     for line in text.splitlines():
         m = _METRIC_LINE.match(line)
         if not m or m.group(1) != name:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
         if labels.get("model") == model:
-            return float(m.group(3)), labels
+            out[tuple(sorted(labels.items()))] = float(m.group(3))
+    return out
+
+
+def changed_metric(
+    before: dict[tuple[tuple[str, str], ...], float], after: dict[tuple[tuple[str, str], ...], float]
+) -> tuple[float | None, dict[str, str]]:
+    """The sample that this load set: new, or with a new value (a gauge per tier label survives unloads)."""
+    for labels, value in after.items():
+        if labels not in before or before[labels] != value:
+            return value, dict(labels)
     return None, {}
 
 
@@ -940,6 +951,10 @@ class Bench:
             elif competitor == "disk-cold" and disk is not None:
                 evict_page_cache(disk)
         before = self.tiers.transfer_totals() if self.tiers is not None else {}
+        metric = (
+            "coldstart_baseline_load_seconds" if competitor in BASELINES else "warmstart_model_load_seconds"
+        )
+        metric_before = read_metrics(self.server.metrics_url, metric, name)
         log_offset = _log_size(self.server.log_path)
         t0 = time.perf_counter()
         self.load(name)
@@ -951,10 +966,7 @@ class Bench:
         moved = {k: int(v[1] - before.get(k, (0.0, 0.0))[1]) for k, v in after.items()}
         moved = {k: v for k, v in moved.items() if v > 0}
         transfer = sum(v[0] - before.get(k, (0.0, 0.0))[0] for k, v in after.items()) if after else None
-        if competitor in BASELINES:
-            weight, labels = read_metric(self.server.metrics_url, "coldstart_baseline_load_seconds", name)
-        else:
-            weight, labels = read_metric(self.server.metrics_url, "warmstart_model_load_seconds", name)
+        weight, labels = changed_metric(metric_before, read_metrics(self.server.metrics_url, metric, name))
         self.unload(name)
         if self.tiers is not None and competitor not in BASELINES:
             self.tiers.settle(m)  # the next cold start must not overlap this one's background copies
@@ -1284,6 +1296,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from warmstart.triton import TritonConfig, TritonServer
 
     t_start = time.monotonic()
+    code_at_start = code_state()
     _log(f"preparing models {args.model_list} under {args.cache}")
     models = prepare_models(args.model_list, args.cache)
     for m in models.values():
@@ -1388,12 +1401,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
     summary = summarize(bench, competitors)
+    code_at_end = code_state()
+    if code_at_end != code_at_start:
+        bench.notes.append(
+            f"the code changed during the run (commit {code_at_start['commit'][:7]} -> {code_at_end['commit'][:7]}, "
+            "or uncommitted changes under warmstart/): Triton's stub imports warmstart from the working tree"
+        )
     return {
         "benchmark": "coldstart",
         "command": "python benchmarks/coldstart.py " + " ".join(sys.argv[1:]),
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "code": code_state(),
+        "code": code_at_end,
         "settings": {
             "reps": args.reps,
             "prompt": PROMPT,
