@@ -20,7 +20,7 @@ from warmstart.triton import TritonConfig, TritonServer
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
 
-N = 160
+N = 480  # long enough that the migration switches before the source finishes (tiny model, fast engine)
 BODY = {
     "text_input": "Once upon a time",
     "parameters": {"stream": True, "max_tokens": N, "temperature": 0.8, "seed": 3},

@@ -21,8 +21,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from warmstart.errors import WarmstartError
 from warmstart.names import validate_model_name
-from warmstart.scheduler.errors import SchedulerError
 from warmstart.scheduler.protocol import (
     BadRequest,
     coerce_sampling,
@@ -121,7 +121,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:  # noqa: N802
         try:
             self.router.model_config(request.name)
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             if status_of(e).http == 404:
                 return pb.ModelReadyResponse(ready=False)
             await self._abort(context, e)
@@ -132,7 +132,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         try:
             meta = model_metadata(self.router.model_config(request.name))
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             await self._abort(context, e)
             raise
         return pb.ModelMetadataResponse(
@@ -147,7 +147,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
         try:
             model = self.router.model_config(request.name)
             rendered = dict(self.router.rendered_config(model))
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             await self._abort(context, e)
             raise
         config = json_format.ParseDict(rendered, mc.ModelConfig(), ignore_unknown_fields=True)
@@ -252,7 +252,7 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                     )
         except asyncio.CancelledError:
             raise
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             logger.info("stream request %s failed: %s", req.id, e)
             out.put_nowait(
                 pb.ModelStreamInferResponse(

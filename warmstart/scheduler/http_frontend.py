@@ -17,9 +17,10 @@ from typing import Any
 
 from aiohttp import web
 
+from warmstart.errors import WarmstartError
 from warmstart.names import validate_model_name
 from warmstart.scheduler.config import ModelConfig, SchedulerConfigError, ServerConfig
-from warmstart.scheduler.errors import MigrationError, SchedulerError, UnknownModelError, UnknownServerError
+from warmstart.scheduler.errors import MigrationError, UnknownModelError, UnknownServerError
 from warmstart.scheduler.protocol import (
     BadRequest,
     chat_prompt,
@@ -126,7 +127,7 @@ class HttpFrontend:
     async def metadata(self, request: web.Request) -> web.Response:
         try:
             model = self.router.model_config(_model_from_path(request))
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             return _error(e)
         return web.json_response(model_metadata(model))
 
@@ -134,13 +135,13 @@ class HttpFrontend:
         try:
             model = self.router.model_config(_model_from_path(request))
             return web.json_response(dict(self.router.rendered_config(model)))
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             return _error(e)
 
     async def model_ready(self, request: web.Request) -> web.Response:
         try:
             self.router.model_config(_model_from_path(request))
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             return _error(e)
         healthy = any(rt.healthy for rt in self.router.servers.values())
         return web.Response(status=200 if healthy else 400)
@@ -192,7 +193,7 @@ class HttpFrontend:
             async with contextlib.aclosing(self.router.stream(gen)) as it:
                 async for _ in it:
                     pass
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             return _error(e)
         text = "".join(gen.text)
         out: dict[str, Any] = {
@@ -217,7 +218,7 @@ class HttpFrontend:
         """Send the first chunk's error as a plain status, then stream events."""
         try:
             first = await _first(it)
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             status = status_of(e).http
             return web.Response(
                 status=status, text=f"data: {json.dumps({'error': str(e)})}\n\n", headers=_SSE_HEADERS
@@ -229,7 +230,7 @@ class HttpFrontend:
                 event = render(chunk)
                 if event is not None:
                     await resp.write(f"data: {json.dumps(event)}\n\n".encode())
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             await resp.write(f"data: {json.dumps({'error': str(e)})}\n\n".encode())
         except ConnectionResetError:
             logger.debug("client went away mid-stream")
@@ -244,7 +245,7 @@ class HttpFrontend:
             model = _model_from_path(request)
             body = await _json_body(request)
             gen, _ = self._generation(model, body)
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             return _error(e)
         request_id = body.get("id")
         async with contextlib.aclosing(self.router.stream(gen)) as it:
@@ -282,7 +283,7 @@ class HttpFrontend:
             if not isinstance(prompt, str):
                 raise BadRequest("prompt must be a string (or a list of one string)")
             gen = self._openai_generation(body, prompt)
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             return _error(e)
         return await self._openai(request, body, gen, chat=False)
 
@@ -290,7 +291,7 @@ class HttpFrontend:
         try:
             body = await _json_body(request)
             gen = self._openai_generation(body, chat_prompt(body.get("messages")))
-        except SchedulerError as e:
+        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
             return _error(e)
         return await self._openai(request, body, gen, chat=True)
 
@@ -305,7 +306,7 @@ class HttpFrontend:
                 try:
                     async for _ in it:
                         pass
-                except SchedulerError as e:
+                except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
                     return _error(e)
                 text = "".join(gen.text)
                 choice: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason or "stop"}
@@ -387,7 +388,7 @@ class HttpFrontend:
                 return web.json_response({"error": str(e)}, status=404)
             except MigrationError as e:
                 return web.json_response({"error": str(e)}, status=409)
-            except SchedulerError as e:
+            except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
                 return _error(e)
 
         return guarded
