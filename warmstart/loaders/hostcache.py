@@ -30,7 +30,6 @@ import fcntl
 import logging
 import mmap
 import os
-import re
 import shutil
 import time
 import uuid
@@ -39,27 +38,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmstart.errors import CacheFull, CorruptCheckpoint, EntryInUse, InvalidModelName
+from warmstart.errors import CacheFull, CorruptCheckpoint, EntryInUse
 from warmstart.format import spec
 from warmstart.format.index import Index
 from warmstart.format.reader import Checkpoint, read_index
 from warmstart.format.sources import LocalSource
+from warmstart.names import validate_model_name
 from warmstart.units import parse_size
 
 log = logging.getLogger(__name__)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _RESERVED = "reserved"
 
-
-def validate_name(name: object) -> str:
-    """Return ``name`` if it is a plain model / cache-entry name, else raise :class:`InvalidModelName`."""
-    if not isinstance(name, str) or NAME_RE.match(name) is None or ".." in name:
-        raise InvalidModelName(
-            f"invalid model name {str(name)[:140]!r}: use 1-128 characters from letters, digits and . _ -, "
-            "starting with a letter or digit, without '..'"
-        )
-    return name
+validate_name = validate_model_name  # cache entries are named like models: one allow-list (warmstart/names.py)
 
 
 def default_host_root() -> Path:
