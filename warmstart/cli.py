@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from warmstart.errors import WarmstartError
 
 COMMANDS: dict[str, str] = {
+    "bench": "warmstart.commands.bench",
     "convert": "warmstart.commands.convert",
     "export": "warmstart.commands.export",
     "inspect": "warmstart.commands.inspect",
