@@ -1,6 +1,9 @@
 # ruff: noqa: N806  (B, S name tensor dims, as in the shape comments)
 """`Engine` over a transformers causal LM, with HF `DynamicCache`s.
 
+`build_engine("torch", ...)` uses it only for architectures the compact `warmstart.engines.torch_llama`
+does not implement: importing transformers and constructing a model costs seconds at every cold start.
+
 Each sequence keeps its own cache between steps. Sequences decoded together are merged into one
 left-padded batched cache (a "group"); the group is rebuilt only when the set of sequences in a
 step changes, so steady-state decoding of N streams is one forward of batch N.
