@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 import time
@@ -126,6 +127,21 @@ def source_tier(host: Any) -> str:
     return str(transfers[0].source) if transfers else str(host.tier)
 
 
+def populate(host: Any) -> None:
+    """Map every page of ``host``'s file mappings now, in one ``MADV_POPULATE_READ`` per mapping.
+
+    The engine reads every weight in its first forward anyway; faulting 4 KiB pages one at a time there
+    is slower. Measured on SmolLM2 from a local checkpoint (load + engine + first prefill, medians of 3
+    interleaved fresh processes): 0.49 s without, 0.36 s with. Mappings a cache tier already populated
+    cost a page-table walk.
+    """
+    from warmstart.loaders.hostcache import populate_read
+
+    for buf in getattr(host, "buffers", None) or ():
+        if isinstance(buf, mmap.mmap):
+            populate_read(buf)
+
+
 def load_checkpoint(ref: str, engine: str, *, dtype: str | None = None) -> LoadedCheckpoint:
     """Bring the checkpoint ``ref`` (already resolved) into host memory and load what ``engine`` needs.
 
@@ -148,6 +164,7 @@ def load_checkpoint(ref: str, engine: str, *, dtype: str | None = None) -> Loade
         raise CheckpointFileMissing(
             f"checkpoint {location} has no tokenizer.json; convert the model with a fast tokenizer"
         ) from None
+    populate(host)
     weights: Mapping[str, Any]
     if engine == "torch":
         import torch
