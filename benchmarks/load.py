@@ -1865,7 +1865,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cache: Path = args.cache_dir
     cache.mkdir(parents=True, exist_ok=True)
-    cks = [ensure_checkpoints(cache, g, _formats_needed(comps)) for g in sizes]
+    runnable = availability(comps, None)  # no format is written for a peer whose library is missing
+    formats = _formats_needed([c for c in comps if runnable[c.name] is None])
+    cks = [ensure_checkpoints(cache, g, formats) for g in sizes]
 
     s3: S3 | None = None
     s3_why: str | None = None

@@ -230,9 +230,15 @@ def test_server_answers_live_and_ready_on_loopback_only(
     assert _http(f"http://{server.http_url}/v2/health/live")[0] == 200
     assert _http(f"http://{server.http_url}/v2/health/ready")[0] == 200
     assert server.pid is not None
-    addresses = listening_addresses(server.pid)
-    ports = {port for _, port in addresses}
-    assert {server.config.http_port, server.config.grpc_port, server.config.metrics_port} <= ports
+    wanted = {server.config.http_port, server.config.grpc_port, server.config.metrics_port}
+    deadline = time.monotonic() + 15  # HTTP answers first; the other listeners may open a moment later
+    while True:
+        addresses = listening_addresses(server.pid)
+        ports = {port for _, port in addresses}
+        if wanted <= ports or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert wanted <= ports
     assert all(_is_loopback(ip) for ip, _ in addresses), addresses
 
 
