@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 
 _RESERVED = "reserved"
 
-validate_name = validate_model_name  # cache entries are named like models: one allow-list (warmstart/names.py)
+validate_name = (
+    validate_model_name  # cache entries are named like models: one allow-list (warmstart/names.py)
+)
 
 
 def default_host_root() -> Path:
