@@ -12,12 +12,10 @@ step changes, so steady-state decoding of N streams is one forward of batch N.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
@@ -31,21 +29,11 @@ from warmstart.engines.base import (
     check_token_ids,
     eos_ids_from_config,
 )
+from warmstart.engines.torch_llama import _to_tensor
 
 log = logging.getLogger(__name__)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [1, KV, S, hd]
-
-
-def _to_tensor(v: Any) -> torch.Tensor:
-    if isinstance(v, torch.Tensor):
-        return v
-    a = np.asarray(v)  # numpy, or a jax.Array (aliases on CPU)
-    if a.dtype.name == "bfloat16":  # ml_dtypes bf16 has no torch bridge: reinterpret the bits
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
-    with warnings.catch_warnings():  # read-only mmap views are fine: the model never writes weights
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
 
 
 def model_from_state_dict(
