@@ -139,11 +139,13 @@ def scheduler_demo(run: Path, repo: Path, node_a: tuple[Any, Any], ckpt: Checkpo
         "[4/4] scheduler: a second node joins; the model is loaded nowhere and ask for it through the scheduler"
     )
     env = {**os.environ}
+    shm_b = Path(f"/dev/shm/warmstart-demo-{os.getpid()}-b")
     store_b = StoreServer(
         root=run / "node-b", remote="s3://models", memory_capacity="2GiB", disk_capacity="4GiB",
-        memory_root=Path(f"/dev/shm/warmstart-demo-{os.getpid()}-b"), env=env,
+        memory_root=shm_b, env=env,
     )  # fmt: skip
-    with stopping(store_b.start()):
+    with contextlib.ExitStack() as cleanup, stopping(store_b.start()):
+        cleanup.callback(shutil.rmtree, shm_b, ignore_errors=True)
         server_b = TritonServer(
             TritonConfig(model_repositories=(repo,), repository_api_key=key),
             workdir=run / "triton-b",
