@@ -191,6 +191,20 @@ def _hex64(v: object, what: str) -> str:
     return v
 
 
+def _file_name(name: object, what: str, seen: set[str]) -> str:
+    """A partition or model file name: plain (cannot leave the checkpoint) and not listed before."""
+    if not spec.is_safe_file_name(name):
+        raise UnsafeFileName(
+            f"{what} {name!r} is not a plain file name (letters, digits, '_', '.', '-'; no '/', no '..'); "
+            "refusing a checkpoint that could read outside its directory"
+        )
+    assert isinstance(name, str)  # is_safe_file_name checked it
+    if name in seen:
+        raise MalformedIndex(f"file {name!r} is listed twice in index.json")
+    seen.add(name)
+    return name
+
+
 def parse_index(raw: object) -> Index:
     """Validate a decoded ``index.json`` object against the specification and build an :class:`Index`."""
     top = _obj(raw, "index.json", _TOP_KEYS, _OPTIONAL_TOP_KEYS)
@@ -224,15 +238,7 @@ def parse_index(raw: object) -> Index:
     seen_files: set[str] = set()
     for i, rp in enumerate(raw_parts):
         p = _obj(rp, f"partitions[{i}]", _PARTITION_KEYS)
-        name = p["file"]
-        if not spec.is_safe_file_name(name):
-            raise UnsafeFileName(
-                f"partitions[{i}].file {name!r} is not a plain file name (letters, digits, '_', '.', '-'; "
-                "no '/', no '..'); refusing a checkpoint that could read outside its directory"
-            )
-        if name in seen_files:
-            raise MalformedIndex(f"partition file {name!r} is listed twice")
-        seen_files.add(name)
+        name = _file_name(p["file"], f"partitions[{i}].file", seen_files)
         size = _int(p["size"], f"partitions[{i}].size", maximum=spec.MAX_PARTITION_BYTES)
         chunks = p["chunks"]
         if not isinstance(chunks, list):
@@ -257,13 +263,9 @@ def parse_index(raw: object) -> Index:
     files: list[FileInfo] = []
     for i, rf in enumerate(raw_files):
         f = _obj(rf, f"files[{i}]", _FILE_KEYS)
-        if not spec.is_safe_file_name(f["name"]):
-            raise UnsafeFileName(f"files[{i}].name {f['name']!r} is not a plain file name (no '/', no '..')")
-        if f["name"] in seen_files:
-            raise MalformedIndex(f"file {f['name']!r} is listed twice")
-        seen_files.add(f["name"])
+        name = _file_name(f["name"], f"files[{i}].name", seen_files)
         files.append(
-            FileInfo(f["name"], _int(f["size"], f"files[{i}].size"), _hex64(f["xxh3"], f"files[{i}].xxh3"))
+            FileInfo(name, _int(f["size"], f"files[{i}].size"), _hex64(f["xxh3"], f"files[{i}].xxh3"))
         )
 
     raw_tensors = top["tensors"]
