@@ -293,11 +293,24 @@ class TritonServer:
     """
 
     def __init__(
-        self, config: TritonConfig, *, workdir: Path | str | None = None, env: Mapping[str, str] | None = None
+        self,
+        config: TritonConfig,
+        *,
+        workdir: Path | str | None = None,
+        env: Mapping[str, str] | None = None,
+        engine_host: bool = True,
     ) -> None:
         """``env``: variables set for this server (and its backend stubs) on top of this process's environment,
-        e.g. ``{"WARMSTART_STORE": store_url}``; this process's own environment is never changed."""
+        e.g. ``{"WARMSTART_STORE": store_url}``; this process's own environment is never changed.
+
+        ``engine_host``: also run a :class:`warmstart.backend.host.EngineHost` beside the server (started
+        first, stopped last) so that ``warmstart`` models start in a forked, torch-ready process instead of
+        importing torch in a fresh stub; ``False`` runs engines inside the stubs.
+        """
         self._extra_env = dict(env or {})
+        self._want_engine_host = engine_host
+        self._engine_host: Any = None
+        self._engine_host_dir: Path | None = None
         self._requested = config
         self._config = config
         self._workdir = Path(workdir) if workdir is not None else None
@@ -383,13 +396,25 @@ class TritonServer:
         updates["log_file"] = log_file
         self._config = dataclasses.replace(cfg, **updates)
         argv = self._config.to_argv(binary)
+        env = triton_env({**os.environ, **self._extra_env})
+        if self._want_engine_host:
+            from warmstart.backend.host import ENV_VAR, EngineHost
+
+            # a short private directory: a Unix socket path holds at most 107 bytes
+            self._engine_host_dir = Path(tempfile.mkdtemp(prefix="wseh-"))
+            self._engine_host = EngineHost(
+                self._engine_host_dir / "engines.sock", env=env, log_path=self._workdir / "engine-host.log"
+            )
+            env[ENV_VAR] = str(self._engine_host.socket_path)
         logger.info("starting tritonserver: %s", _redact(argv, self._config.repository_api_key))
-        self._process = ManagedProcess(
-            argv, env=triton_env({**os.environ, **self._extra_env}), log_path=log_file, cwd=self._workdir
-        )
-        self._process.start()
+        self._process = ManagedProcess(argv, env=env, log_path=log_file, cwd=self._workdir)
         try:
+            if self._engine_host is not None:
+                self._engine_host.start()  # it imports torch while tritonserver starts
+            self._process.start()
             self.wait_ready(timeout)
+            if self._engine_host is not None:
+                self._engine_host.wait_ready(timeout)
         except BaseException:
             self.stop()
             raise
@@ -435,6 +460,12 @@ class TritonServer:
         if self._process is not None:
             rc = self._process.stop(timeout)
             logger.info("tritonserver pid %s stopped (rc=%s)", self._process.pid, rc)
+        if self._engine_host is not None:  # after the server: its stubs close their engine processes first
+            self._engine_host.stop(timeout)
+            self._engine_host = None
+        if self._engine_host_dir is not None:
+            shutil.rmtree(self._engine_host_dir, ignore_errors=True)
+            self._engine_host_dir = None
         if self._owns_workdir and self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._owns_workdir = False

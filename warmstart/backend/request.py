@@ -47,6 +47,8 @@ __all__ = [
     "UnknownRequestParameter",
     "error_code",
     "parse_request",
+    "request_from_json",
+    "request_to_json",
 ]
 
 MAX_PROMPT_BYTES = 1 << 20  # a prompt larger than this cannot fit any context we serve
@@ -195,6 +197,60 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], parameters_json: str 
         stream=stream,
         exclude_input_in_output=exclude,
         params=params,
+    )
+
+
+def request_to_json(request: GenerateRequest) -> dict[str, Any]:
+    """``request`` as a JSON object (what a stub sends to its engine process)."""
+    p = request.params
+    return {
+        "text": request.text,
+        "prompt_ids": list(request.prompt_ids) if request.prompt_ids is not None else None,
+        "generated_ids": list(request.generated_ids),
+        "stream": request.stream,
+        "exclude_input_in_output": request.exclude_input_in_output,
+        "params": {
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "top_k": p.top_k,
+            "seed": p.seed,
+            "stop": list(p.stop),
+        },
+    }
+
+
+def _ids(name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    ):
+        raise BadInput(f"{name} must be a list of non-negative integers")
+    return tuple(value)
+
+
+def request_from_json(obj: Any) -> GenerateRequest:
+    """The inverse of :func:`request_to_json`, validating every field (the object crossed a process)."""
+    if not isinstance(obj, dict):
+        raise BadInput("a request must be a JSON object")
+    expected = {"text", "prompt_ids", "generated_ids", "stream", "exclude_input_in_output", "params"}
+    if set(obj) != expected:
+        raise BadInput(f"a request has exactly the keys {sorted(expected)}, got {sorted(obj)}")
+    text = obj["text"]
+    if text is not None and not isinstance(text, str):
+        raise BadInput("text must be a string or null")
+    prompt_ids = _ids("prompt_ids", obj["prompt_ids"]) if obj["prompt_ids"] is not None else None
+    if text is None and not prompt_ids:
+        raise MissingPrompt("the request needs a text or prompt ids")
+    for name in ("stream", "exclude_input_in_output"):
+        if not isinstance(obj[name], bool):
+            raise BadInput(f"{name} must be a bool")
+    return GenerateRequest(
+        text=text,
+        prompt_ids=prompt_ids,
+        generated_ids=_ids("generated_ids", obj["generated_ids"]),
+        stream=obj["stream"],
+        exclude_input_in_output=obj["exclude_input_in_output"],
+        params=SamplingParams.from_json(obj["params"]),
     )
 
 

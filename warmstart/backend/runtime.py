@@ -148,14 +148,21 @@ class Runtime:
         model_dir: Path | str | None = None,
         metrics: Metrics | None = None,
         warmup: bool = True,
+        parse_tokenizer: Callable[[str], Any] | None = None,
     ) -> Runtime:
-        """Load the checkpoint named by ``settings`` and build the engine; raise :class:`ModelLoadFailed`."""
+        """Load the checkpoint named by ``settings`` and build the engine; raise :class:`ModelLoadFailed`.
+
+        ``parse_tokenizer`` turns ``tokenizer.json`` text into a ``tokenizers.Tokenizer`` (default:
+        ``Tokenizer.from_str``; the engine host passes one that reuses tokenizers it parsed before).
+        """
         t0 = time.perf_counter()
         ref = settings.checkpoint
         try:
             ref = resolve_reference(settings.checkpoint, model_dir)
             loaded = load_checkpoint(ref, settings.engine, dtype=settings.dtype)
-            runtime = cls.from_loaded(loaded, settings, metrics=metrics, warmup=warmup)
+            runtime = cls.from_loaded(
+                loaded, settings, metrics=metrics, warmup=warmup, parse_tokenizer=parse_tokenizer
+            )
         except (WarmstartError, OSError, ValueError, KeyError, ImportError) as e:
             raise ModelLoadFailed(
                 f"model {model_name!r}: cannot load checkpoint {ref!r} with the {settings.engine} engine: "
@@ -180,16 +187,19 @@ class Runtime:
         *,
         metrics: Metrics | None = None,
         warmup: bool = True,
+        parse_tokenizer: Callable[[str], Any] | None = None,
     ) -> Runtime:
         """Build the engine and tokenizer from an already loaded checkpoint.
 
         The tokenizer is parsed on a thread while the engine is built: the parse holds the GIL, but the
         JAX engine's weight stacking and XLA work release it (measured ~10% off the JAX build).
         """
-        from tokenizers import Tokenizer
+        if parse_tokenizer is None:
+            from tokenizers import Tokenizer
 
+            parse_tokenizer = Tokenizer.from_str
         with ThreadPoolExecutor(1, thread_name_prefix="warmstart-tokenizer") as pool:
-            tokenizer_future = pool.submit(Tokenizer.from_str, loaded.tokenizer_json)
+            tokenizer_future = pool.submit(parse_tokenizer, loaded.tokenizer_json)
             engine = build_engine(
                 settings.engine,  # type: ignore[arg-type]  # validated by ModelSettings
                 loaded.config,
