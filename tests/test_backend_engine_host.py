@@ -266,6 +266,9 @@ def test_stopping_the_host_stops_its_engine_processes(
         assert pid_alive(rt.pid)
         h.stop()
         assert not h.socket_path.exists()
+        deadline = time.monotonic() + 10  # SIGKILL is delivered asynchronously
+        while pid_alive(rt.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert not pid_alive(rt.pid)
     finally:
         rt.close()
