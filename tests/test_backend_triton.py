@@ -284,3 +284,45 @@ def test_full_config_via_repository_api_loads_a_model_not_in_the_repository(
         assert len(ok(grpc_generate(server.grpc_url, "via_api", PROMPT, params={"max_tokens": 3})).ids) == 3
     finally:
         server.unload_model("via_api")
+
+
+def test_models_run_in_engine_processes_and_stubs_never_import_torch(server: TritonServer) -> None:
+    ok(grpc_generate(server.grpc_url, "tiny_torch", PROMPT, params={"max_tokens": 2}))
+    assert "tiny_torch ready (torch engine" in server.logs()
+    assert "engine process" in server.logs()
+    stubs = [
+        p
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit()
+        and _cmdline(p).split(" ")[0].endswith("/triton_python_backend_stub")
+        and "tiny_torch" in _cmdline(p)
+    ]
+    assert stubs, "no stub process of tiny_torch found"
+    for stub in stubs:
+        maps = (stub / "maps").read_text()
+        assert "libtorch" not in maps, "the stub of a warmstart model must stay a thin proxy"
+
+
+def _cmdline(proc: Path) -> str:
+    try:
+        return (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_without_an_engine_host_models_run_inside_their_stubs(tmp_path: Path) -> None:
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny", "llama")
+    repo = tmp_path / "repo"
+    write_model(repo, "in_stub", str(ckpt), "torch")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        srv = TritonServer(
+            TritonConfig(model_repositories=(repo,)), workdir=tmp_path / "srv", engine_host=False
+        )
+        srv.start()
+    try:
+        srv.load_model("in_stub")
+        assert len(ok(grpc_generate(srv.grpc_url, "in_stub", PROMPT, params={"max_tokens": 3})).ids) == 3
+        assert "in_stub ready (torch engine" in srv.logs() and "in the stub" in srv.logs()
+    finally:
+        srv.stop()
