@@ -3,7 +3,9 @@
 The server runs as configured for a fleet behind the scheduler: explicit model control, auto-complete off
 (configs are complete), strict readiness off, loopback binding, the repository API restricted by a key, and a
 short exit timeout. ``serve`` supervises it, copies its log to stdout, exits with its status if it dies, and
-stops it on Ctrl-C or SIGTERM (SIGTERM, then SIGKILL by PID if it hangs).
+stops it on Ctrl-C or SIGTERM (SIGTERM, then SIGKILL by PID if it hangs). Beside it runs the node's engine
+host (``warmstart.backend.host``: torch imported once, one forked engine process per loaded model), unless
+``--no-engine-host``.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--exit-timeout", type=int, default=3, help="seconds tritonserver waits for in-flight work"
     )
     p.add_argument("--log-verbose", action="store_true", help="tritonserver verbose logging")
+    p.add_argument(
+        "--no-engine-host",
+        action="store_true",
+        help="run each model's engine inside its Triton stub instead of a process forked from the node's engine "
+        "host (slower cold starts: every load imports torch)",
+    )
 
 
 def _raise_stop(signum: int, frame: FrameType | None) -> None:
@@ -98,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         exit_timeout_secs=args.exit_timeout,
         verbose=args.log_verbose,
     )
-    server = TritonServer(config, workdir=args.workdir)
+    server = TritonServer(config, workdir=args.workdir, engine_host=not args.no_engine_host)
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     log: IO[bytes] | None = None
     out = sys.stdout.buffer
