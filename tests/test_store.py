@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
 import threading
 import urllib.error
@@ -17,11 +18,13 @@ import pytest
 import warmstart.format as wf
 from tests.test_loaders_tiers import assert_equal, make_tensors, upload
 from warmstart.errors import CacheFull, CheckpointNotFound, EntryInUse, InvalidModelName
+from warmstart.format.index import Index
+from warmstart.loaders import hostcache, pipeline
 from warmstart.loaders.hostcache import wait_until
-from warmstart.loaders.tiers import Tiers
+from warmstart.loaders.tiers import DiskCopy, Tiers, wait_disk_copies
 from warmstart.store.client import StoreClient
 from warmstart.store.owner import StoreServer
-from warmstart.store.service import StoreConfig
+from warmstart.store.service import NodeStore, StoreConfig
 
 torch = pytest.importorskip("torch")
 from warmstart.torch import load_state_dict  # noqa: E402
@@ -170,3 +173,114 @@ def test_store_config_rejects_bad_values(tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="URI"):
         StoreConfig(root=tmp_path, remote="/local", memory_capacity=1, disk_capacity=1)
+
+
+# --- the store's logic in process, where a background disk copy can be held at a chosen point ---------------
+
+
+def _node_store(tmp_path: Path) -> NodeStore:
+    return NodeStore(
+        StoreConfig(
+            root=tmp_path / "root",
+            remote=PREFIX,
+            memory_capacity=4 * 1024**2,
+            disk_capacity=64 * 1024**2,
+            memory_root=tmp_path / "shm",
+            probe=False,
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("tier", "evicted", "left"),
+    [("all", ["memory"], []), ("disk", [], ["memory"]), ("memory", ["memory"], ["disk"])],
+)
+def test_evict_during_the_background_disk_copy(
+    models: object,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tier: str,
+    evicted: list[str],
+    left: list[str],
+) -> None:
+    """A reset evicts a model whose disk copy (memory → disk, after a remote load) is still being written.
+
+    The eviction waits for the copy, cancelled when the disk tier is evicted: it then publishes nothing and
+    leaves no temporary directory (it used to publish the disk entry after an eviction of ``disk`` had
+    answered, and an eviction of ``all`` failed with 409 on the memory entry the copy holds).
+    """
+    copying, release = threading.Event(), threading.Event()
+    real_copy = pipeline.local_copy
+
+    def held_copy(src: Path, index: Index, dst: Path) -> float:
+        copying.set()
+        release.wait(60)
+        return real_copy(src, index, dst)
+
+    monkeypatch.setattr(pipeline, "local_copy", held_copy)
+    ns = _node_store(tmp_path)
+    try:
+        assert [t["source"] for t in ns.ensure("small-a", "memory")["transfers"]] == ["remote"]
+        assert copying.wait(30)  # the copy is writing into disk/.tmp/small-a.<id>
+        (copy,) = DiskCopy.running("small-a", ns.tiers)
+        assert [p.name.split(".")[0] for p in (ns.disk.root / ".tmp").iterdir()] == ["small-a"]
+        result: list[list[str]] = []
+        errors: list[BaseException] = []
+
+        def evict() -> None:
+            try:
+                result.append(ns.evict("small-a", tier))
+            except BaseException as e:
+                errors.append(e)
+
+        th = threading.Thread(target=evict)
+        th.start()
+        if tier != "memory":
+            assert wait_until(lambda: copy.cancelled, 10)
+        th.join(0.2)
+        assert th.is_alive() and not errors  # the eviction waits for the copy
+    finally:
+        release.set()
+    th.join(30)
+    assert not errors and result == [evicted]
+    assert copy.join(0) and copy.error is None
+    assert wait_disk_copies(30) == []  # a cancelled copy is no failure
+    assert list((ns.disk.root / ".tmp").iterdir()) == []  # nothing partial left
+    assert {m["name"]: m["tiers"] for m in ns.inventory()} == ({"small-a": left} if left else {})
+    # the copy let go of the disk tier's fill lock: the model can be brought back
+    info = ns.ensure("small-a", "disk")
+    assert info["hit"] == ("disk" in left) and ns.disk.contains("small-a")
+
+
+def test_reserving_room_skips_a_fill_published_meanwhile(
+    models: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fill directory that is renamed into place (or removed) while a reservation counts the bytes held in
+    ``.tmp``: the count used to fail with FileNotFoundError on ``disk/.tmp/<key>.<id>`` (a 404 "not found"
+    for the ensure of another model, or a failed /metrics)."""
+    ns = _node_store(tmp_path)
+    held = ns.disk.try_fill_lock("small-z")  # small-z is being filled (by a background copy, say)
+    assert held is not None
+    tmp = ns.disk.root / ".tmp" / "small-z.0123456789ab"
+    real_dir_bytes = hostcache._dir_bytes
+
+    def publishing() -> None:  # the fill's last step: ``reserved`` is gone, the rename comes next
+        tmp.mkdir()
+        (tmp / "data-00000.bin").write_bytes(b"x" * 4096)
+
+    def publish_first(d: Path) -> int:
+        if d == tmp:  # the rename lands between the listing of .tmp and this read
+            os.rename(tmp, ns.disk.root / ".trash" / f"small-z.{os.urandom(6).hex()}")
+        return real_dir_bytes(d)
+
+    monkeypatch.setattr(hostcache, "_dir_bytes", publish_first)
+    try:
+        publishing()
+        assert ns.disk.used_bytes() == 0
+        publishing()
+        assert "warmstart_store_bytes" in ns.metrics.render().decode()
+        publishing()
+        info = ns.ensure("small-b", "disk")
+        assert [t["source"] for t in info["transfers"]] == ["remote"] and ns.disk.contains("small-b")
+    finally:
+        held.release()

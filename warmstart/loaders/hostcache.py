@@ -263,12 +263,16 @@ class CacheDir:
         return sum(e.bytes for e in self.entries()) + sum(r for _, r in self._reservations())
 
     def _reservations(self) -> list[tuple[Path, int]]:
+        """Fill directories and the bytes each holds: its reservation, else (no ``reserved`` file: a fill
+        being published, or a dead fill's leftover) the bytes written. A fill published or removed while it is
+        looked at (other threads and processes do not take ``cache.lock`` for that) is skipped."""
         out = []
         for d in (self.root / ".tmp").iterdir():
             try:
                 out.append((d, int((d / _RESERVED).read_text())))
-            except (FileNotFoundError, ValueError):
-                out.append((d, _dir_bytes(d)))
+            except (OSError, ValueError):
+                with contextlib.suppress(OSError):
+                    out.append((d, _dir_bytes(d)))
         return out
 
     # -- eviction --------------------------------------------------------------------------------------------

@@ -363,12 +363,18 @@ def _remote_to_memory(uri: str, key: str, t: Tiers, transfers: list[Transfer]) -
     return f.lease
 
 
+class _Cancelled(Exception):
+    """A background disk copy was cancelled (its checkpoint is being evicted)."""
+
+
 class DiskCopy:
     """A background copy of a memory-tier entry into the disk tier (see :func:`_remote_to_memory`).
 
     The thread is not a daemon: a process that loaded a checkpoint finishes writing its disk copy before
     the interpreter exits. A failure (a full disk, say) is logged and kept in :attr:`error`; the memory
     tier already serves the checkpoint. :func:`wait_disk_copies` waits for every copy of this process.
+    Evicting the checkpoint (see the node store) cancels its copy with :meth:`cancel` and waits with
+    :meth:`join`: a cancelled copy publishes nothing and leaves no temporary files.
     """
 
     _running: ClassVar[list[DiskCopy]] = []
@@ -384,6 +390,7 @@ class DiskCopy:
         self._index = index
         self._disk_lock = disk_lock
         self._hold = t.memory.lookup(key)  # keeps the memory entry from being evicted while it is copied
+        self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"warmstart-disk-copy-{key}", daemon=False)
 
     @classmethod
@@ -394,6 +401,30 @@ class DiskCopy:
         c._thread.start()
         return c
 
+    @classmethod
+    def running(cls, key: str, t: Tiers) -> list[DiskCopy]:
+        """The copies of ``key`` started through ``t`` (the same object) that have not finished."""
+        with cls._lock:
+            return [c for c in cls._running if c.key == key and c._t is t]
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def cancel(self) -> None:
+        """Ask the copy to publish nothing. It stops at its next check (before reserving room, or once its
+        bytes are written) and removes its temporary directory; :meth:`join` waits for that."""
+        self._cancel.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the copy to end (without raising its error); True when it has."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise _Cancelled
+
     def _run(self) -> None:
         t = self._t
         assert t.disk is not None
@@ -401,13 +432,21 @@ class DiskCopy:
             if self._hold is None:
                 log.warning("memory copy of %s vanished before its disk copy; skipping it", self.key)
                 return
+            self._check_cancel()
             on_evict = _evict_cb(t, "disk")
             with self._disk_lock, t.disk.filling(self.key, self._index.total_bytes, on_evict=on_evict) as df:
                 secs = pipeline.local_copy(self._hold.path, self._index, df.path)
+                self._check_cancel()  # inside the fill: its temporary directory is removed, nothing published
             assert df.lease is not None
             df.lease.release()
             self.transfer = Transfer("memory", ("disk",), self._index.total_bytes, secs)
             _report(t, [self.transfer])
+        except _Cancelled:
+            log.info(
+                "disk copy of %s cancelled (evicted while copying); nothing written to %s",
+                self.key,
+                t.disk.root,
+            )
         except BaseException as e:
             self.error = e
             with DiskCopy._lock:

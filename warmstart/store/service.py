@@ -7,7 +7,9 @@ Endpoints (JSON unless noted; model names must match ``^[A-Za-z0-9][A-Za-z0-9._-
 * ``POST /v1/models/{name}/ensure?tier=memory|disk`` → when the model is there: ``{"name", "tier", "path",
   "memory_root", "hit", "seconds", "transfers": [{"source", "targets", "bytes", "seconds", "bytes_per_s"}]}``.
   Concurrent requests for one model share one transfer.
-* ``POST /v1/models/{name}/evict?tier=memory|disk|all`` → ``{"evicted": [tiers]}``; 409 when in use.
+* ``POST /v1/models/{name}/evict?tier=memory|disk|all`` → ``{"evicted": [tiers]}``; 409 when in use. It
+  waits for an ensure of the model in progress and for its background disk copy (cancelled when the disk
+  tier is evicted), so nothing of the model reappears afterwards.
 * ``GET  /v1/bandwidth`` → ``{"memory_bps", "disk_bps", "remote_bps"}``: measured by this store (a startup
   probe of both local tiers, then updated from every real transfer; ``remote_bps`` is null until one).
 * ``GET  /metrics`` Prometheus text; ``GET /healthz`` → ``{"ok": true}``.
@@ -43,7 +45,7 @@ from warmstart.errors import (
 )
 from warmstart.loaders.hostcache import DiskCache, HostCache, default_host_root, validate_name
 from warmstart.loaders.pipeline import Transfer
-from warmstart.loaders.tiers import Tiers, ensure_disk, ensure_memory
+from warmstart.loaders.tiers import DiskCopy, Tiers, ensure_disk, ensure_memory
 from warmstart.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -276,14 +278,25 @@ class NodeStore:
         }
 
     def evict(self, name: str, tier: str) -> list[str]:
+        """Remove ``name`` from ``tier`` (``memory``, ``disk`` or ``all``); returns the tiers it left.
+
+        An ensure of ``name`` in progress finishes first. Its background disk copy (which holds the memory
+        entry and would publish the disk entry after this returned) is waited for; when the disk tier is
+        evicted it is cancelled first, so it publishes nothing and leaves no temporary files.
+        """
         validate_name(name)
         if tier not in (*TIERS, "all"):
             raise ValueError(f"tier must be memory, disk or all, got {tier!r}")
-        done = []
-        for tname, cache in (("memory", self.memory), ("disk", self.disk)):
-            if tier in (tname, "all") and cache.evict(name):
-                self.metrics.evictions.labels(tname).inc()
-                done.append(tname)
+        with self._lock(name):
+            for copy in DiskCopy.running(name, self.tiers):
+                if tier != "memory":
+                    copy.cancel()
+                copy.join()
+            done = []
+            for tname, cache in (("memory", self.memory), ("disk", self.disk)):
+                if tier in (tname, "all") and cache.evict(name):
+                    self.metrics.evictions.labels(tname).inc()
+                    done.append(tname)
         return done
 
     def inventory(self) -> list[dict[str, Any]]:
