@@ -339,8 +339,11 @@ def _evict(store_url: str, name: str, tiers: str, timeout: float = 60.0) -> None
 
 def drop_page_cache(root: Path) -> None:
     """fdatasync + POSIX_FADV_DONTNEED on every file under ``root`` (the disk tier reads from the device)."""
-    for p in root.rglob("*"):
-        if p.is_file() and not p.is_symlink():
+    for dirpath, _dirs, files in os.walk(root):  # unlike rglob, tolerates directories renamed meanwhile
+        for name in files:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                continue
             with contextlib.suppress(OSError):
                 fd = os.open(p, os.O_RDONLY)
                 try:
@@ -484,6 +487,10 @@ class Cluster:
                 _http("POST", f"{n.store.url}/v1/models/{name}/ensure?tier=disk", timeout=300)
             for name in layout[n.name]["memory"]:
                 _http("POST", f"{n.store.url}/v1/models/{name}/ensure?tier=memory", timeout=300)
+                if name not in layout[n.name]["disk"]:
+                    # the store copies a memory-tier model to disk in the background: cancel that copy (evict
+                    # waits for it) so the layout is exact and nothing renames files under drop_page_cache
+                    _evict(n.store.url, name, "disk")
             drop_page_cache(n.store_root)
 
     def weight_load_seconds(self) -> dict[str, dict[str, Any]]:

@@ -284,3 +284,71 @@ def test_reserving_room_skips_a_fill_published_meanwhile(
         assert [t["source"] for t in info["transfers"]] == ["remote"] and ns.disk.contains("small-b")
     finally:
         held.release()
+
+
+def test_locate_maps_a_disk_only_model_from_disk_then_promotes_it_to_memory(
+    models: dict[str, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from warmstart.store import service
+
+    monkeypatch.setattr(service, "PROMOTE_DELAY_S", 0.3)
+    ns = _node_store(tmp_path)
+    ns.ensure("small-a", "disk")
+    assert not ns.memory.contains("small-a")
+    info = ns.locate("small-a")
+    assert info["tier"] == "disk" and info["transfers"] == [] and info["root"] == str(ns.disk.root)
+    assert not ns.memory.contains("small-a")  # not on the load's critical path
+    assert wait_until(lambda: ns.memory.contains("small-a"), 30)
+    again = ns.locate("small-a")
+    assert again["tier"] == "memory" and again["root"] == str(ns.memory.root)
+    # a remote-only model is fetched into memory, as ensure?tier=memory does
+    fetched = ns.locate("small-b")
+    assert fetched["tier"] == "memory" and [t["source"] for t in fetched["transfers"]] == ["remote"]
+    wait_disk_copies(30)
+
+
+def test_evict_cancels_a_pending_promotion(
+    models: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from warmstart.store import service
+
+    monkeypatch.setattr(service, "PROMOTE_DELAY_S", 0.5)
+    ns = _node_store(tmp_path)
+    ns.ensure("small-a", "disk")
+    assert ns.locate("small-a")["tier"] == "disk"
+    assert ns.evict("small-a", "disk") == ["disk"]
+    threading.Event().wait(1.0)  # past the promotion's delay
+    assert not ns.memory.contains("small-a") and not ns.disk.contains("small-a")
+
+
+def test_promotion_does_not_count_page_cache_reads_as_disk_bandwidth(
+    models: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from warmstart.store import service
+
+    monkeypatch.setattr(service, "PROMOTE_DELAY_S", 0.0)
+    ns = _node_store(tmp_path)
+    ns.ensure("small-a", "disk")
+    before = ns.bandwidth()["disk_bps"]
+    ns.locate("small-a")
+    assert wait_until(lambda: ns.memory.contains("small-a"), 30)
+    assert ns.bandwidth()["disk_bps"] == before
+
+
+def test_store_client_maps_a_disk_only_model_straight_from_the_disk_tier(
+    store: StoreServer, models: dict[str, dict]
+) -> None:
+    c = store.client()
+    c.ensure("small-b", "disk")
+    gc.collect()
+    if "memory" in {m["name"]: m["tiers"] for m in c.models()}["small-b"]:
+        c.evict("small-b", "memory")
+    host = c.open_host("small-b")
+    assert host.tier == "disk" and host.transfers == []
+    assert str(host.path).startswith(f"{store.root}/disk/")
+    sd = load_state_dict("small-b", tiers=Tiers(store=store.url))
+    assert_equal(sd, models["small-b"])
+    with pytest.raises(EntryInUse):  # mapped: the disk entry is in use
+        c.evict("small-b", "disk")
+    del sd, host
+    gc.collect()

@@ -134,6 +134,8 @@ class Lease:
                 m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY if writable_copy else mmap.ACCESS_READ)
                 if self.cache.populate:
                     populate_read(m)
+                else:  # disk: start reading the whole file now (a no-op when it is in the page cache)
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
         weakref.finalize(m, _keep, self._lock)  # the lock lives as long as its last mapping
         return m
 

@@ -19,7 +19,7 @@ from warmstart.errors import (
     StoreError,
     StoreUnavailable,
 )
-from warmstart.loaders.hostcache import HostCache, validate_name
+from warmstart.loaders.hostcache import DiskCache, HostCache, validate_name
 from warmstart.loaders.pipeline import Transfer
 from warmstart.loaders.tiers import HostCheckpoint, _from_lease
 
@@ -84,14 +84,22 @@ class StoreClient:
         with urllib.request.urlopen(full, timeout=self.timeout) as r:
             return str(r.read().decode())
 
+    def locate(self, name: str) -> dict[str, Any]:
+        """Where to map ``name`` now (memory, else disk, else fetched into memory); see the store's docs."""
+        return dict(self._call("POST", f"/v1/models/{urllib.parse.quote(validate_name(name))}/locate"))
+
     def open_host(self, name: str, *, attempts: int = 3) -> HostCheckpoint:
-        """Ensure ``name`` in the node's memory tier, then map its files directly (same node, zero copy)."""
+        """Map ``name``'s files directly from the node's memory tier, or from its disk tier when it is there
+        and not in memory (the page cache, no copy); fetched into memory first when it is in neither."""
         for _ in range(attempts):
             try:
-                info = self.ensure(name, "memory")
+                info = self.locate(name)
             except ModelNotFound as e:
                 raise CheckpointNotFound(str(e)) from None
-            lease = HostCache(Path(info["memory_root"])).lookup(name)
+            cache = (
+                HostCache(Path(info["root"])) if info["tier"] == "memory" else DiskCache(Path(info["root"]))
+            )
+            lease = cache.lookup(name)
             if lease is not None:  # else: evicted between the answer and our lock; ask again
                 transfers = [
                     Transfer(t["source"], tuple(t["targets"]), int(t["bytes"]), float(t["seconds"]))
@@ -100,5 +108,5 @@ class StoreClient:
                 return _from_lease(lease, f"{self.url}/v1/models/{name}", transfers)
             time.sleep(0.05)
         raise StoreError(
-            f"node store {self.url} keeps evicting {name} before it can be mapped; raise its memory capacity"
+            f"node store {self.url} keeps evicting {name} before it can be mapped; raise its tier capacities"
         )

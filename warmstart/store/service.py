@@ -7,6 +7,11 @@ Endpoints (JSON unless noted; model names must match ``^[A-Za-z0-9][A-Za-z0-9._-
 * ``POST /v1/models/{name}/ensure?tier=memory|disk`` → when the model is there: ``{"name", "tier", "path",
   "memory_root", "hit", "seconds", "transfers": [{"source", "targets", "bytes", "seconds", "bytes_per_s"}]}``.
   Concurrent requests for one model share one transfer.
+* ``POST /v1/models/{name}/locate`` → where a process on this node should map the model right now: the
+  memory tier when it is there; else the disk tier when it is there (mapped straight from the page cache, no
+  copy; the memory tier is filled from it in the background :data:`PROMOTE_DELAY_S` later, off the load's
+  critical path); else it is fetched into the memory tier as ``ensure?tier=memory`` would. Same answer as
+  ``ensure`` plus ``root``, the cache directory holding ``path``.
 * ``POST /v1/models/{name}/evict?tier=memory|disk|all`` → ``{"evicted": [tiers]}``; 409 when in use. It
   waits for an ensure of the model in progress and for its background disk copy (cancelled when the disk
   tier is evicted), so nothing of the model reappears afterwards.
@@ -52,6 +57,9 @@ log = logging.getLogger(__name__)
 
 TIERS = ("memory", "disk")
 PROBE_BYTES = 64 * 1024**2
+# A model located in the disk tier is copied into the memory tier this long afterwards: by then the process
+# that mapped it has built its engine and answered its first token, so the copy does not compete with them.
+PROMOTE_DELAY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -165,6 +173,8 @@ class NodeStore:
         self._bw_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
+        self._promotions: dict[str, threading.Event] = {}  # model -> cancel event of its pending promotion
+        self._quiet = threading.local()  # set while promoting: its page-cache reads say nothing of the disk
         self.metrics = _Metrics(self)
         self.tiers = Tiers(
             memory=self.memory,
@@ -230,6 +240,8 @@ class NodeStore:
         self.metrics.load_seconds.labels(tr.source).observe(tr.seconds)
         self.metrics.transferred.labels(tr.source).inc(tr.nbytes)
         self.metrics.transfers.labels(tr.source).inc()
+        if getattr(self._quiet, "on", False):
+            return
         if tr.seconds > 0 and tr.nbytes > 0 and tr.source != "memory":  # memory → disk measures disk writes
             self._record_bw(tr.source, tr.bytes_per_s)
 
@@ -257,11 +269,61 @@ class NodeStore:
             else:
                 lease, transfers = ensure_disk(self.uri(name), name, self.tiers)
             lease.release()
+        return self._answer(name, tier, lease.path, transfers, t0)
+
+    def locate(self, name: str) -> dict[str, Any]:
+        """Where to map ``name`` now: memory if there, else disk if there (promoted later), else fetched."""
+        validate_name(name)
+        t0 = time.perf_counter()
+        with self._lock(name):
+            if not self.memory.contains(name):
+                lease = self.disk.lookup(name)
+                if lease is not None:
+                    lease.release()
+                    self._schedule_promotion(name)
+                    return self._answer(name, "disk", lease.path, [], t0)
+            lease, transfers = ensure_memory(self.uri(name), name, self.tiers)
+            lease.release()
+        return self._answer(name, "memory", lease.path, transfers, t0)
+
+    def _schedule_promotion(self, name: str) -> None:
+        """Copy ``name`` from disk to memory :data:`PROMOTE_DELAY_S` from now, unless evicted meanwhile.
+        Called with the model's lock held."""
+        if name in self._promotions:
+            return
+        cancel = self._promotions[name] = threading.Event()
+
+        def promote() -> None:
+            try:
+                if cancel.wait(PROMOTE_DELAY_S):
+                    return
+                with self._lock(name):
+                    if cancel.is_set() or self.memory.contains(name) or not self.disk.contains(name):
+                        return
+                    self._quiet.on = True
+                    try:
+                        lease, _ = ensure_memory(self.uri(name), name, self.tiers)
+                        lease.release()
+                    finally:
+                        self._quiet.on = False
+            except Exception as e:  # the disk tier still serves the model
+                log.info("promoting %s to the memory tier failed: %s", name, e)
+            finally:
+                with self._lock(name):
+                    if self._promotions.get(name) is cancel:
+                        del self._promotions[name]
+
+        threading.Thread(target=promote, name=f"warmstart-promote-{name}", daemon=True).start()
+
+    def _answer(
+        self, name: str, tier: str, path: Path, transfers: list[Transfer], t0: float
+    ) -> dict[str, Any]:
         (self.metrics.misses if transfers else self.metrics.hits).labels(tier).inc()
         return {
             "name": name,
             "tier": tier,
-            "path": str(lease.path),
+            "path": str(path),
+            "root": str((self.memory if tier == "memory" else self.disk).root),
             "memory_root": str(self.memory.root),
             "hit": not transfers,
             "seconds": time.perf_counter() - t0,
@@ -288,6 +350,11 @@ class NodeStore:
         if tier not in (*TIERS, "all"):
             raise ValueError(f"tier must be memory, disk or all, got {tier!r}")
         with self._lock(name):
+            pending = self._promotions.pop(name, None)
+            if (
+                pending is not None
+            ):  # a promotion waiting for its delay never starts; a running one holds the lock
+                pending.set()
             for copy in DiskCopy.running(name, self.tiers):
                 if tier != "memory":
                     copy.cancel()
@@ -377,6 +444,13 @@ class _Handler(BaseHTTPRequestHandler):
                 and parts[3] == "ensure"
             ):
                 self._json(200, store.ensure(parts[2], query.get("tier", ["memory"])[0]))
+            elif (
+                method == "POST"
+                and len(parts) == 4
+                and parts[:2] == ["v1", "models"]
+                and parts[3] == "locate"
+            ):
+                self._json(200, store.locate(parts[2]))
             elif (
                 method == "POST" and len(parts) == 4 and parts[:2] == ["v1", "models"] and parts[3] == "evict"
             ):
