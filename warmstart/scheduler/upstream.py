@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # RPC status codes that mean "this server cannot be reached or went away": fail over to another one.
+STREAM_END_TIMEOUT_S = 2.0  # how long a finished stream may take to close before it is cancelled
 _UNREACHABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -302,6 +303,7 @@ class TritonUpstream:
             yield request
 
         call = self._stub.ModelStreamInfer(requests())
+        finished = False
         try:
             while True:
                 try:
@@ -321,8 +323,30 @@ class TritonUpstream:
                         raise UpstreamModelMissing(f"{self.name}: {resp.error_message}")
                     raise UpstreamRequestError(resp.error_message)
                 chunk = parse_infer_response(resp.infer_response)
+                if chunk.final:
+                    finished = True
                 yield chunk
                 if chunk.final:
                     return
         finally:
+            await _end_stream(call, finished)
+
+
+async def _end_stream(call: Any, finished: bool) -> None:
+    """End a ModelStreamInfer call: cancel it while its request is still running; after the final response,
+    let the server finish it instead (the request stream is already half-closed).
+
+    Cancelling a stream whose request has just completed makes tritonserver 2.51 leak the request's
+    reference to its model, which then stays UNLOADING forever (seen in benchmarks/workload.py as unloads
+    that timed out after 30 s and held the server's memory budget).
+    """
+    if finished:
+        try:
+            if await asyncio.wait_for(call.read(), STREAM_END_TIMEOUT_S) is grpc.aio.EOF:
+                return
+        except (TimeoutError, grpc.aio.AioRpcError):
+            pass
+        except asyncio.CancelledError:
             call.cancel()
+            raise
+    call.cancel()
