@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -47,8 +48,25 @@ def test_many_finished_streams_leave_the_model_unloadable_at_once(tmp_path: Path
                         prompt="Once upon a time",
                         sampling={"max_tokens": 2},
                     )
-                    async for chunk in up.generate(req, idle_timeout_s=30.0):
-                        finals += chunk.final
+                    if i % 2:
+                        async for chunk in up.generate(req, idle_timeout_s=30.0):
+                            finals += chunk.final
+                        continue
+                    # as the router does: a reader task, cancelled once the final response is in
+                    final = asyncio.Event()
+
+                    async def read(req: GenerationRequest = req, final: asyncio.Event = final) -> None:
+                        async with contextlib.aclosing(up.generate(req, idle_timeout_s=30.0)) as chunks:
+                            async for chunk in chunks:
+                                if chunk.final:
+                                    final.set()
+
+                    task = asyncio.create_task(read())
+                    await final.wait()
+                    finals += 1
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
                 await up.unload("tiny", wait_s=10.0)  # raises ModelUnloadFailed while still UNLOADING
                 return finals
             finally:

@@ -338,7 +338,9 @@ async def _end_stream(call: Any, finished: bool) -> None:
 
     Cancelling a stream whose request has just completed makes tritonserver 2.51 leak the request's
     reference to its model, which then stays UNLOADING forever (seen in benchmarks/workload.py as unloads
-    that timed out after 30 s and held the server's memory budget).
+    that timed out after 30 s and held the server's memory budget). So a finished call is never cancelled,
+    not even when this wait is itself cancelled (the router cancels a generation's reader task once it has
+    the final response).
     """
     if finished:
         try:
@@ -346,7 +348,6 @@ async def _end_stream(call: Any, finished: bool) -> None:
                 return
         except (TimeoutError, grpc.aio.AioRpcError):
             pass
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
+        # asyncio.CancelledError (the reader of a finished generation stops, as the router's pump does): it
+        # propagates without cancelling the call; the server ends the half-closed stream by itself
     call.cancel()
