@@ -410,3 +410,31 @@ def test_server_dies_when_the_starting_process_is_killed(tmp_path: Path, repo: P
     finally:
         parent.kill()
         parent.wait()
+
+
+@pytest.mark.triton
+@pytest.mark.slow
+def test_stop_removes_the_shared_memory_of_stubs_killed_at_the_exit_timeout(
+    triton_server_factory: Callable[..., TritonServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from backend_support import grpc_generate, make_tiny_checkpoint, write_model
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    repo = tmp_path / "stub-repo"
+    write_model(repo, "tiny", str(make_tiny_checkpoint(tmp_path / "tiny", "llama")), "torch")
+    server = triton_server_factory(repo, exit_timeout_secs=0)
+    server.load_model("tiny")
+    regions = triton_mod._stub_shm_regions(server.pid)
+    assert len(regions) == 1 and (Path("/dev/shm") / regions[0]).exists()
+    busy = threading.Thread(
+        target=grpc_generate,
+        args=(server.grpc_url, "tiny", "Once upon"),
+        kwargs={"params": {"max_tokens": 2000}},
+    )
+    busy.start()
+    time.sleep(1.0)  # a generation in flight: tritonserver gives up on the stub at its exit timeout
+    server.stop()
+    busy.join(30)
+    assert not (Path("/dev/shm") / regions[0]).exists()

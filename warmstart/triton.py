@@ -18,6 +18,7 @@ outside its repository when asked to.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -279,6 +280,31 @@ class TritonConfig:
         return argv
 
 
+_SHM_REGION = re.compile(r"triton_[a-z0-9_]*backend_shm_region_[0-9a-f-]{36}")
+
+
+def _stub_shm_regions(server_pid: int | None) -> list[str]:
+    """The ``/dev/shm`` regions of the Python stubs that ``server_pid`` runs now (argv[2] of each stub)."""
+    if server_pid is None:
+        return []
+    names = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != server_pid:
+                continue
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if len(argv) > 2 and argv[0].endswith(b"triton_python_backend_stub"):
+            name = argv[2].decode(errors="replace")
+            if _SHM_REGION.fullmatch(name):
+                names.append(name)
+    return names
+
+
 def _redact(argv: Sequence[str], secret: str | None) -> str:
     text = " ".join(argv)
     return text.replace(secret, "***") if secret else text
@@ -458,8 +484,13 @@ class TritonServer:
         """SIGTERM, wait ``timeout``, SIGKILL by PID, then sweep its process group. Idempotent."""
         rc = None
         if self._process is not None:
+            regions = _stub_shm_regions(self._process.pid) if self._process.is_alive() else []
             rc = self._process.stop(timeout)
             logger.info("tritonserver pid %s stopped (rc=%s)", self._process.pid, rc)
+            for name in regions:  # a stub killed at the exit timeout leaves its region behind
+                with contextlib.suppress(FileNotFoundError):
+                    (Path("/dev/shm") / name).unlink()
+                    logger.info("removed the leftover shared-memory region %s", name)
         if self._engine_host is not None:  # after the server: its stubs close their engine processes first
             self._engine_host.stop(timeout)
             self._engine_host = None
