@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # RPC status codes that mean "this server cannot be reached or went away": fail over to another one.
-STREAM_END_TIMEOUT_S = 2.0  # how long a finished stream may take to close before it is cancelled
+STREAM_END_TIMEOUT_S = 30.0  # how long a finished stream is held while the server ends it
 _UNREACHABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -189,6 +189,7 @@ class TritonUpstream:
         self._channel = grpc.aio.insecure_channel(config.grpc, options=_CHANNEL_OPTIONS)
         self._stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._repo_metadata = tuple(config.grpc_metadata.items())
+        self._draining: set[asyncio.Task[None]] = set()  # finished streams waiting for their OK status
 
     async def close(self) -> None:
         """Close the channel (cancels open streams)."""
@@ -329,25 +330,29 @@ class TritonUpstream:
                 if chunk.final:
                     return
         finally:
-            await _end_stream(call, finished)
+            if finished:
+                # A finished call is never cancelled (see _drain); the drain runs in its own task so that
+                # cancelling this generator's reader (the router does, right after the final response)
+                # cannot cancel the call through a pending read.
+                drain = asyncio.get_running_loop().create_task(_drain(call, self.name))
+                self._draining.add(drain)
+                drain.add_done_callback(self._draining.discard)
+            else:
+                call.cancel()
 
 
-async def _end_stream(call: Any, finished: bool) -> None:
-    """End a ModelStreamInfer call: cancel it while its request is still running; after the final response,
-    let the server finish it instead (the request stream is already half-closed).
+async def _drain(call: Any, server: str) -> None:
+    """Wait for a finished ModelStreamInfer call to end with its status, without ever cancelling it.
 
-    Cancelling a stream whose request has just completed makes tritonserver 2.51 leak the request's
-    reference to its model, which then stays UNLOADING forever (seen in benchmarks/workload.py as unloads
-    that timed out after 30 s and held the server's memory budget). So a finished call is never cancelled,
-    not even when this wait is itself cancelled (the router cancels a generation's reader task once it has
-    the final response).
+    tritonserver 2.51 leaks a request's reference to its model when the client cancels a stream whose request
+    has just completed; the model then stays UNLOADING (seen in benchmarks/workload.py as unloads timing out
+    after 30 s while holding the server's memory budget). grpc.aio cancels a call whose pending read is
+    cancelled, or that is garbage-collected before it is done, so the call is held here until the server has
+    ended the (half-closed) stream.
     """
-    if finished:
-        try:
-            if await asyncio.wait_for(call.read(), STREAM_END_TIMEOUT_S) is grpc.aio.EOF:
-                return
-        except (TimeoutError, grpc.aio.AioRpcError):
-            pass
-        # asyncio.CancelledError (the reader of a finished generation stops, as the router's pump does): it
-        # propagates without cancelling the call; the server ends the half-closed stream by itself
-    call.cancel()
+    try:
+        await asyncio.wait_for(call.code(), STREAM_END_TIMEOUT_S)
+    except (TimeoutError, grpc.aio.AioRpcError) as e:
+        logger.warning(
+            "%s: a finished stream did not end within %.0f s (%s)", server, STREAM_END_TIMEOUT_S, e
+        )
