@@ -820,8 +820,9 @@ class StoreTiers(TierControl):
         return self._disk_paths.get(m.store_name)
 
     def settle(self, m: BenchModel, timeout: float = 300.0) -> None:
-        """The store copies memory -> disk in the background after a remote fill: wait until a model held in
-        memory is also on disk and the transfer counters stand still, so no copy overlaps a measurement."""
+        """The store copies memory -> disk in the background after a remote fill, and disk -> memory a moment
+        after a start from the disk tier: wait until a model held in memory is also on disk, no promotion is
+        pending and the transfer counters stand still, so no copy overlaps a measurement."""
         deadline = time.monotonic() + timeout
         last = self.transfer_totals()
         while time.monotonic() < deadline:
@@ -829,7 +830,8 @@ class StoreTiers(TierControl):
             entry = next((e for e in self.client.models() if e.get("name") == m.store_name), None)
             tiers = set(entry.get("tiers", [])) if entry else set()
             now = self.transfer_totals()
-            if now == last and ("memory" not in tiers or "disk" in tiers):
+            promoting = bool(entry and entry.get("promoting"))  # a disk-tier start is copied to memory later
+            if now == last and ("memory" not in tiers or "disk" in tiers) and not promoting:
                 return
             last = now
         _log(f"  warning: the node store was still busy with {m.store_name} after {timeout:.0f} s")

@@ -298,7 +298,9 @@ def test_locate_maps_a_disk_only_model_from_disk_then_promotes_it_to_memory(
     info = ns.locate("small-a")
     assert info["tier"] == "disk" and info["transfers"] == [] and info["root"] == str(ns.disk.root)
     assert not ns.memory.contains("small-a")  # not on the load's critical path
+    assert {m["name"]: m for m in ns.inventory()}["small-a"]["promoting"]
     assert wait_until(lambda: ns.memory.contains("small-a"), 30)
+    assert wait_until(lambda: not {m["name"]: m for m in ns.inventory()}["small-a"]["promoting"], 30)
     again = ns.locate("small-a")
     assert again["tier"] == "memory" and again["root"] == str(ns.memory.root)
     # a remote-only model is fetched into memory, as ensure?tier=memory does

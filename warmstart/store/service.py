@@ -2,8 +2,9 @@
 
 Endpoints (JSON unless noted; model names must match ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$``, else 400):
 
-* ``GET  /v1/models`` → ``{"models": [{"name", "tier", "tiers", "bytes", "last_use", "in_use"}, ...]}``
-  (``tier`` is the best one holding the model: ``memory`` before ``disk``).
+* ``GET  /v1/models`` → ``{"models": [{"name", "tier", "tiers", "bytes", "last_use", "in_use", "promoting"}, ...]}``
+  (``tier`` is the best one holding the model: ``memory`` before ``disk``; ``promoting``: a copy from disk to
+  memory is scheduled or running, see ``locate``).
 * ``POST /v1/models/{name}/ensure?tier=memory|disk`` → when the model is there: ``{"name", "tier", "path",
   "memory_root", "hit", "seconds", "transfers": [{"source", "targets", "bytes", "seconds", "bytes_per_s"}]}``.
   Concurrent requests for one model share one transfer.
@@ -379,6 +380,7 @@ class NodeStore:
                         "bytes": e.bytes,
                         "last_use": 0.0,
                         "in_use": False,
+                        "promoting": e.key in self._promotions,
                     },
                 )
                 m["tiers"].insert(0, tname)
