@@ -68,6 +68,9 @@ class Tiers:
     store: str | None = None
     verify: bool = False
     direct: bool = False
+    disk_copy_delay_s: float = 0.0
+    """How long a background memory -> disk copy waits before it starts (the node store waits until the
+    process that asked for the checkpoint has built its engine and answered, so the copy does not compete)."""
     on_transfer: Callable[[Transfer], None] | None = field(default=None, compare=False)
     on_evict: Callable[[str, str], None] | None = field(default=None, compare=False)
 
@@ -432,6 +435,8 @@ class DiskCopy:
             if self._hold is None:
                 log.warning("memory copy of %s vanished before its disk copy; skipping it", self.key)
                 return
+            if t.disk_copy_delay_s > 0:
+                self._cancel.wait(t.disk_copy_delay_s)
             self._check_cancel()
             on_evict = _evict_cb(t, "disk")
             with self._disk_lock, t.disk.filling(self.key, self._index.total_bytes, on_evict=on_evict) as df:

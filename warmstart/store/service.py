@@ -61,6 +61,8 @@ PROBE_BYTES = 64 * 1024**2
 # A model located in the disk tier is copied into the memory tier this long afterwards: by then the process
 # that mapped it has built its engine and answered its first token, so the copy does not compete with them.
 PROMOTE_DELAY_S = 2.0
+# Likewise, the background memory -> disk copy after a remote fill starts this long after the fill.
+DISK_COPY_DELAY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,7 @@ class NodeStore:
             remote=config.remote,
             on_transfer=self._on_transfer,
             on_evict=self._on_evict,
+            disk_copy_delay_s=DISK_COPY_DELAY_S,
         )
         if config.probe:
             self.probe()
