@@ -952,6 +952,9 @@ class Bench:
                 warm_page_cache(disk)
             elif competitor == "disk-cold" and disk is not None:
                 evict_page_cache(disk)
+        # Start from quiet I/O: a previous sample's background copies leave dirty pages whose writeback
+        # would otherwise compete with this sample's reads (it slowed cold starts' first tokens 3-10x).
+        os.sync()
         before = self.tiers.transfer_totals() if self.tiers is not None else {}
         metric = (
             "coldstart_baseline_load_seconds" if competitor in BASELINES else "warmstart_model_load_seconds"

@@ -138,8 +138,10 @@ def populate(host: Any) -> None:
     from warmstart.loaders.hostcache import populate_read
 
     for buf in getattr(host, "buffers", None) or ():
-        if isinstance(buf, mmap.mmap):
-            populate_read(buf)
+        if isinstance(buf, mmap.mmap) and not populate_read(buf):
+            logger.warning(
+                "could not populate a mapping of %s up front; its pages fault in lazily", host.location
+            )
 
 
 def load_checkpoint(ref: str, engine: str, *, dtype: str | None = None) -> LoadedCheckpoint:

@@ -161,11 +161,16 @@ def populate_read(m: mmap.mmap) -> bool:
     Read population never breaks copy-on-write (``MAP_POPULATE`` on a private writable mapping would copy
     every page). False where the kernel lacks it.
     """
-    try:
-        m.madvise(MADV_POPULATE_READ)
-    except OSError:
-        return False
-    return True
+    for _ in range(3):
+        try:
+            m.madvise(MADV_POPULATE_READ)
+            return True
+        except InterruptedError:  # a signal arrived while pages were read in: what is mapped stays mapped
+            continue
+        except OSError as e:
+            log.debug("MADV_POPULATE_READ failed: %s", e)
+            return False
+    return False
 
 
 def huge_tmpfs(path: str | os.PathLike[str]) -> bool:
