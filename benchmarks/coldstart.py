@@ -953,7 +953,7 @@ class Bench:
             elif competitor == "disk-cold" and disk is not None:
                 evict_page_cache(disk)
         # Start from quiet I/O: a previous sample's background copies leave dirty pages whose writeback
-        # would otherwise compete with this sample's reads (it slowed cold starts' first tokens 3-10x).
+        # would otherwise compete with this sample's reads.
         os.sync()
         before = self.tiers.transfer_totals() if self.tiers is not None else {}
         metric = (
