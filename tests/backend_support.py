@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import queue
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -18,6 +19,37 @@ from warmstart.backend.config import model_config, to_pbtxt
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_VOCAB = 320  # 256 byte tokens + room; no EOS, so generations always run to max_tokens
+
+
+@dataclass
+class RecordingSink:
+    """A ``warmstart.backend.runtime.ResponseSink`` that records what a request was answered."""
+
+    cancelled: bool = False
+    texts: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: tuple[str, str] | None = None
+    finals: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
+
+    def send(self, text: str, token_ids: Sequence[int], finish_reason: str | None, *, final: bool) -> None:
+        self.texts.append(text)
+        self.ids.extend(token_ids)
+        if final:
+            self.finish_reason = finish_reason
+            self._final()
+
+    def send_error(self, message: str, code: str) -> None:
+        self.error = (code, message)
+        self._final()
+
+    def _final(self) -> None:
+        self.finals += 1
+        self.done.set()
 
 
 def byte_tokenizer_json() -> str:

@@ -8,15 +8,14 @@ import shutil
 import signal
 import socket
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
-from backend_support import byte_tokenizer_json, make_tiny_checkpoint
+from backend_support import RecordingSink, byte_tokenizer_json, make_tiny_checkpoint
 
 from warmstart.backend.config import ModelSettings
 from warmstart.backend.host import EngineHost, _TokenizerCache
@@ -27,33 +26,6 @@ from warmstart.backend.runtime import ModelLoadFailed, Runtime
 pytestmark = pytest.mark.slow
 
 PROMPT = "Once upon a time"
-
-
-@dataclass
-class Sink:
-    cancelled: bool = False
-    texts: list[str] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: tuple[str, str] | None = None
-    finals: int = 0
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def is_cancelled(self) -> bool:
-        return self.cancelled
-
-    def send(self, text: str, token_ids: Sequence[int], finish_reason: str | None, *, final: bool) -> None:
-        self.texts.append(text)
-        self.ids.extend(token_ids)
-        if final:
-            self.finish_reason = finish_reason
-            self.finals += 1
-            self.done.set()
-
-    def send_error(self, message: str, code: str) -> None:
-        self.error = (code, message)
-        self.finals += 1
-        self.done.set()
 
 
 @dataclass
@@ -77,8 +49,10 @@ def s(text: str) -> np.ndarray:
     return np.array([text.encode()], dtype=np.object_)
 
 
-def run(rt: Runtime | RemoteRuntime, inputs: dict[str, np.ndarray], params: str = "", **kw: bool) -> Sink:
-    sink = Sink(**kw)
+def run(
+    rt: Runtime | RemoteRuntime, inputs: dict[str, np.ndarray], params: str = "", **kw: bool
+) -> RecordingSink:
+    sink = RecordingSink(**kw)
     rt.submit(parse_request(inputs, params), sink)
     assert sink.done.wait(60), "no final response within 60 s"
     time.sleep(0.05)  # a second final response would arrive now
@@ -191,7 +165,7 @@ def test_bad_request_gets_invalid_arg_and_the_engine_process_keeps_serving(remot
 
 
 def test_cancellation_reaches_the_engine_process(remote: RemoteRuntime) -> None:
-    sink = Sink()
+    sink = RecordingSink()
     remote.submit(
         parse_request({"text_input": s(PROMPT), "stream": np.array([True])}, '{"max_tokens": 400}'), sink
     )
@@ -223,7 +197,7 @@ def test_killed_engine_process_ends_live_and_later_requests_with_unavailable(
         host.socket_path, ModelSettings(checkpoint=str(checkpoint), engine="torch"), model_name="victim"
     )
     try:
-        sink = Sink()
+        sink = RecordingSink()
         rt.submit(
             parse_request({"text_input": s(PROMPT), "stream": np.array([True])}, '{"max_tokens": 400}'), sink
         )

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from backend_support import make_tiny_checkpoint
+from backend_support import RecordingSink, make_tiny_checkpoint
 
 from warmstart.backend.config import ModelSettings
 from warmstart.backend.request import parse_request
@@ -20,35 +18,6 @@ from warmstart.engines import PromptTooLong
 pytestmark = pytest.mark.slow
 
 PROMPT = "Once upon a time"
-
-
-@dataclass
-class Sink:
-    cancelled: bool = False
-    texts: list[str] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: tuple[str, str] | None = None
-    finals: int = 0
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def is_cancelled(self) -> bool:
-        return self.cancelled
-
-    def send(self, text: str, token_ids: Sequence[int], finish_reason: str | None, *, final: bool) -> None:
-        self.texts.append(text)
-        self.ids.extend(token_ids)
-        if final:
-            self.finish_reason = finish_reason
-            self._final()
-
-    def send_error(self, message: str, code: str) -> None:
-        self.error = (code, message)
-        self._final()
-
-    def _final(self) -> None:
-        self.finals += 1
-        self.done.set()
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +30,10 @@ def runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
         rt.close()
 
 
-def run(rt: Runtime, inputs: dict[str, np.ndarray], params: str = "", *, cancel: bool = False) -> Sink:
-    sink = Sink(cancelled=cancel)
+def run(
+    rt: Runtime, inputs: dict[str, np.ndarray], params: str = "", *, cancel: bool = False
+) -> RecordingSink:
+    sink = RecordingSink(cancelled=cancel)
     rt.submit(parse_request(inputs, params), sink)
     assert sink.done.wait(60)
     assert sink.finals == 1
@@ -107,7 +78,7 @@ def test_cancelled_request_ends_with_one_cancelled_error(runtime: Runtime) -> No
 
 
 def test_prompt_too_long_is_raised_before_anything_is_sent(runtime: Runtime) -> None:
-    sink = Sink()
+    sink = RecordingSink()
     with pytest.raises(PromptTooLong):
         runtime.submit(parse_request({"text_input": s("x" * 600)}), sink)
     assert sink.finals == 0
