@@ -25,6 +25,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
         self.delay = float(params.get("token_delay_s", "0.01"))
         load_delay = float(params.get("load_delay_s", "0"))
+        self.unload_delay = float(params.get("unload_delay_s", "0"))
         if load_delay:
             import time
             time.sleep(load_delay)
@@ -89,6 +90,9 @@ class TritonPythonModel:
     def finalize(self):
         for t in list(self.tasks):
             t.cancel()
+        if self.unload_delay:
+            import time
+            time.sleep(self.unload_delay)
 """
 
 
@@ -109,7 +113,7 @@ def expected_text(prompt: str, n: int, seed: int = 0) -> str:
 
 
 def fake_triton_config(
-    name: str, *, token_delay_s: float = 0.01, load_delay_s: float = 0.0
+    name: str, *, token_delay_s: float = 0.01, load_delay_s: float = 0.0, unload_delay_s: float = 0.0
 ) -> dict[str, Any]:
     """A full Triton config for the fake model, with the warmstart backend's inputs and outputs."""
     return {
@@ -134,6 +138,7 @@ def fake_triton_config(
         "parameters": {
             "token_delay_s": {"string_value": str(token_delay_s)},
             "load_delay_s": {"string_value": str(load_delay_s)},
+            "unload_delay_s": {"string_value": str(unload_delay_s)},
         },
     }
 

@@ -93,12 +93,19 @@ def server_entry(
 
 
 def model_entry(
-    name: str, *, token_delay_s: float = 0.005, load_delay_s: float = 0.0, **kw: Any
+    name: str,
+    *,
+    token_delay_s: float = 0.005,
+    load_delay_s: float = 0.0,
+    unload_delay_s: float = 0.0,
+    **kw: Any,
 ) -> dict[str, Any]:
     return {
         "checkpoint": f"s3://models/{name}",
         "size_bytes": 1 << 20,
-        "triton_config": fake_triton_config(name, token_delay_s=token_delay_s, load_delay_s=load_delay_s),
+        "triton_config": fake_triton_config(
+            name, token_delay_s=token_delay_s, load_delay_s=load_delay_s, unload_delay_s=unload_delay_s
+        ),
         **kw,
     }
 
@@ -225,6 +232,30 @@ def test_idle_model_is_unloaded_after_keep_alive(tritons: list[TritonServer], ma
     else:
         pytest.fail(f"m2 was not unloaded after its keep-alive: {sched.state()}")
     assert "m2" not in sched.state()["servers"]["s0"]["instances"]
+
+
+def test_request_during_the_models_unload_waits_for_it_then_loads_again(
+    tritons: list[TritonServer], make_scheduler: Any
+) -> None:
+    """A request for a model whose keep-alive unload is still running on the only server: the new load waits
+    for that unload (loading under it made tritonserver reload the model, and the unload then waited 30 s
+    for an UNAVAILABLE that never came, holding the server's memory budget)."""
+    sched = make_scheduler(
+        [server_entry("s0", tritons[0])], {"m6": model_entry("m6", keep_alive_s=0.5, unload_delay_s=2.0)}
+    )
+    try:
+        asyncio.run(_generate_stream(sched.http, "m6", "a", 2))
+        deadline = time.monotonic() + 30
+        while "m6" not in sched.state()["servers"]["s0"]["unloading"]:
+            assert time.monotonic() < deadline, f"m6 was never unloaded: {sched.state()}"
+            time.sleep(0.05)
+        events = asyncio.run(_generate_stream(sched.http, "m6", "b", 2))  # while the stub finalizes
+        assert [t for e in events for t in e["token_ids"]] == expected_tokens("b", 2)
+        state = sched.state()
+        assert state["servers"]["s0"]["unloading"] == [] and state["stats"]["unloads"] == 1
+        assert _states(tritons[0]).get("m6") == "READY"
+    finally:
+        _unload_everywhere(tritons, ["m6"])
 
 
 def test_least_recently_used_model_is_evicted_when_memory_is_full(

@@ -505,6 +505,11 @@ class Router:
         try:
             for m in evictions:
                 await self._unload(rt, m)
+            while spec.name in rt.unloading:
+                # an unload of this very model is still running here (its keep-alive ran out, or it was
+                # evicted): loading now would make tritonserver reload it under the unload, which then
+                # waits in vain for UNAVAILABLE and holds the server's memory budget until it times out
+                await self._wait_change(1.0)
             tier = rt.store_tiers.get(spec.name, Tier.REMOTE)
             logger.info("loading %s on %s (tier %s)", spec.name, rt.name, tier.value)
             elapsed = await rt.upstream.load(
