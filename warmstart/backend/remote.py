@@ -3,8 +3,9 @@
 It offers what :class:`warmstart.backend.runtime.Runtime` offers the backend's ``model.py`` (``submit`` a
 parsed request with a response sink, ``close``) but the engine runs in a process forked from the node's
 engine host. One reader thread turns the engine process's frames back into calls on each request's sink and
-on the model's metrics; one poller thread forwards cancellations (asking Triton whether a request was
-cancelled is an IPC round trip, so it is asked every :data:`CANCEL_POLL_SECONDS` per live request).
+on the model's metrics, and between frames forwards cancellations (asking Triton whether a request was
+cancelled is an IPC round trip, so it is asked every :data:`CANCEL_POLL_SECONDS` per live request). All of a
+model's Triton calls for its requests are made on that one thread.
 
 If the engine process dies, every live request ends with UNAVAILABLE and so does every later one; the
 model has to be reloaded (the scheduler does that when it sees the errors).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -73,11 +75,8 @@ class RemoteRuntime:
         self._reader = threading.Thread(
             target=self._read_loop, name=f"warmstart-{model_name}-reader", daemon=True
         )
-        self._poller = threading.Thread(
-            target=self._poll_loop, name=f"warmstart-{model_name}-cancel", daemon=True
-        )
+
         self._reader.start()
-        self._poller.start()
 
     @classmethod
     def connect(
@@ -161,13 +160,20 @@ class RemoteRuntime:
             self._chan.send("close")
         self._reader.join(timeout)
         self._chan.close()
-        self._poller.join(1.0)
 
     # -- threads ---------------------------------------------------------------------------------------
     def _read_loop(self) -> None:
         reason = f"model {self._model!r}: its engine process (pid {self.pid}) exited; reload the model"
         try:
+            last_poll = time.monotonic()
             while True:
+                # one thread makes every pb_utils call of this model (responses and cancellation checks)
+                readable, _, _ = select.select([self._chan.sock], [], [], CANCEL_POLL_SECONDS)
+                if time.monotonic() - last_poll >= CANCEL_POLL_SECONDS:
+                    last_poll = time.monotonic()
+                    self._poll_cancellations()
+                if not readable:
+                    continue
                 msg = self._chan.recv()
                 op = msg["op"]
                 if op in ("send", "error"):
@@ -214,23 +220,22 @@ class RemoteRuntime:
             final=final,
         )
 
-    def _poll_loop(self) -> None:
-        while not self._closed.wait(CANCEL_POLL_SECONDS):
+    def _poll_cancellations(self) -> None:
+        with self._lock:
+            pending = [(rid, s) for rid, s in self._sinks.items() if rid not in self._cancel_sent]
+        for rid, sink in pending:
+            try:
+                cancelled = sink.is_cancelled()
+            except Exception:  # a sink that cannot answer is not cancelled
+                cancelled = False
+            if not cancelled:
+                continue
             with self._lock:
-                pending = [(rid, s) for rid, s in self._sinks.items() if rid not in self._cancel_sent]
-            for rid, sink in pending:
-                try:
-                    cancelled = sink.is_cancelled()
-                except Exception:  # a sink that cannot answer is not cancelled
-                    cancelled = False
-                if not cancelled:
+                if rid not in self._sinks:
                     continue
-                with self._lock:
-                    if rid not in self._sinks:
-                        continue
-                    self._cancel_sent.add(rid)
-                with contextlib.suppress(ChannelClosed):
-                    self._chan.send("cancel", id=rid)
+                self._cancel_sent.add(rid)
+            with contextlib.suppress(ChannelClosed):
+                self._chan.send("cancel", id=rid)
 
 
 def _apply_metric(metrics: Metrics, msg: dict[str, Any]) -> None:
