@@ -59,6 +59,11 @@ S3_BUCKET = "models"
 S3_PREFIX = "coldstart"
 MODELS = ("smollm2", "llama1g")
 WS_TIERS = ("memory", "disk-warm", "disk-cold", "remote")
+COLD_SETTLE_S = 4.0
+"""Seconds between evicting a checkpoint from the page cache and a cold start. The VM's balloon reports
+free memory to the host about 2 s after it is freed, and a reported page costs a host fault at its next
+first touch (0.7-0.8 s per GiB): a start right after the eviction would reuse the just-freed, still-backed
+pages, which a node whose cache was evicted long ago does not have."""
 BASELINES = ("baseline", "baseline-cold")
 ALL_COMPETITORS = (*BASELINES, *WS_TIERS)
 PROMPT = "The capital of France is"
@@ -941,6 +946,7 @@ class Bench:
                 warm_page_cache(m.hf_dir)
             else:
                 evict_page_cache(m.hf_dir)
+                time.sleep(COLD_SETTLE_S)
         else:
             name = ws_name(key)
             self.unload(name)
@@ -952,6 +958,7 @@ class Bench:
                 warm_page_cache(disk)
             elif competitor == "disk-cold" and disk is not None:
                 evict_page_cache(disk)
+                time.sleep(COLD_SETTLE_S)
         # Start from quiet I/O: a previous sample's background copies leave dirty pages whose writeback
         # would otherwise compete with this sample's reads.
         os.sync()

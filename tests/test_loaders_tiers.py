@@ -3,7 +3,9 @@ protection, shared transfers, crash safety, corruption recovery and capacity err
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import mmap
 import os
 import signal
 import subprocess
@@ -21,7 +23,7 @@ import pytest
 import warmstart.format as wf
 from warmstart.errors import CacheFull, CheckpointNotFound, InvalidModelName, ModelNotFound, StorageFull
 from warmstart.format.sources import TensorStoreSource
-from warmstart.loaders.hostcache import DiskCache, HostCache, validate_name, wait_until
+from warmstart.loaders.hostcache import DiskCache, HostCache, prefault, validate_name, wait_until
 from warmstart.loaders.pipeline import BUFFERS, BufferPool
 from warmstart.loaders.tiers import Tiers, cache_key, open_host, wait_disk_copies
 
@@ -583,3 +585,39 @@ def test_memory_tier_on_a_huge_page_tmpfs(tmp_path: Path, small_tmpfs: Callable[
     assert mem.huge_pages and not HostCache(tmp_path / "plain").huge_pages
     assert_equal(load_state_dict(path, tiers=Tiers(memory=mem)), src)
     assert_equal(load_state_dict(path, tiers=Tiers(memory=mem)), src)
+
+
+def _resident_pages(m: mmap.mmap) -> int:
+    """Pages of ``m`` in memory, by ``mincore``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    pages = -(-len(m) // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    addr = np.frombuffer(m, dtype=np.uint8).ctypes.data
+    assert libc.mincore(addr, len(m), vec) == 0, os.strerror(ctypes.get_errno())
+    return sum(v & 1 for v in vec)
+
+
+def test_prefault_makes_every_page_of_evicted_files_resident_without_changing_or_sharing_them(
+    tmp_path: Path,
+) -> None:
+    sizes = [5 * 1024**2 + 123, 3 * mmap.PAGESIZE, 1]
+    files = []
+    for i, n in enumerate(sizes):
+        p = tmp_path / f"part{i}.bin"
+        p.write_bytes(np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8).tobytes())
+        files.append(p)
+    maps = []
+    for p in files:
+        with open(p, "rb") as f:
+            os.fdatasync(f.fileno())
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            maps.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
+
+    assert prefault(maps, threads=2, chunk_bytes=1024**2)
+
+    for p, m in zip(files, maps, strict=True):
+        assert _resident_pages(m) == -(-len(m) // mmap.PAGESIZE)
+        assert m[:] == p.read_bytes()
+    maps[0][0] = (maps[0][0] + 1) % 256  # a private mapping: the write stays in this process
+    assert maps[0][0] != files[0].read_bytes()[0]
