@@ -553,6 +553,7 @@ class Scheduler:
 
         from warmstart._process import ManagedProcess, free_ports
 
+        self.args, self.policy, self.work = args, policy, work
         http_port, grpc_port = free_ports(2)
         self.http = f"http://127.0.0.1:{http_port}"
         config = {
@@ -648,6 +649,11 @@ class Scheduler:
 
     def stop(self) -> None:
         self.proc.stop(timeout=15)
+        # keep the scheduler's log (placements, loads, evictions) after the work directory is gone
+        logs = self.args.cache / "logs"
+        logs.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):
+            shutil.copy(self.log, logs / f"scheduler-{self.policy}-{self.work.parent.name}.log")
 
 
 @dataclass

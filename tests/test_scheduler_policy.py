@@ -62,6 +62,7 @@ def server(
     loading: tuple[LoadInFlight, ...] = (),
     queue: tuple[PendingLoad, ...] = (),
     healthy: bool = True,
+    unload_s: float = 0.0,
 ) -> ServerState:
     return ServerState(
         name=name,
@@ -73,6 +74,7 @@ def server(
         loading=loading,
         load_queue=queue,
         store_tiers=tiers or {},
+        unload_s=unload_s,
     )
 
 
@@ -123,6 +125,20 @@ ESTIMATE_CASES = {
     ),
     "measured_overhead_used": EstimateCase(
         server("s", tiers={"m": Tier.DISK}, overhead=2.25), 0.0, 1.0, 2.25, Tier.DISK
+    ),
+    "eviction_adds_measured_unload_time": EstimateCase(
+        server("s", tiers={"m": Tier.DISK}, budget=3 * GB, instances=(inst("a"),), unload_s=1.25),
+        1.25,
+        1.0,
+        0.5,
+        Tier.DISK,
+    ),
+    "unload_time_not_counted_when_it_fits": EstimateCase(
+        server("s", tiers={"m": Tier.DISK}, budget=4 * GB, instances=(inst("a"),), unload_s=1.25),
+        0.0,
+        1.0,
+        0.5,
+        Tier.DISK,
     ),
     "warm_with_room_is_free": EstimateCase(
         server("s", instances=(inst("m", running=3),)), 0.0, 0.0, 0.0, Tier.REMOTE
@@ -249,6 +265,23 @@ PLACE_CASES = {
         Action.LOAD,
         "s1",
         ("b",),
+    ),
+    "disk_with_room_beats_memory_holder_that_must_unload_first": PlaceCase(
+        (
+            server("s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=(inst("a"),), unload_s=1.0),
+            server("s2", tiers={"m": Tier.DISK}, bw=NodeBandwidth(20e9, 4e9, 2e9)),
+        ),
+        Action.LOAD,
+        "s2",
+    ),
+    "memory_holder_that_must_unload_beats_slow_disk_with_room": PlaceCase(
+        (
+            server("s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=(inst("a"),), unload_s=1.0),
+            server("s2", tiers={"m": Tier.DISK}, bw=NodeBandwidth(20e9, 1e9, 0.5e9)),
+        ),
+        Action.LOAD,
+        "s1",
+        ("a",),
     ),
     "never_evicts_busy_model_goes_elsewhere": PlaceCase(
         (

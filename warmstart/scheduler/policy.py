@@ -123,8 +123,10 @@ def estimate_startup(snapshot: ClusterSnapshot, server: str, model: str) -> Esti
 
     A warm instance with room costs nothing; a busy one costs the soonest expected end of one of its
     requests; a load of ``model`` in flight or queued there costs its remaining time. Otherwise it is a
-    cold load: ``wait_s + size / bandwidth(tier) + overhead_s`` with the node's measured figures.
-    ``load_s`` is ``inf`` (tier ``NONE``) when the node can neither read it locally nor reach the remote.
+    cold load: ``wait_s + size / bandwidth(tier) + overhead_s`` with the node's measured figures, where
+    ``wait_s`` also holds the node's measured unload time when models must be evicted first (the
+    evictions are unloaded together, before the load). ``load_s`` is ``inf`` (tier ``NONE``) when the
+    node can neither read it locally nor reach the remote.
     """
     spec = snapshot.model(model)
     s = snapshot.server(server)
@@ -138,8 +140,12 @@ def estimate_startup(snapshot: ClusterSnapshot, server: str, model: str) -> Esti
             return Estimate.of(wait_s=max(0.0, ready_s - snapshot.now), load_s=0.0, overhead_s=0.0, tier=tier)
     bandwidth = s.bandwidth.of(tier)
     load = spec.size_bytes / bandwidth if bandwidth is not None else math.inf
+    evict = s.unload_s if s.free_bytes < spec.size_bytes else 0.0
     return Estimate.of(
-        wait_s=s.load_wait_s(snapshot.now), load_s=load, overhead_s=s.triton_load_overhead_s, tier=tier
+        wait_s=s.load_wait_s(snapshot.now) + evict,
+        load_s=load,
+        overhead_s=s.triton_load_overhead_s,
+        tier=tier,
     )
 
 
@@ -151,7 +157,8 @@ def _cold_totals(snapshot: ClusterSnapshot, spec: ModelSpec) -> npt.NDArray[np.f
     holders = idx.holders.get(spec.name)
     if holders is not None:
         load[holders.positions] = holders.inv_bw * size
-    totals: npt.NDArray[np.float64] = idx.wait_s + load + idx.overhead_s
+    evict = np.where(idx.free_bytes < size, idx.unload_s, 0.0)
+    totals: npt.NDArray[np.float64] = idx.wait_s + evict + load + idx.overhead_s
     totals[~idx.healthy] = math.inf
     for pos, _ in idx.warm.get(spec.name, ()):
         totals[pos] = math.inf

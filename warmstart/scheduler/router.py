@@ -162,6 +162,9 @@ class ServerRuntime:
     bandwidth: NodeBandwidth | None = None
     store_tiers: dict[str, Tier] = field(default_factory=dict)
     overhead_s: float = 1.0
+    unload_s: float = (
+        1.0  # Triton 2.51's Python backend sleeps 1 s in every instance finalize (a health check)
+    )
     instances: dict[str, _InstanceRT] = field(default_factory=dict)
     loads: dict[str, _LoadRT] = field(default_factory=dict)
     unloading: dict[str, int] = field(default_factory=dict)
@@ -203,6 +206,7 @@ class ServerRuntime:
                 LoadInFlight(ld.model, ld.size_bytes, ld.expected_finish_s) for ld in self.loads.values()
             ),
             store_tiers=dict(self.store_tiers),
+            unload_s=self.unload_s,
         )
 
 
@@ -496,15 +500,14 @@ class Router:
                 evicted.append(m)
                 self.stats.evictions += 1
         bw = rt.bandwidth.of(rt.store_tiers.get(model, Tier.REMOTE)) if rt.bandwidth else None
-        expected = (spec.size_bytes / bw if bw else 0.0) + rt.overhead_s
+        expected = (rt.unload_s if evicted else 0.0) + (spec.size_bytes / bw if bw else 0.0) + rt.overhead_s
         load = _LoadRT(model, spec.size_bytes, now + expected)
         rt.loads[model] = load
         load.task = self._spawn(self._load(rt, spec, tuple(evicted)), name=f"load {rt.name}/{model}")
 
     async def _load(self, rt: ServerRuntime, spec: ModelConfig, evictions: tuple[str, ...]) -> None:
         try:
-            for m in evictions:
-                await self._unload(rt, m)
+            await asyncio.gather(*(self._unload(rt, m) for m in evictions))  # tritonserver runs them at once
             while spec.name in rt.unloading:
                 # an unload of this very model is still running here (its keep-alive ran out, or it was
                 # evicted): loading now would make tritonserver reload it under the unload, which then
@@ -541,9 +544,12 @@ class Router:
         """Unload ``model`` (already out of routing) and count its memory free once the index says so."""
         try:
             if rt.healthy:
+                t0 = self._clock()
                 await rt.upstream.unload(model)
+                elapsed = self._clock() - t0
+                rt.unload_s = 0.7 * rt.unload_s + 0.3 * elapsed
                 self.stats.unloads += 1
-                logger.info("unloaded %s on %s", model, rt.name)
+                logger.info("unloaded %s on %s in %.2f s", model, rt.name, elapsed)
         except UpstreamError as e:
             logger.warning("unload of %s on %s failed: %s", model, rt.name, e)
         finally:
@@ -927,6 +933,7 @@ class Router:
                     "unloading": sorted(rt.unloading),
                     "store_tiers": {m: t.value for m, t in rt.store_tiers.items()},
                     "load_overhead_s": rt.overhead_s,
+                    "unload_s": rt.unload_s,
                 }
                 for rt in self.servers.values()
             },
