@@ -17,6 +17,7 @@ from warmstart.scheduler import (
     Tier,
     plan_migration,
 )
+from warmstart.scheduler.policy import drain_estimate
 
 GB = 10**9
 NOW = 500.0
@@ -145,11 +146,27 @@ def test_plan_migration_gain_matches_formula_when_destination_loads_from_disk() 
     assert plan.gain_s == pytest.approx(plan.baseline_s - plan.estimate_s)
 
 
-def test_plan_migration_gain_is_infinite_when_baseline_can_only_queue() -> None:
+def test_plan_migration_baseline_is_the_drain_time_when_placement_can_only_queue() -> None:
     no_remote = NodeBandwidth(memory_bps=20e9, disk_bps=2e9, remote_bps=None)
     snap = ClusterSnapshot.of((S1_FULL, server("s2", tiers={"a": Tier.DISK}, bw=no_remote)), MODELS, NOW)
     plan = plan_migration(snap, "b", replay_s_per_token=REPLAY, threshold_tokens=K)
-    assert plan is not None and math.isinf(plan.baseline_s) and plan.moves[0].destination == "s2"
+    assert plan is not None and plan.moves[0].destination == "s2"
+    assert plan.baseline_s == pytest.approx(10.0 + 0.1 + 0.5)  # a's request ends, then b from memory on s1
+    assert drain_estimate(snap, "b") == plan.baseline_s
+
+
+def test_plan_migration_waits_instead_when_the_running_generation_ends_before_a_move_would() -> None:
+    no_remote = NodeBandwidth(memory_bps=20e9, disk_bps=2e9, remote_bps=None)
+    ending = Instance("a", 2 * GB, NOW - 1.0, (RunningRequest("a-r0", 100, 50, 0.2),))
+    s1 = server("s1", budget=2 * GB, tiers={"b": Tier.MEMORY}, instances=(ending,))
+    snap = ClusterSnapshot.of((s1, server("s2", tiers={"a": Tier.DISK}, bw=no_remote)), MODELS, NOW)
+    assert drain_estimate(snap, "b") == pytest.approx(0.2 + 0.1 + 0.5)
+    assert plan_migration(snap, "b", replay_s_per_token=REPLAY, threshold_tokens=K) is None
+
+
+def test_drain_estimate_is_infinite_when_no_budget_can_hold_the_model() -> None:
+    snap = ClusterSnapshot.of((server("s1", budget=GB),), MODELS, NOW)
+    assert math.isinf(drain_estimate(snap, "b"))
 
 
 def test_plan_migration_respects_min_gain_when_gain_is_small() -> None:

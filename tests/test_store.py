@@ -337,6 +337,16 @@ def test_promotion_does_not_count_page_cache_reads_as_disk_bandwidth(
     assert ns.bandwidth()["disk_bps"] == before
 
 
+def test_disk_to_memory_copy_leaves_the_probed_disk_bandwidth_alone(models: object, tmp_path: Path) -> None:
+    ns = _node_store(tmp_path)
+    ns.ensure("small-a", "disk")
+    assert ns.evict("small-a", "memory") in ([], ["memory"])
+    before = ns.bandwidth()
+    copied = ns.ensure("small-a", "memory")
+    assert [t["source"] for t in copied["transfers"]] == ["disk"]
+    assert ns.bandwidth()["disk_bps"] == before["disk_bps"]
+
+
 def test_store_client_maps_a_disk_only_model_straight_from_the_disk_tier(
     store: StoreServer, models: dict[str, dict]
 ) -> None:

@@ -460,6 +460,37 @@ def _plan_for_server(
     return tuple(chosen), evictions
 
 
+def drain_estimate(snapshot: ClusterSnapshot, model: str) -> float:
+    """Seconds until ``model`` could start with no migration when no server has room for it now: on each
+    healthy server whose budget can hold it, let the busy instances finish, soonest first, until enough
+    memory is free, then unload them and load ``model``; the soonest server's time (``inf`` if none).
+
+    An instance is done when its last running request is expected to end. This is the baseline a
+    migration must beat when :func:`place` can only queue the request.
+    """
+    spec = snapshot.model(model)
+    best = math.inf
+    for pos, s in enumerate(snapshot.servers):
+        if not s.healthy or s.memory_budget_bytes < spec.size_bytes:
+            continue
+        room = float(snapshot.index.room_bytes[pos])
+        ends = sorted(
+            (max(r.expected_remaining_s for r in i.requests), i.size_bytes) for i in s.instances if not i.idle
+        )
+        drained = 0.0
+        for end_s, size in ends:
+            if room >= spec.size_bytes:
+                break
+            room += size
+            drained = end_s
+        if room < spec.size_bytes:
+            continue
+        est = estimate_startup(snapshot, s.name, model)
+        unload = s.unload_s if drained > 0.0 and est.wait_s < s.unload_s else 0.0
+        best = min(best, max(drained, est.wait_s) + unload + est.load_s + est.overhead_s)
+    return best
+
+
 def plan_migration(
     snapshot: ClusterSnapshot,
     model: str,
@@ -476,14 +507,17 @@ def plan_migration(
     (zero for a warm instance with room for all its requests) plus replaying every request's prompt and
     tokens so far, plus the final round of ``threshold_tokens``, at ``replay_s_per_token``. Moves run in
     parallel, and ``model`` loads on s once they are done and s's own queue has drained:
-    ``max(moves, wait_s) + load_s + overhead_s``. Returned only if that beats the baseline by more than
+    ``max(moves, wait_s) + load_s + overhead_s``. Returned only if that beats the baseline (the best
+    placement without migration; when that can only queue, :func:`drain_estimate`) by more than
     ``min_gain_s``; the soonest server wins, ties by name.
     """
     spec = snapshot.model(model)
     baseline = place(snapshot, model)
     if baseline.action in (Action.ROUTE, Action.JOIN):
         return None
-    baseline_s = baseline.estimate.total_s if baseline.estimate is not None else math.inf
+    baseline_s = (
+        baseline.estimate.total_s if baseline.estimate is not None else drain_estimate(snapshot, model)
+    )
     idx = snapshot.index
     bound = _cold_totals(snapshot, spec)  # a lower bound of the migration estimate on every server
     candidates = np.nonzero((bound < baseline_s - min_gain_s) & (idx.room_bytes < spec.size_bytes))[0]
