@@ -438,3 +438,22 @@ def test_stop_removes_the_shared_memory_of_stubs_killed_at_the_exit_timeout(
     server.stop()
     busy.join(30)
     assert not (Path("/dev/shm") / regions[0]).exists()
+
+
+def test_orphaned_stub_regions_are_those_no_process_maps(tmp_path: Path) -> None:
+    import mmap
+    import uuid
+
+    def region(kind: str) -> Path:
+        path = tmp_path / f"triton_{kind}_backend_shm_region_{uuid.uuid4()}"
+        path.write_bytes(b"\0" * 4096)
+        return path
+
+    orphan, in_use, young = region("python"), region("warmstart"), region("python")
+    (tmp_path / "unrelated_file").write_bytes(b"x")
+    old = time.time() - 60
+    for path in (orphan, in_use, tmp_path / "unrelated_file"):
+        os.utime(path, (old, old))
+    with open(in_use, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ):
+        assert triton_mod._orphaned_stub_regions(tmp_path) == [orphan]
+    assert young.exists()

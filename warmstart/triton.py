@@ -305,6 +305,36 @@ def _stub_shm_regions(server_pid: int | None) -> list[str]:
     return names
 
 
+def _orphaned_stub_regions(shm: Path = Path("/dev/shm"), *, min_age_s: float = 30.0) -> list[Path]:
+    """This user's Python-backend regions under ``shm`` that none of this user's processes maps: their
+    server and stub are both gone (a server killed by SIGKILL leaves its stubs' regions behind). Regions
+    younger than ``min_age_s`` are left alone: a live server maps its new region a moment after creating it."""
+    uid = os.getuid()
+    now = time.time()
+    try:
+        candidates = [
+            p
+            for p in shm.iterdir()
+            if _SHM_REGION.fullmatch(p.name)
+            and (st := p.stat()).st_uid == uid
+            and now - st.st_mtime >= min_age_s
+        ]
+    except OSError:
+        return []
+    if not candidates:
+        return []
+    mapped: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            maps = (proc / "maps").read_text()
+        except OSError:  # exited meanwhile, or another user's process: not one of ours
+            continue
+        mapped.update(m.group(0) for m in _SHM_REGION.finditer(maps))
+    return [p for p in candidates if p.name not in mapped]
+
+
 def _redact(argv: Sequence[str], secret: str | None) -> str:
     text = " ".join(argv)
     return text.replace(secret, "***") if secret else text
@@ -487,10 +517,12 @@ class TritonServer:
             regions = _stub_shm_regions(self._process.pid) if self._process.is_alive() else []
             rc = self._process.stop(timeout)
             logger.info("tritonserver pid %s stopped (rc=%s)", self._process.pid, rc)
-            for name in regions:  # a stub killed at the exit timeout leaves its region behind
+            leftovers = [Path("/dev/shm") / name for name in regions]  # stubs killed at the exit timeout
+            leftovers += _orphaned_stub_regions()  # stubs of a server that was killed (SIGKILL) earlier
+            for path in dict.fromkeys(leftovers):
                 with contextlib.suppress(FileNotFoundError):
-                    (Path("/dev/shm") / name).unlink()
-                    logger.info("removed the leftover shared-memory region %s", name)
+                    path.unlink()
+                    logger.info("removed the leftover shared-memory region %s", path.name)
         if self._engine_host is not None:  # after the server: its stubs close their engine processes first
             self._engine_host.stop(timeout)
             self._engine_host = None
