@@ -30,6 +30,7 @@ from warmstart.scheduler import (
     random_place,
     serverlessllm_place,
 )
+from warmstart.scheduler.policy import LoadCosts, effective_bandwidth, learn_load, recall
 from warmstart.scheduler.synthetic import synthetic_cluster
 
 GB = 10**9
@@ -589,3 +590,30 @@ def test_place_routes_to_least_busy_instance_when_cluster_has_1000_servers_and_1
         assert (decision.action, decision.server) == (Action.ROUTE, min(open_slots)[1]), model
         checked += 1
     assert checked > 100
+
+
+# ------------------------------------------------------------------------------------- learning from loads
+
+
+def test_learn_load_updates_overhead_from_memory_loads_and_bandwidth_from_remote_loads() -> None:
+    costs = LoadCosts(1.0)
+    costs = learn_load(costs, BW, Tier.MEMORY, 2 * GB, 0.1 + 0.4)  # 2 GB at 20 GB/s + 0.4 s overhead
+    assert costs.overhead_s == pytest.approx(0.7 * 1.0 + 0.3 * 0.4)
+    assert costs.bps == {}
+    slow = learn_load(costs, BW, Tier.REMOTE, 2 * GB, costs.overhead_s + 8.0)  # 0.25 GB/s, not 0.5
+    assert slow.bps == {Tier.REMOTE: pytest.approx(2 * GB / 8.0)}
+    assert slow.overhead_s == costs.overhead_s
+    again = learn_load(slow, BW, Tier.REMOTE, 2 * GB, costs.overhead_s + 4.0)
+    assert again.bps[Tier.REMOTE] == pytest.approx(0.7 * (2 * GB / 8.0) + 0.3 * (2 * GB / 4.0))
+
+
+def test_learned_remote_bandwidth_steers_placement_to_a_local_holder_and_fades_toward_the_report() -> None:
+    holder = server("s1", tiers={"m": Tier.DISK}, queue=(PendingLoad("a", GB, 4.0),))  # 4 + 1 + 0.5 s
+    remote = server("s2")  # 2 GB at the reported 0.5 GB/s + 0.5 s: 4.5 s
+    assert place(snap(holder, remote), "m").server == "s2"
+    slow = LoadCosts(0.5, {Tier.REMOTE: 0.2e9})  # this server's remote loads ran at 0.2 GB/s: 10.5 s
+    learned = server("s2", bw=effective_bandwidth(BW, slow))
+    assert place(snap(holder, learned), "m").server == "s1"
+    faded = recall(slow, BW)
+    assert faded.bps[Tier.REMOTE] == pytest.approx(0.9 * 0.2e9 + 0.1 * 0.5e9)
+    assert effective_bandwidth(BW, LoadCosts(0.5)) == BW

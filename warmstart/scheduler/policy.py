@@ -21,13 +21,14 @@ from __future__ import annotations
 import enum
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from warmstart.scheduler.errors import CannotFitError
-from warmstart.scheduler.state import ClusterSnapshot, Instance, ModelSpec, ServerState, Tier
+from warmstart.scheduler.state import ClusterSnapshot, Instance, ModelSpec, NodeBandwidth, ServerState, Tier
 
 # ServerlessLLM's fixed figures (sllm/schedulers/storage_aware_scheduler.py): PCIe is hard-coded to 25 GB/s;
 # its disk figure comes from a buffered 100 MB probe that mostly measures the page cache.
@@ -553,3 +554,62 @@ def plan_migration(
                 baseline=baseline,
             )
     return best
+
+
+# ------------------------------------------------------------------------------------- learning from loads
+
+LEARN_WEIGHT = 0.3
+"""Weight of the newest observation in the moving averages below."""
+RECALL_WEIGHT = 0.1
+"""Pull of each node-store report on a learned bandwidth (so one slow load is forgotten in time)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadCosts:
+    """What a server's loads have cost, learned by the router from its own loads.
+
+    ``overhead_s`` is Triton's fixed cost of a load (stub start, engine build), learned from loads whose
+    bytes cost little to move (memory tier). ``bps`` holds, per tier, the bandwidth loads from that tier
+    reached end to end (the fill or read, page faults, contention with whatever else ran): on a busy node
+    a remote fill takes 2-3x longer than the store's uncontended figure.
+    """
+
+    overhead_s: float
+    bps: Mapping[Tier, float] = field(default_factory=dict)
+
+
+def learn_load(
+    costs: LoadCosts, reported: NodeBandwidth, tier: Tier, size_bytes: int, elapsed_s: float
+) -> LoadCosts:
+    """``costs`` after a load of ``size_bytes`` from ``tier`` that took ``elapsed_s`` end to end.
+
+    A memory-tier load updates the overhead (its bytes move at the reported memory bandwidth). A disk or
+    remote load updates that tier's bandwidth from the time left after the overhead (at least 5 % of the
+    load, so a load faster than the overhead does not imply an infinite bandwidth).
+    """
+    if tier is Tier.MEMORY or tier is Tier.NONE:
+        overhead = max(0.0, elapsed_s - size_bytes / reported.memory_bps)
+        return LoadCosts((1 - LEARN_WEIGHT) * costs.overhead_s + LEARN_WEIGHT * overhead, costs.bps)
+    moving_s = max(elapsed_s - costs.overhead_s, 0.05 * elapsed_s, 1e-3)
+    observed = size_bytes / moving_s
+    old = costs.bps.get(tier)
+    bps = dict(costs.bps)
+    bps[tier] = observed if old is None else (1 - LEARN_WEIGHT) * old + LEARN_WEIGHT * observed
+    return LoadCosts(costs.overhead_s, bps)
+
+
+def recall(costs: LoadCosts, reported: NodeBandwidth) -> LoadCosts:
+    """``costs`` with each learned bandwidth pulled toward the node store's newest report."""
+    bps = {}
+    for tier, value in costs.bps.items():
+        fresh = reported.of(tier)
+        bps[tier] = value if fresh is None else (1 - RECALL_WEIGHT) * value + RECALL_WEIGHT * fresh
+    return LoadCosts(costs.overhead_s, bps)
+
+
+def effective_bandwidth(reported: NodeBandwidth, costs: LoadCosts) -> NodeBandwidth:
+    """The bandwidths placement uses: learned disk and remote figures where there are some, else reported."""
+    remote = reported.remote_bps
+    if remote is not None:
+        remote = costs.bps.get(Tier.REMOTE, remote)
+    return NodeBandwidth(reported.memory_bps, costs.bps.get(Tier.DISK, reported.disk_bps), remote)

@@ -37,13 +37,17 @@ from warmstart.scheduler.migration import MigrationOutcome, MigrationResult, mig
 from warmstart.scheduler.nodestore import NodeStoreClient, NodeStoreError
 from warmstart.scheduler.policy import (
     Action,
+    LoadCosts,
     MigrationPlan,
     Placement,
     choose_evictions,
+    effective_bandwidth,
     expired_models,
+    learn_load,
     place,
     plan_migration,
     random_place,
+    recall,
     serverlessllm_place,
 )
 from warmstart.scheduler.state import (
@@ -161,7 +165,7 @@ class ServerRuntime:
     healthy: bool = False
     bandwidth: NodeBandwidth | None = None
     store_tiers: dict[str, Tier] = field(default_factory=dict)
-    overhead_s: float = 1.0
+    costs: LoadCosts = field(default_factory=lambda: LoadCosts(1.0))  # learned from this server's loads
     unload_s: float = (
         1.0  # Triton 2.51's Python backend sleeps 1 s in every instance finalize (a health check)
     )
@@ -170,6 +174,14 @@ class ServerRuntime:
     unloading: dict[str, int] = field(default_factory=dict)
     probe: asyncio.Task[bool] | None = None
     removed: bool = False
+
+    @property
+    def overhead_s(self) -> float:
+        return self.costs.overhead_s
+
+    def effective_bandwidth(self) -> NodeBandwidth | None:
+        """The node store's bandwidths, with the disk and remote figures this server's loads reached."""
+        return effective_bandwidth(self.bandwidth, self.costs) if self.bandwidth is not None else None
 
     @property
     def name(self) -> str:
@@ -199,7 +211,7 @@ class ServerRuntime:
             name=self.name,
             healthy=self.healthy and self.bandwidth is not None and not self.removed,
             memory_budget_bytes=max(0, self.config.memory_budget_bytes - sum(self.unloading.values())),
-            bandwidth=self.bandwidth or _PLACEHOLDER_BANDWIDTH,
+            bandwidth=self.effective_bandwidth() or _PLACEHOLDER_BANDWIDTH,
             triton_load_overhead_s=self.overhead_s,
             instances=instances,
             loading=tuple(
@@ -365,7 +377,7 @@ class Router:
             upstream=TritonUpstream(
                 server, timeout_s=self.config.upstream_timeout_s, retries=self.config.upstream_retries
             ),
-            overhead_s=self.config.initial_load_overhead_s,
+            costs=LoadCosts(self.config.initial_load_overhead_s),
         )
         if server.node_store is None and server.bandwidth is not None:
             rt.bandwidth = server.bandwidth.to_node_bandwidth()
@@ -499,7 +511,8 @@ class Router:
                 rt.unloading[m] = inst.size_bytes
                 evicted.append(m)
                 self.stats.evictions += 1
-        bw = rt.bandwidth.of(rt.store_tiers.get(model, Tier.REMOTE)) if rt.bandwidth else None
+        effective = rt.effective_bandwidth()
+        bw = effective.of(rt.store_tiers.get(model, Tier.REMOTE)) if effective else None
         expected = (rt.unload_s if evicted else 0.0) + (spec.size_bytes / bw if bw else 0.0) + rt.overhead_s
         load = _LoadRT(model, spec.size_bytes, now + expected)
         rt.loads[model] = load
@@ -518,9 +531,8 @@ class Router:
             elapsed = await rt.upstream.load(
                 spec.name, self._render(spec), timeout_s=self.config.cold_start_timeout_s
             )
-            bw = rt.bandwidth.of(tier) if rt.bandwidth else None
-            overhead = max(0.0, elapsed - (spec.size_bytes / bw if bw else 0.0))
-            rt.overhead_s = 0.7 * rt.overhead_s + 0.3 * overhead
+            if rt.bandwidth is not None:
+                rt.costs = learn_load(rt.costs, rt.bandwidth, tier, spec.size_bytes, elapsed)
             rt.instances[spec.name] = _InstanceRT(spec.name, spec.size_bytes, self._clock())
             key = f"{rt.name}/{spec.name}"
             self.stats.loads[key] = self.stats.loads.get(key, 0) + 1
@@ -632,6 +644,7 @@ class Router:
             return
         changed = rt.bandwidth != bandwidth or rt.store_tiers != report.tiers
         rt.bandwidth = bandwidth
+        rt.costs = recall(rt.costs, bandwidth)
         rt.store_tiers = dict(report.tiers)
         if changed:
             self._notify()
@@ -933,6 +946,7 @@ class Router:
                     "unloading": sorted(rt.unloading),
                     "store_tiers": {m: t.value for m, t in rt.store_tiers.items()},
                     "load_overhead_s": rt.overhead_s,
+                    "learned_bps": {t.value: v for t, v in rt.costs.bps.items()},
                     "unload_s": rt.unload_s,
                 }
                 for rt in self.servers.values()
