@@ -30,7 +30,7 @@ from warmstart.scheduler import (
     random_place,
     serverlessllm_place,
 )
-from warmstart.scheduler.policy import LoadCosts, effective_bandwidth, learn_load, recall
+from warmstart.scheduler.policy import LoadCosts, effective_bandwidth, learn_load, learn_unload, recall
 from warmstart.scheduler.synthetic import synthetic_cluster
 
 GB = 10**9
@@ -617,3 +617,9 @@ def test_learned_remote_bandwidth_steers_placement_to_a_local_holder_and_fades_t
     faded = recall(slow, BW)
     assert faded.bps[Tier.REMOTE] == pytest.approx(0.9 * 0.2e9 + 0.1 * 0.5e9)
     assert effective_bandwidth(BW, LoadCosts(0.5)) == BW
+
+
+def test_learn_unload_moves_the_unload_time_toward_what_unloads_took() -> None:
+    costs = learn_unload(LoadCosts(0.5), 2.0)
+    assert costs.unload_s == pytest.approx(0.7 * 1.0 + 0.3 * 2.0)
+    assert (costs.overhead_s, costs.bps) == (0.5, {})

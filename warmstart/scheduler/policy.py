@@ -22,7 +22,7 @@ import enum
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -571,11 +571,13 @@ class LoadCosts:
     ``overhead_s`` is Triton's fixed cost of a load (stub start, engine build), learned from loads whose
     bytes cost little to move (memory tier). ``bps`` holds, per tier, the bandwidth loads from that tier
     reached end to end (the fill or read, page faults, contention with whatever else ran): on a busy node
-    a remote fill takes 2-3x longer than the store's uncontended figure.
+    a remote fill takes 2-3x longer than the store's uncontended figure. ``unload_s`` is what an unload
+    takes (tritonserver 2.51's Python backend sleeps 1 s in every instance finalize, a health check).
     """
 
     overhead_s: float
     bps: Mapping[Tier, float] = field(default_factory=dict)
+    unload_s: float = 1.0
 
 
 def learn_load(
@@ -589,13 +591,18 @@ def learn_load(
     """
     if tier is Tier.MEMORY or tier is Tier.NONE:
         overhead = max(0.0, elapsed_s - size_bytes / reported.memory_bps)
-        return LoadCosts((1 - LEARN_WEIGHT) * costs.overhead_s + LEARN_WEIGHT * overhead, costs.bps)
+        return replace(costs, overhead_s=(1 - LEARN_WEIGHT) * costs.overhead_s + LEARN_WEIGHT * overhead)
     moving_s = max(elapsed_s - costs.overhead_s, 0.05 * elapsed_s, 1e-3)
     observed = size_bytes / moving_s
     old = costs.bps.get(tier)
     bps = dict(costs.bps)
     bps[tier] = observed if old is None else (1 - LEARN_WEIGHT) * old + LEARN_WEIGHT * observed
-    return LoadCosts(costs.overhead_s, bps)
+    return replace(costs, bps=bps)
+
+
+def learn_unload(costs: LoadCosts, elapsed_s: float) -> LoadCosts:
+    """``costs`` after an unload that took ``elapsed_s``."""
+    return replace(costs, unload_s=(1 - LEARN_WEIGHT) * costs.unload_s + LEARN_WEIGHT * elapsed_s)
 
 
 def recall(costs: LoadCosts, reported: NodeBandwidth) -> LoadCosts:
@@ -604,7 +611,7 @@ def recall(costs: LoadCosts, reported: NodeBandwidth) -> LoadCosts:
     for tier, value in costs.bps.items():
         fresh = reported.of(tier)
         bps[tier] = value if fresh is None else (1 - RECALL_WEIGHT) * value + RECALL_WEIGHT * fresh
-    return LoadCosts(costs.overhead_s, bps)
+    return replace(costs, bps=bps)
 
 
 def effective_bandwidth(reported: NodeBandwidth, costs: LoadCosts) -> NodeBandwidth:

@@ -44,6 +44,7 @@ from warmstart.scheduler.policy import (
     effective_bandwidth,
     expired_models,
     learn_load,
+    learn_unload,
     place,
     plan_migration,
     random_place,
@@ -166,9 +167,6 @@ class ServerRuntime:
     bandwidth: NodeBandwidth | None = None
     store_tiers: dict[str, Tier] = field(default_factory=dict)
     costs: LoadCosts = field(default_factory=lambda: LoadCosts(1.0))  # learned from this server's loads
-    unload_s: float = (
-        1.0  # Triton 2.51's Python backend sleeps 1 s in every instance finalize (a health check)
-    )
     instances: dict[str, _InstanceRT] = field(default_factory=dict)
     loads: dict[str, _LoadRT] = field(default_factory=dict)
     unloading: dict[str, int] = field(default_factory=dict)
@@ -218,7 +216,7 @@ class ServerRuntime:
                 LoadInFlight(ld.model, ld.size_bytes, ld.expected_finish_s) for ld in self.loads.values()
             ),
             store_tiers=dict(self.store_tiers),
-            unload_s=self.unload_s,
+            unload_s=self.costs.unload_s,
         )
 
 
@@ -513,7 +511,9 @@ class Router:
                 self.stats.evictions += 1
         effective = rt.effective_bandwidth()
         bw = effective.of(rt.store_tiers.get(model, Tier.REMOTE)) if effective else None
-        expected = (rt.unload_s if evicted else 0.0) + (spec.size_bytes / bw if bw else 0.0) + rt.overhead_s
+        expected = (
+            (rt.costs.unload_s if evicted else 0.0) + (spec.size_bytes / bw if bw else 0.0) + rt.overhead_s
+        )
         load = _LoadRT(model, spec.size_bytes, now + expected)
         rt.loads[model] = load
         load.task = self._spawn(self._load(rt, spec, tuple(evicted)), name=f"load {rt.name}/{model}")
@@ -559,7 +559,7 @@ class Router:
                 t0 = self._clock()
                 await rt.upstream.unload(model)
                 elapsed = self._clock() - t0
-                rt.unload_s = 0.7 * rt.unload_s + 0.3 * elapsed
+                rt.costs = learn_unload(rt.costs, elapsed)
                 self.stats.unloads += 1
                 logger.info("unloaded %s on %s in %.2f s", model, rt.name, elapsed)
         except UpstreamError as e:
@@ -947,7 +947,7 @@ class Router:
                     "store_tiers": {m: t.value for m, t in rt.store_tiers.items()},
                     "load_overhead_s": rt.overhead_s,
                     "learned_bps": {t.value: v for t, v in rt.costs.bps.items()},
-                    "unload_s": rt.unload_s,
+                    "unload_s": rt.costs.unload_s,
                 }
                 for rt in self.servers.values()
             },
