@@ -180,8 +180,9 @@ PREFAULT_THREADS = 2
 _libc: ctypes.CDLL | None = None
 
 
-def _madvise(addr: int, length: int, advice: int) -> int:
-    """``madvise`` through ctypes (the GIL is released while the kernel reads pages in): 0 or the errno."""
+def madvise(addr: int, length: int, advice: int) -> int:
+    """``madvise(addr, length, advice)`` through ctypes, the GIL released while the kernel works: 0 or the
+    errno. For advice Python's ``mmap.madvise`` lacks or runs under the GIL (``MADV_POPULATE_*``)."""
     global _libc
     if _libc is None:
         lib = ctypes.CDLL(None, use_errno=True)
@@ -225,7 +226,7 @@ def prefault(maps: Sequence[mmap.mmap], *, threads: int = PREFAULT_THREADS,
                 addr = a.ctypes.data + off
                 lo = addr // mmap.PAGESIZE * mmap.PAGESIZE
                 for _ in range(3):
-                    err = _madvise(lo, addr + n - lo, MADV_POPULATE_READ)
+                    err = madvise(lo, addr + n - lo, MADV_POPULATE_READ)
                     if err != errno.EINTR:
                         break
                 if err:

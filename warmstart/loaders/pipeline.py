@@ -32,6 +32,7 @@ from warmstart.format import spec
 from warmstart.format.checksum import xxh3_hex
 from warmstart.format.index import Index
 from warmstart.format.sources import LocalSource, TensorStoreSource
+from warmstart.loaders.hostcache import madvise
 from warmstart.loaders.remote import HttpReader
 from warmstart.units import parse_size
 
@@ -170,7 +171,6 @@ BUFFERS = BufferPool(parse_size(os.environ.get("WARMSTART_BUFFER_POOL", "4GiB"))
 
 
 _MADV_POPULATE_WRITE = 23
-_libc: ctypes.CDLL | None = None
 
 
 def populate_write(view: memoryview) -> bool:
@@ -185,21 +185,15 @@ def populate_write(view: memoryview) -> bool:
 
 def _populate_write(view: memoryview) -> int:
     """0, or the errno of ``madvise(MADV_POPULATE_WRITE)`` over the whole pages of ``view``."""
-    global _libc
     n = len(view)
     if view.readonly:
         return errno.EINVAL
     if n < mmap.PAGESIZE:
         return 0
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     addr = ctypes.addressof(ctypes.c_char.from_buffer(view))
     lo = -(-addr // mmap.PAGESIZE) * mmap.PAGESIZE
     hi = (addr + n) // mmap.PAGESIZE * mmap.PAGESIZE
-    if hi <= lo or _libc.madvise(lo, hi - lo, _MADV_POPULATE_WRITE) == 0:
-        return 0
-    return ctypes.get_errno()
+    return 0 if hi <= lo else madvise(lo, hi - lo, _MADV_POPULATE_WRITE)
 
 
 def _bad_chunk(index: Index, pi: int, ci: int, where: str) -> ChecksumMismatch:
