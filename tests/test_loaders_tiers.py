@@ -23,7 +23,15 @@ import pytest
 import warmstart.format as wf
 from warmstart.errors import CacheFull, CheckpointNotFound, InvalidModelName, ModelNotFound, StorageFull
 from warmstart.format.sources import TensorStoreSource
-from warmstart.loaders.hostcache import DiskCache, HostCache, prefault, validate_name, wait_until
+from warmstart.loaders.hostcache import (
+    SPARE_PREFIX,
+    DiskCache,
+    HostCache,
+    prefault,
+    take_spare,
+    validate_name,
+    wait_until,
+)
 from warmstart.loaders.pipeline import BUFFERS, BufferPool
 from warmstart.loaders.tiers import Tiers, cache_key, open_host, wait_disk_copies
 
@@ -259,6 +267,90 @@ def test_full_cache_raises_cache_full_and_writes_nothing(
         load_state_dict(path, tiers=t)
     assert t.memory is not None
     assert t.memory.entries() == [] and list((t.memory.root / ".tmp").iterdir()) == []
+
+
+MiB = 1 << 20
+
+
+def _pool_inodes(cache: HostCache) -> set[int]:
+    return {path.stat().st_ino for path, _ in cache.pool()}
+
+
+def _big_partition(root: Path) -> Path:
+    return max((p for p in root.iterdir() if p.name.startswith("data-")), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("source", ["file", pytest.param("s3", marks=pytest.mark.s3)])
+def test_memory_fill_reuses_the_pages_of_an_evicted_entry_and_loads_the_new_bytes(
+    tmp_path: Path, request: pytest.FixtureRequest, source: str
+) -> None:
+    refs = []
+    for seed in (1, 2):  # same shapes, different bytes
+        local = tmp_path / f"ckpt{seed}"
+        wf.save(make_tensors(seed, scale=8), local, chunk_size=CHUNK, partition_size=4 * MiB)
+        if source == "s3":
+            request.getfixturevalue("seaweedfs")
+            uri = f"s3://models/test-pool/{tmp_path.name}-{seed}/"
+            upload(local, uri)
+            refs.append(uri)
+        else:
+            refs.append(local.as_uri())
+    cache = HostCache(tmp_path / "shm", capacity=64 * MiB)
+    t = Tiers(memory=cache)
+    assert_equal(load_state_dict(refs[0], tiers=t), make_tensors(1, scale=8))
+    gc.collect()
+    [first] = cache.entries()
+    old = _big_partition(first.path).stat()
+    assert old.st_size >= MiB
+    cache.evict(first.key)
+    assert old.st_ino in _pool_inodes(cache)  # its pages stayed, in the pool
+
+    sd = load_state_dict(refs[1], tiers=t)
+    assert_equal(sd, make_tensors(2, scale=8))  # nothing of the old bytes shows through
+    [second] = cache.entries()
+    assert _big_partition(second.path).stat().st_ino == old.st_ino  # written into the pooled pages
+    assert old.st_ino not in _pool_inodes(cache)
+    wf.open(second.path).verify()
+    assert not list(second.path.glob(".spare-*"))
+
+
+def test_page_pool_stays_within_the_capacity_and_is_trimmed_when_it_shrinks(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    cache = HostCache(root, capacity=20 * MiB)
+    for k in ("a", "b"):
+        _fill(cache, k, 5 * MiB)
+    for k in ("a", "b"):
+        cache.evict(k)
+    assert sorted(n for _, n in cache.pool()) == [5 * MiB, 5 * MiB]
+    smaller = HostCache(root, capacity=8 * MiB)
+    _fill(smaller, "c", 2 * MiB)  # claims one 5 MiB file (unused by this fill: deleted), keeps the other
+    assert smaller.used_bytes() + smaller.pool_bytes() <= 8 * MiB
+    assert smaller.pool_bytes() == 5 * MiB
+    tiny = HostCache(root, capacity=6 * MiB)
+    _fill(tiny, "d", 2 * MiB)  # 2 (c) + 2 (d) in use leaves 2 MiB: the 5 MiB file goes
+    assert tiny.pool_bytes() == 0 and tiny.used_bytes() <= 6 * MiB
+
+
+def test_only_a_bounded_memory_tier_keeps_a_page_pool(tmp_path: Path) -> None:
+    for cache in (
+        HostCache(tmp_path / "unbounded"),
+        DiskCache(tmp_path / "disk", capacity=64 * MiB),
+        HostCache(tmp_path / "off", capacity=64 * MiB, page_pool=False),
+    ):
+        _fill(cache, "a", 2 * MiB)  # type: ignore[arg-type]
+        cache.evict("a")
+        assert cache.pool_bytes() == 0, cache
+
+
+def test_take_spare_picks_the_smallest_covering_file_and_sizes_it(tmp_path: Path) -> None:
+    for name, n in (("x", 3 * MiB), ("y", 8 * MiB), ("z", 5 * MiB)):
+        (tmp_path / f"{SPARE_PREFIX}{name}").write_bytes(b"\1" * n)
+    assert take_spare(tmp_path, "p0", 4 * MiB) == 4 * MiB  # z: the smallest of those >= 4 MiB
+    assert (tmp_path / "p0").stat().st_size == 4 * MiB
+    assert take_spare(tmp_path, "p1", 20 * MiB) == 8 * MiB  # none covers: the biggest, extended
+    assert (tmp_path / "p1").stat().st_size == 20 * MiB
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{SPARE_PREFIX}x", "p0", "p1"]
+    assert take_spare(tmp_path, "p2", 0) == 0
 
 
 HOLDER = textwrap.dedent(

@@ -6,6 +6,7 @@ local file system). Layout of a cache root::
     <root>/<key>/               a published entry: the checkpoint's files, index.json written last
     <root>/.tmp/<key>.<id>/     an entry being filled (holds ``reserved``: the bytes it reserves)
     <root>/.trash/<key>.<id>/   an evicted entry being deleted
+    <root>/.pool/<id>           page pool (memory tier): big files of evicted entries, reused by fills
     <root>/.locks/<key>.lock    LOCK_SH by every user of the entry while mapped; eviction takes LOCK_EX|LOCK_NB
     <root>/.locks/<key>.fill    LOCK_EX by the one process filling the entry (others wait, then map)
     <root>/.locks/cache.lock    LOCK_EX while reserving room (eviction decisions are serialized)
@@ -20,6 +21,12 @@ Rules that make it safe across processes:
 * Last use is the mtime of the entry directory, set on every lookup; eviction takes the oldest first.
 * Room is reserved before any byte is written; when nothing can be evicted the fill fails with
   :class:`~warmstart.errors.CacheFull` and writes nothing.
+* Page pool (:class:`HostCache` with a capacity): an evicted entry's partition files keep their pages in
+  ``.pool`` instead of being deleted, and the next fill takes them (``.spare-<id>`` in its fill directory,
+  renamed over its partition files by the loaders: :func:`take_spare`), so it writes into pages the kernel
+  and the hypervisor have already backed instead of allocating fresh ones. Entries + reservations + pool
+  never exceed the capacity: a reservation trims the pool first. Every byte of a reused file is overwritten
+  by the fill (checksum chunks cover whole partitions), and a bigger file is truncated to size.
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ from warmstart.units import parse_size
 log = logging.getLogger(__name__)
 
 _RESERVED = "reserved"
+_POOL = ".pool"
+SPARE_PREFIX = ".spare-"
+POOL_MIN_FILE_BYTES = 1 << 20
+"""Smaller files of an evicted entry (index, config, tokenizer) are deleted, not pooled."""
 
 validate_name = (
     validate_model_name  # cache entries are named like models: one allow-list (warmstart/names.py)
@@ -277,11 +288,21 @@ class CacheDir:
     tier = "cache"
     populate = False
     """Whether :meth:`Lease.map` populates mappings up front (memory tier: its pages are always resident)."""
+    pools_pages = False
+    """Whether evicted entries' big files are kept as a page pool for later fills (memory tier)."""
 
-    def __init__(self, root: str | os.PathLike[str], capacity: int | str | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        capacity: int | str | None = None,
+        *,
+        page_pool: bool | None = None,
+    ) -> None:
         self.root = Path(root)
         self.capacity = None if capacity is None else parse_size(capacity)
-        for sub in (".tmp", ".trash", ".locks"):
+        # bounded by the capacity, so only a bounded cache keeps one
+        self.page_pool = (self.pools_pages if page_pool is None else page_pool) and self.capacity is not None
+        for sub in (".tmp", ".trash", ".locks", _POOL):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def __repr__(self) -> str:
@@ -378,9 +399,64 @@ class CacheDir:
             return False
         trash = self.root / ".trash" / f"{key}.{uuid.uuid4().hex[:12]}"
         os.rename(path, trash)  # invisible at once; deletion may take a while for big entries
+        if self.page_pool:
+            self._pool_files(trash)
         shutil.rmtree(trash, ignore_errors=True)
         log.info("evicted %s from %s", key, self.root)
         return True
+
+    # -- page pool -------------------------------------------------------------------------------------------
+
+    def _pool_files(self, d: Path) -> None:
+        """Move the big files of ``d`` (an evicted entry) into the page pool."""
+        with os.scandir(d) as it:
+            for e in it:
+                with contextlib.suppress(OSError):
+                    if e.is_file(follow_symlinks=False) and e.stat().st_size >= POOL_MIN_FILE_BYTES:
+                        os.rename(e.path, self.root / _POOL / uuid.uuid4().hex)
+
+    def pool(self) -> list[tuple[Path, int]]:
+        """The page pool's files and their sizes, biggest first."""
+        out = []
+        with os.scandir(self.root / _POOL) as it:
+            for e in it:
+                with contextlib.suppress(OSError):
+                    out.append((Path(e.path), e.stat(follow_symlinks=False).st_size))
+        out.sort(key=lambda f: -f[1])
+        return out
+
+    def pool_bytes(self) -> int:
+        """Bytes the page pool holds (pages kept from evicted entries for the next fills)."""
+        return sum(n for _, n in self.pool())
+
+    def trim_pool(self, keep_bytes: int = 0) -> int:
+        """Delete pool files (smallest first) until at most ``keep_bytes`` remain; returns the bytes freed."""
+        files = self.pool()
+        held = sum(n for _, n in files)
+        freed = 0
+        for path, n in reversed(files):
+            if held - freed <= keep_bytes:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                freed += n
+        return freed
+
+    def _claim_pool(self, tmp: Path, nbytes: int, room: int) -> None:
+        """Move pool files covering up to ``nbytes`` into the fill directory ``tmp`` as spares (each time the
+        smallest file that covers what is still needed, else the biggest), then trim the rest of the pool to
+        ``room`` bytes: what the capacity leaves beside entries and reservations."""
+        files = self.pool()
+        taken = 0
+        while files and taken < nbytes:
+            need = nbytes - taken
+            covering = [f for f in files if f[1] >= need]
+            pick = min(covering, key=lambda f: f[1]) if covering else files[0]
+            files.remove(pick)
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(pick[0], tmp / f"{SPARE_PREFIX}{pick[0].name}")
+                taken += pick[1]
+        self.trim_pool(max(0, room))
 
     def _cleanup_stale(self, filling: str) -> None:
         """Delete fill directories no live process owns (``filling``: the key whose fill lock we hold)."""
@@ -436,6 +512,11 @@ class CacheDir:
             tmp = self.root / ".tmp" / f"{key}.{uuid.uuid4().hex[:12]}"
             tmp.mkdir(mode=0o700)
             (tmp / _RESERVED).write_text(str(nbytes))
+            if self.page_pool:
+                assert self.capacity is not None
+                self._claim_pool(tmp, nbytes, self.capacity - used - nbytes)
+            else:
+                self.trim_pool(0)  # a pool left by an earlier run with the pool on
             return tmp
 
     # -- filling ---------------------------------------------------------------------------------------------
@@ -467,6 +548,8 @@ class CacheDir:
         fill = Fill(tmp)
         try:
             yield fill
+            for spare in tmp.glob(f"{SPARE_PREFIX}*"):  # pool files the loaders did not need
+                spare.unlink()
             (tmp / _RESERVED).unlink()
             if not (tmp / spec.INDEX_FILE).is_file():
                 raise RuntimeError(f"fill of {key} wrote no index.json")
@@ -543,6 +626,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def take_spare(fill_dir: Path, name: str, size: int) -> int:
+    """Rename the best pool file claimed by the fill in ``fill_dir`` (a ``.spare-*``) to ``name``, truncated
+    or extended to ``size``: the smallest one at least ``size`` long, else the biggest. Returns the bytes
+    whose pages it brings (0 when there was none: the caller creates the file as usual)."""
+    spares = []
+    for p in fill_dir.glob(f"{SPARE_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            spares.append((p.stat().st_size, p))
+    if not spares or size <= 0:
+        return 0
+    big = [s for s in spares if s[0] >= size]
+    n, path = min(big) if big else max(spares)
+    dest = fill_dir / name
+    os.rename(path, dest)
+    os.truncate(dest, size)
+    return min(n, size)
+
+
 class HostCache(CacheDir):
     """The host-memory tier: checkpoints as files in shared memory (``/dev/shm``), mapped without copying.
 
@@ -553,9 +654,16 @@ class HostCache(CacheDir):
 
     tier = "memory"
     populate = True
+    pools_pages = True
 
-    def __init__(self, root: str | os.PathLike[str] | None = None, capacity: int | str | None = None) -> None:
-        super().__init__(default_host_root() if root is None else root, capacity)
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        capacity: int | str | None = None,
+        *,
+        page_pool: bool | None = None,
+    ) -> None:
+        super().__init__(default_host_root() if root is None else root, capacity, page_pool=page_pool)
         self.huge_pages = huge_tmpfs(self.root)
 
 

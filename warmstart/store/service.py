@@ -131,6 +131,12 @@ class _Metrics:
         for tier, cache in (("memory", store.memory), ("disk", store.disk)):
             self.bytes.labels(tier).set_function(cache.used_bytes)
             self.capacity.labels(tier).set(cache.capacity or 0)
+        self.pool = Gauge(
+            "warmstart_store_page_pool_bytes",
+            "Bytes of the memory tier's page pool (evicted entries' pages kept for the next fills)",
+            registry=self.registry,
+        )
+        self.pool.set_function(store.memory.pool_bytes)
         self.load_seconds = Histogram(
             "warmstart_store_load_seconds",
             "Duration of transfers into the store's tiers",
