@@ -23,6 +23,7 @@ from warmstart.backend.request import (
     MissingPrompt,
     UnknownRequestParameter,
     error_code,
+    is_release_request,
     parse_request,
 )
 from warmstart.backend.weights import UnsetVariable, resolve_reference
@@ -64,6 +65,34 @@ def test_parse_request_uses_request_parameters_when_no_sampling_tensor() -> None
     req = parse_request({"text_input": s("Hi"), "stream": b(True)}, json.dumps({"max_tokens": 7, "top_k": 4}))
     assert req.params.max_tokens == 7 and req.params.top_k == 4
     assert req.stream is True and req.exclude_input_in_output is True
+
+
+@pytest.mark.parametrize(
+    ("parameters", "release"),
+    [
+        ("", False),
+        ("{}", False),
+        ('{"max_tokens": 4}', False),
+        ('{"warmstart_release": true}', True),
+        ('{"warmstart_release": false}', False),
+        ('{"warmstart_release": true, "triton_enable_empty_final_response": true}', True),
+        ("{not json warmstart_release", False),  # parse_request reports bad JSON
+        ('["warmstart_release"]', False),
+    ],
+)
+def test_is_release_request_reads_only_the_release_flag(parameters: str, release: bool) -> None:
+    assert is_release_request(parameters) is release
+
+
+@pytest.mark.parametrize("value", ['"true"', "1", "null"])
+def test_is_release_request_refuses_a_release_flag_that_is_not_a_bool(value: str) -> None:
+    with pytest.raises(BadInput, match="must be a bool"):
+        is_release_request(f'{{"warmstart_release": {value}}}')
+
+
+def test_parse_request_ignores_a_false_release_flag_among_request_parameters() -> None:
+    req = parse_request({"text_input": s("Hi")}, json.dumps({"warmstart_release": False, "max_tokens": 3}))
+    assert req.params.max_tokens == 3
 
 
 def test_parse_request_defaults_when_no_parameters() -> None:

@@ -154,12 +154,16 @@ class RemoteRuntime:
             sink.send_error(f"model {self._model!r}: cannot reach its engine process: {e}", "UNAVAILABLE")
 
     def close(self, timeout: float = 30.0) -> None:
-        """Ask the engine process to finish (running requests end with UNAVAILABLE) and wait for it."""
+        """Ask the engine process to finish (running requests end with UNAVAILABLE) and wait until it has
+        exited (its memory is free then), at most ``timeout`` in all. Idempotent."""
+        deadline = time.monotonic() + timeout
         self._closed.set()
         with contextlib.suppress(ChannelClosed):
             self._chan.send("close")
         self._reader.join(timeout)
         self._chan.close()
+        if self.pid > 0 and not _wait_exited(self.pid, deadline):
+            logger.warning("model %r: engine process %d still running after close", self._model, self.pid)
 
     # -- threads ---------------------------------------------------------------------------------------
     def _read_loop(self) -> None:
@@ -236,6 +240,25 @@ class RemoteRuntime:
                 self._cancel_sent.add(rid)
             with contextlib.suppress(ChannelClosed):
                 self._chan.send("cancel", id=rid)
+
+
+def _wait_exited(pid: int, deadline: float) -> bool:
+    """Wait until process ``pid`` has exited (gone, or a zombie: its memory is released), until ``deadline``.
+
+    The engine process is the engine host's child, not ours, so it is watched through ``/proc``.
+    """
+    stat = f"/proc/{pid}/stat"
+    while True:
+        try:
+            with open(stat, "rb") as f:
+                state = f.read().rpartition(b")")[2].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in (b"Z", b"X"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.002)
 
 
 def _apply_metric(metrics: Metrics, msg: dict[str, Any]) -> None:

@@ -15,6 +15,9 @@ Inputs (vllm_backend conventions, plus resume):
   token-exactly where it stopped (same seed). ``text_input`` may accompany them; it is then only the text
   repeated in non-streaming output. When ``num_generated`` covers all of ``input_ids``, the prompt is
   ``text_input`` (tokenized here): a router that never tokenizes resumes that way.
+
+Control request: the request parameter ``warmstart_release`` = true (KServe request parameters; no input
+needed) asks the model instance to drop its engine now, ahead of an unload (:func:`is_release_request`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from warmstart.errors import WarmstartError
 
 __all__ = [
     "MAX_PROMPT_BYTES",
+    "RELEASED",
+    "RELEASE_PARAMETER",
     "BadInput",
     "ConflictingInputs",
     "GenerateRequest",
@@ -46,6 +51,7 @@ __all__ = [
     "RequestError",
     "UnknownRequestParameter",
     "error_code",
+    "is_release_request",
     "parse_request",
     "request_from_json",
     "request_to_json",
@@ -53,6 +59,8 @@ __all__ = [
 
 MAX_PROMPT_BYTES = 1 << 20  # a prompt larger than this cannot fit any context we serve
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+RELEASE_PARAMETER = "warmstart_release"  # request parameter (bool): drop the engine, ahead of an unload
+RELEASED = "released"  # finish_reason of the one response that answers a release
 
 
 class RequestError(WarmstartError, ValueError):
@@ -121,19 +129,40 @@ def _text(name: str, value: np.ndarray) -> str:
     raise BadInput(f"input {name!r} must be STRING (BYTES), got {np.asarray(value).dtype}")
 
 
-def _sampling_from_json(text: str, source: str) -> SamplingParams:
+def _sampling_from_json(text: str, source: str, ignore: tuple[str, ...] = ()) -> SamplingParams:
     try:
         obj = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as e:
         raise InvalidParametersJSON(f"{source} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise InvalidParametersJSON(f"{source} must be a JSON object, got {type(obj).__name__}")
+    obj = {k: v for k, v in obj.items() if k not in ignore}
     unknown = sorted(set(obj) - set(_SAMPLING_KEYS))
     if unknown:
         raise UnknownRequestParameter(
             f"unknown key(s) {unknown} in {source}; allowed: {', '.join(_SAMPLING_KEYS)}"
         )
     return SamplingParams.from_json(obj)
+
+
+def is_release_request(parameters_json: str) -> bool:
+    """Whether a request's parameters (Triton's ``request.parameters()`` JSON) ask for a release.
+
+    Only :data:`RELEASE_PARAMETER` is looked at; it must be a JSON bool when present (BadInput otherwise).
+    Unparseable or non-object JSON is not a release (:func:`parse_request` then reports it).
+    """
+    if not parameters_json or RELEASE_PARAMETER not in parameters_json:
+        return False
+    try:
+        obj = json.loads(parameters_json)
+    except json.JSONDecodeError:
+        return False
+    if not isinstance(obj, dict) or RELEASE_PARAMETER not in obj:
+        return False
+    value = obj[RELEASE_PARAMETER]
+    if not isinstance(value, bool):
+        raise BadInput(f"request parameter {RELEASE_PARAMETER!r} must be a bool, got {value!r}")
+    return value
 
 
 def parse_request(inputs: Mapping[str, np.ndarray | None], parameters_json: str = "") -> GenerateRequest:
@@ -157,7 +186,8 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], parameters_json: str 
     if sp is not None:
         params = _sampling_from_json(_text("sampling_parameters", sp), "sampling_parameters")
     else:
-        params = _sampling_from_json(parameters_json or "", "request parameters")
+        # a false release flag is not a sampling parameter
+        params = _sampling_from_json(parameters_json or "", "request parameters", (RELEASE_PARAMETER,))
 
     ids_arr = inputs.get("input_ids")
     ngen_arr = inputs.get("num_generated")

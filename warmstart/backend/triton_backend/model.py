@@ -17,12 +17,23 @@ Outputs (decoupled):
   ids), finish_reason (STRING [1], last response only: "length", "stop").
 Errors: a per-request error response with the FINAL flag (INVALID_ARG for bad input, CANCELLED when the client
 went away, INTERNAL otherwise).
+
+Release (a control request, ahead of an unload): a request whose parameters hold ``warmstart_release`` = true
+(inputs ignored) makes the instance close its runtime now: the engine process exits (or, in-stub, the
+engine is dropped) before the answer, one FINAL response with empty ``text_output``/``token_ids`` and
+``finish_reason`` "released". Why: tritonserver's Python backend sleeps 1 s in every instance's finalize
+before it tells the stub, so the memory would otherwise stay held for the whole unload. Every later request
+on the instance gets UNAVAILABLE ("... released; it is being unloaded"); a second release answers
+"released" again. A release while generations are in flight is refused (UNAVAILABLE: Triton has no
+FAILED_PRECONDITION) and cuts nothing.
 """
 
 import faulthandler
+import gc
 import json
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -32,7 +43,7 @@ import triton_python_backend_utils as pb_utils
 from warmstart.backend.config import INPUTS, OUTPUTS, ModelSettings
 from warmstart.backend.metrics import BackendMetrics
 from warmstart.backend.remote import EngineHostUnavailable, RemoteRuntime
-from warmstart.backend.request import error_code, parse_request
+from warmstart.backend.request import RELEASED, error_code, is_release_request, parse_request
 from warmstart.backend.runtime import Runtime  # cheap: it imports torch only when it loads a model
 from warmstart.backend.wire import ENV_VAR
 
@@ -40,12 +51,38 @@ _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _INPUT_NAMES = tuple(i["name"] for i in INPUTS)
 
 
-class _Sink:
-    """A Triton response sender seen as a ``warmstart.backend.runtime.ResponseSink``."""
+class _InFlight:
+    """How many generation requests of this instance have not had their FINAL response yet."""
 
-    def __init__(self, sender):
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._n = 0
+
+    def started(self):
+        with self._lock:
+            self._n += 1
+
+    def finished(self):
+        with self._lock:
+            self._n -= 1
+
+    def count(self):
+        with self._lock:
+            return self._n
+
+
+class _Sink:
+    """A Triton response sender seen as a ``warmstart.backend.runtime.ResponseSink``.
+
+    ``in_flight`` (generation requests only) is counted down once, when the FINAL flag goes out.
+    """
+
+    def __init__(self, sender, in_flight=None):
         self._sender = sender
         self._lock = threading.Lock()  # None once the FINAL flag went out: the sender is never touched again
+        self._in_flight = in_flight
+        if in_flight is not None:
+            in_flight.started()
 
     def is_cancelled(self):
         with self._lock:
@@ -60,7 +97,11 @@ class _Sink:
                 # Drop the sender now: Triton frees the request's response factory (which pins the model and
                 # so blocks its unload) only when the Python ResponseSender object is destroyed.
                 self._sender = None
-            sender.send(response, flags=_FINAL if final else 0)
+            try:
+                sender.send(response, flags=_FINAL if final else 0)
+            finally:
+                if final and self._in_flight is not None:
+                    self._in_flight.finished()
 
     def send(self, text, token_ids, finish_reason, *, final):
         tensors = [
@@ -120,26 +161,79 @@ class TritonPythonModel:
             runtime = Runtime.load(
                 settings, model_name=name, model_dir=args["model_repository"], metrics=metrics
             )
-        self.runtime = runtime
+        self.runtime: RemoteRuntime | Runtime | None = runtime  # None once released
+        self.model_name = name
+        self.in_flight = _InFlight()
         self.logger.log_info(
             f"warmstart model {name} ready ({settings.engine} engine, {settings.checkpoint}, {where})"
         )
 
     def execute(self, requests):
+        # Triton runs one execute at a time per instance: nothing is submitted while a release runs
         for request in requests:
             arrived = time.monotonic()
-            sink = _Sink(request.get_response_sender())
+            parameters = request.parameters()
             try:
+                release = is_release_request(parameters)
+            except Exception as e:
+                _Sink(request.get_response_sender()).send_error(str(e), error_code(e))
+                continue
+            if release:
+                self._release(_Sink(request.get_response_sender()))
+                continue
+            sink = _Sink(request.get_response_sender(), self.in_flight)
+            try:
+                runtime = self.runtime
+                if runtime is None:
+                    sink.send_error(
+                        f"model {self.model_name!r} released; it is being unloaded", "UNAVAILABLE"
+                    )
+                    continue
                 inputs = {}
                 for name in _INPUT_NAMES:
                     tensor = pb_utils.get_input_tensor_by_name(request, name)
                     inputs[name] = tensor.as_numpy() if tensor is not None else None
-                parsed = parse_request(inputs, request.parameters())
-                self.runtime.submit(parsed, sink, arrived=arrived)
+                parsed = parse_request(inputs, parameters)
+                runtime.submit(parsed, sink, arrived=arrived)
             except Exception as e:  # every request gets an answer; the model keeps serving
                 sink.send_error(str(e), error_code(e))
+
+    def _release(self, sink):
+        """Close the runtime (its memory is free when this answers), unless generations are in flight."""
+        runtime = self.runtime
+        if runtime is not None:
+            busy = self.in_flight.count()
+            if busy:
+                sink.send_error(
+                    f"model {self.model_name!r}: cannot release with {busy} generation(s) in flight",
+                    "UNAVAILABLE",
+                )
+                return
+            t0 = time.monotonic()
+            self.runtime = None
+            try:
+                runtime.close()  # the engine process has exited when it returns
+            except Exception as e:  # the instance serves nothing more; the caller waits for the unload
+                self.logger.log_warn(f"closing {self.model_name} on release: {e}")
+                sink.send_error(f"model {self.model_name!r}: release failed: {e}", "INTERNAL")
+                return
+            del runtime
+            _free_engine_memory()
+            self.logger.log_info(
+                f"warmstart model {self.model_name} released in {time.monotonic() - t0:.3f} s"
+            )
+        sink.send("", (), RELEASED, final=True)
 
     def finalize(self):
         runtime = getattr(self, "runtime", None)
         if runtime is not None:
+            self.runtime = None
             runtime.close()
+
+
+def _free_engine_memory():
+    """Free an in-stub engine now (the stub lives on until the unload): collect it, empty torch's CUDA cache."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
