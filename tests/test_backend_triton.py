@@ -5,11 +5,15 @@ One server for the module; every model is loaded through the repository API as a
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import re
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from backend_support import (
@@ -41,6 +45,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     for engine in ENGINES:
         write_model(repo, f"tiny_{engine}", str(ckpt), engine)
     write_model(repo, "qwen_jax", str(qwen), "jax")
+    write_model(repo, "to_release", str(ckpt), "torch")
     corrupt = root / "corrupt"
     corrupt.mkdir()
     (corrupt / "index.json").write_text('{"format": "warmstart", "format_version": 1, "tensors": [')
@@ -260,6 +265,63 @@ def test_load_unload_load_again(server: TritonServer) -> None:
     assert _metric(_metrics(server), 'warmstart_model_load_seconds{model="tiny_torch",tier="memory"') > 0
 
 
+def test_release_frees_the_instance_then_unload_and_load_again_work(server: TritonServer) -> None:
+    """A release (the scheduler's, ahead of an eviction's unload) is refused while a generation runs; then
+    the engine process has exited when it answers, later requests get UNAVAILABLE, the unload succeeds and
+    the model loads and serves again."""
+    from warmstart.scheduler.upstream import (
+        GenerationRequest,
+        ModelReleaseFailed,
+        TritonUpstream,
+        UpstreamModelMissing,
+    )
+
+    server.load_model("to_release")
+    pids = re.findall(r"warmstart model to_release ready \(.*engine process (\d+)\)", server.logs())
+    assert pids, "no engine process of 'to_release' in the log"
+    engine = Path(f"/proc/{pids[-1]}")
+    assert engine.exists()
+
+    def gen(n: int) -> GenerationRequest:
+        return GenerationRequest("to_release", f"r{n}", PROMPT, {"max_tokens": n})
+
+    async def tokens(up: TritonUpstream, n: int) -> list[int]:
+        out: list[int] = []
+        async with contextlib.aclosing(up.generate(gen(n), idle_timeout_s=60.0)) as chunks:
+            async for chunk in chunks:
+                out.extend(chunk.token_ids)
+        return out
+
+    async def scenario() -> tuple[list[int], list[int], str, str]:
+        up = _upstream(server)
+        try:
+            before = await tokens(up, 6)
+            long = up.generate(gen(480), idle_timeout_s=60.0)
+            first = await anext(long)  # a generation is in flight
+            with pytest.raises(ModelReleaseFailed, match="in flight") as refused:
+                await up.release("to_release", timeout_s=30.0)
+            rest = [t for chunk in [first, *[c async for c in long]] for t in chunk.token_ids]
+            await up.release("to_release", timeout_s=30.0)
+            assert _exited(engine), "the engine process outlived the release's answer"
+            with pytest.raises(UpstreamModelMissing, match="released; it is being unloaded") as missing:
+                await tokens(up, 2)
+            await up.release("to_release", timeout_s=30.0)  # a second release answers "released" again
+            return before, rest, str(refused.value), str(missing.value)
+        finally:
+            await up.close()
+
+    before, rest, refused, missing = asyncio.run(scenario())
+    assert len(rest) == 480, (refused, missing)  # the refused release cut nothing
+    server.unload_model("to_release")
+    assert {m["name"]: m.get("state") for m in server.repository_index()}["to_release"] == "UNAVAILABLE"
+    server.load_model("to_release")
+    try:
+        again = ok(grpc_generate(server.grpc_url, "to_release", PROMPT, params={"max_tokens": 6}))
+        assert again.ids == before
+    finally:
+        server.unload_model("to_release")
+
+
 def test_custom_metrics_are_reported(server: TritonServer) -> None:
     ok(grpc_generate(server.grpc_url, "tiny_jax", PROMPT, params={"max_tokens": 3}))
     text = _metrics(server)
@@ -324,5 +386,35 @@ def test_without_an_engine_host_models_run_inside_their_stubs(tmp_path: Path) ->
         srv.load_model("in_stub")
         assert len(ok(grpc_generate(srv.grpc_url, "in_stub", PROMPT, params={"max_tokens": 3})).ids) == 3
         assert "in_stub ready (torch engine" in srv.logs() and "in the stub" in srv.logs()
+        asyncio.run(_release(srv, "in_stub"))  # the engine in the stub is dropped
+        assert "released; it is being unloaded" in str(grpc_generate(srv.grpc_url, "in_stub", PROMPT).error)
+        srv.unload_model("in_stub")
+        srv.load_model("in_stub")
+        assert len(ok(grpc_generate(srv.grpc_url, "in_stub", PROMPT, params={"max_tokens": 3})).ids) == 3
     finally:
         srv.stop()
+
+
+def _exited(proc: Path) -> bool:
+    """Whether the process at ``/proc/<pid>`` is gone or a zombie (its memory released)."""
+    try:
+        return (proc / "stat").read_text().rpartition(")")[2].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def _upstream(server: TritonServer) -> Any:
+    """The scheduler's client of ``server`` (make it inside the event loop that uses it)."""
+    from warmstart.scheduler.config import BandwidthConfig, ServerConfig
+    from warmstart.scheduler.upstream import TritonUpstream
+
+    config = ServerConfig(name="s", grpc=server.grpc_url, bandwidth=BandwidthConfig(1e10, 1e9, None))
+    return TritonUpstream(config, timeout_s=10.0, retries=1)
+
+
+async def _release(server: TritonServer, model: str) -> None:
+    up = _upstream(server)
+    try:
+        await up.release(model, timeout_s=30.0)
+    finally:
+        await up.close()

@@ -30,7 +30,15 @@ from warmstart.scheduler import (
     random_place,
     serverlessllm_place,
 )
-from warmstart.scheduler.policy import LoadCosts, effective_bandwidth, learn_load, learn_unload, recall
+from warmstart.scheduler.policy import (
+    LoadCosts,
+    effective_bandwidth,
+    eviction_s,
+    learn_load,
+    learn_release,
+    learn_unload,
+    recall,
+)
 from warmstart.scheduler.synthetic import synthetic_cluster
 
 GB = 10**9
@@ -63,7 +71,7 @@ def server(
     loading: tuple[LoadInFlight, ...] = (),
     queue: tuple[PendingLoad, ...] = (),
     healthy: bool = True,
-    unload_s: float = 0.0,
+    eviction_s: float = 0.0,
 ) -> ServerState:
     return ServerState(
         name=name,
@@ -75,7 +83,7 @@ def server(
         loading=loading,
         load_queue=queue,
         store_tiers=tiers or {},
-        unload_s=unload_s,
+        eviction_s=eviction_s,
     )
 
 
@@ -127,15 +135,15 @@ ESTIMATE_CASES = {
     "measured_overhead_used": EstimateCase(
         server("s", tiers={"m": Tier.DISK}, overhead=2.25), 0.0, 1.0, 2.25, Tier.DISK
     ),
-    "eviction_adds_measured_unload_time": EstimateCase(
-        server("s", tiers={"m": Tier.DISK}, budget=3 * GB, instances=(inst("a"),), unload_s=1.25),
+    "eviction_adds_measured_eviction_time": EstimateCase(
+        server("s", tiers={"m": Tier.DISK}, budget=3 * GB, instances=(inst("a"),), eviction_s=1.25),
         1.25,
         1.0,
         0.5,
         Tier.DISK,
     ),
-    "unload_time_not_counted_when_it_fits": EstimateCase(
-        server("s", tiers={"m": Tier.DISK}, budget=4 * GB, instances=(inst("a"),), unload_s=1.25),
+    "eviction_time_not_counted_when_it_fits": EstimateCase(
+        server("s", tiers={"m": Tier.DISK}, budget=4 * GB, instances=(inst("a"),), eviction_s=1.25),
         0.0,
         1.0,
         0.5,
@@ -269,7 +277,7 @@ PLACE_CASES = {
     ),
     "disk_with_room_beats_memory_holder_that_must_unload_first": PlaceCase(
         (
-            server("s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=(inst("a"),), unload_s=1.0),
+            server("s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=(inst("a"),), eviction_s=1.0),
             server("s2", tiers={"m": Tier.DISK}, bw=NodeBandwidth(20e9, 4e9, 2e9)),
         ),
         Action.LOAD,
@@ -277,7 +285,7 @@ PLACE_CASES = {
     ),
     "memory_holder_that_must_unload_beats_slow_disk_with_room": PlaceCase(
         (
-            server("s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=(inst("a"),), unload_s=1.0),
+            server("s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=(inst("a"),), eviction_s=1.0),
             server("s2", tiers={"m": Tier.DISK}, bw=NodeBandwidth(20e9, 1e9, 0.5e9)),
         ),
         Action.LOAD,
@@ -623,3 +631,44 @@ def test_learn_unload_moves_the_unload_time_toward_what_unloads_took() -> None:
     costs = learn_unload(LoadCosts(0.5), 2.0)
     assert costs.unload_s == pytest.approx(0.7 * 1.0 + 0.3 * 2.0)
     assert (costs.overhead_s, costs.bps) == (0.5, {})
+
+
+RELEASE_CASES = {
+    # (costs before, releases observed in order (None = failed), release_s after, eviction_s after)
+    "no_release_yet_evictions_cost_the_unload": (LoadCosts(0.5, unload_s=1.2), (), None, 1.2),
+    "first_release_is_taken_as_measured": (LoadCosts(0.5, unload_s=1.2), (0.04,), 0.04, 0.04),
+    "later_releases_move_the_average": (
+        LoadCosts(0.5, unload_s=1.2),
+        (0.04, 0.14),
+        0.7 * 0.04 + 0.3 * 0.14,
+        0.7 * 0.04 + 0.3 * 0.14,
+    ),
+    "a_failed_release_falls_back_to_the_unload": (LoadCosts(0.5, unload_s=1.2), (0.04, None), None, 1.2),
+    "a_release_after_a_failure_starts_afresh": (LoadCosts(0.5, unload_s=1.2), (0.04, None, 0.1), 0.1, 0.1),
+}
+
+
+@pytest.mark.parametrize(
+    ("costs", "observed", "release_s", "evict_s"), RELEASE_CASES.values(), ids=RELEASE_CASES.keys()
+)
+def test_learn_release_sets_the_eviction_cost_to_the_release_time_while_releases_work(
+    costs: LoadCosts, observed: tuple[float | None, ...], release_s: float | None, evict_s: float
+) -> None:
+    for elapsed in observed:
+        costs = learn_release(costs, elapsed)
+    assert costs.release_s == (pytest.approx(release_s) if release_s is not None else None)
+    assert eviction_s(costs) == pytest.approx(evict_s)
+    assert (costs.overhead_s, costs.unload_s) == (0.5, 1.2)  # a release never changes the other costs
+
+
+def test_released_evictions_make_a_memory_holder_beat_a_disk_server_with_room() -> None:
+    """With a 1 s unload the disk server wins (see PLACE_CASES); once the holder's releases take 50 ms,
+    evicting there is cheaper than reading from disk."""
+    disk = server("s2", tiers={"m": Tier.DISK}, bw=NodeBandwidth(20e9, 4e9, 2e9))  # 0.5 + 0.5 s
+    released = eviction_s(learn_release(LoadCosts(0.5), 0.05))
+    holder = server(
+        "s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=(inst("a"),), eviction_s=released
+    )
+    assert place(snap(holder, disk), "m").server == "s1"
+    unloading = server("s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=(inst("a"),), eviction_s=1.0)
+    assert place(snap(unloading, disk), "m").server == "s2"

@@ -1,10 +1,12 @@
 """Process-free tests of the scheduler service's pieces: config, node-store parsing, request parsing,
-and the upstream request/response encoding."""
+the upstream request/response encoding, and the router's eviction path against a fake upstream."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from warmstart.scheduler.config import SchedulerConfig, SchedulerConfigError
 from warmstart.scheduler.nodestore import NodeStoreError, parse_bandwidth, parse_inventory
+from warmstart.scheduler.policy import choose_evictions, eviction_s
 from warmstart.scheduler.protocol import (
     BadRequest,
     chat_prompt,
@@ -19,9 +22,17 @@ from warmstart.scheduler.protocol import (
     sampling_from_json,
     status_of,
 )
-from warmstart.scheduler.router import ColdStartQueueFull, ColdStartTimeout
+from warmstart.scheduler.router import ColdStartQueueFull, ColdStartTimeout, Router, _InstanceRT
 from warmstart.scheduler.state import NodeBandwidth, Tier
-from warmstart.scheduler.upstream import GenerationRequest, build_infer_request, parse_infer_response
+from warmstart.scheduler.upstream import (
+    RELEASE_PARAMETER,
+    RELEASED,
+    GenerationRequest,
+    ModelReleaseFailed,
+    build_infer_request,
+    build_release_request,
+    parse_infer_response,
+)
 
 SERVER = {"name": "a", "grpc": "127.0.0.1:8001", "bandwidth": {"memory_bps": 1e10, "disk_bps": 1e9}}
 MODEL = {"checkpoint": "s3://models/m"}
@@ -181,3 +192,96 @@ def test_backend_accepts_the_schedulers_resume_form_text_prompt_plus_generated_i
         json.dumps({"max_tokens": 4}),
     )
     assert req.prompt_ids is None and req.text == "hello" and req.generated_ids == (7, 8)
+
+
+def test_release_request_carries_only_the_backends_release_flag() -> None:
+    from warmstart.backend import request as backend
+
+    assert (RELEASE_PARAMETER, RELEASED) == (backend.RELEASE_PARAMETER, backend.RELEASED)
+    req = build_release_request("m", "warmstart-release-1")
+    assert (req.model_name, req.id, list(req.inputs)) == ("m", "warmstart-release-1", [])
+    assert dict(req.parameters) == {RELEASE_PARAMETER: pb.InferParameter(bool_param=True)}
+    # what Triton hands the backend as request.parameters()
+    assert backend.is_release_request(json.dumps({RELEASE_PARAMETER: True}))
+
+
+class _EvictionUpstream:
+    """A server for the router's eviction path: the release answers (or fails) at once, the unload of the
+    victim runs until the test lets it finish; every call is recorded in order."""
+
+    def __init__(self, release_works: bool) -> None:
+        self.release_works = release_works
+        self.events: list[str] = []
+        self.finish_unload = asyncio.Event()
+
+    async def release(self, name: str, *, timeout_s: float) -> float:
+        self.events.append(f"release {name}")
+        if not self.release_works:
+            raise ModelReleaseFailed(f"release {name}: not a warmstart model")
+        return 0.01
+
+    async def unload(self, name: str, *, wait_s: float = 30.0) -> None:
+        self.events.append(f"unload {name}")
+        await self.finish_unload.wait()
+        self.events.append(f"unloaded {name}")
+
+    async def load(self, name: str, config: Any, *, timeout_s: float) -> float:
+        self.events.append(f"load {name}")
+        return 0.1
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("release_works", [True, False], ids=["released", "release_fails"])
+def test_eviction_loads_right_after_a_release_and_waits_for_the_unload_only_when_the_release_fails(
+    release_works: bool,
+) -> None:
+    mib = 1 << 20
+    config = SchedulerConfig.from_dict(
+        {
+            "servers": [{**SERVER, "memory_budget_bytes": mib}],
+            "models": {n: {"checkpoint": f"s3://models/{n}", "size_bytes": mib} for n in ("old", "new")},
+        }
+    )
+
+    async def scenario() -> None:
+        router = Router(config, renderer=lambda m: {})
+        fake = _EvictionUpstream(release_works)
+        rt = router.servers["a"]
+        await rt.upstream.close()
+        rt.upstream = fake  # type: ignore[assignment]
+        rt.healthy = True
+        rt.instances["old"] = _InstanceRT("old", mib, last_used_s=0.0)
+        evictions = choose_evictions(rt.to_state(0.0, {}), mib, 0.0)
+        assert evictions == ("old",)
+        before = rt.costs
+        router._start_load(rt, "new", evictions)
+        load = rt.loads["new"].task
+        assert load is not None
+        for _ in range(20):  # let every task run as far as it can without the unload finishing
+            await asyncio.sleep(0)
+        if release_works:
+            # the load ran while the victim's unload was still going; its memory no longer counted held
+            assert load.done() and "new" in rt.instances
+            assert fake.events == ["release old", "unload old", "load new"]
+            assert rt.unloading == {"old": 0}
+            assert rt.costs.release_s is not None and eviction_s(rt.costs) == rt.costs.release_s
+            assert router.stats.releases == 1
+        else:
+            assert not load.done() and "new" not in rt.instances
+            assert fake.events == ["release old", "unload old"]
+            assert rt.unloading == {"old": mib}  # still held: the load waits
+            assert rt.costs.release_s is None and eviction_s(rt.costs) == before.unload_s
+            assert router.stats.releases == 0
+        fake.finish_unload.set()
+        await load
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert rt.unloading == {} and "new" in rt.instances
+        assert router.stats.unloads == 1 and router.stats.evictions == 1
+        order = fake.events
+        assert (order.index("load new") < order.index("unloaded old")) is release_works
+        await router.close()
+
+    asyncio.run(scenario())

@@ -125,8 +125,8 @@ def estimate_startup(snapshot: ClusterSnapshot, server: str, model: str) -> Esti
     A warm instance with room costs nothing; a busy one costs the soonest expected end of one of its
     requests; a load of ``model`` in flight or queued there costs its remaining time. Otherwise it is a
     cold load: ``wait_s + size / bandwidth(tier) + overhead_s`` with the node's measured figures, where
-    ``wait_s`` also holds the node's measured unload time when models must be evicted first (the
-    evictions are unloaded together, before the load). ``load_s`` is ``inf`` (tier ``NONE``) when the
+    ``wait_s`` also holds the node's measured eviction time when models must be evicted first (the
+    evictions are released, or unloaded, together before the load). ``load_s`` is ``inf`` (tier ``NONE``) when the
     node can neither read it locally nor reach the remote.
     """
     spec = snapshot.model(model)
@@ -141,7 +141,7 @@ def estimate_startup(snapshot: ClusterSnapshot, server: str, model: str) -> Esti
             return Estimate.of(wait_s=max(0.0, ready_s - snapshot.now), load_s=0.0, overhead_s=0.0, tier=tier)
     bandwidth = s.bandwidth.of(tier)
     load = spec.size_bytes / bandwidth if bandwidth is not None else math.inf
-    evict = s.unload_s if s.free_bytes < spec.size_bytes else 0.0
+    evict = s.eviction_s if s.free_bytes < spec.size_bytes else 0.0
     return Estimate.of(
         wait_s=s.load_wait_s(snapshot.now) + evict,
         load_s=load,
@@ -158,7 +158,7 @@ def _cold_totals(snapshot: ClusterSnapshot, spec: ModelSpec) -> npt.NDArray[np.f
     holders = idx.holders.get(spec.name)
     if holders is not None:
         load[holders.positions] = holders.inv_bw * size
-    evict = np.where(idx.free_bytes < size, idx.unload_s, 0.0)
+    evict = np.where(idx.free_bytes < size, idx.eviction_s, 0.0)
     totals: npt.NDArray[np.float64] = idx.wait_s + evict + load + idx.overhead_s
     totals[~idx.healthy] = math.inf
     for pos, _ in idx.warm.get(spec.name, ()):
@@ -464,7 +464,7 @@ def _plan_for_server(
 def drain_estimate(snapshot: ClusterSnapshot, model: str) -> float:
     """Seconds until ``model`` could start with no migration when no server has room for it now: on each
     healthy server whose budget can hold it, let the busy instances finish, soonest first, until enough
-    memory is free, then unload them and load ``model``; the soonest server's time (``inf`` if none).
+    memory is free, then evict them and load ``model``; the soonest server's time (``inf`` if none).
 
     An instance is done when its last running request is expected to end. This is the baseline a
     migration must beat when :func:`place` can only queue the request.
@@ -487,8 +487,8 @@ def drain_estimate(snapshot: ClusterSnapshot, model: str) -> float:
         if room < spec.size_bytes:
             continue
         est = estimate_startup(snapshot, s.name, model)
-        unload = s.unload_s if drained > 0.0 and est.wait_s < s.unload_s else 0.0
-        best = min(best, max(drained, est.wait_s) + unload + est.load_s + est.overhead_s)
+        evict = s.eviction_s if drained > 0.0 and est.wait_s < s.eviction_s else 0.0
+        best = min(best, max(drained, est.wait_s) + evict + est.load_s + est.overhead_s)
     return best
 
 
@@ -573,11 +573,15 @@ class LoadCosts:
     reached end to end (the fill or read, page faults, contention with whatever else ran): on a busy node
     a remote fill takes 2-3x longer than the store's uncontended figure. ``unload_s`` is what an unload
     takes (tritonserver 2.51's Python backend sleeps 1 s in every instance finalize, a health check).
+    ``release_s`` is what releasing an evicted model's engine takes (the warmstart backend frees its memory
+    on a release request, ahead of the unload); ``None`` until a release succeeded, and again after one
+    failed (then evictions wait for the unload). :func:`eviction_s` picks the one on a load's path.
     """
 
     overhead_s: float
     bps: Mapping[Tier, float] = field(default_factory=dict)
     unload_s: float = 1.0
+    release_s: float | None = None
 
 
 def learn_load(
@@ -603,6 +607,22 @@ def learn_load(
 def learn_unload(costs: LoadCosts, elapsed_s: float) -> LoadCosts:
     """``costs`` after an unload that took ``elapsed_s``."""
     return replace(costs, unload_s=(1 - LEARN_WEIGHT) * costs.unload_s + LEARN_WEIGHT * elapsed_s)
+
+
+def learn_release(costs: LoadCosts, elapsed_s: float | None) -> LoadCosts:
+    """``costs`` after an eviction's release that took ``elapsed_s``, or failed (``None``: the eviction
+    then waited for the unload, and so will the next ones until a release succeeds again)."""
+    if elapsed_s is None:
+        return replace(costs, release_s=None)
+    old = costs.release_s
+    release = elapsed_s if old is None else (1 - LEARN_WEIGHT) * old + LEARN_WEIGHT * elapsed_s
+    return replace(costs, release_s=release)
+
+
+def eviction_s(costs: LoadCosts) -> float:
+    """Seconds evicting idle models puts before a load (evictions run concurrently, so several cost this
+    once): the release time when the server's releases work, else the unload time."""
+    return costs.unload_s if costs.release_s is None else costs.release_s
 
 
 def recall(costs: LoadCosts, reported: NodeBandwidth) -> LoadCosts:

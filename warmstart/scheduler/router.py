@@ -2,8 +2,9 @@
 
 For each generation it snapshots cluster state, asks :func:`~warmstart.scheduler.policy.place` what to do,
 and applies the answer: route to a warm instance, join a load in flight (never a second load of the same
-model), start a load (after unloading the evictions and polling the index until their memory is free), or
-wait in the bounded cold-start queue. Tokens stream back through one queue per generation, so the
+model), start a load (after evicting: each victim releases its engine, and its Triton unload goes on in the
+background; where a release fails, the load waits for the unload as the index reports it), or wait in the
+bounded cold-start queue. Tokens stream back through one queue per generation, so the
 upstream under a generation can change (failure recovery, live migration) without the client noticing:
 the router resumes on another server with the prompt plus every token the client already has.
 
@@ -42,8 +43,10 @@ from warmstart.scheduler.policy import (
     Placement,
     choose_evictions,
     effective_bandwidth,
+    eviction_s,
     expired_models,
     learn_load,
+    learn_release,
     learn_unload,
     place,
     plan_migration,
@@ -169,7 +172,7 @@ class ServerRuntime:
     costs: LoadCosts = field(default_factory=lambda: LoadCosts(1.0))  # learned from this server's loads
     instances: dict[str, _InstanceRT] = field(default_factory=dict)
     loads: dict[str, _LoadRT] = field(default_factory=dict)
-    unloading: dict[str, int] = field(default_factory=dict)
+    unloading: dict[str, int] = field(default_factory=dict)  # model -> bytes still held (0 once released)
     probe: asyncio.Task[bool] | None = None
     removed: bool = False
 
@@ -216,7 +219,7 @@ class ServerRuntime:
                 LoadInFlight(ld.model, ld.size_bytes, ld.expected_finish_s) for ld in self.loads.values()
             ),
             store_tiers=dict(self.store_tiers),
-            unload_s=self.costs.unload_s,
+            eviction_s=eviction_s(self.costs),
         )
 
 
@@ -228,6 +231,7 @@ class RouterStats:
     load_failures: int = 0
     unloads: int = 0
     evictions: int = 0
+    releases: int = 0  # evicted or expired models whose engine was released (memory free before the unload)
     failovers: int = 0
     migrations: int = 0
     rejected_queue_full: int = 0
@@ -512,7 +516,7 @@ class Router:
         effective = rt.effective_bandwidth()
         bw = effective.of(rt.store_tiers.get(model, Tier.REMOTE)) if effective else None
         expected = (
-            (rt.costs.unload_s if evicted else 0.0) + (spec.size_bytes / bw if bw else 0.0) + rt.overhead_s
+            (eviction_s(rt.costs) if evicted else 0.0) + (spec.size_bytes / bw if bw else 0.0) + rt.overhead_s
         )
         load = _LoadRT(model, spec.size_bytes, now + expected)
         rt.loads[model] = load
@@ -520,7 +524,8 @@ class Router:
 
     async def _load(self, rt: ServerRuntime, spec: ModelConfig, evictions: tuple[str, ...]) -> None:
         try:
-            await asyncio.gather(*(self._unload(rt, m) for m in evictions))  # tritonserver runs them at once
+            # concurrently: releases take tens of ms, and tritonserver runs unloads at once
+            await asyncio.gather(*(self._evict(rt, m) for m in evictions))
             while spec.name in rt.unloading:
                 # an unload of this very model is still running here (its keep-alive ran out, or it was
                 # evicted): loading now would make tritonserver reload it under the unload, which then
@@ -552,6 +557,31 @@ class Router:
             rt.loads.pop(spec.name, None)
             self._notify()
 
+    async def _evict(self, rt: ServerRuntime, model: str) -> None:
+        """Free ``model``'s memory for a load: release its engine, count its memory free and leave its unload
+        running in the background; if the release fails (another backend, an error, a timeout), wait for
+        the unload as before. ``model`` stays in ``rt.unloading`` until the unload ends either way."""
+        if rt.healthy:
+            t0 = self._clock()
+            try:
+                await rt.upstream.release(model, timeout_s=self.config.upstream_timeout_s)
+            except UpstreamError as e:
+                rt.costs = learn_release(rt.costs, None)
+                logger.info("release of %s on %s failed (%s); waiting for its unload", model, rt.name, e)
+            else:
+                elapsed = self._clock() - t0
+                rt.costs = learn_release(rt.costs, elapsed)
+                self.stats.releases += 1
+                logger.info(
+                    "released %s on %s in %.3f s; unloading it in the background", model, rt.name, elapsed
+                )
+                if model in rt.unloading:
+                    rt.unloading[model] = 0
+                self._spawn(self._unload(rt, model), name=f"unload {rt.name}/{model}")
+                self._notify()
+                return
+        await self._unload(rt, model)
+
     async def _unload(self, rt: ServerRuntime, model: str) -> None:
         """Unload ``model`` (already out of routing) and count its memory free once the index says so."""
         try:
@@ -569,14 +599,15 @@ class Router:
             self._notify()
 
     async def _reap_round(self) -> None:
-        """Unload models idle longer than their keep-alive (and instances of removed models)."""
+        """Unload models idle longer than their keep-alive (and instances of removed models), releasing
+        their engines first as evictions do."""
         for server, model in expired_models(self.snapshot()):
             rt = self.servers.get(server)
             if rt is None or model not in rt.instances or model in rt.unloading:
                 continue
             inst = rt.instances.pop(model)
             rt.unloading[model] = inst.size_bytes
-            self._spawn(self._unload(rt, model), name=f"unload {server}/{model}")
+            self._spawn(self._evict(rt, model), name=f"unload {server}/{model}")
 
     # -- health and node stores -------------------------------------------------------------------------
     async def _check_server(self, rt: ServerRuntime) -> bool:
@@ -606,7 +637,7 @@ class Router:
             if name not in ready:
                 del rt.instances[name]
         for name in ready:
-            if name in self.models and name not in rt.instances:
+            if name in self.models and name not in rt.instances and name not in rt.unloading:
                 rt.instances[name] = _InstanceRT(name, self.models[name].size_bytes, self._clock())
 
     def _mark_dead(self, rt: ServerRuntime) -> None:
@@ -948,6 +979,7 @@ class Router:
                     "load_overhead_s": rt.overhead_s,
                     "learned_bps": {t.value: v for t, v in rt.costs.bps.items()},
                     "unload_s": rt.costs.unload_s,
+                    "release_s": rt.costs.release_s,
                 }
                 for rt in self.servers.values()
             },
@@ -962,6 +994,7 @@ class Router:
                 "load_failures": self.stats.load_failures,
                 "unloads": self.stats.unloads,
                 "evictions": self.stats.evictions,
+                "releases": self.stats.releases,
                 "failovers": self.stats.failovers,
                 "migrations": self.stats.migrations,
                 "rejected_queue_full": self.stats.rejected_queue_full,

@@ -171,15 +171,16 @@ class ServerState:
     loading: tuple[LoadInFlight, ...] = ()
     load_queue: tuple[PendingLoad, ...] = ()
     store_tiers: Mapping[str, Tier] = field(default_factory=dict)
-    unload_s: float = 0.0
-    """Seconds an unload takes on this server as measured: what evicting before a load adds to it."""
+    eviction_s: float = 0.0
+    """Seconds evicting idle models adds before a load on this server, as measured: the release of their
+    engines where the backend releases, else their unload (``policy.eviction_s``)."""
 
     def __post_init__(self) -> None:
         _check_non_negative(
             f"server {self.name!r}",
             memory_budget_bytes=self.memory_budget_bytes,
             triton_load_overhead_s=self.triton_load_overhead_s,
-            unload_s=self.unload_s,
+            eviction_s=self.eviction_s,
         )
         for key in ("instances", "loading", "load_queue"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
@@ -250,7 +251,7 @@ class SnapshotIndex:
             [sum(i.size_bytes for i in s.instances if i.idle) for s in servers], dtype=np.float64
         )
         self.room_bytes = self.free_bytes + self.idle_bytes
-        self.unload_s = np.array([s.unload_s for s in servers], dtype=np.float64)
+        self.eviction_s = np.array([s.eviction_s for s in servers], dtype=np.float64)
         self.warm: dict[str, list[tuple[int, Instance]]] = {}
         self.in_flight: dict[str, list[tuple[int, float]]] = {}
         holders: dict[str, tuple[list[int], list[float]]] = {}

@@ -9,11 +9,16 @@ Generation requests follow the warmstart backend's vllm-style I/O: ``text_input`
 ``finish_reason`` out. A generation resumed elsewhere sends ``input_ids`` (prompt ids, when known, plus
 the ids generated so far) and ``num_generated``; the backend prefills them and, sampling being a function
 of (seed, position), continues token-exactly.
+
+A release (:meth:`TritonUpstream.release`) is an inference request with no inputs and the request parameter
+``warmstart_release`` = true, sent on the same stream protocol: the warmstart backend closes the model's
+engine and answers one final response with ``finish_reason`` "released" (anything else is a failure).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import struct
@@ -34,6 +39,11 @@ from warmstart.scheduler.errors import SchedulerError
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# the warmstart backend's release request (warmstart.backend.request.RELEASE_PARAMETER and RELEASED)
+RELEASE_PARAMETER = "warmstart_release"
+RELEASED = "released"
+_release_ids = itertools.count(1)
 
 # RPC status codes that mean "this server cannot be reached or went away": fail over to another one.
 STREAM_END_TIMEOUT_S = 30.0  # how long a finished stream is held while the server ends it
@@ -79,6 +89,10 @@ class ModelLoadFailed(UpstreamError):
 
 class ModelUnloadFailed(UpstreamError):
     """Triton refused to unload a model, or it did not reach UNAVAILABLE in time."""
+
+
+class ModelReleaseFailed(UpstreamError):
+    """The model did not release its engine (another backend, generations in flight, an error, a timeout)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +187,21 @@ def parse_infer_response(resp: pb.ModelInferResponse) -> TokenChunk:
     return TokenChunk(text=text, token_ids=ids, finish_reason=finish, final=final)
 
 
+def build_release_request(model: str, request_id: str) -> pb.ModelInferRequest:
+    """The ModelInferRequest that asks ``model``'s instance to release its engine (no inputs)."""
+    r = pb.ModelInferRequest(model_name=model, id=request_id)
+    r.parameters[RELEASE_PARAMETER].bool_param = True
+    return r
+
+
 def _is_model_missing(message: str) -> bool:
     lowered = message.lower()
-    return "unknown model" in lowered or ("is not found" in lowered) or "is not ready" in lowered
+    return (
+        "unknown model" in lowered
+        or "is not found" in lowered
+        or "is not ready" in lowered
+        or "is being unloaded" in lowered  # the warmstart backend, once released or finalizing
+    )
 
 
 class TritonUpstream:
@@ -287,6 +313,61 @@ class TritonUpstream:
                 raise ModelUnloadFailed(f"{self.name}: {name!r} still {states} {wait_s:.0f} s after unload")
             await asyncio.sleep(0.05)
 
+    async def release(self, name: str, *, timeout_s: float) -> float:
+        """Ask ``name``'s instance to drop its engine now (its memory is free when this returns), ahead of
+        :meth:`unload`; returns the seconds it took. Raises :class:`UpstreamUnavailable` when the server
+        cannot be reached, :class:`ModelReleaseFailed` for any other failure (a model of another backend,
+        generations in flight, no answer within ``timeout_s``)."""
+        validate_model_name(name)
+        request = build_release_request(name, f"warmstart-release-{next(_release_ids)}")
+
+        async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+            yield request
+
+        t0 = time.monotonic()
+        call = self._stub.ModelStreamInfer(requests())
+        finished = False
+        try:
+            try:
+                resp = await asyncio.wait_for(call.read(), timeout_s)
+            except TimeoutError as e:
+                raise ModelReleaseFailed(
+                    f"{self.name}: release {name}: no answer in {timeout_s:.1f} s"
+                ) from e
+            except grpc.aio.AioRpcError as e:
+                if e.code() in _UNREACHABLE:
+                    raise UpstreamUnavailable(
+                        f"{self.name}: release {name}: {e.code().name} {e.details()}"
+                    ) from e
+                raise ModelReleaseFailed(f"{self.name}: release {name}: {e.code().name} {e.details()}") from e
+            if resp is grpc.aio.EOF:
+                raise ModelReleaseFailed(f"{self.name}: release {name}: the stream ended without an answer")
+            if resp.error_message:
+                finished = True  # an error response is final
+                raise ModelReleaseFailed(f"{self.name}: release {name}: {resp.error_message}")
+            chunk = parse_infer_response(resp.infer_response)
+            finished = chunk.final
+            if not chunk.final or chunk.finish_reason != RELEASED:
+                raise ModelReleaseFailed(
+                    f"{self.name}: release {name}: answered {chunk.finish_reason!r}, not {RELEASED!r} "
+                    "(not a warmstart model?)"
+                )
+            return time.monotonic() - t0
+        finally:
+            self._end(call, finished)
+
+    def _end(self, call: Any, finished: bool) -> None:
+        """Let a finished stream end on its own (see :func:`_drain`); cancel an unfinished one."""
+        if finished:
+            # A finished call is never cancelled (see _drain); the drain runs in its own task so that
+            # cancelling the reader (the router does, right after the final response) cannot cancel the
+            # call through a pending read.
+            drain = asyncio.get_running_loop().create_task(_drain(call, self.name))
+            self._draining.add(drain)
+            drain.add_done_callback(self._draining.discard)
+        else:
+            call.cancel()
+
     # -- inference ----------------------------------------------------------------------------------------
     async def generate(
         self, req: GenerationRequest, *, idle_timeout_s: float
@@ -330,15 +411,7 @@ class TritonUpstream:
                 if chunk.final:
                     return
         finally:
-            if finished:
-                # A finished call is never cancelled (see _drain); the drain runs in its own task so that
-                # cancelling this generator's reader (the router does, right after the final response)
-                # cannot cancel the call through a pending read.
-                drain = asyncio.get_running_loop().create_task(_drain(call, self.name))
-                self._draining.add(drain)
-                drain.add_done_callback(self._draining.discard)
-            else:
-                call.cancel()
+            self._end(call, finished)
 
 
 async def _drain(call: Any, server: str) -> None:
