@@ -653,7 +653,8 @@ class Scheduler:
         logs = self.args.cache / "logs"
         logs.mkdir(exist_ok=True)
         with contextlib.suppress(OSError):
-            shutil.copy(self.log, logs / f"scheduler-{self.policy}-{self.work.parent.name}.log")
+            # the work directory's name tells the trace run (<policy>) from a contention round's
+            shutil.copy(self.log, logs / f"scheduler-{self.work.name}-{self.work.parent.name}.log")
 
 
 @dataclass

@@ -285,8 +285,34 @@ PLACE_CASES = {
     ),
     "memory_holder_that_must_unload_beats_slow_disk_with_room": PlaceCase(
         (
-            server("s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=(inst("a"),), eviction_s=1.0),
+            server(
+                "s1",
+                tiers={"m": Tier.MEMORY},
+                budget=2 * GB,
+                instances=(inst("a", idle_for=90),),  # past its keep-alive: evicting it costs nothing later
+                eviction_s=1.0,
+            ),
             server("s2", tiers={"m": Tier.DISK}, bw=NodeBandwidth(20e9, 1e9, 0.5e9)),
+        ),
+        Action.LOAD,
+        "s1",
+        ("a",),
+    ),
+    "evicting_a_model_still_in_use_costs_its_reload_so_room_elsewhere_wins": PlaceCase(
+        (
+            # s1: m from memory (0.1 + 0.5 s) but a (idle 10 s of a 60 s keep-alive, no other replica) must go,
+            # and loading it back from s1's disk costs 1 + 0.5 s; s2 has room and m on disk: 1 + 0.5 s
+            server("s1", tiers={"m": Tier.MEMORY, "a": Tier.DISK}, budget=2 * GB, instances=(inst("a"),)),
+            server("s2", tiers={"m": Tier.DISK}),
+        ),
+        Action.LOAD,
+        "s2",
+    ),
+    "evicting_a_model_warm_elsewhere_costs_nothing_later": PlaceCase(
+        (
+            server("s1", tiers={"m": Tier.MEMORY, "a": Tier.DISK}, budget=2 * GB, instances=(inst("a"),)),
+            server("s2", tiers={"m": Tier.DISK}),
+            server("s3", budget=2 * GB, instances=(inst("a"),)),
         ),
         Action.LOAD,
         "s1",
@@ -663,12 +689,11 @@ def test_learn_release_sets_the_eviction_cost_to_the_release_time_while_releases
 
 def test_released_evictions_make_a_memory_holder_beat_a_disk_server_with_room() -> None:
     """With a 1 s unload the disk server wins (see PLACE_CASES); once the holder's releases take 50 ms,
-    evicting there is cheaper than reading from disk."""
+    evicting there is cheaper than reading from disk. (``a`` is past its keep-alive: no eviction penalty.)"""
     disk = server("s2", tiers={"m": Tier.DISK}, bw=NodeBandwidth(20e9, 4e9, 2e9))  # 0.5 + 0.5 s
     released = eviction_s(learn_release(LoadCosts(0.5), 0.05))
-    holder = server(
-        "s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=(inst("a"),), eviction_s=released
-    )
+    expired = (inst("a", idle_for=90),)
+    holder = server("s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=expired, eviction_s=released)
     assert place(snap(holder, disk), "m").server == "s1"
-    unloading = server("s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=(inst("a"),), eviction_s=1.0)
+    unloading = server("s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=expired, eviction_s=1.0)
     assert place(snap(unloading, disk), "m").server == "s2"

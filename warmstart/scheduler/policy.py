@@ -11,9 +11,10 @@ Startup estimate for model m on server s (see ``docs/scheduler.md``)::
     total_s    = wait_s + load_s + overhead_s
 
 Decision order of :func:`place`: a warm instance with room; else the load of m already in flight (never
-a second load); else a new load where ``total_s`` is least (evicting idle models, least recently used
-first, to fit s's memory budget), or waiting for a slot on a busy warm instance if that is sooner; else
-queue. Ties go to the server whose name sorts first.
+a second load); else a new load where ``total_s + eviction penalty`` is least (evicting idle models, least
+recently used first, to fit s's memory budget; the penalty is the startup time those evictions will cost
+later requests: :func:`eviction_penalty_s`), or waiting for a slot on a busy warm instance if that is
+sooner; else queue. Ties go to the server whose name sorts first.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class Placement:
     server: str | None
     estimate: Estimate | None
     evictions: tuple[str, ...] = ()
+    penalty_s: float = 0.0  # startup time the evictions are expected to cost later requests
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,16 +251,69 @@ def _soonest_busy_instance(snapshot: ClusterSnapshot, spec: ModelSpec) -> Placem
     return Placement(Action.WAIT, spec.name, name, estimate_startup(snapshot, name, spec.name))
 
 
-def _load_at(snapshot: ClusterSnapshot, spec: ModelSpec, pos: int, estimate: Estimate | None) -> Placement:
+PENALTY_CANDIDATES = 8
+"""Servers (least ``total_s`` first) whose evictions :func:`place` prices before choosing: O(1) per decision."""
+
+
+def eviction_penalty_s(snapshot: ClusterSnapshot, server: ServerState, evictions: tuple[str, ...]) -> float:
+    """Startup time that evicting ``evictions`` from ``server`` is expected to cost later requests.
+
+    A victim costs nothing when another healthy server has it warm (its requests go there) or when its
+    keep-alive has run out (it would be unloaded anyway); otherwise it costs loading it back on this
+    server: its size at the bandwidth of the tier holding it there, plus the Triton load overhead. Without
+    it, a release-cheap eviction looks free, and a load that evicts a model still in use wins over one that
+    does not by a few milliseconds, then that model's next request loads it back somewhere else, and so on.
+    """
+    idx = snapshot.index
+    total = 0.0
+    for model in evictions:
+        spec = snapshot.models.get(model)
+        inst = server.instance(model)
+        if spec is None or inst is None or snapshot.now - inst.last_used_s >= spec.keep_alive_s:
+            continue
+        if any(
+            idx.healthy[pos] and snapshot.servers[pos] is not server for pos, _ in idx.warm.get(model, ())
+        ):
+            continue
+        bw = server.bandwidth.of(_tier_on(server, model))
+        total += (spec.size_bytes / bw if bw else 0.0) + server.triton_load_overhead_s
+    return total
+
+
+def _load_at(
+    snapshot: ClusterSnapshot, spec: ModelSpec, pos: int, estimate: Estimate | None, *, priced: bool = True
+) -> Placement:
+    """A load of ``spec`` on server ``pos``; ``priced``: with its evictions' penalty (the baselines' rules
+    know nothing of it)."""
     server = snapshot.servers[pos]
     evictions = choose_evictions(server, spec.size_bytes, snapshot.now)
     if estimate is None:
         estimate = estimate_startup(snapshot, server.name, spec.name)
-    return Placement(Action.LOAD, spec.name, server.name, estimate, evictions)
+    penalty = eviction_penalty_s(snapshot, server, evictions) if priced else 0.0
+    return Placement(Action.LOAD, spec.name, server.name, estimate, evictions, penalty)
+
+
+def _best_load(
+    snapshot: ClusterSnapshot, spec: ModelSpec, totals: npt.NDArray[np.float64]
+) -> Placement | None:
+    """The load with the least ``total_s`` + eviction penalty among the :data:`PENALTY_CANDIDATES` servers
+    of least ``total_s`` (a penalty only ever adds, so a server further down cannot win by much)."""
+    k = min(PENALTY_CANDIDATES, totals.size)
+    near = np.argpartition(totals, k - 1)[:k] if k < totals.size else np.arange(totals.size)
+    best: Placement | None = None
+    for pos in sorted(near.tolist(), key=lambda p: (totals[p], p)):
+        if not math.isfinite(totals[pos]):
+            break
+        if best is not None and totals[pos] >= _total(best):
+            break  # the penalty only adds: no later server can beat the best found
+        load = _load_at(snapshot, spec, pos, None)
+        if best is None or _total(load) < _total(best):
+            best = load
+    return best
 
 
 def _total(placement: Placement) -> float:
-    return placement.estimate.total_s if placement.estimate is not None else math.inf
+    return placement.estimate.total_s + placement.penalty_s if placement.estimate is not None else math.inf
 
 
 def _finish(snapshot: ClusterSnapshot, spec: ModelSpec, load: Placement | None) -> Placement:
@@ -279,11 +334,7 @@ def place(snapshot: ClusterSnapshot, model: str) -> Placement:
         return decided
     totals = _cold_totals(snapshot, spec)
     totals[snapshot.index.room_bytes < spec.size_bytes] = math.inf
-    load: Placement | None = None
-    if totals.size:
-        pos = int(np.argmin(totals))  # first minimum: servers are sorted by name, so ties go to the first
-        if math.isfinite(totals[pos]):
-            load = _load_at(snapshot, spec, pos, None)
+    load = _best_load(snapshot, spec, totals) if totals.size else None
     return _finish(snapshot, spec, load)
 
 
@@ -330,7 +381,7 @@ def serverlessllm_place(
     load = None
     if candidates:
         _, pos, est = min(candidates, key=lambda c: (c[0], c[1]))
-        load = _load_at(snapshot, spec, pos, est)
+        load = _load_at(snapshot, spec, pos, est, priced=False)
     return _finish(snapshot, spec, load)
 
 
@@ -347,7 +398,7 @@ def random_place(snapshot: ClusterSnapshot, model: str, rng: random.Random) -> P
         for pos, s in enumerate(snapshot.servers)
         if s.healthy and pos not in warm_positions and idx.room_bytes[pos] >= spec.size_bytes
     ]
-    load = _load_at(snapshot, spec, rng.choice(fits), None) if fits else None
+    load = _load_at(snapshot, spec, rng.choice(fits), None, priced=False) if fits else None
     return _finish(snapshot, spec, load)
 
 
