@@ -11,7 +11,7 @@ import pytest
 from backend_support import make_tiny_checkpoint, write_model
 
 from warmstart.scheduler.config import BandwidthConfig, ServerConfig
-from warmstart.scheduler.upstream import GenerationRequest, TritonUpstream
+from warmstart.scheduler.upstream import GenerationRequest, TritonUpstream, UpstreamRequestError
 from warmstart.triton import TritonConfig, TritonServer
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
@@ -25,7 +25,9 @@ def test_streams_whose_reader_stops_after_the_final_response_leave_the_model_unl
     """tritonserver 2.51 keeps a model UNLOADING forever when a client cancels a stream whose request just
     finished. The router cancels a generation's reader task right after the final response, and grpc.aio
     cancels a call whose pending read is cancelled: the upstream must keep finished calls out of that.
-    Before the fix, about half of these unloads hung (stubs without an engine host reproduce it best)."""
+    Before the fix, about half of these unloads hung (stubs without an engine host reproduce it best).
+    A quarter of the requests are refused by the backend (one final error response): those streams are
+    drained too."""
     ckpt = make_tiny_checkpoint(tmp_path / "tiny", "llama")
     repo = tmp_path / "repo"
     for name in MODELS:
@@ -44,21 +46,28 @@ def test_streams_whose_reader_stops_after_the_final_response_leave_the_model_unl
         bandwidth=BandwidthConfig(memory_bps=1e10, disk_bps=1e9, remote_bps=1e8),
     )
     rng = random.Random(0)
+    refused: list[str] = []
 
     async def stream(up: TritonUpstream, model: str, rid: str) -> int:
+        bad = rng.random() < 0.25  # answered by one error response (INVALID_ARG), as final as a last token
         req = GenerationRequest(
             model=model,
             request_id=rid,
             prompt="Once upon a time " * rng.randint(1, 12),
-            sampling={"max_tokens": rng.randint(2, 30)},
+            sampling={"max_tokens": rng.randint(2, 30), **({"temperature": -1.0} if bad else {})},
         )
         final = asyncio.Event()
 
         async def read() -> None:
-            async with contextlib.aclosing(up.generate(req, idle_timeout_s=30.0)) as chunks:
-                async for chunk in chunks:
-                    if chunk.final:
-                        final.set()
+            try:
+                async with contextlib.aclosing(up.generate(req, idle_timeout_s=30.0)) as chunks:
+                    async for chunk in chunks:
+                        if chunk.final:
+                            final.set()
+            except UpstreamRequestError:
+                assert bad
+                refused.append(rid)
+                final.set()
 
         task = asyncio.create_task(read())
         await final.wait()
@@ -86,5 +95,6 @@ def test_streams_whose_reader_stops_after_the_final_response_leave_the_model_unl
 
     try:
         assert asyncio.run(scenario()) == 3 * 12 * len(MODELS)
+        assert refused  # the error path ran
     finally:
         server.stop()

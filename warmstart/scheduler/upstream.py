@@ -401,6 +401,9 @@ class TritonUpstream:
                 if resp is grpc.aio.EOF:
                     raise UpstreamUnavailable(f"{self.name}: stream ended before the final response")
                 if resp.error_message:
+                    # an error ends its request (the warmstart backend sends errors with the FINAL flag; a
+                    # request Triton refuses never started): drain the stream, never cancel it (_drain)
+                    finished = True
                     if _is_model_missing(resp.error_message):
                         raise UpstreamModelMissing(f"{self.name}: {resp.error_message}")
                     raise UpstreamRequestError(resp.error_message)
