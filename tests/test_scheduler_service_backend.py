@@ -73,12 +73,25 @@ def cluster(
                 s.stop()
 
 
-async def _stream(sched: BackgroundScheduler, at: int | None = None, hook: Any = None) -> list[int]:
+async def _stream(
+    sched: BackgroundScheduler,
+    at: int | None = None,
+    hook: Any = None,
+    *,
+    model: str = "tiny",
+    max_tokens: int | None = None,
+) -> list[int]:
+    """The token ids of one generate_stream call; ``hook()`` starts once ``at`` tokens have arrived."""
+    body = (
+        BODY
+        if max_tokens is None
+        else {**BODY, "parameters": {**BODY["parameters"], "max_tokens": max_tokens}}
+    )
     tokens: list[int] = []
     task: asyncio.Task[Any] | None = None
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{sched.http}/v2/models/tiny/generate_stream", json=BODY) as resp,
+        session.post(f"{sched.http}/v2/models/{model}/generate_stream", json=body) as resp,
     ):
         assert resp.status == 200, await resp.text()
         async for line in resp.content:
@@ -94,19 +107,7 @@ async def _stream(sched: BackgroundScheduler, at: int | None = None, hook: Any =
 
 
 async def _tokens(sched: BackgroundScheduler, model: str, max_tokens: int) -> list[int]:
-    body = {**BODY, "parameters": {**BODY["parameters"], "max_tokens": max_tokens}}
-    tokens: list[int] = []
-    async with (
-        aiohttp.ClientSession() as session,
-        session.post(f"{sched.http}/v2/models/{model}/generate_stream", json=body) as resp,
-    ):
-        assert resp.status == 200, await resp.text()
-        async for line in resp.content:
-            if line.startswith(b"data: "):
-                event = json.loads(line[6:])
-                assert "error" not in event, event
-                tokens.extend(event["token_ids"])
-    return tokens
+    return await _stream(sched, model=model, max_tokens=max_tokens)
 
 
 def test_eviction_releases_the_victim_and_the_load_does_not_wait_for_its_unload(
