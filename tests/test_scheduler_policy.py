@@ -113,14 +113,26 @@ ESTIMATE_CASES = {
     "unreachable_when_no_remote": EstimateCase(
         server("s", bw=NodeBandwidth(20e9, 2e9, None)), 0.0, math.inf, 0.5, Tier.NONE
     ),
-    "wait_sums_inflight_remaining_and_queue": EstimateCase(
+    "wait_shares_with_inflight_loads_and_sums_the_queue": EstimateCase(
+        # m alone: 1.0 + 0.5 s; a (3 s left) shares the node for those 1.5 s; b and c queued: 4 s
         server(
             "s",
             tiers={"m": Tier.DISK},
             loading=(LoadInFlight("a", GB, NOW + 3.0),),
             queue=(PendingLoad("b", GB, 2.5), PendingLoad("c", GB, 1.5)),
         ),
-        7.0,
+        5.5,
+        1.0,
+        0.5,
+        Tier.DISK,
+    ),
+    "an_inflight_load_ending_sooner_delays_by_what_it_has_left": EstimateCase(
+        server(
+            "s",
+            tiers={"m": Tier.DISK},
+            loading=(LoadInFlight("a", GB, NOW + 0.25), LoadInFlight("b", GB, NOW + 9.0)),
+        ),
+        0.25 + 1.5,
         1.0,
         0.5,
         Tier.DISK,

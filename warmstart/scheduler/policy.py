@@ -5,7 +5,8 @@ snapshot, call these functions and apply what they return (load, route, unload, 
 
 Startup estimate for model m on server s (see ``docs/scheduler.md``)::
 
-    wait_s     = remaining time of loads in flight on s + expected time of loads queued on s
+    wait_s     = Σ min(remaining, load_s + overhead_s) over loads in flight on s (they run concurrently and
+                 share the node) + expected time of loads queued on s
     load_s     = size(m) / bandwidth(s, best tier holding m on s)   (memory > disk > remote)
     overhead_s = Triton model-load overhead measured on s
     total_s    = wait_s + load_s + overhead_s
@@ -145,7 +146,7 @@ def estimate_startup(snapshot: ClusterSnapshot, server: str, model: str) -> Esti
     load = spec.size_bytes / bandwidth if bandwidth is not None else math.inf
     evict = s.eviction_s if s.free_bytes < spec.size_bytes else 0.0
     return Estimate.of(
-        wait_s=s.load_wait_s(snapshot.now) + evict,
+        wait_s=s.load_wait_s(snapshot.now, load + s.triton_load_overhead_s) + evict,
         load_s=load,
         overhead_s=s.triton_load_overhead_s,
         tier=tier,
@@ -161,7 +162,9 @@ def _cold_totals(snapshot: ClusterSnapshot, spec: ModelSpec) -> npt.NDArray[np.f
     if holders is not None:
         load[holders.positions] = holders.inv_bw * size
     evict = np.where(idx.free_bytes < size, idx.eviction_s, 0.0)
-    totals: npt.NDArray[np.float64] = idx.wait_s + evict + load + idx.overhead_s
+    own = load + idx.overhead_s
+    sharing = np.minimum(own[:, None], idx.in_flight_left).sum(axis=1)  # ServerState.load_wait_s
+    totals: npt.NDArray[np.float64] = idx.queued_s + sharing + evict + own
     totals[~idx.healthy] = math.inf
     for pos, _ in idx.warm.get(spec.name, ()):
         totals[pos] = math.inf

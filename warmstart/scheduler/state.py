@@ -205,11 +205,16 @@ class ServerState:
         """Budget left without evicting anything (negative if over-committed)."""
         return self.memory_budget_bytes - self.used_bytes
 
-    def load_wait_s(self, now: float) -> float:
-        """Seconds before a new load on this server starts: loads in flight, then the queued ones."""
-        return sum(max(0.0, ld.expected_finish_s - now) for ld in self.loading) + sum(
-            p.expected_load_s for p in self.load_queue
-        )
+    def load_wait_s(self, now: float, own_s: float = math.inf) -> float:
+        """Seconds the loads already on this server add to a new load that alone would take ``own_s``.
+
+        tritonserver runs loads concurrently (4 load threads by default) and they share the node's CPUs
+        and disk, so a load in flight with ``R`` seconds left delays the new one by ``min(R, own_s)``
+        (two jobs sharing one resource: each runs at half speed while both run). Queued loads (not
+        started) come first, in full. ``own_s`` = inf gives the serial bound: every load in flight first.
+        """
+        sharing = sum(min(own_s, max(0.0, ld.expected_finish_s - now)) for ld in self.loading)
+        return sharing + sum(p.expected_load_s for p in self.load_queue)
 
     def instance(self, model: str) -> Instance | None:
         """The loaded instance of ``model`` on this server, if any."""
@@ -240,7 +245,16 @@ class SnapshotIndex:
         n = len(servers)
         self.position: dict[str, int] = {s.name: i for i, s in enumerate(servers)}
         self.healthy = np.array([s.healthy for s in servers], dtype=bool)
-        self.wait_s = np.array([s.load_wait_s(now) for s in servers], dtype=np.float64)
+        self.wait_s = np.array([s.load_wait_s(now) for s in servers], dtype=np.float64)  # serial bound
+        self.queued_s = np.array(
+            [sum(p.expected_load_s for p in s.load_queue) for s in servers], dtype=np.float64
+        )
+        # seconds left of each load in flight, one row per server (0-padded): see ServerState.load_wait_s
+        width = max((len(s.loading) for s in servers), default=0)
+        self.in_flight_left = np.zeros((n, width), dtype=np.float64)
+        for pos, s in enumerate(servers):
+            for k, ld in enumerate(s.loading):
+                self.in_flight_left[pos, k] = max(0.0, ld.expected_finish_s - now)
         self.overhead_s = np.array([s.triton_load_overhead_s for s in servers], dtype=np.float64)
         self.inv_remote_bw = np.array(
             [1.0 / s.bandwidth.remote_bps if s.bandwidth.remote_bps is not None else _BIG for s in servers],
