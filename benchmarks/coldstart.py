@@ -319,48 +319,59 @@ def warm_page_cache(d: Path) -> None:
                 pass
 
 
+def _timed_parallel(jobs: list[Any], threads: int, work: Any) -> float:
+    """Seconds for ``threads`` threads each running ``work(take)`` (``take()`` hands out the next job, None
+    once all are taken; ``work`` owns its thread's buffers and connections). The first error is raised."""
+    nxt = iter(jobs)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def take() -> Any:
+        with lock:
+            return next(nxt, None)
+
+    def run() -> None:
+        try:
+            work(take)
+        except BaseException as e:
+            errors.append(e)
+
+    t0 = time.perf_counter()
+    ths = [threading.Thread(target=run) for _ in range(threads)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    secs = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return secs
+
+
 def raw_disk_read(files: list[Path], *, threads: int = 3, chunk: int = 32 << 20) -> float:
     """Seconds to read every byte of ``files`` from the device (``O_DIRECT``: no page cache) into a reused,
     already touched buffer per thread, ``chunk`` bytes a call: what the disk itself allows, with no page
     allocation and no copy. The caller evicts the files first."""
     jobs = [(p, o) for p in files for o in range(0, p.stat().st_size, chunk)]
-    nxt = iter(jobs)
-    lock = threading.Lock()
-    errors: list[BaseException] = []
     fds = {p: os.open(p, os.O_RDONLY | getattr(os, "O_DIRECT", 0)) for p in files}
 
-    def run() -> None:
+    def work(take: Any) -> None:
         buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
         buf.write(b"\1" * chunk)
         view = memoryview(buf)
         try:
-            while True:
-                with lock:
-                    job = next(nxt, None)
-                if job is None:
-                    return
+            while (job := take()) is not None:
                 p, off = job
                 os.preadv(fds[p], [view], off)
-        except BaseException as e:
-            errors.append(e)
         finally:
             view.release()
             buf.close()
 
     try:
-        t0 = time.perf_counter()
-        ts = [threading.Thread(target=run) for _ in range(threads)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        secs = time.perf_counter() - t0
+        return _timed_parallel(jobs, threads, work)
     finally:
         for fd in fds.values():
             os.close(fd)
-    if errors:
-        raise errors[0]
-    return secs
 
 
 def raw_s3_read(endpoint: str, prefix: str, files: list[tuple[str, int]], *, threads: int = 4) -> float:
@@ -369,20 +380,12 @@ def raw_s3_read(endpoint: str, prefix: str, files: list[tuple[str, int]], *, thr
     u = urllib.parse.urlsplit(endpoint)
     chunk = 16 << 20
     jobs = [(f, o, min(chunk, size - o)) for f, size in files for o in range(0, size, chunk)]
-    buf = bytearray(chunk)
-    nxt = iter(jobs)
-    lock = threading.Lock()
-    errors: list[BaseException] = []
 
-    def run() -> None:
+    def work(take: Any) -> None:
         view = memoryview(bytearray(chunk))
         conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
         try:
-            while True:
-                with lock:
-                    job = next(nxt, None)
-                if job is None:
-                    return
+            while (job := take()) is not None:
                 f, off, n = job
                 conn.request(
                     "GET", f"/{S3_BUCKET}/{prefix}{f}", headers={"Range": f"bytes={off}-{off + n - 1}"}
@@ -397,22 +400,10 @@ def raw_s3_read(endpoint: str, prefix: str, files: list[tuple[str, int]], *, thr
                         raise OSError(f"GET {prefix}{f}: short body ({got} of {n} bytes)")
                     got += k
                 resp.read()
-        except BaseException as e:
-            errors.append(e)
         finally:
             conn.close()
 
-    del buf
-    t0 = time.perf_counter()
-    ths = [threading.Thread(target=run) for _ in range(threads)]
-    for t in ths:
-        t.start()
-    for t in ths:
-        t.join()
-    secs = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
-    return secs
+    return _timed_parallel(jobs, threads, work)
 
 
 # =============================================================================================================
