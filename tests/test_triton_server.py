@@ -260,6 +260,32 @@ def test_decoupled_model_streams_over_grpc_and_http_then_unloads(
 
 
 @pytest.mark.triton
+def test_server_that_dies_during_start_up_is_started_once_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = triton_mod.tritonserver_binary()
+    marker = tmp_path / "first-start"
+    flaky = tmp_path / "tritonserver"
+    flaky.write_text(
+        f'#!/bin/sh\nif [ ! -e "{marker}" ]; then : > "{marker}"; exit 1; fi\nexec "{real}" "$@"\n'
+    )
+    flaky.chmod(0o755)
+    monkeypatch.setattr(triton_mod, "tritonserver_binary", lambda: flaky)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    server = TritonServer(
+        TritonConfig(model_repositories=(repo,)), workdir=tmp_path / "srv", engine_host=False
+    )
+    try:
+        server.start()
+        assert marker.exists()  # the first start died
+        assert _http(f"http://{server.http_url}/v2/health/live")[0] == 200
+    finally:
+        server.stop()
+    assert server.pid is None or not pid_running(server.pid)
+
+
+@pytest.mark.triton
 def test_stop_leaves_no_server_or_stub_process(
     triton_server_factory: Callable[..., TritonServer], repo: Path
 ) -> None:

@@ -428,7 +428,9 @@ class TritonServer:
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> Self:
-        """Spawn tritonserver and wait until it is live. Raises TritonStartError (with log tail) on failure."""
+        """Spawn tritonserver and wait until it is live. Raises TritonStartError (with log tail) on failure.
+
+        A server that exits during start-up is started once more before the error is raised."""
         if self._process is not None:
             raise TritonError("this TritonServer was already started; create a new one")
         binary = tritonserver_binary()
@@ -468,7 +470,17 @@ class TritonServer:
             if self._engine_host is not None:
                 self._engine_host.start()  # it imports torch while tritonserver starts
             self._process.start()
-            self.wait_ready(timeout)
+            try:
+                self.wait_ready(timeout)
+            except TritonStartError as first:
+                if self._process.is_alive():
+                    raise  # alive but not live in time: a second try would wait as long again
+                # It died while starting. tritonserver 2.51 rarely does on a sound config (seen once in the
+                # suite: gRPC's poller "epoll_wait error: Bad file descriptor" as it came up): once more.
+                logger.warning("tritonserver exited during start-up; starting it once more. %s", first)
+                self._process = ManagedProcess(argv, env=env, log_path=log_file, cwd=self._workdir)
+                self._process.start()
+                self.wait_ready(timeout)
             if self._engine_host is not None:
                 self._engine_host.wait_ready(timeout)
         except BaseException:
