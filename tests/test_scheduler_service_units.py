@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from warmstart.scheduler.config import SchedulerConfig, SchedulerConfigError
 from warmstart.scheduler.nodestore import NodeStoreError, parse_bandwidth, parse_inventory
-from warmstart.scheduler.policy import choose_evictions, eviction_s
+from warmstart.scheduler.policy import choose_evictions, eviction_s, learn_release
 from warmstart.scheduler.protocol import (
     BadRequest,
     chat_prompt,
@@ -72,6 +72,8 @@ def test_config_rejects_unknown_keys_at_every_level(data: dict) -> None:
         ({"servers": [SERVER, SERVER]}, "unique"),
         ({"admin_token": "short"}, "16 characters"),
         ({"listen": {"http": "no-port"}}, "host:port"),
+        ({"initial_release_s": -0.1}, "initial_release_s"),
+        ({"initial_release_s": "fast"}, "initial_release_s"),
     ],
 )
 def test_config_rejects_invalid_values(data: dict, match: str) -> None:
@@ -231,6 +233,30 @@ class _EvictionUpstream:
 
     async def close(self) -> None:
         pass
+
+
+@pytest.mark.parametrize(("prior", "expected"), [(None, 0.05), (0.2, 0.2), ("null", 1.0)])
+def test_evictions_cost_the_expected_release_until_one_is_measured(prior: Any, expected: float) -> None:
+    """A server starts with ``initial_release_s`` as its eviction cost (the warmstart backend releases in tens
+    of ms), not the 1 s unload: pricing the first evictions at the unload sent loads to the remote while the
+    model's memory-tier holder had only an idle model to evict. ``null`` expects releases to fail."""
+    data: dict[str, Any] = {"servers": [SERVER], "models": {"m": MODEL}}
+    if prior is not None:
+        data["initial_release_s"] = None if prior == "null" else prior
+    config = SchedulerConfig.from_dict(data)
+
+    async def scenario() -> None:
+        router = Router(config, renderer=lambda m: {})
+        rt = router.servers["a"]
+        assert rt.to_state(0.0, {}).eviction_s == pytest.approx(expected)
+        # the moving average of measured releases starts from it
+        assert eviction_s(learn_release(rt.costs, 0.01)) == pytest.approx(
+            0.7 * expected + 0.3 * 0.01 if prior != "null" else 0.01
+        )
+        assert eviction_s(learn_release(rt.costs, None)) == pytest.approx(rt.costs.unload_s)
+        await router.close()
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("release_works", [True, False], ids=["released", "release_fails"])

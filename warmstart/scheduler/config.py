@@ -230,6 +230,9 @@ class SchedulerConfig:
     store_poll_interval_s: float = 2.0
     reaper_interval_s: float = 0.5
     initial_load_overhead_s: float = 1.0
+    initial_release_s: float | None = 0.05
+    """What an eviction's engine release is expected to take on a server before one was measured. ``None``:
+    expect it to fail, so evictions cost the unload time until a release succeeds there."""
     migration: bool = True
     migration_threshold_tokens: int = 4
     migration_min_gain_s: float = 1.0
@@ -256,6 +259,8 @@ class SchedulerConfig:
             "replay_s_per_token",
         ):
             _number(key, getattr(self, key))
+        if self.initial_release_s is not None:
+            _number("initial_release_s", self.initial_release_s)
         if self.policy not in POLICIES:
             raise SchedulerConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         _number("policy_seed", self.policy_seed, integer=True)

@@ -379,7 +379,7 @@ class Router:
             upstream=TritonUpstream(
                 server, timeout_s=self.config.upstream_timeout_s, retries=self.config.upstream_retries
             ),
-            costs=LoadCosts(self.config.initial_load_overhead_s),
+            costs=LoadCosts(self.config.initial_load_overhead_s, release_s=self.config.initial_release_s),
         )
         if server.node_store is None and server.bandwidth is not None:
             rt.bandwidth = server.bandwidth.to_node_bandwidth()
