@@ -353,6 +353,96 @@ def drop_page_cache(root: Path) -> None:
                     os.close(fd)
 
 
+class RemoteLink:
+    """A node's network link to the object store: a TCP proxy on 127.0.0.1 in front of SeaweedFS that passes
+    responses at no more than ``rate_bps`` bytes/s in all (one token bucket for the node's connections, at
+    most 10 ms of burst); requests pass as they come. Without it SeaweedFS on the same host is read over
+    loopback at 0.6-0.7 GB/s, faster relative to these small checkpoints than a cluster's object store.
+    Threads only (two per connection); :meth:`stop` closes every socket."""
+
+    BURST_S = 0.01
+    CHUNK = 1 << 16
+
+    def __init__(self, upstream: str, rate_bps: float) -> None:
+        import socket
+        import urllib.parse
+
+        if not rate_bps > 0:
+            raise ValueError(f"link rate must be > 0 bytes/s, got {rate_bps!r}")
+        u = urllib.parse.urlsplit(upstream)
+        if u.hostname is None or u.port is None:
+            raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
+        self.upstream = (u.hostname, u.port)
+        self.rate = float(rate_bps)
+        self._lock = threading.Lock()
+        self._free_at = time.monotonic()  # when the bytes granted so far have passed at the link's rate
+        self._socks: set[Any] = set()
+        self._closed = False
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self.bytes_passed = 0
+        threading.Thread(target=self._accept, name="remote-link", daemon=True).start()
+
+    def _grant(self, n: int) -> None:
+        """Block until ``n`` more bytes may pass."""
+        with self._lock:
+            now = time.monotonic()
+            self._free_at = max(self._free_at, now - self.BURST_S) + n / self.rate
+            wait = self._free_at - now
+            self.bytes_passed += n
+        if wait > 0:
+            time.sleep(wait)
+
+    def _accept(self) -> None:
+        import socket
+
+        while not self._closed:
+            try:
+                client, _ = self._server.accept()
+                server = socket.create_connection(self.upstream, timeout=30)
+            except OSError:
+                if self._closed:
+                    return
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._socks.update((client, server))
+            threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
+
+    def _pump(self, src: Any, dst: Any, limited: bool) -> None:
+        buf = bytearray(self.CHUNK)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = src.recv_into(buf)
+                if n == 0:
+                    break
+                if limited:
+                    self._grant(n)
+                dst.sendall(view[:n])
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(2)  # SHUT_RDWR: the other direction's pump ends too
+                sock.close()
+                with self._lock:
+                    self._socks.discard(sock)
+
+    def stop(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._server.close()
+        with self._lock:
+            socks = list(self._socks)
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(2)
+            sock.close()
+
+
 @dataclass
 class Node:
     name: str
@@ -374,6 +464,8 @@ class Cluster:
     shm: Path | None = None
     generation: int = 0
     s3_dir: Path | None = None
+    link_bps: float = 0.0  # > 0: each node reaches the object store through a RemoteLink of this rate
+    links: list[RemoteLink] = field(default_factory=list)
 
     def start(self) -> None:
         from warmstart.backend.config import model_config, to_pbtxt
@@ -413,7 +505,13 @@ class Cluster:
             )
             node = Node(f"node{i}", store, None, root / "store", mem_root)
             self.nodes.append(node)
-            store.start()
+            if self.link_bps > 0:
+                self.links.append(RemoteLink(self.s3.endpoint, self.link_bps))
+                os.environ["WARMSTART_S3_ENDPOINT"] = self.links[-1].endpoint  # read by the store at start
+            try:
+                store.start()
+            finally:
+                os.environ["WARMSTART_S3_ENDPOINT"] = self.s3.endpoint
             self._start_triton(node)
             _log(f"  {node.name}: store pid {store.pid} {store.url}, tritonserver pid {node.triton.pid}")
 
@@ -453,6 +551,8 @@ class Cluster:
                 if proc is not None:
                     with contextlib.suppress(Exception):
                         proc.stop()
+        for link in self.links:
+            link.stop()
         if self.s3 is not None:
             with contextlib.suppress(Exception):
                 self.s3.stop()
@@ -1044,6 +1144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-frac", type=float, default=0.3,
                    help="each server's Triton memory budget as a fraction of all models' bytes")  # fmt: skip
     p.add_argument("--keep-alive", type=float, default=120.0)
+    p.add_argument("--remote-link-mbps", type=float, default=0.0,
+                   help="each node reaches SeaweedFS through a link of this many Mbit/s (0: loopback, "
+                        "unlimited); results go to workload-link<N>mbps.json/.png")  # fmt: skip
     p.add_argument("--no-smollm2", action="store_true")
     p.add_argument("--contention-rounds", type=int, default=None, help="default 2 (quick 0 = skip)")
     p.add_argument(
@@ -1070,6 +1173,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown policies {sorted(bad)}; known: {', '.join(POLICIES)}")
     if args.servers < 2:
         p.error("--servers must be >= 2")
+    if not (args.remote_link_mbps >= 0 and math.isfinite(args.remote_link_mbps)):
+        p.error("--remote-link-mbps must be a finite number >= 0 (0: no link)")
     return args
 
 
@@ -1102,6 +1207,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="run-", dir=args.cache))
     cluster = Cluster(work, models, args.servers, memory_capacity, disk_capacity)
     cluster.s3_dir = args.cache / ("seaweedfs-quick" if args.quick else "seaweedfs")
+    cluster.link_bps = args.remote_link_mbps * 1e6 / 8
     saved_env = dict(os.environ)
     result: dict[str, Any] = {
         "benchmark": "workload",
@@ -1117,6 +1223,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "memory_tier_bytes": memory_capacity,
             "disk_tier_bytes": disk_capacity,
             "initial_layout": layout,
+            "remote_link_bytes_per_s": cluster.link_bps or None,
         },
         "workload": {**workload_info, "requests": [r.__dict__ for r in requests]},
         "policies": {},
@@ -1185,6 +1292,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
     name = "workload_quick" if args.quick else "workload"
+    if args.remote_link_mbps > 0:
+        name += f"-link{args.remote_link_mbps:g}mbps"
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(f"Workload ({result['command']}); TTFT and e2e in seconds; loads = scheduler-started loads by tier")

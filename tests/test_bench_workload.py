@@ -85,3 +85,55 @@ def test_quick_run_serves_every_request_under_two_policies(tmp_path: Path) -> No
         assert sum(run["loads_per_tier"].values()) >= 1
     assert "Targets" in r.stdout
     print(f"quick workload run: {time.monotonic() - t0:.0f} s")
+
+
+def test_remote_link_passes_every_byte_and_shares_its_rate_between_connections() -> None:
+    """The benchmark's emulated link to the object store: responses arrive intact, and two connections
+    together take at least the time their bytes need at the link's rate (a lower bound: never flaky)."""
+    import socket
+    import threading
+
+    mod = _load_module()
+    payload = bytes(range(256)) * 8192  # 2 MiB
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                assert conn.recv(4) == b"GET!"  # the request passes through
+                conn.sendall(payload)
+
+    threading.Thread(target=serve, daemon=True).start()
+    rate = 10e6  # bytes/s
+    link = mod.RemoteLink(f"http://127.0.0.1:{server.getsockname()[1]}", rate)
+    port = int(link.endpoint.rsplit(":", 1)[1])
+    got: list[bytes] = []
+
+    def fetch() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as c:
+            c.sendall(b"GET!")
+            chunks = []
+            while chunk := c.recv(1 << 16):
+                chunks.append(chunk)
+            got.append(b"".join(chunks))
+
+    try:
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=fetch) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        link.stop()
+        server.close()
+    assert got == [payload, payload]
+    assert elapsed >= 2 * len(payload) / rate - link.BURST_S
+    assert link.bytes_passed == 2 * len(payload)
+    with pytest.raises(ValueError, match="rate"):
+        mod.RemoteLink("http://127.0.0.1:1", 0)
