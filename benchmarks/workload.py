@@ -496,24 +496,26 @@ class Cluster:
         for i in range(self.n_servers):
             root = self.work / f"node{i}"
             mem_root = self.shm / f"node{i}"
+            env = dict(os.environ)
+            if self.link_bps > 0:
+                self.links.append(RemoteLink(self.s3.endpoint, self.link_bps))
+                env["WARMSTART_S3_ENDPOINT"] = self.links[-1].endpoint
             store = StoreServer(
                 root=root / "store",
                 remote=f"s3://{BUCKET}/{PREFIX}",
                 memory_capacity=self.memory_capacity,
                 disk_capacity=self.disk_capacity,
                 memory_root=mem_root,
+                env=env,
             )
             node = Node(f"node{i}", store, None, root / "store", mem_root)
             self.nodes.append(node)
-            if self.link_bps > 0:
-                self.links.append(RemoteLink(self.s3.endpoint, self.link_bps))
-                os.environ["WARMSTART_S3_ENDPOINT"] = self.links[-1].endpoint  # read by the store at start
-            try:
-                store.start()
-            finally:
-                os.environ["WARMSTART_S3_ENDPOINT"] = self.s3.endpoint
+            store.start()
             self._start_triton(node)
-            _log(f"  {node.name}: store pid {store.pid} {store.url}, tritonserver pid {node.triton.pid}")
+            link = f", remote through a {self.link_bps * 8 / 1e6:g} Mbit/s link" if self.links else ""
+            _log(
+                f"  {node.name}: store pid {store.pid} {store.url}, tritonserver pid {node.triton.pid}{link}"
+            )
 
     def _start_triton(self, node: Node) -> None:
         from warmstart.triton import TritonConfig, TritonServer
@@ -522,6 +524,8 @@ class Cluster:
         self.generation += 1
         try:
             os.environ["WARMSTART_STORE"] = node.store.url
+            if self.links:  # the backend reads through the store; if it ever read the remote, the same link
+                os.environ["WARMSTART_S3_ENDPOINT"] = self.links[self.nodes.index(node)].endpoint
             os.environ["OMP_NUM_THREADS"] = "1"  # several servers share 2 cores
             node.triton = TritonServer(
                 TritonConfig(model_repositories=(self.work / "repo",), repository_api_key=REPO_KEY),
@@ -1244,6 +1248,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 traceback.print_exc()
         for n in cluster.nodes:
             result["store_bandwidth"][n.name] = _http("GET", f"{n.store.url}/v1/bandwidth")
+        if cluster.links:
+            result["cluster"]["remote_link_bytes_passed"] = {
+                n.name: link.bytes_passed for n, link in zip(cluster.nodes, cluster.links, strict=True)
+            }
         if args.contention_rounds > 0 and {"warmstart", "no_migration"} <= set(args.policy_list):
             # B: the largest model; A and C: the next largest generated Llamas (slow enough to decode that
             # their generations are long). Each node's budget fits one of them, and never B beside A or C.
