@@ -312,13 +312,35 @@ PLACE_CASES = {
     ),
     "evicting_a_model_still_in_use_costs_its_reload_so_room_elsewhere_wins": PlaceCase(
         (
-            # s1: m from memory (0.1 + 0.5 s) but a (idle 10 s of a 60 s keep-alive, no other replica) must go,
-            # and loading it back from s1's disk costs 1 + 0.5 s; s2 has room and m on disk: 1 + 0.5 s
+            # s1: m from memory (0.1 + 0.5 s) but a (idle 10 s of a 60 s keep-alive, no other replica) must go;
+            # its next start: back on s1 from disk (1 + 0.5 s) plus evicting m again and m's restart (0.5 s),
+            # or on s2 from the remote (4 + 0.5 s). s2 has room and m on disk: 1 + 0.5 s
             server("s1", tiers={"m": Tier.MEMORY, "a": Tier.DISK}, budget=2 * GB, instances=(inst("a"),)),
             server("s2", tiers={"m": Tier.DISK}),
         ),
         Action.LOAD,
         "s2",
+    ),
+    "a_victim_restarting_here_must_evict_the_new_model_so_room_elsewhere_wins": PlaceCase(
+        (
+            # a's reload on s1 is cheap (memory: 0.1 + 0.5 s) but m would hold its room: + m's restart 0.5 s;
+            # s1 totals 0.6 + 1.1 s against m from s2's disk with room, 1.5 s
+            server("s1", tiers={"m": Tier.MEMORY, "a": Tier.MEMORY}, budget=2 * GB, instances=(inst("a"),)),
+            server("s2", tiers={"m": Tier.DISK}),
+        ),
+        Action.LOAD,
+        "s2",
+    ),
+    "a_victim_that_restarts_from_memory_elsewhere_costs_only_that": PlaceCase(
+        (
+            # as above, but a's next start can be on s3 from its memory tier (0.6 s): s1 totals 1.2 s
+            server("s1", tiers={"m": Tier.MEMORY, "a": Tier.DISK}, budget=2 * GB, instances=(inst("a"),)),
+            server("s2", tiers={"m": Tier.DISK}),
+            server("s3", tiers={"a": Tier.MEMORY}),
+        ),
+        Action.LOAD,
+        "s1",
+        ("a",),
     ),
     "evicting_a_model_warm_elsewhere_costs_nothing_later": PlaceCase(
         (

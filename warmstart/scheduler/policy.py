@@ -258,33 +258,71 @@ PENALTY_CANDIDATES = 8
 """Servers (least ``total_s`` first) whose evictions :func:`place` prices before choosing: O(1) per decision."""
 
 
-def eviction_penalty_s(snapshot: ClusterSnapshot, server: ServerState, evictions: tuple[str, ...]) -> float:
+_VictimMemo = dict[str, tuple[int, float, float]]
+
+
+def _restart_best(snapshot: ClusterSnapshot, spec: ModelSpec, memo: _VictimMemo) -> tuple[int, float, float]:
+    """Where a victim would restart soonest: ``(position, least cold-load total, second least)`` over the
+    servers with room for it (memoized per decision: one vectorized pass per victim)."""
+    best = memo.get(spec.name)
+    if best is None:
+        totals = _cold_totals(snapshot, spec)
+        totals[snapshot.index.room_bytes < spec.size_bytes] = math.inf
+        if totals.size == 0:
+            best = (-1, math.inf, math.inf)
+        elif totals.size == 1:
+            best = (0, float(totals[0]), math.inf)
+        else:
+            first = int(np.argmin(totals))
+            least = float(totals[first])
+            totals[first] = math.inf
+            best = (first, least, float(totals.min()))
+        memo[spec.name] = best
+    return best
+
+
+def eviction_penalty_s(
+    snapshot: ClusterSnapshot, pos: int, evictions: tuple[str, ...], memo: _VictimMemo | None = None
+) -> float:
     """Startup time that evicting ``evictions`` from ``server`` is expected to cost later requests.
 
-    A victim costs nothing when another healthy server has it warm (its requests go there) or when its
-    keep-alive has run out (it would be unloaded anyway); otherwise it costs loading it back on this
-    server: its size at the bandwidth of the tier holding it there, plus the Triton load overhead. Without
-    it, a release-cheap eviction looks free, and a load that evicts a model still in use wins over one that
-    does not by a few milliseconds, then that model's next request loads it back somewhere else, and so on.
+    ``pos`` is the server's position in ``snapshot.servers``. A victim costs nothing when another healthy server has it warm (its requests go there) or when its
+    keep-alive has run out (it would be unloaded anyway). Otherwise its next request restarts it, at the
+    cheaper of: another server (its least cold-load total there), or this server again, where the model
+    now being loaded holds the room: loading the victim back from the tier holding it here, plus evicting
+    the new model and, later, its own restart (one more eviction and Triton load overhead). Without it, a
+    release-cheap eviction looks free, and a load that evicts a model still in use wins over one that does
+    not by a few milliseconds, then that model's next request loads it back somewhere else, and so on.
+    Pricing only the reload here (as if the room came back for free) sent a popular model's restarts to
+    other servers' disks in the workload benchmark, evicting their models in turn.
     """
     idx = snapshot.index
+    server = snapshot.servers[pos]
+    memo = {} if memo is None else memo
     total = 0.0
     for model in evictions:
         spec = snapshot.models.get(model)
         inst = server.instance(model)
         if spec is None or inst is None or snapshot.now - inst.last_used_s >= spec.keep_alive_s:
             continue
-        if any(
-            idx.healthy[pos] and snapshot.servers[pos] is not server for pos, _ in idx.warm.get(model, ())
-        ):
+        if any(idx.healthy[p] and p != pos for p, _ in idx.warm.get(model, ())):
             continue
         bw = server.bandwidth.of(_tier_on(server, model))
-        total += (spec.size_bytes / bw if bw else 0.0) + server.triton_load_overhead_s
+        here = (spec.size_bytes / bw if bw else math.inf) + server.triton_load_overhead_s
+        back_here = here + server.eviction_s + server.triton_load_overhead_s
+        first, least, second = _restart_best(snapshot, spec, memo)
+        total += min(back_here, second if first == pos else least)
     return total
 
 
 def _load_at(
-    snapshot: ClusterSnapshot, spec: ModelSpec, pos: int, estimate: Estimate | None, *, priced: bool = True
+    snapshot: ClusterSnapshot,
+    spec: ModelSpec,
+    pos: int,
+    estimate: Estimate | None,
+    *,
+    priced: bool = True,
+    memo: _VictimMemo | None = None,
 ) -> Placement:
     """A load of ``spec`` on server ``pos``; ``priced``: with its evictions' penalty (the baselines' rules
     know nothing of it)."""
@@ -292,7 +330,7 @@ def _load_at(
     evictions = choose_evictions(server, spec.size_bytes, snapshot.now)
     if estimate is None:
         estimate = estimate_startup(snapshot, server.name, spec.name)
-    penalty = eviction_penalty_s(snapshot, server, evictions) if priced else 0.0
+    penalty = eviction_penalty_s(snapshot, pos, evictions, memo) if priced else 0.0
     return Placement(Action.LOAD, spec.name, server.name, estimate, evictions, penalty)
 
 
@@ -304,12 +342,13 @@ def _best_load(
     k = min(PENALTY_CANDIDATES, totals.size)
     near = np.argpartition(totals, k - 1)[:k] if k < totals.size else np.arange(totals.size)
     best: Placement | None = None
+    memo: _VictimMemo = {}
     for pos in sorted(near.tolist(), key=lambda p: (totals[p], p)):
         if not math.isfinite(totals[pos]):
             break
         if best is not None and totals[pos] >= _total(best):
             break  # the penalty only adds: no later server can beat the best found
-        load = _load_at(snapshot, spec, pos, None)
+        load = _load_at(snapshot, spec, pos, None, memo=memo)
         if best is None or _total(load) < _total(best):
             best = load
     return best
