@@ -31,13 +31,17 @@ from warmstart.scheduler import (
     serverlessllm_place,
 )
 from warmstart.scheduler.policy import (
+    DEMAND_HALF_LIFE_S,
     LoadCosts,
+    decayed_rate,
     effective_bandwidth,
     eviction_s,
     learn_load,
     learn_release,
     learn_unload,
     recall,
+    record_arrival,
+    victim_weight,
 )
 from warmstart.scheduler.synthetic import synthetic_cluster
 
@@ -398,6 +402,39 @@ def test_place_picks_expected_server_when_cluster_in_state(case: PlaceCase) -> N
         case.evictions,
     )
     assert decision.model == case.model
+
+
+def test_a_load_evicts_the_less_requested_of_two_idle_models() -> None:
+    """Two holders of m in memory, each with one idle model that would restart from its disk at the same
+    cost: with request counts the load evicts the model requested less; without them it is a tie (name)."""
+    servers = (
+        server("s1", tiers={"m": Tier.MEMORY, "a": Tier.DISK}, budget=2 * GB, instances=(inst("a"),)),
+        server("s2", tiers={"m": Tier.MEMORY, "b": Tier.DISK}, budget=2 * GB, instances=(inst("b"),)),
+    )
+    assert place(ClusterSnapshot.of(servers, MODELS, NOW), "m").server == "s1"
+    demand = {"m": 0.1, "a": 0.5, "b": 0.01}
+    decision = place(ClusterSnapshot.of(servers, MODELS, NOW, demand), "m")
+    assert (decision.server, decision.evictions) == ("s2", ("b",))
+    assert decision.penalty_s < place(ClusterSnapshot.of(servers, MODELS, NOW), "m").penalty_s
+
+
+@pytest.mark.parametrize(
+    ("lv", "lm", "weight"),
+    [(0.0, 0.0, 1.0), (0.5, 0.1, 1.0), (0.1, 0.1, 1.0), (0.01, 0.1, 2 * 0.01 / 0.11), (0.0, 0.1, 0.0)],
+)
+def test_victim_weight_charges_a_victim_by_how_often_it_is_requested(
+    lv: float, lm: float, weight: float
+) -> None:
+    assert victim_weight({"v": lv, "m": lm}, "v", "m") == pytest.approx(weight)
+
+
+def test_recorded_arrivals_at_a_steady_rate_hold_the_rate_near_it_and_decay_after() -> None:
+    rate = 0.0
+    for _ in range(2000):  # 0.5 requests/s for 4000 s
+        rate = record_arrival(rate, 2.0)
+    assert rate == pytest.approx(0.5, rel=0.05)
+    assert decayed_rate(rate, DEMAND_HALF_LIFE_S) == pytest.approx(rate / 2)
+    assert decayed_rate(rate, -1.0) == rate  # a clock step backwards never raises it
 
 
 def test_place_estimate_matches_estimate_startup_when_loading() -> None:

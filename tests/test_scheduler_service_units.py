@@ -14,7 +14,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from warmstart.scheduler.config import SchedulerConfig, SchedulerConfigError
 from warmstart.scheduler.nodestore import NodeStoreError, parse_bandwidth, parse_inventory
-from warmstart.scheduler.policy import choose_evictions, eviction_s, learn_release
+from warmstart.scheduler.policy import choose_evictions, eviction_s, learn_release, record_arrival
 from warmstart.scheduler.protocol import (
     BadRequest,
     chat_prompt,
@@ -254,6 +254,30 @@ def test_evictions_cost_the_expected_release_until_one_is_measured(prior: Any, e
             0.7 * expected + 0.3 * 0.01 if prior != "null" else 0.01
         )
         assert eviction_s(learn_release(rt.costs, None)) == pytest.approx(rt.costs.unload_s)
+        await router.close()
+
+    asyncio.run(scenario())
+
+
+def test_router_counts_requests_per_model_into_the_snapshot_demand() -> None:
+    """Every client request for a model counts in its recent request rate, which decays while none come;
+    placement reads it from the snapshot (``ClusterSnapshot.demand``)."""
+    config = SchedulerConfig.from_dict({"servers": [SERVER], "models": {"m": MODEL, "n": MODEL}})
+    now = [100.0]
+
+    async def scenario() -> None:
+        router = Router(config, renderer=lambda m: {}, clock=lambda: now[0])
+        assert router.snapshot().demand == {}
+        for _ in range(3):
+            router._count_request("m")
+            now[0] += 1.0
+        demand = router.snapshot().demand
+        assert set(demand) == {"m"}
+        assert demand["m"] == pytest.approx(
+            sum(record_arrival(0.0, 0.0) * 0.5 ** (k / 60) for k in (1, 2, 3))
+        )
+        now[0] += 60.0
+        assert router.snapshot().demand["m"] == pytest.approx(demand["m"] / 2)
         await router.close()
 
     asyncio.run(scenario())

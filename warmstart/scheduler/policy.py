@@ -281,8 +281,41 @@ def _restart_best(snapshot: ClusterSnapshot, spec: ModelSpec, memo: _VictimMemo)
     return best
 
 
+DEMAND_HALF_LIFE_S = 60.0
+"""Half-life of the request rates the router counts per model (:func:`record_arrival`)."""
+
+
+def decayed_rate(rate: float, elapsed_s: float, half_life_s: float = DEMAND_HALF_LIFE_S) -> float:
+    """An exponentially weighted request rate ``elapsed_s`` after it was ``rate``."""
+    return rate * 0.5 ** (max(0.0, elapsed_s) / half_life_s)
+
+
+def record_arrival(rate: float, elapsed_s: float, half_life_s: float = DEMAND_HALF_LIFE_S) -> float:
+    """The rate after one more request, ``elapsed_s`` after the rate was ``rate``: each request adds
+    ``ln 2 / half_life_s``, so requests arriving at a steady λ per second hold the rate near λ."""
+    return decayed_rate(rate, elapsed_s, half_life_s) + math.log(2) / half_life_s
+
+
+def victim_weight(demand: Mapping[str, float], victim: str, model: str) -> float:
+    """How much of a victim's restart an eviction for ``model`` is charged: ``2 λv / (λv + λm)``, at most 1.
+
+    A victim at least as popular as the model taking its room is charged in full; one requested far less
+    often is charged in proportion, because its next request is that much less likely to come while the
+    new model still holds the room (and when it comes, the new model is the likelier one to be idle). No
+    counts for either (a fresh router): in full.
+    """
+    lv, lm = demand.get(victim, 0.0), demand.get(model, 0.0)
+    if lv + lm <= 0.0:
+        return 1.0
+    return min(1.0, 2.0 * lv / (lv + lm))
+
+
 def eviction_penalty_s(
-    snapshot: ClusterSnapshot, pos: int, evictions: tuple[str, ...], memo: _VictimMemo | None = None
+    snapshot: ClusterSnapshot,
+    pos: int,
+    evictions: tuple[str, ...],
+    memo: _VictimMemo | None = None,
+    model: str | None = None,
 ) -> float:
     """Startup time that evicting ``evictions`` from ``server`` is expected to cost later requests.
 
@@ -294,24 +327,27 @@ def eviction_penalty_s(
     release-cheap eviction looks free, and a load that evicts a model still in use wins over one that does
     not by a few milliseconds, then that model's next request loads it back somewhere else, and so on.
     Pricing only the reload here (as if the room came back for free) sent a popular model's restarts to
-    other servers' disks in the workload benchmark, evicting their models in turn.
+    other servers' disks in the workload benchmark, evicting their models in turn. With ``model`` (the
+    one being loaded) each victim's cost is weighted by :func:`victim_weight`, so that between two servers
+    a load evicts the less requested model.
     """
     idx = snapshot.index
     server = snapshot.servers[pos]
     memo = {} if memo is None else memo
     total = 0.0
-    for model in evictions:
-        spec = snapshot.models.get(model)
-        inst = server.instance(model)
+    for victim in evictions:
+        spec = snapshot.models.get(victim)
+        inst = server.instance(victim)
         if spec is None or inst is None or snapshot.now - inst.last_used_s >= spec.keep_alive_s:
             continue
-        if any(idx.healthy[p] and p != pos for p, _ in idx.warm.get(model, ())):
+        if any(idx.healthy[p] and p != pos for p, _ in idx.warm.get(victim, ())):
             continue
-        bw = server.bandwidth.of(_tier_on(server, model))
+        bw = server.bandwidth.of(_tier_on(server, victim))
         here = (spec.size_bytes / bw if bw else math.inf) + server.triton_load_overhead_s
         back_here = here + server.eviction_s + server.triton_load_overhead_s
         first, least, second = _restart_best(snapshot, spec, memo)
-        total += min(back_here, second if first == pos else least)
+        weight = 1.0 if model is None else victim_weight(snapshot.demand, victim, model)
+        total += weight * min(back_here, second if first == pos else least)
     return total
 
 
@@ -330,7 +366,7 @@ def _load_at(
     evictions = choose_evictions(server, spec.size_bytes, snapshot.now)
     if estimate is None:
         estimate = estimate_startup(snapshot, server.name, spec.name)
-    penalty = eviction_penalty_s(snapshot, pos, evictions, memo) if priced else 0.0
+    penalty = eviction_penalty_s(snapshot, pos, evictions, memo, spec.name) if priced else 0.0
     return Placement(Action.LOAD, spec.name, server.name, estimate, evictions, penalty)
 
 

@@ -42,6 +42,7 @@ from warmstart.scheduler.policy import (
     MigrationPlan,
     Placement,
     choose_evictions,
+    decayed_rate,
     effective_bandwidth,
     eviction_s,
     expired_models,
@@ -52,6 +53,7 @@ from warmstart.scheduler.policy import (
     plan_migration,
     random_place,
     recall,
+    record_arrival,
     serverlessllm_place,
 )
 from warmstart.scheduler.state import (
@@ -298,6 +300,7 @@ class Router:
         self.stats = RouterStats()
         self._token_s: dict[str, float] = {}
         self._load_errors: dict[str, tuple[float, ModelLoadFailed]] = {}
+        self._demand: dict[str, tuple[float, float]] = {}  # model -> (request rate, when counted)
         self._changed = asyncio.Event()
         self._waiting = 0
         self._ids = itertools.count(1)
@@ -435,7 +438,14 @@ class Router:
         now = self._clock()
         for rt in self.servers.values():
             self.store.put_server(rt.to_state(now, self._token_s))
-        return self.store.snapshot(now)
+        demand = {m: decayed_rate(rate, now - t) for m, (rate, t) in self._demand.items()}
+        return self.store.snapshot(now, demand)
+
+    def _count_request(self, model: str) -> None:
+        """Count a client's request for ``model`` in its recent request rate (``ClusterSnapshot.demand``)."""
+        now = self._clock()
+        rate, t = self._demand.get(model, (0.0, now))
+        self._demand[model] = (record_arrival(rate, now - t), now)
 
     # -- placement -----------------------------------------------------------------------------------
     def model_config(self, name: str) -> ModelConfig:
@@ -710,6 +720,7 @@ class Router:
         """Run ``gen`` and yield its chunks; the upstream may change under it without a gap or a repeat."""
         self.generations[gen.id] = gen
         self.stats.generations += 1
+        self._count_request(gen.model)
         rt: ServerRuntime | None = None
         try:
             rt = await self._acquire(gen)

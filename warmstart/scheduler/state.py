@@ -298,8 +298,15 @@ class ClusterSnapshot:
     servers: tuple[ServerState, ...]
     models: Mapping[str, ModelSpec]
     now: float
+    demand: Mapping[str, float] = field(default_factory=dict)
+    """Recent requests per second by model, as the router counted them (``policy.record_arrival``); a
+    model without an entry has had none."""
 
     def __post_init__(self) -> None:
+        for key, rate in self.demand.items():
+            if not (math.isfinite(rate) and rate >= 0):
+                raise InvalidSnapshotError(f"demand[{key!r}] must be a finite rate >= 0, got {rate!r}")
+        object.__setattr__(self, "demand", MappingProxyType(dict(self.demand)))
         servers = tuple(sorted(self.servers, key=lambda s: s.name))
         names = [s.name for s in servers]
         if len(set(names)) != len(names):
@@ -312,9 +319,15 @@ class ClusterSnapshot:
         object.__setattr__(self, "models", MappingProxyType(models))
 
     @classmethod
-    def of(cls, servers: Iterable[ServerState], models: Iterable[ModelSpec], now: float) -> ClusterSnapshot:
+    def of(
+        cls,
+        servers: Iterable[ServerState],
+        models: Iterable[ModelSpec],
+        now: float,
+        demand: Mapping[str, float] | None = None,
+    ) -> ClusterSnapshot:
         """Build a snapshot from iterables (models keyed by their name)."""
-        return cls(servers=tuple(servers), models={m.name: m for m in models}, now=now)
+        return cls(servers=tuple(servers), models={m.name: m for m in models}, now=now, demand=demand or {})
 
     @cached_property
     def index(self) -> SnapshotIndex:
@@ -382,8 +395,9 @@ class ClusterStateStore(Protocol):
         """Remove model ``name``."""
         ...
 
-    def snapshot(self, now: float) -> ClusterSnapshot:
-        """Every server and model as of one revision, stamped with ``now``."""
+    def snapshot(self, now: float, demand: Mapping[str, float] | None = None) -> ClusterSnapshot:
+        """Every server and model as of one revision, stamped with ``now`` and the caller's ``demand``
+        (request rates are each router's own count, not stored state)."""
         ...
 
 
@@ -458,9 +472,9 @@ class InMemoryClusterState:
         """Remove model ``name``."""
         self._delete(self._models, name, expected_revision, UnknownModelError)
 
-    def snapshot(self, now: float) -> ClusterSnapshot:
-        """Every server and model as of one revision, stamped with ``now``."""
+    def snapshot(self, now: float, demand: Mapping[str, float] | None = None) -> ClusterSnapshot:
+        """Every server and model as of one revision, stamped with ``now`` and the caller's ``demand``."""
         with self._lock:
             servers = [v.value for v in self._servers.values()]
             models = [v.value for v in self._models.values()]
-        return ClusterSnapshot.of(servers, models, now)
+        return ClusterSnapshot.of(servers, models, now, demand)
