@@ -35,6 +35,7 @@ from warmstart.scheduler.policy import (
     LoadCosts,
     decayed_rate,
     effective_bandwidth,
+    eviction_penalty_s,
     eviction_s,
     learn_load,
     learn_release,
@@ -416,6 +417,15 @@ def test_a_load_evicts_the_less_requested_of_two_idle_models() -> None:
     decision = place(ClusterSnapshot.of(servers, MODELS, NOW, demand), "m")
     assert (decision.server, decision.evictions) == ("s2", ("b",))
     assert decision.penalty_s < place(ClusterSnapshot.of(servers, MODELS, NOW), "m").penalty_s
+
+
+def test_evicting_a_model_that_can_restart_nowhere_costs_inf_unless_never_asked_for() -> None:
+    offline = NodeBandwidth(memory_bps=20e9, disk_bps=2e9, remote_bps=None)  # no remote, a not stored
+    s1 = server("s1", bw=offline, budget=2 * GB, instances=(inst("a"),))
+    s2 = server("s2", bw=offline)
+    assert eviction_penalty_s(ClusterSnapshot.of((s1, s2), MODELS, NOW), 0, ("a",)) == math.inf
+    never = ClusterSnapshot.of((s1, s2), MODELS, NOW, {"m": 0.2})  # a: no requests counted
+    assert eviction_penalty_s(never, 0, ("a",), model="m") == 0.0
 
 
 @pytest.mark.parametrize(

@@ -317,19 +317,21 @@ def eviction_penalty_s(
     memo: _VictimMemo | None = None,
     model: str | None = None,
 ) -> float:
-    """Startup time that evicting ``evictions`` from ``server`` is expected to cost later requests.
+    """Startup time that evicting ``evictions`` from server ``pos`` (its position in ``snapshot.servers``)
+    is expected to cost later requests.
 
-    ``pos`` is the server's position in ``snapshot.servers``. A victim costs nothing when another healthy server has it warm (its requests go there) or when its
+    A victim costs nothing when another healthy server has it warm (its requests go there) or when its
     keep-alive has run out (it would be unloaded anyway). Otherwise its next request restarts it, at the
     cheaper of: another server (its least cold-load total there), or this server again, where the model
     now being loaded holds the room: loading the victim back from the tier holding it here, plus evicting
-    the new model and, later, its own restart (one more eviction and Triton load overhead). Without it, a
-    release-cheap eviction looks free, and a load that evicts a model still in use wins over one that does
-    not by a few milliseconds, then that model's next request loads it back somewhere else, and so on.
-    Pricing only the reload here (as if the room came back for free) sent a popular model's restarts to
-    other servers' disks in the workload benchmark, evicting their models in turn. With ``model`` (the
-    one being loaded) each victim's cost is weighted by :func:`victim_weight`, so that between two servers
-    a load evicts the less requested model.
+    the new model and, later, its own restart (one more eviction and Triton load overhead). A victim that
+    can be restarted nowhere costs ``inf``. With ``model`` (the one being loaded) each victim's cost is
+    weighted by :func:`victim_weight`, so that between two servers a load evicts the less requested model.
+
+    Why: without a penalty a release-cheap eviction looks free, and a load that evicts a model still in
+    use wins over one that does not by a few milliseconds; that model's next request loads it back
+    somewhere else, and so on. Pricing only the reload here (as if the room came back for free) sent a
+    popular model's restarts to other servers' disks in the workload benchmark, evicting theirs in turn.
     """
     idx = snapshot.index
     server = snapshot.servers[pos]
@@ -342,11 +344,13 @@ def eviction_penalty_s(
             continue
         if any(idx.healthy[p] and p != pos for p, _ in idx.warm.get(victim, ())):
             continue
+        weight = 1.0 if model is None else victim_weight(snapshot.demand, victim, model)
+        if weight <= 0.0:
+            continue  # never asked for while the new model is (and 0 x inf must not make a NaN)
         bw = server.bandwidth.of(_tier_on(server, victim))
         here = (spec.size_bytes / bw if bw else math.inf) + server.triton_load_overhead_s
         back_here = here + server.eviction_s + server.triton_load_overhead_s
         first, least, second = _restart_best(snapshot, spec, memo)
-        weight = 1.0 if model is None else victim_weight(snapshot.demand, victim, model)
         total += weight * min(back_here, second if first == pos else least)
     return total
 
