@@ -417,6 +417,9 @@ def test_a_load_evicts_the_less_requested_of_two_idle_models() -> None:
     decision = place(ClusterSnapshot.of(servers, MODELS, NOW, demand), "m")
     assert (decision.server, decision.evictions) == ("s2", ("b",))
     assert decision.penalty_s < place(ClusterSnapshot.of(servers, MODELS, NOW), "m").penalty_s
+    # m asked for for the first time: the mean rate over the models keeps a and b apart
+    first = place(ClusterSnapshot.of(servers, MODELS, NOW, {"a": 0.5, "b": 0.01}), "m")
+    assert (first.server, first.evictions) == ("s2", ("b",))
 
 
 def test_evicting_a_model_that_can_restart_nowhere_costs_inf_unless_never_asked_for() -> None:
@@ -429,13 +432,21 @@ def test_evicting_a_model_that_can_restart_nowhere_costs_inf_unless_never_asked_
 
 
 @pytest.mark.parametrize(
-    ("lv", "lm", "weight"),
-    [(0.0, 0.0, 1.0), (0.5, 0.1, 1.0), (0.1, 0.1, 1.0), (0.01, 0.1, 2 * 0.01 / 0.11), (0.0, 0.1, 0.0)],
+    ("lv", "lm", "mean", "weight"),
+    [
+        (0.0, 0.0, 0.0, 1.0),
+        (0.5, 0.1, 0.1, 1.0),
+        (0.1, 0.1, 0.0, 1.0),
+        (0.01, 0.1, 0.0, 2 * 0.01 / 0.11),
+        (0.0, 0.1, 0.0, 0.0),
+        (0.01, 0.0, 0.1, 2 * 0.01 / 0.11),  # a first request: the mean is the reference
+        (0.2, 0.0, 0.1, 1.0),
+    ],
 )
 def test_victim_weight_charges_a_victim_by_how_often_it_is_requested(
-    lv: float, lm: float, weight: float
+    lv: float, lm: float, mean: float, weight: float
 ) -> None:
-    assert victim_weight({"v": lv, "m": lm}, "v", "m") == pytest.approx(weight)
+    assert victim_weight({"v": lv, "m": lm}, "v", "m", mean) == pytest.approx(weight)
 
 
 def test_recorded_arrivals_at_a_steady_rate_hold_the_rate_near_it_and_decay_after() -> None:

@@ -296,18 +296,21 @@ def record_arrival(rate: float, elapsed_s: float, half_life_s: float = DEMAND_HA
     return decayed_rate(rate, elapsed_s, half_life_s) + math.log(2) / half_life_s
 
 
-def victim_weight(demand: Mapping[str, float], victim: str, model: str) -> float:
-    """How much of a victim's restart an eviction for ``model`` is charged: ``2 λv / (λv + λm)``, at most 1.
+def victim_weight(demand: Mapping[str, float], victim: str, model: str, mean_rate: float = 0.0) -> float:
+    """How much of a victim's restart an eviction for ``model`` is charged: ``2 λv / (λv + λref)``, at most
+    1, where ``λref`` is the greater of ``model``'s rate and ``mean_rate`` (the mean over all models).
 
-    A victim at least as popular as the model taking its room is charged in full; one requested far less
-    often is charged in proportion, because its next request is that much less likely to come while the
-    new model still holds the room (and when it comes, the new model is the likelier one to be idle). No
-    counts for either (a fresh router): in full.
+    A victim at least as popular as the model taking its room, or as an average model, is charged in full;
+    one requested far less often is charged in proportion: its next request is that much less likely to
+    come while the new model still holds the room. The mean keeps the weights apart when the model being
+    loaded is itself rarely asked for (else every victim would be charged in full and the load could evict
+    the most popular model as readily as the least). No counts at all (a fresh router): in full.
     """
-    lv, lm = demand.get(victim, 0.0), demand.get(model, 0.0)
-    if lv + lm <= 0.0:
+    lv = demand.get(victim, 0.0)
+    ref = max(demand.get(model, 0.0), mean_rate)
+    if lv + ref <= 0.0:
         return 1.0
-    return min(1.0, 2.0 * lv / (lv + lm))
+    return min(1.0, 2.0 * lv / (lv + ref))
 
 
 def eviction_penalty_s(
@@ -344,7 +347,7 @@ def eviction_penalty_s(
             continue
         if any(idx.healthy[p] and p != pos for p, _ in idx.warm.get(victim, ())):
             continue
-        weight = 1.0 if model is None else victim_weight(snapshot.demand, victim, model)
+        weight = 1.0 if model is None else victim_weight(snapshot.demand, victim, model, snapshot.mean_demand)
         if weight <= 0.0:
             continue  # never asked for while the new model is (and 0 x inf must not make a NaN)
         bw = server.bandwidth.of(_tier_on(server, victim))

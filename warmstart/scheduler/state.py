@@ -330,6 +330,13 @@ class ClusterSnapshot:
         return cls(servers=tuple(servers), models={m.name: m for m in models}, now=now, demand=demand or {})
 
     @cached_property
+    def mean_demand(self) -> float:
+        """Mean recent request rate over the snapshot's models (0 for a model without counts)."""
+        if not self.models:
+            return 0.0
+        return sum(self.demand.get(name, 0.0) for name in self.models) / len(self.models)
+
+    @cached_property
     def index(self) -> SnapshotIndex:
         """Precomputed per-server arrays and per-model lookups (built on first use)."""
         return SnapshotIndex(self.servers, self.now)
