@@ -278,6 +278,8 @@ def test_router_counts_requests_per_model_into_the_snapshot_demand() -> None:
         )
         now[0] += 60.0
         assert router.snapshot().demand["m"] == pytest.approx(demand["m"] / 2)
+        await router.remove_model("m")
+        assert router.snapshot().demand == {}  # a removed model's count goes with it
         await router.close()
 
     asyncio.run(scenario())

@@ -404,6 +404,7 @@ class Router:
         if name not in self.models:
             raise UnknownModelError(f"no model named {name!r}")
         del self.models[name]
+        self._demand.pop(name, None)
         self.store.delete_model(name)
         self._notify()
 
