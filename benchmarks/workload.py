@@ -47,6 +47,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,7 @@ import threading
 import time
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -364,9 +366,6 @@ class RemoteLink:
     CHUNK = 1 << 16
 
     def __init__(self, upstream: str, rate_bps: float) -> None:
-        import socket
-        import urllib.parse
-
         if not rate_bps > 0:
             raise ValueError(f"link rate must be > 0 bytes/s, got {rate_bps!r}")
         u = urllib.parse.urlsplit(upstream)
@@ -394,8 +393,6 @@ class RemoteLink:
             time.sleep(wait)
 
     def _accept(self) -> None:
-        import socket
-
         while not self._closed:
             try:
                 client, _ = self._server.accept()
@@ -426,7 +423,7 @@ class RemoteLink:
         finally:
             for sock in (src, dst):
                 with contextlib.suppress(OSError):
-                    sock.shutdown(2)  # SHUT_RDWR: the other direction's pump ends too
+                    sock.shutdown(socket.SHUT_RDWR)  # the other direction's pump ends too
                 sock.close()
                 with self._lock:
                     self._socks.discard(sock)
@@ -439,7 +436,7 @@ class RemoteLink:
             socks = list(self._socks)
         for sock in socks:
             with contextlib.suppress(OSError):
-                sock.shutdown(2)
+                sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
 

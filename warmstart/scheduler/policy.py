@@ -270,8 +270,6 @@ def _restart_best(snapshot: ClusterSnapshot, spec: ModelSpec, memo: _VictimMemo)
         totals[snapshot.index.room_bytes < spec.size_bytes] = math.inf
         if totals.size == 0:
             best = (-1, math.inf, math.inf)
-        elif totals.size == 1:
-            best = (0, float(totals[0]), math.inf)
         else:
             first = int(np.argmin(totals))
             least = float(totals[first])
