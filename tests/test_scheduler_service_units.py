@@ -64,7 +64,7 @@ def test_config_rejects_unknown_keys_at_every_level(data: dict) -> None:
     ("data", "match"),
     [
         ({"migration": "false"}, "true or false"),
-        ({"cold_start_queue": "10"}, "must be a number"),
+        ({"cold_start_queue": "ten"}, "must be a number"),
         ({"cold_start_timeout_s": -1}, ">= 0"),
         ({"models": {"../x": MODEL}}, "model names must match"),
         ({"models": {"m": {"engine": "torch"}}}, "'checkpoint' is required"),

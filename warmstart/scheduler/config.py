@@ -30,6 +30,7 @@ Example ``cluster.yaml``::
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -58,14 +59,39 @@ def _reject_unknown(where: str, data: Mapping[str, Any], cls: type) -> None:
         )
 
 
-def _number(where: str, value: object, *, minimum: float = 0.0, integer: bool = False) -> float:
+# A decimal number as YAML users write it. YAML 1.1 (PyYAML) reads ``2.0e8`` and ``1e9`` as strings (its
+# floats need a dot and a signed exponent), so numeric strings are accepted wherever a number is expected.
+_NUMERIC = re.compile(r"[+-]?(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d+)?")
+
+
+def _number(where: str, value: object, *, minimum: float = 0.0, integer: bool = False) -> Any:
+    """``value`` checked and converted: an ``int`` when ``integer``, else the number as given (or a float).
+
+    Accepts YAML/JSON numbers and numeric strings (``"2.0e8"``, ``"1e9"``, ``"1_000"``); an integral float
+    (``8.0e9``) passes where an integer is expected. Booleans, ``nan``/``inf`` and other strings are refused.
+    """
+    if isinstance(value, str):
+        text = value.strip()
+        if not _NUMERIC.fullmatch(text) or "__" in text or text.endswith("_"):
+            raise SchedulerConfigError(f"{where} must be a number, got {value!r}")
+        try:
+            value = int(text.replace("_", "")) if re.fullmatch(r"[+-]?[\d_]+", text) else float(text)
+        except ValueError:
+            raise SchedulerConfigError(f"{where} must be a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SchedulerConfigError(f"{where} must be a number, got {value!r}")
-    if integer and not isinstance(value, int):
-        raise SchedulerConfigError(f"{where} must be an integer, got {value!r}")
     if not math.isfinite(value) or value < minimum:
         raise SchedulerConfigError(f"{where} must be a finite number >= {minimum}, got {value!r}")
+    if integer and not isinstance(value, int):
+        if not value.is_integer():
+            raise SchedulerConfigError(f"{where} must be an integer, got {value!r}")
+        value = int(value)
     return value
+
+
+def _set_number(obj: object, key: str, where: str, **kw: Any) -> None:
+    """Check ``obj.key`` with :func:`_number` and store the converted value (frozen dataclasses too)."""
+    object.__setattr__(obj, key, _number(where, getattr(obj, key), **kw))
 
 
 def _address(where: str, value: object) -> tuple[str, int]:
@@ -88,9 +114,8 @@ class BandwidthConfig:
 
     def __post_init__(self) -> None:
         for key in ("memory_bps", "disk_bps", "remote_bps"):
-            value = getattr(self, key)
-            if value is not None:
-                _number(f"bandwidth.{key}", value, minimum=1.0)
+            if getattr(self, key) is not None:
+                _set_number(self, key, f"bandwidth.{key}", minimum=1.0)
 
     def to_node_bandwidth(self) -> NodeBandwidth:
         """The policy's view of these figures (memory and disk must be given)."""
@@ -118,7 +143,7 @@ class ServerConfig:
         _address(f"servers[{self.name}].grpc", self.grpc)
         if self.http is not None:
             _address(f"servers[{self.name}].http", self.http)
-        _number(f"servers[{self.name}].memory_budget_bytes", self.memory_budget_bytes, integer=True)
+        _set_number(self, "memory_budget_bytes", f"servers[{self.name}].memory_budget_bytes", integer=True)
         if self.repository_api_key is not None and not isinstance(self.repository_api_key, str):
             raise SchedulerConfigError(f"servers[{self.name}].repository_api_key must be a string")
         if self.node_store is not None and not (
@@ -180,10 +205,10 @@ class ModelConfig:
             raise SchedulerConfigError(
                 f"models[{self.name}].engine must be 'torch' or 'jax', got {self.engine!r}"
             )
-        _number(f"models[{self.name}].size_bytes", self.size_bytes, minimum=1, integer=True)
-        _number(f"models[{self.name}].keep_alive_s", self.keep_alive_s)
-        _number(f"models[{self.name}].max_concurrency", self.max_concurrency, minimum=1, integer=True)
-        _number(f"models[{self.name}].max_tokens", self.max_tokens, minimum=1, integer=True)
+        _set_number(self, "size_bytes", f"models[{self.name}].size_bytes", minimum=1, integer=True)
+        _set_number(self, "keep_alive_s", f"models[{self.name}].keep_alive_s")
+        _set_number(self, "max_concurrency", f"models[{self.name}].max_concurrency", minimum=1, integer=True)
+        _set_number(self, "max_tokens", f"models[{self.name}].max_tokens", minimum=1, integer=True)
         if self.triton_config is not None:
             if not isinstance(self.triton_config, Mapping):
                 raise SchedulerConfigError(f"models[{self.name}].triton_config must be a mapping")
@@ -224,6 +249,8 @@ class SchedulerConfig:
     cold_start_timeout_s: float = 120.0
     request_timeout_s: float = 300.0
     upstream_timeout_s: float = 5.0
+    max_request_body_bytes: int = 8 << 20  # an HTTP request body larger than this gets 413
+    request_body_timeout_s: float = 30.0  # an HTTP request body must arrive within this, else 408
     upstream_retries: int = 3
     max_failovers: int = 3
     health_interval_s: float = 1.0
@@ -246,7 +273,9 @@ class SchedulerConfig:
         _address("listen_http", self.listen_http)
         _address("listen_grpc", self.listen_grpc)
         for key in ("cold_start_queue", "upstream_retries", "max_failovers", "migration_threshold_tokens"):
-            _number(key, getattr(self, key), integer=True)
+            _set_number(self, key, key, integer=True)
+        _set_number(self, "max_request_body_bytes", "max_request_body_bytes", minimum=1, integer=True)
+        _set_number(self, "request_body_timeout_s", "request_body_timeout_s", minimum=0.001)
         for key in (
             "cold_start_timeout_s",
             "request_timeout_s",
@@ -258,12 +287,12 @@ class SchedulerConfig:
             "migration_min_gain_s",
             "replay_s_per_token",
         ):
-            _number(key, getattr(self, key))
+            _set_number(self, key, key)
         if self.initial_release_s is not None:
-            _number("initial_release_s", self.initial_release_s)
+            _set_number(self, "initial_release_s", "initial_release_s")
         if self.policy not in POLICIES:
             raise SchedulerConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
-        _number("policy_seed", self.policy_seed, integer=True)
+        _set_number(self, "policy_seed", "policy_seed", integer=True)
         if not isinstance(self.migration, bool):
             raise SchedulerConfigError(f"migration must be true or false, got {self.migration!r}")
         if self.admin_token is not None and (

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
@@ -62,6 +62,17 @@ def parse_inventory(data: Any) -> dict[str, Tier]:
     return tiers
 
 
+class BandwidthFallback(Protocol):
+    """Configured bytes/s per tier (``None``: not configured), e.g. a server's ``BandwidthConfig``."""
+
+    @property
+    def memory_bps(self) -> float | None: ...
+    @property
+    def disk_bps(self) -> float | None: ...
+    @property
+    def remote_bps(self) -> float | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class MeasuredBandwidth:
     """Bytes/s a node store measured per tier; ``None`` where it has not measured that tier yet."""
@@ -70,8 +81,11 @@ class MeasuredBandwidth:
     disk_bps: float | None
     remote_bps: float | None
 
-    def to_node_bandwidth(self, fallback: NodeBandwidth | None) -> NodeBandwidth:
+    def to_node_bandwidth(self, fallback: BandwidthFallback | None) -> NodeBandwidth:
         """The policy's view: measured figures, the configured ``fallback`` for tiers not measured yet.
+
+        ``fallback`` may be partial (a server's ``bandwidth: {remote_bps: 2.0e8}``): a tier neither measured
+        nor configured stays unknown.
 
         Raises :class:`NodeStoreError` when a local tier has neither (the node cannot be placed on).
         """

@@ -678,9 +678,8 @@ class Router:
         except NodeStoreError as e:
             logger.warning("node store of %s: %s", rt.name, e)
             return
-        fallback = rt.config.bandwidth.to_node_bandwidth() if rt.config.bandwidth is not None else None
         try:
-            bandwidth = report.bandwidth.to_node_bandwidth(fallback)
+            bandwidth = report.bandwidth.to_node_bandwidth(rt.config.bandwidth)  # a partial fallback is fine
         except NodeStoreError as e:
             logger.warning("node store of %s: %s", rt.name, e)
             return
