@@ -21,6 +21,7 @@ from warmstart.errors import WarmstartError
 from warmstart.names import validate_model_name
 from warmstart.scheduler.config import ModelConfig, SchedulerConfigError, ServerConfig
 from warmstart.scheduler.errors import MigrationError, UnknownModelError, UnknownServerError
+from warmstart.scheduler.metrics import metrics_endpoint, response_counter
 from warmstart.scheduler.protocol import (
     BadRequest,
     chat_prompt,
@@ -89,6 +90,8 @@ class HttpFrontend:
         self._admin_token = admin_token
         self.app = web.Application(client_max_size=_MAX_BODY)
         r = self.app.router
+        self.app.middlewares.insert(0, response_counter(router.metrics))  # outermost: sees every answer
+        r.add_get("/metrics", self.metrics)
         r.add_get("/v2/health/live", self.live)
         r.add_get("/v2/health/ready", self.ready)
         r.add_get("/v2", self.server_metadata)
@@ -112,6 +115,10 @@ class HttpFrontend:
         r.add_post("/admin/v1/servers/{name}/models/{model}/load", self._admin(self.admin_load))
 
     # -- health and metadata ------------------------------------------------------------------------------
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text exposition of the scheduler's metrics (unauthenticated, like Triton's)."""
+        return await metrics_endpoint(self.router.metrics)
+
     async def live(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
 

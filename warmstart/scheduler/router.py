@@ -34,6 +34,7 @@ from warmstart.scheduler.errors import (
     UnknownModelError,
     UnknownServerError,
 )
+from warmstart.scheduler.metrics import SchedulerMetrics, counts_rejections
 from warmstart.scheduler.migration import MigrationOutcome, MigrationResult, migrate
 from warmstart.scheduler.nodestore import NodeStoreClient, NodeStoreError
 from warmstart.scheduler.policy import (
@@ -133,6 +134,7 @@ class Generation:
     paused: bool = False
     held: list[TokenChunk] = field(default_factory=list)
     pump: asyncio.Task[None] | None = None
+    arrived_s: float = 0.0  # when the router took it (time to first token)
 
     def upstream_request(self) -> GenerationRequest:
         """The upstream request that continues this generation from what the client has."""
@@ -309,6 +311,7 @@ class Router:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stores: dict[str, NodeStoreClient] = {}
+        self.metrics = SchedulerMetrics(self, queue_capacity=config.cold_start_queue)
         for m in config.models:
             self._add_model(m)
         for s in config.servers:
@@ -524,6 +527,7 @@ class Router:
                 rt.unloading[m] = inst.size_bytes
                 evicted.append(m)
                 self.stats.evictions += 1
+                self.metrics.evicted(rt.name)
         effective = rt.effective_bandwidth()
         bw = effective.of(rt.store_tiers.get(model, Tier.REMOTE)) if effective else None
         expected = (
@@ -531,6 +535,7 @@ class Router:
         )
         load = _LoadRT(model, spec.size_bytes, now + expected)
         rt.loads[model] = load
+        self.metrics.load_started(rt.name, model, rt.store_tiers.get(model, Tier.REMOTE).value, expected, now)
         load.task = self._spawn(self._load(rt, spec, tuple(evicted)), name=f"load {rt.name}/{model}")
 
     async def _load(self, rt: ServerRuntime, spec: ModelConfig, evictions: tuple[str, ...]) -> None:
@@ -552,6 +557,7 @@ class Router:
             rt.instances[spec.name] = _InstanceRT(spec.name, spec.size_bytes, self._clock())
             key = f"{rt.name}/{spec.name}"
             self.stats.loads[key] = self.stats.loads.get(key, 0) + 1
+            self.metrics.load_finished(rt.name, spec.name, tier.value, self._clock())
             logger.info("loaded %s on %s in %.2f s", spec.name, rt.name, elapsed)
         except UpstreamUnavailable as e:
             logger.warning("load of %s on %s failed, server unreachable: %s", spec.name, rt.name, e)
@@ -565,6 +571,7 @@ class Router:
             self.stats.load_failures += 1
             self._load_errors[spec.name] = (self._clock(), ModelLoadFailed(str(e)))
         finally:
+            self.metrics.load_ended(rt.name, spec.name)
             rt.loads.pop(spec.name, None)
             self._notify()
 
@@ -578,11 +585,13 @@ class Router:
                 await rt.upstream.release(model, timeout_s=self.config.upstream_timeout_s)
             except UpstreamError as e:
                 rt.costs = learn_release(rt.costs, None)
+                self.metrics.released(rt.name, ok=False)
                 logger.info("release of %s on %s failed (%s); waiting for its unload", model, rt.name, e)
             else:
                 elapsed = self._clock() - t0
                 rt.costs = learn_release(rt.costs, elapsed)
                 self.stats.releases += 1
+                self.metrics.released(rt.name, ok=True)
                 logger.info(
                     "released %s on %s in %.3f s; unloading it in the background", model, rt.name, elapsed
                 )
@@ -602,9 +611,11 @@ class Router:
                 elapsed = self._clock() - t0
                 rt.costs = learn_unload(rt.costs, elapsed)
                 self.stats.unloads += 1
+                self.metrics.unloaded(rt.name, ok=True)
                 logger.info("unloaded %s on %s in %.2f s", model, rt.name, elapsed)
         except UpstreamError as e:
             logger.warning("unload of %s on %s failed: %s", model, rt.name, e)
+            self.metrics.unloaded(rt.name, ok=False)
         finally:
             rt.unloading.pop(model, None)
             self._notify()
@@ -662,6 +673,8 @@ class Router:
 
     async def _server_suspect(self, rt: ServerRuntime) -> None:
         """A call to ``rt`` failed: probe it once (deduplicated across callers)."""
+        if rt.removed:  # its channel is closed: a probe would raise, and it takes no traffic anyway
+            return
         if rt.probe is None or rt.probe.done():
             rt.probe = asyncio.create_task(self._check_server(rt))
         await asyncio.shield(rt.probe)
@@ -694,6 +707,12 @@ class Router:
         await asyncio.gather(*(self._poll_store(rt) for rt in list(self.servers.values())))
 
     # -- generations -------------------------------------------------------------------------------------
+    @property
+    def cold_start_waiting(self) -> int:
+        """Requests waiting in the cold-start queue now."""
+        return self._waiting
+
+    @counts_rejections
     def new_generation(
         self, model: str, prompt: str, sampling: Mapping[str, Any], *, request_id: str | None = None
     ) -> Generation:
@@ -720,6 +739,8 @@ class Router:
         """Run ``gen`` and yield its chunks; the upstream may change under it without a gap or a repeat."""
         self.generations[gen.id] = gen
         self.stats.generations += 1
+        gen.arrived_s = self._clock()
+        error: BaseException | None = None
         self._count_request(gen.model)
         rt: ServerRuntime | None = None
         try:
@@ -771,6 +792,7 @@ class Router:
                         raise error
                     gen.failovers += 1
                     self.stats.failovers += 1
+                    self.metrics.failover(rt.name if rt is not None else None)
                     if gen.failovers > self.config.max_failovers:
                         raise GenerationFailed(
                             f"generation {gen.id} failed after {gen.failovers - 1} failovers: {error}"
@@ -797,7 +819,11 @@ class Router:
                     gen.attempt = next(self._attempts)
                     rt = await self._acquire(gen)
                     self._start_pump(gen, rt)
+        except BaseException as e:
+            error = e
+            raise
         finally:
+            self.metrics.request_done(gen.model, None if gen.finish_reason is not None else error)
             gen.finished = True
             if gen.pump is not None:
                 gen.pump.cancel()
@@ -811,6 +837,8 @@ class Router:
             self.generations.pop(gen.id, None)
 
     def _account(self, gen: Generation, chunk: TokenChunk) -> None:
+        if not gen.tokens and chunk.token_ids:
+            self.metrics.first_token(gen.model, gen.server, gen.arrived_s, self._clock())
         gen.tokens.extend(chunk.token_ids)
         gen.text.append(chunk.text)
         if chunk.finish_reason:
@@ -932,6 +960,7 @@ class Router:
             ServerDest(self, gen, rt),
             threshold_tokens=self.config.migration_threshold_tokens,
         )
+        self.metrics.migrated(result.outcome.value)
         if result.outcome is MigrationOutcome.SWITCHED:
             self.stats.migrations += 1
         logger.info(
