@@ -2,9 +2,12 @@
 
 A child is started in its own session (so its process group holds the children it spawns, e.g. Triton's
 Python stubs), with ``PR_SET_PDEATHSIG`` so that the kernel kills it when the thread that started it dies,
-and with stdout/stderr appended to a log file. It is stopped by PID: SIGTERM, wait, SIGKILL. While the
-stopped leader is still an unreaped zombie its PID (and so its process-group id) cannot be reused, so the
-group is then swept with SIGKILL without any risk of hitting an unrelated process.
+and with stdout/stderr appended to a log file. It is stopped by PID: SIGTERM, wait, SIGKILL, and every
+wait is bounded (a process that ignores SIGTERM, or is stopped by SIGSTOP, is SIGKILLed after the stop
+timeout; one that does not die even of SIGKILL within :data:`KILL_WAIT_S` is reported and left, never
+waited for without end). While the stopped leader is still an unreaped zombie its PID (and so its
+process-group id) cannot be reused, so the group is then swept with SIGKILL without any risk of hitting an
+unrelated process.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+KILL_WAIT_S = 10.0
+"""How long :meth:`ManagedProcess.stop` waits for a SIGKILLed child to exit before it gives up on it."""
 
 
-def _set_pdeathsig() -> None:  # runs in the child between fork and exec
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when the thread that forked it exits (Linux)."""
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -104,7 +110,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 # Only a prctl() call runs between fork and exec; nothing that could deadlock on a lock.
-                preexec_fn=_set_pdeathsig,  # noqa: PLW1509
+                preexec_fn=set_parent_death_signal,  # noqa: PLW1509
                 close_fds=True,
             )
         logger.debug("started pid %d: %s", self._proc.pid, self._argv[0])
@@ -144,7 +150,11 @@ class ManagedProcess:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0, sig: int = signal.SIGTERM) -> int | None:
-        """Stop the child and every process left in its group; idempotent. Returns the exit status."""
+        """Stop the child and every process left in its group; idempotent. Returns the exit status.
+
+        ``sig``, then at most ``timeout`` s for the child to exit, then SIGKILL and at most
+        :data:`KILL_WAIT_S` more. A child still there after that (uninterruptible sleep) is logged as an
+        error and left unreaped (None is returned; a later call tries again)."""
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return self.returncode()
@@ -157,7 +167,11 @@ class ManagedProcess:
                 logger.warning("pid %d did not exit %.1f s after signal %d; killing it", pid, timeout, sig)
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                self._wait_exited(30.0)
+                if not self._wait_exited(KILL_WAIT_S):
+                    logger.error("pid %d did not exit %.1f s after SIGKILL; leaving it", pid, KILL_WAIT_S)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(pid, signal.SIGKILL)  # still alive, so the group id is still ours
+                    return None
         # The leader is a zombie now, so `pid` still names our group: sweep what is left in it.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)

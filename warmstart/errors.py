@@ -96,6 +96,10 @@ class ChecksumMismatch(CorruptCheckpoint):
         self.end = end
 
 
+class SealBroken(CorruptCheckpoint):
+    """A cached copy's files changed after the copy was verified and sealed (see docs/loaders.md)."""
+
+
 class TensorNotFound(CheckpointError, KeyError):
     """The checkpoint has no tensor of the requested name."""
 
@@ -113,6 +117,14 @@ class InvalidURI(WarmstartError, ValueError):
 
 class SourceError(WarmstartError, OSError):
     """Reading or writing bytes at a checkpoint location failed (I/O or network)."""
+
+
+class RemoteTimeout(SourceError, TimeoutError):
+    """A remote read did not complete within its deadline (``WARMSTART_REMOTE_TIMEOUT_S``, docs/loaders.md)."""
+
+
+class InvalidRemoteTimeout(WarmstartError, ValueError):
+    """``WARMSTART_REMOTE_TIMEOUT_S`` is not a positive number of seconds."""
 
 
 class ConversionError(WarmstartError):
@@ -197,3 +209,38 @@ class StoreUnavailable(StoreError, ConnectionError):
 
 class DeviceUnavailable(WarmstartError, RuntimeError):
     """The requested device (e.g. ``cuda``) is not present or not supported by the installed frameworks."""
+
+
+# --- hostile files (appended: checkpoint readers and converters refuse what is not a plain file) ----------
+
+
+class NotARegularFile(CorruptCheckpoint):
+    """A checkpoint file (``index.json``, a partition, a model file) is a FIFO, device, socket or directory."""
+
+
+class FileOutsideCheckpoint(UnsafeFileName):
+    """A checkpoint file is a symbolic link that resolves outside the checkpoint directory."""
+
+
+class DuplicateKey(MalformedIndex):
+    """A JSON object in ``index.json`` has the same key twice (JSON parsers disagree on which one wins)."""
+
+
+class NonFiniteNumber(MalformedIndex):
+    """``index.json`` holds ``NaN``, ``Infinity`` or a number too large for a float (not JSON numbers)."""
+
+
+class IndexTooDeep(MalformedIndex):
+    """``index.json`` nests arrays/objects deeper than the format's limit."""
+
+
+class SourceNotARegularFile(InvalidSource):
+    """A conversion source file (safetensors, GGUF, config) is a FIFO, device, socket or directory."""
+
+
+class MalformedSafetensors(InvalidSource):
+    """A safetensors file's header is not what the safetensors format allows (JSON, entries, offsets)."""
+
+
+class MalformedGGUF(InvalidSource):
+    """A GGUF file's header contradicts itself or the file (counts, lengths, types or offsets beyond it)."""

@@ -392,6 +392,11 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         """``host:port`` of the gRPC endpoint."""
+    @property
+    def engine_host_pid(self) -> int | None:
+        """PID of the engine host beside the server, None without one or before start."""
+        return self._engine_host.pid if self._engine_host is not None else None
+
         return f"{self._config.bind_address}:{self._require_port(self._config.grpc_port)}"
 
     @property

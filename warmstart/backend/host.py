@@ -14,6 +14,14 @@ as long as its connection: the stub's finalize (model unload), the stub's death,
 process group) ends it. The host itself never runs a model, never starts a thread (so forking is safe), and
 only accepts connections from processes of its own user.
 
+Reaping (no orphans): a busy engine process would not see its connection close, and Triton's stubs outlive
+a tritonserver that was SIGKILLed for as long as it stays an unreaped zombie (the stub's own check,
+``kill(parent, 0)``, succeeds on a zombie). So the host checks, every :data:`REAP_INTERVAL_S`, the peer of
+each engine process (its pid and start time, from ``SO_PEERCRED`` at connect): when the peer is gone (or a
+zombie) the engine process is SIGKILLed; when the peer is a Triton Python stub whose parent changed since it
+connected (its tritonserver exited and it was reparented), the stub and the engine process are SIGKILLed.
+Engine processes also die with the host (``PR_SET_PDEATHSIG``).
+
 Run it with ``python -m warmstart.backend.host --socket PATH`` (``warmstart.triton.TritonServer`` does, and
 sets ``WARMSTART_ENGINE_HOST=PATH`` for the server and its stubs). The socket file appears, atomically, once
 the host is ready.
@@ -42,7 +50,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from warmstart._process import ManagedProcess, tail
+from warmstart._process import ManagedProcess, set_parent_death_signal, tail
 from warmstart.backend.config import ModelSettings
 from warmstart.backend.metrics import Metrics
 from warmstart.backend.request import error_code, request_from_json
@@ -68,6 +76,9 @@ DEFAULT_PRELOAD = (
     "warmstart.torch",
 )
 _SO_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+REAP_INTERVAL_S = 0.5
+"""How often the host checks that the peer (stub) of each engine process is still there."""
+STUB_BINARY = "triton_python_backend_stub"
 
 
 class EngineHostError(WarmstartError, RuntimeError):
@@ -268,7 +279,7 @@ def _serve_model(chan: Channel, tokenizers: _TokenizerCache | None = None) -> No
             chan.send("closed")
 
 
-def _child(conn: socket.socket, tokenizers: _TokenizerCache) -> None:
+def _child(conn: socket.socket, tokenizers: _TokenizerCache, host_pid: int) -> None:
     """Body of a forked engine process: never returns."""
     code = 0
     try:
@@ -286,6 +297,9 @@ def _child(conn: socket.socket, tokenizers: _TokenizerCache) -> None:
         logger.exception("engine process %d failed", os.getpid())
         code = 1
     finally:
+        set_parent_death_signal()  # the host is single-threaded: its death is the forking thread's
+        if os.getppid() != host_pid:  # the host died before the line above
+            os._exit(1)
         logging.shutdown()
         os._exit(code)  # never run the host's atexit handlers or return into its accept loop
 
@@ -293,12 +307,90 @@ def _child(conn: socket.socket, tokenizers: _TokenizerCache) -> None:
 # -- the host -------------------------------------------------------------------------------------------------
 
 
-def _peer_uid(conn: socket.socket) -> int:
+def _peer_creds(conn: socket.socket) -> tuple[int, int]:
+    """``(pid, uid)`` of the process at the other end of ``conn``."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _SO_PEERCRED.size)
-    return int(_SO_PEERCRED.unpack(creds)[1])
+    pid, uid, _ = _SO_PEERCRED.unpack(creds)
+    return int(pid), int(uid)
 
 
-def _reap() -> None:
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """``(state, ppid, start time)`` of ``pid`` from ``/proc``, or None when there is no such process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), int(fields[19])  # fields 3, 4 and 22 of proc(5)
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """The process that connected for an engine process (a stub), as it was when it connected."""
+
+    pid: int
+    ppid: int
+    start_time: int
+    is_stub: bool
+
+    @classmethod
+    def of(cls, pid: int) -> Peer | None:
+        stat = _proc_stat(pid)
+        if stat is None or pid <= 0:
+            return None
+        try:
+            exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+        except OSError:
+            exe = ""
+        return cls(pid, stat[1], stat[2], exe == STUB_BINARY)
+
+
+def reap_decision(peer: Peer, now: tuple[str, int, int] | None) -> str | None:
+    """What to do with an engine process whose peer was ``peer``, given the peer's ``/proc`` stat ``now``.
+
+    None: keep it. ``"engine"``: SIGKILL the engine process (its peer is gone, a zombie, or its pid now
+    names another process). ``"stub+engine"``: the peer is a Triton stub whose tritonserver exited (it was
+    reparented): SIGKILL both.
+    """
+    if now is None:
+        return "engine"
+    state, ppid, start_time = now
+    if start_time != peer.start_time or state in ("Z", "X"):
+        return "engine"
+    if peer.is_stub and ppid != peer.ppid:
+        return "stub+engine"
+    return None
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def _reap_orphans(engines: dict[int, Peer]) -> None:
+    """Apply :func:`reap_decision` to every engine process (the host's liveness check of the stubs)."""
+    for engine_pid, peer in list(engines.items()):
+        decision = reap_decision(peer, _proc_stat(peer.pid))
+        if decision is None:
+            continue
+        if decision == "stub+engine":
+            logger.warning(
+                "engine host: stub %d of engine process %d outlived its tritonserver (pid %d); killing both",
+                peer.pid,
+                engine_pid,
+                peer.ppid,
+            )
+            _kill(peer.pid)
+        else:
+            logger.warning(
+                "engine host: the stub (pid %d) of engine process %d is gone; killing it",
+                peer.pid,
+                engine_pid,
+            )
+        _kill(engine_pid)
+        del engines[engine_pid]  # reaped by _reap once it has exited
+
+
+def _reap(engines: dict[int, Peer] | None = None) -> None:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -318,6 +410,8 @@ def serve(socket_path: Path | str, preload: Sequence[str] = DEFAULT_PRELOAD) -> 
             importlib.import_module(module)
         except ImportError as e:  # e.g. no torch installed: JAX-only nodes still work
             logger.warning("engine host: cannot preload %s: %s", module, e)
+        if engines is not None:
+            engines.pop(pid, None)
     path = Path(socket_path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
@@ -347,26 +441,31 @@ def serve(socket_path: Path | str, preload: Sequence[str] = DEFAULT_PRELOAD) -> 
     try:
         while not stopping:
             try:
-                ready, _, _ = select.select([listener.fileno(), tokenizers.fileno()], [], [], 0.5)
+                ready, _, _ = select.select([listener.fileno(), tokenizers.fileno()], [], [], REAP_INTERVAL_S)
             except InterruptedError:
                 ready = []
-            _reap()
+            _reap(engines)
+            _reap_orphans(engines)
             if tokenizers.fileno() in ready:
                 tokenizers.absorb()
             if listener.fileno() not in ready:
                 continue
             try:
+    host_pid = os.getpid()
+    engines: dict[int, Peer] = {}  # live engine processes and their peers
                 conn, _ = listener.accept()
             except OSError:
                 continue
-            if _peer_uid(conn) != uid:
+            peer_pid, peer_uid = _peer_creds(conn)
+            if peer_uid != uid:
                 logger.warning("engine host: refused a connection from another user")
                 conn.close()
                 continue
             pid = os.fork()
             if pid == 0:
                 listener.close()
-                _child(conn, tokenizers)
+                _child(conn, tokenizers, host_pid)
+            engines[pid] = peer
             conn.close()
             logger.debug("engine host: forked engine process %d", pid)
     finally:
@@ -375,6 +474,10 @@ def serve(socket_path: Path | str, preload: Sequence[str] = DEFAULT_PRELOAD) -> 
             path.unlink()
         shutil.rmtree(cache_dir, ignore_errors=True)
         _reap()
+            peer = Peer.of(peer_pid)
+            if peer is None:  # it connected and died already
+                conn.close()
+                continue
 
 
 class EngineHost:
@@ -436,6 +539,10 @@ class EngineHost:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+    def logs(self) -> str:
+        """Everything the host and its engine processes logged so far."""
+        return self._process.logs()
+
         prog="python -m warmstart.backend.host", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--socket", required=True, help="path of the Unix socket to listen on")

@@ -3,7 +3,8 @@
 One :class:`CacheDir` class serves both tiers (:class:`HostCache` under ``/dev/shm``, :class:`DiskCache` on a
 local file system). Layout of a cache root::
 
-    <root>/<key>/               a published entry: the checkpoint's files, index.json written last
+    <root>/<key>/               a published entry: the checkpoint's files (read-only), index.json written
+                                last, and ``.sealed``: what the fill verified (see :class:`Seal`)
     <root>/.tmp/<key>.<id>/     an entry being filled (holds ``reserved``: the bytes it reserves)
     <root>/.trash/<key>.<id>/   an evicted entry being deleted
     <root>/.pool/<id>           page pool (memory tier): big files of evicted entries, reused by fills
@@ -21,6 +22,13 @@ Rules that make it safe across processes:
 * Last use is the mtime of the entry directory, set on every lookup; eviction takes the oldest first.
 * Room is reserved before any byte is written; when nothing can be evicted the fill fails with
   :class:`~warmstart.errors.CacheFull` and writes nothing.
+* Every fill verifies every chunk as it writes it, then seals the entry (:func:`seal_entry`: files made
+  read-only, ``.sealed`` records the index's xxh3 and every file's inode, size, mtime and ctime). A lookup
+  hands the entry out only while the seal holds (a few ``stat`` calls); when it does not (any process
+  wrote, truncated, replaced or re-permissioned a file since), the lookup re-hashes the whole entry under
+  the key's fill lock (:func:`verify_entry`), re-seals it when it is sound, and otherwise removes it, even
+  while in use (mappings of it stay valid), and reports it absent so that the caller fetches it again from
+  the next tier.
 * Page pool (:class:`HostCache` with a capacity): an evicted entry's partition files keep their pages in
   ``.pool`` instead of being deleted, and the next fill takes them (``.spare-<id>`` in its fill directory,
   renamed over its partition files by the loaders: :func:`take_spare`), so it writes into pages the kernel
@@ -35,10 +43,12 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import json
 import logging
 import mmap
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -47,8 +57,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from warmstart.errors import CacheFull, CorruptCheckpoint, EntryInUse
+import xxhash
+
+from warmstart.errors import CacheFull, ChecksumMismatch, CorruptCheckpoint, EntryInUse, TruncatedPartition
 from warmstart.format import spec
+from warmstart.format.checksum import xxh3_hex
 from warmstart.format.index import Index
 from warmstart.format.reader import Checkpoint, read_index
 from warmstart.format.sources import LocalSource
@@ -118,10 +131,12 @@ def _try_lock(path: Path, op: int) -> _Lock | None:
 class Lease:
     """Use of one published entry: holds ``LOCK_SH`` on it until released and until its mappings are gone."""
 
-    def __init__(self, cache: CacheDir, key: str, lock: _Lock) -> None:
+    def __init__(self, cache: CacheDir, key: str, lock: _Lock, dir_ino: int = 0) -> None:
         self.cache = cache
         self.key = key
         self.path = cache.root / key
+        self.dir_ino = dir_ino
+        """Inode of the entry directory leased (:meth:`CacheDir.drop_corrupt` removes only that one)."""
         self._lock: _Lock | None = lock
 
     def index(self) -> Index:
@@ -282,6 +297,234 @@ def _keep(_obj: object) -> None:
     """Finalizer whose only job is to hold a reference to its argument until it runs."""
 
 
+# -- seals: what a fill verified, and whether a copy is still what it verified ---------------------------------
+
+SEAL_FILE = ".sealed"
+"""Written into every published entry by the fill (or the re-verification) that hashed all of it."""
+_SEAL_FORMAT = "warmstart-seal/1"
+_SEAL_MAX_BYTES = 1 << 20
+READ_ONLY = 0o400
+"""Mode of a sealed entry's files: a process must ``chmod`` one before writing it, which breaks the seal."""
+VERIFY_THREADS = 2
+VERIFY_PIECE_BYTES = 4 * 1024**2
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What ``stat`` says of one file of an entry. A write, truncation, replacement or ``chmod`` changes it:
+    the ctime moves (and no process can set it back); a file that is not regular gets ``ino`` -1."""
+
+    name: str
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(frozen=True)
+class Seal:
+    """The record a fill leaves in its entry (``.sealed``) once every byte was verified: the xxh3 of the
+    ``index.json`` whose chunk checksums it checked the bytes against, and the stamp of every file as it
+    left them. While the stamps are unchanged, the copy is the bytes that were verified."""
+
+    index_xxh3: str
+    files: tuple[FileStamp, ...]
+
+    def to_json(self) -> bytes:
+        files = [[f.name, f.ino, f.size, f.mtime_ns, f.ctime_ns] for f in self.files]
+        return json.dumps({"format": _SEAL_FORMAT, "index_xxh3": self.index_xxh3, "files": files}).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Seal | None:
+        """The seal in ``raw``, or None when it is not one (torn, foreign or malformed)."""
+        try:
+            d = json.loads(raw)
+            if not isinstance(d, dict) or d.get("format") != _SEAL_FORMAT or not isinstance(d["files"], list):
+                return None
+            files = tuple(FileStamp(str(n), int(i), int(s), int(m), int(c)) for n, i, s, m, c in d["files"])
+            return cls(str(d["index_xxh3"]), files)
+        except (ValueError, TypeError, KeyError, RecursionError):
+            return None
+
+
+def seal_verdict(
+    recorded: Seal | None,
+    current: tuple[FileStamp, ...],
+    remembered: Seal | None,
+    *,
+    trust_recorded: bool,
+) -> bool:
+    """Whether an entry may be handed out without re-hashing it: its ``recorded`` seal exists and every file
+    still has the stamp it recorded. ``trust_recorded`` False (the node store) also requires the seal to be
+    one this process made or re-verified itself (``remembered``): a process that rewrote a file and then
+    the seal file beside it does not get its bytes trusted."""
+    if recorded is None or recorded.files != current:
+        return False
+    return trust_recorded or remembered == recorded
+
+
+def _read_regular(path: Path, limit: int) -> bytes | None:
+    """The bytes of ``path`` when it is a regular file (not a link, FIFO or device) of at most ``limit``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            raw = f.read(limit + 1)
+        return raw if len(raw) <= limit else None
+    finally:
+        os.close(fd)
+
+
+def read_seal(entry: Path) -> Seal | None:
+    """The seal recorded in ``entry``, or None (never sealed, removed, or not a valid seal)."""
+    raw = _read_regular(entry / SEAL_FILE, _SEAL_MAX_BYTES)
+    return None if raw is None else Seal.from_json(raw)
+
+
+def current_stamps(entry: Path) -> tuple[FileStamp, ...]:
+    """The stamp of every file of ``entry`` except its seal, by name (one ``lstat`` each)."""
+    out = []
+    with os.scandir(entry) as it:
+        for e in it:
+            if e.name.startswith(SEAL_FILE):
+                continue
+            st = e.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode):
+                out.append(FileStamp(e.name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            else:
+                out.append(FileStamp(e.name, -1, -1, -1, -1))
+    out.sort(key=lambda f: f.name)
+    return tuple(out)
+
+
+def seal_entry(entry: Path) -> Seal:
+    """Make every file of ``entry`` read-only and record its seal. Only for bytes that were just verified."""
+    index_bytes = _read_regular(entry / spec.INDEX_FILE, spec.MAX_INDEX_BYTES)
+    if index_bytes is None:
+        raise CorruptCheckpoint(f"{entry / spec.INDEX_FILE} is not a regular file")
+    with os.scandir(entry) as it:
+        for e in it:
+            if (
+                not e.name.startswith(SEAL_FILE)
+                and e.is_file(follow_symlinks=False)
+                and stat.S_IMODE(e.stat(follow_symlinks=False).st_mode) != READ_ONLY
+            ):
+                os.chmod(e.path, READ_ONLY)
+    seal = Seal(xxh3_hex(index_bytes), current_stamps(entry))  # after the chmods: they move the ctimes
+    tmp = entry / f"{SEAL_FILE}.tmp-{uuid.uuid4().hex[:12]}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, READ_ONLY)
+    try:
+        os.write(fd, seal.to_json())
+    finally:
+        os.close(fd)
+    os.rename(tmp, entry / SEAL_FILE)
+    return seal
+
+
+def verify_entry(entry: Path, recorded: Seal | None, *, threads: int = VERIFY_THREADS) -> None:
+    """Re-hash every chunk and model file of ``entry``; raise a :class:`~warmstart.errors.CorruptCheckpoint`
+    (:class:`~warmstart.errors.ChecksumMismatch` naming the chunk) at the first bad one.
+
+    With a ``recorded`` seal, ``index.json`` must also be the one it recorded (else a process could have
+    rewritten a chunk and its checksum together). ``threads`` threads read ``VERIFY_PIECE_BYTES`` at a time
+    with ``preadv`` into one reused buffer each and hash it (xxh3 releases the GIL); reads, not a mapping,
+    so a file truncated meanwhile is an error here, not a SIGBUS in the store.
+    """
+    index_bytes = _read_regular(entry / spec.INDEX_FILE, spec.MAX_INDEX_BYTES)
+    if index_bytes is None:
+        raise CorruptCheckpoint(f"{entry / spec.INDEX_FILE} is missing or not a regular file")
+    if recorded is not None and xxh3_hex(index_bytes) != recorded.index_xxh3:
+        raise ChecksumMismatch(
+            f"{entry / spec.INDEX_FILE} changed since the copy was verified",
+            file=spec.INDEX_FILE,
+            chunk=0,
+            start=0,
+            end=len(index_bytes),
+        )
+    index = Index.from_json_bytes(index_bytes)
+    Checkpoint(LocalSource(entry), index).check_sizes()
+    fds: list[int] = []
+    try:
+        for p in index.partitions:
+            try:
+                fds.append(os.open(entry / p.file, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ELOOP):
+                    raise
+                raise TruncatedPartition(f"{entry / p.file} is missing or not a regular file") from None
+            os.posix_fadvise(fds[-1], 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        jobs = [(pi, ci) for pi, p in enumerate(index.partitions) for ci in range(len(p.chunks))]
+        jobs.reverse()
+        lock = threading.Lock()
+        errors: list[BaseException] = []
+
+        def work() -> None:
+            buf = mmap.mmap(-1, VERIFY_PIECE_BYTES)
+            view = memoryview(buf)
+            try:
+                while True:
+                    with lock:
+                        if errors or not jobs:
+                            return
+                        pi, ci = jobs.pop()
+                    part = index.partitions[pi]
+                    start, end = index.chunk_range(pi, ci)
+                    h = xxhash.xxh3_64()
+                    pos = start
+                    while pos < end:
+                        n = os.preadv(fds[pi], [view[: min(VERIFY_PIECE_BYTES, end - pos)]], pos)
+                        if n <= 0:
+                            raise TruncatedPartition(
+                                f"{entry / part.file} ended at byte {pos}, expected {part.size}"
+                            )
+                        h.update(view[:n])
+                        pos += n
+                    if h.hexdigest() != part.chunks[ci]:
+                        raise ChecksumMismatch(
+                            f"checksum mismatch in {part.file} chunk {ci} (bytes {start}-{end}) of the cached "
+                            f"copy {entry}",
+                            file=part.file,
+                            chunk=ci,
+                            start=start,
+                            end=end,
+                        )
+            except BaseException as e:
+                with lock:
+                    errors.append(e)
+            finally:
+                view.release()
+                buf.close()
+
+        ts = [
+            threading.Thread(target=work, name="warmstart-verify")
+            for _ in range(max(1, min(threads, len(jobs))))
+        ]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        if errors:
+            raise errors[0]
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for f in index.files:
+        data = _read_regular(entry / f.name, max(f.size, 0))
+        if data is None or len(data) != f.size or xxh3_hex(data) != f.xxh3:
+            raise ChecksumMismatch(
+                f"model file {f.name} of the cached copy {entry} does not match its index",
+                file=f.name,
+                chunk=0,
+                start=0,
+                end=f.size,
+            )
+
+
 class CacheDir:
     """A bounded, LRU-evicted, cross-process-safe directory of whole checkpoints (one cache tier)."""
 
@@ -297,9 +540,17 @@ class CacheDir:
         capacity: int | str | None = None,
         *,
         page_pool: bool | None = None,
+        trust_seal_files: bool = True,
     ) -> None:
         self.root = Path(root)
         self.capacity = None if capacity is None else parse_size(capacity)
+        self.trust_seal_files = trust_seal_files
+        """False: hand out only entries whose seal this object made or re-verified (the node store)."""
+        self.on_corrupt: Callable[[str, BaseException], None] | None = None
+        """Called with the key and the error when a copy failed verification and was removed."""
+        self._seals: dict[str, Seal] = {}  # key -> the seal this object made or checked by re-hashing
+        self._fill_holders: dict[str, int] = {}  # key -> thread holding this object's fill lock of it
+        self._held_lock = threading.Lock()
         # bounded by the capacity, so only a bounded cache keeps one
         self.page_pool = (self.pools_pages if page_pool is None else page_pool) and self.capacity is not None
         for sub in (".tmp", ".trash", ".locks", _POOL):
@@ -316,11 +567,14 @@ class CacheDir:
     def contains(self, key: str) -> bool:
         return (self.root / validate_name(key) / spec.INDEX_FILE).is_file()
 
-    def lookup(self, key: str, *, verify: bool = False) -> Lease | None:
+    def lookup(self, key: str, *, verify: bool = False, repair: bool = True) -> Lease | None:
         """A lease on the published entry ``key``, or None when absent.
 
-        Sizes are always checked against the index (cheap); ``verify`` also checks every chunk checksum. A
-        corrupt entry is evicted (if no one else uses it) and reported as absent, so the caller re-fetches.
+        The entry is handed out when its seal holds (:func:`seal_verdict`: a few ``stat`` calls); ``verify``
+        re-hashes it on every lookup instead. A copy whose seal is broken is re-hashed under the key's fill
+        lock: re-sealed when sound, else removed (:meth:`drop_corrupt`) and reported absent, so the caller
+        fetches it again. ``repair`` False leaves that to another process (the node store) and reports such a
+        copy absent.
         """
         validate_name(key)
         lock = _Lock(self._lockfile(key), fcntl.LOCK_SH)  # waits only while an eviction of key runs
@@ -328,19 +582,107 @@ class CacheDir:
         if not (path / spec.INDEX_FILE).is_file():
             lock.release()
             return None
-        try:
-            ckpt = Checkpoint(LocalSource(path), read_index(LocalSource(path)))
-            ckpt.check_sizes()
-            if verify:
-                ckpt.verify()
-        except (CorruptCheckpoint, FileNotFoundError) as e:
-            log.warning("cached copy %s in %s is corrupt (%s); evicting it", key, self.root, e)
-            lock.release()
-            self.evict(key)
+        if not verify:
+            try:
+                trusted = self._sealed(key, path)
+                dir_ino = os.stat(path).st_ino
+            except FileNotFoundError:  # removed meanwhile (dropped as corrupt by another process)
+                trusted, dir_ino = False, 0
+            if trusted:
+                with contextlib.suppress(FileNotFoundError):
+                    os.utime(path)
+                return Lease(self, key, lock, dir_ino)
+        lock.release()
+        if not repair:
             return None
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(path)
-        return Lease(self, key, lock)
+        return self._recheck(key, force=verify)
+
+    def _sealed(self, key: str, path: Path) -> bool:
+        with self._held_lock:
+            remembered = self._seals.get(key)
+        return seal_verdict(
+            read_seal(path), current_stamps(path), remembered, trust_recorded=self.trust_seal_files
+        )
+
+    def seal_holds(self, lease: Lease) -> bool:
+        """Whether the entry ``lease`` was taken on is still there, unchanged since it was verified."""
+        try:
+            return os.stat(lease.path).st_ino == lease.dir_ino and self._sealed(lease.key, lease.path)
+        except FileNotFoundError:
+            return False
+
+    def _remember(self, key: str, seal: Seal | None) -> None:
+        with self._held_lock:
+            if seal is None:
+                self._seals.pop(key, None)
+            else:
+                self._seals[key] = seal
+
+    def _recheck(self, key: str, *, force: bool) -> Lease | None:
+        """Re-hash entry ``key`` under its fill lock (see :meth:`lookup`); a lease, or None once removed."""
+        with self.fill_lock(key):
+            lock = _Lock(self._lockfile(key), fcntl.LOCK_SH)
+            path = self.root / key
+            try:
+                if not (path / spec.INDEX_FILE).is_file():
+                    lock.release()
+                    return None
+                dir_ino = os.stat(path).st_ino
+                if not force and self._sealed(key, path):  # re-verified by another thread meanwhile
+                    return Lease(self, key, lock, dir_ino)
+                try:
+                    verify_entry(path, read_seal(path))
+                except (CorruptCheckpoint, FileNotFoundError) as e:
+                    self._drop(key, dir_ino, e)
+                    lock.release()
+                    return None
+                self._remember(key, seal_entry(path))
+                log.info("%s copy of %s at %s re-verified and sealed", self.tier, key, self.root)
+            except FileNotFoundError:  # removed meanwhile by an eviction
+                lock.release()
+                return None
+            with contextlib.suppress(FileNotFoundError):
+                os.utime(path)
+            return Lease(self, key, lock, dir_ino)
+
+    def drop_corrupt(self, key: str, error: BaseException, *, lease: Lease | None = None) -> bool:
+        """Remove entry ``key``, found corrupt (``error``), even while processes use it: their mappings stay
+        valid (the files are unlinked, not truncated), new lookups no longer find it. With ``lease``, only
+        the entry directory that lease was taken on. False when it is gone already."""
+        with self.fill_lock(key):
+            path = self.root / key
+            try:
+                dir_ino = os.stat(path).st_ino
+            except FileNotFoundError:
+                return False
+            if lease is not None and lease.dir_ino and lease.dir_ino != dir_ino:
+                return False  # that copy went already; this one was filled since
+            return self._drop(key, dir_ino, error)
+
+    def _drop(self, key: str, dir_ino: int, error: BaseException) -> bool:
+        """Move the entry away and delete it (the caller holds the key's fill lock). Its files are not pooled:
+        a process may still map them."""
+        path = self.root / key
+        trash = self.root / ".trash" / f"{key}.{uuid.uuid4().hex[:12]}"
+        try:
+            if os.stat(path).st_ino != dir_ino:
+                return False
+            os.rename(path, trash)
+        except FileNotFoundError:
+            return False
+        self._remember(key, None)
+        shutil.rmtree(trash, ignore_errors=True)
+        log.warning(
+            "%s copy of %s at %s failed verification and was removed (%s); it is fetched again from the "
+            "next tier",
+            self.tier,
+            key,
+            self.root,
+            " ".join(str(error).split()),
+        )
+        if self.on_corrupt is not None:
+            self.on_corrupt(key, error)
+        return True
 
     def entries(self) -> list[EntryInfo]:
         """Every published entry, least recently used first."""
@@ -399,6 +741,7 @@ class CacheDir:
             return False
         trash = self.root / ".trash" / f"{key}.{uuid.uuid4().hex[:12]}"
         os.rename(path, trash)  # invisible at once; deletion may take a while for big entries
+        self._remember(key, None)
         if self.page_pool:
             self._pool_files(trash)
         shutil.rmtree(trash, ignore_errors=True)
@@ -523,11 +866,25 @@ class CacheDir:
 
     @contextlib.contextmanager
     def fill_lock(self, key: str) -> Iterator[None]:
-        """Exclusive right to fill ``key`` (a second filler waits here, then usually finds it published)."""
-        lock = _Lock(self._lockfile(validate_name(key), "fill"), fcntl.LOCK_EX)
+        """Exclusive right to fill ``key`` (a second filler waits here, then usually finds it published).
+
+        Re-entrant in the thread that holds it through this object (a lookup inside a fill may re-verify).
+        """
+        validate_name(key)
+        me = threading.get_ident()
+        with self._held_lock:
+            held = self._fill_holders.get(key) == me
+        if held:
+            yield
+            return
+        lock = _Lock(self._lockfile(key, "fill"), fcntl.LOCK_EX)
+        with self._held_lock:
+            self._fill_holders[key] = me
         try:
             yield
         finally:
+            with self._held_lock:
+                self._fill_holders.pop(key, None)
             lock.release()
 
     def try_fill_lock(self, key: str) -> _Lock | None:
@@ -541,8 +898,9 @@ class CacheDir:
         """Reserve room and a hidden directory for ``key``; publish it atomically when the block succeeds.
 
         The caller holds :meth:`fill_lock` for ``key`` and writes every file into ``fill.path``, ``index.json``
-        last. On an exception the directory is removed and nothing becomes visible. After the block,
-        ``fill.lease`` holds the published entry in use.
+        last, having verified every byte against the index's checksums as it wrote it. The entry is then
+        sealed (:func:`seal_entry`) and published. On an exception the directory is removed and nothing
+        becomes visible. After the block, ``fill.lease`` holds the published entry in use.
         """
         tmp = self._reserve(key, nbytes, on_evict)
         fill = Fill(tmp)
@@ -553,6 +911,7 @@ class CacheDir:
             (tmp / _RESERVED).unlink()
             if not (tmp / spec.INDEX_FILE).is_file():
                 raise RuntimeError(f"fill of {key} wrote no index.json")
+            seal = seal_entry(tmp)  # renaming the directory leaves its files' stamps as they are
             lock = _Lock(self._lockfile(key), fcntl.LOCK_SH)  # in use from the moment it is visible
             try:
                 os.rename(tmp, self.root / key)
@@ -562,7 +921,8 @@ class CacheDir:
                     raise EntryInUse(f"{key} reappeared in {self.root} during the fill") from e
                 raise
             _fsync_dir(self.root)
-            fill.lease = Lease(self, key, lock)
+            self._remember(key, seal)
+            fill.lease = Lease(self, key, lock, os.stat(self.root / key).st_ino)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -639,6 +999,7 @@ def take_spare(fill_dir: Path, name: str, size: int) -> int:
     big = [s for s in spares if s[0] >= size]
     n, path = min(big) if big else max(spares)
     dest = fill_dir / name
+    os.chmod(path, 0o600)  # a sealed entry's file is read-only
     os.rename(path, dest)
     os.truncate(dest, size)
     return min(n, size)
@@ -662,8 +1023,14 @@ class HostCache(CacheDir):
         capacity: int | str | None = None,
         *,
         page_pool: bool | None = None,
+        trust_seal_files: bool = True,
     ) -> None:
-        super().__init__(default_host_root() if root is None else root, capacity, page_pool=page_pool)
+        super().__init__(
+            default_host_root() if root is None else root,
+            capacity,
+            page_pool=page_pool,
+            trust_seal_files=trust_seal_files,
+        )
         self.huge_pages = huge_tmpfs(self.root)
 
 

@@ -15,6 +15,10 @@ nothing (embedded)        map the files (zero copy)          remote → aligned 
 ========================  ==================================================================================
 
 A fill from remote writes the memory tier and the disk tier in one overlapped pass (see ``pipeline``).
+
+Every fill checks every chunk against its xxh3 as it writes it and seals the copy; a copy whose seal broke
+is re-hashed before it is used again, and one that fails is removed and fetched from the next tier (see
+``hostcache`` and docs/loaders.md, "Verified copies").
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ from typing import Any, ClassVar
 
 import xxhash
 
-from warmstart.errors import CheckpointNotFound, ChecksumMismatch, EntryInUse, InvalidModelName, ModelNotFound
+from warmstart.errors import (
+    CheckpointNotFound,
+    ChecksumMismatch,
+    CorruptCheckpoint,
+    InvalidModelName,
+    ModelNotFound,
+    SealBroken,
+)
 from warmstart.format import spec
 from warmstart.format.index import Index
 from warmstart.format.reader import read_index
@@ -310,22 +321,22 @@ def ensure_memory(uri: str, key: str, t: Tiers) -> tuple[Lease, list[Transfer]]:
 
 
 def _disk_to_memory(key: str, t: Tiers, transfers: list[Transfer]) -> Lease | None:
+    """Fill the memory tier from the disk tier's copy (every chunk re-hashed on the way); None when the disk
+    tier has no sound copy (a corrupt one is removed from it, even while in use)."""
     assert t.memory is not None
-    disk_lease = t.disk.lookup(key, verify=False) if t.disk is not None else None
+    disk_lease = t.disk.lookup(key) if t.disk is not None else None
     if disk_lease is None:
         return None
-    index_bytes = (disk_lease.path / spec.INDEX_FILE).read_bytes()
-    index = Index.from_json_bytes(index_bytes)
+    assert t.disk is not None
     try:
+        index_bytes = (disk_lease.path / spec.INDEX_FILE).read_bytes()
+        index = Index.from_json_bytes(index_bytes)
         with t.memory.filling(key, index.total_bytes, on_evict=_evict_cb(t, "memory")) as f:
             secs = pipeline.disk_to(disk_lease.path, index, f.path, direct=t.direct)
             pipeline.copy_model_files(LocalSource(disk_lease.path), index, index_bytes, [f.path])
-    except ChecksumMismatch as e:
-        log.warning("disk copy of %s is corrupt (%s); evicting it and fetching from remote", key, e)
+    except (CorruptCheckpoint, FileNotFoundError) as e:
+        t.disk.drop_corrupt(key, e, lease=disk_lease)
         disk_lease.release()
-        assert t.disk is not None
-        with contextlib.suppress(EntryInUse):
-            t.disk.evict(key)
         return None
     disk_lease.release()
     transfers.append(Transfer("disk", ("memory",), index.total_bytes, secs))
@@ -428,6 +439,16 @@ class DiskCopy:
         if self._cancel.is_set():
             raise _Cancelled
 
+    def _check_source(self) -> None:
+        """The disk copy is not re-hashed: it is a kernel copy of the memory-tier files, whose seal stands for
+        their verification. It is published only if that seal held before and after the copy."""
+        assert self._hold is not None and self._t.memory is not None
+        if not self._t.memory.seal_holds(self._hold):
+            raise SealBroken(
+                f"the memory-tier copy of {self.key} changed after it was verified; not copying it to the disk "
+                "tier (its next load re-verifies it)"
+            )
+
     def _run(self) -> None:
         t = self._t
         assert t.disk is not None
@@ -440,8 +461,10 @@ class DiskCopy:
             self._check_cancel()
             on_evict = _evict_cb(t, "disk")
             with self._disk_lock, t.disk.filling(self.key, self._index.total_bytes, on_evict=on_evict) as df:
+                self._check_source()
                 secs = pipeline.local_copy(self._hold.path, self._index, df.path)
                 self._check_cancel()  # inside the fill: its temporary directory is removed, nothing published
+                self._check_source()  # the kernel copied the verified bytes only if they did not change
             assert df.lease is not None
             df.lease.release()
             self.transfer = Transfer("memory", ("disk",), self._index.total_bytes, secs)

@@ -99,8 +99,9 @@ class StoreClient:
             cache = (
                 HostCache(Path(info["root"])) if info["tier"] == "memory" else DiskCache(Path(info["root"]))
             )
-            lease = cache.lookup(name)
-            if lease is not None:  # else: evicted between the answer and our lock; ask again
+            # the store checked the copy just now; a copy changed since is left to the store to re-verify
+            lease = cache.lookup(name, repair=False)
+            if lease is not None:  # else: evicted (or changed) between the answer and our lock; ask again
                 transfers = [
                     Transfer(t["source"], tuple(t["targets"]), int(t["bytes"]), float(t["seconds"]))
                     for t in info["transfers"]
