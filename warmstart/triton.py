@@ -385,6 +385,11 @@ class TritonServer:
         return self._process.pid if self._process is not None else None
 
     @property
+    def engine_host_pid(self) -> int | None:
+        """PID of the engine host beside the server, None without one or before start."""
+        return self._engine_host.pid if self._engine_host is not None else None
+
+    @property
     def http_url(self) -> str:
         """``host:port`` of the HTTP endpoint (tritonclient.http style, no scheme)."""
         return f"{self._config.bind_address}:{self._require_port(self._config.http_port)}"
@@ -392,11 +397,6 @@ class TritonServer:
     @property
     def grpc_url(self) -> str:
         """``host:port`` of the gRPC endpoint."""
-    @property
-    def engine_host_pid(self) -> int | None:
-        """PID of the engine host beside the server, None without one or before start."""
-        return self._engine_host.pid if self._engine_host is not None else None
-
         return f"{self._config.bind_address}:{self._require_port(self._config.grpc_port)}"
 
     @property

@@ -285,6 +285,9 @@ def _child(conn: socket.socket, tokenizers: _TokenizerCache, host_pid: int) -> N
     try:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
+        set_parent_death_signal()  # the host is single-threaded: its death is the forking thread's
+        if os.getppid() != host_pid:  # the host died before the line above
+            os._exit(1)
         chan = Channel(conn)
         try:
             _serve_model(chan, tokenizers)
@@ -297,9 +300,6 @@ def _child(conn: socket.socket, tokenizers: _TokenizerCache, host_pid: int) -> N
         logger.exception("engine process %d failed", os.getpid())
         code = 1
     finally:
-        set_parent_death_signal()  # the host is single-threaded: its death is the forking thread's
-        if os.getppid() != host_pid:  # the host died before the line above
-            os._exit(1)
         logging.shutdown()
         os._exit(code)  # never run the host's atexit handlers or return into its accept loop
 
@@ -398,6 +398,8 @@ def _reap(engines: dict[int, Peer] | None = None) -> None:
             return
         if pid == 0:
             return
+        if engines is not None:
+            engines.pop(pid, None)
         if os.waitstatus_to_exitcode(status) != 0:
             logger.info("engine process %d exited with %d", pid, os.waitstatus_to_exitcode(status))
 
@@ -410,8 +412,6 @@ def serve(socket_path: Path | str, preload: Sequence[str] = DEFAULT_PRELOAD) -> 
             importlib.import_module(module)
         except ImportError as e:  # e.g. no torch installed: JAX-only nodes still work
             logger.warning("engine host: cannot preload %s: %s", module, e)
-        if engines is not None:
-            engines.pop(pid, None)
     path = Path(socket_path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
@@ -438,6 +438,8 @@ def serve(socket_path: Path | str, preload: Sequence[str] = DEFAULT_PRELOAD) -> 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     uid = os.getuid()
+    host_pid = os.getpid()
+    engines: dict[int, Peer] = {}  # live engine processes and their peers
     try:
         while not stopping:
             try:
@@ -451,14 +453,16 @@ def serve(socket_path: Path | str, preload: Sequence[str] = DEFAULT_PRELOAD) -> 
             if listener.fileno() not in ready:
                 continue
             try:
-    host_pid = os.getpid()
-    engines: dict[int, Peer] = {}  # live engine processes and their peers
                 conn, _ = listener.accept()
             except OSError:
                 continue
             peer_pid, peer_uid = _peer_creds(conn)
             if peer_uid != uid:
                 logger.warning("engine host: refused a connection from another user")
+                conn.close()
+                continue
+            peer = Peer.of(peer_pid)
+            if peer is None:  # it connected and died already
                 conn.close()
                 continue
             pid = os.fork()
@@ -474,10 +478,6 @@ def serve(socket_path: Path | str, preload: Sequence[str] = DEFAULT_PRELOAD) -> 
             path.unlink()
         shutil.rmtree(cache_dir, ignore_errors=True)
         _reap()
-            peer = Peer.of(peer_pid)
-            if peer is None:  # it connected and died already
-                conn.close()
-                continue
 
 
 class EngineHost:
@@ -527,6 +527,10 @@ class EngineHost:
     def is_alive(self) -> bool:
         return self._process.is_alive()
 
+    def logs(self) -> str:
+        """Everything the host and its engine processes logged so far."""
+        return self._process.logs()
+
     def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM, wait, SIGKILL, then sweep its process group (every engine process). Idempotent."""
         if self._process.pid is None:
@@ -539,10 +543,6 @@ class EngineHost:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-    def logs(self) -> str:
-        """Everything the host and its engine processes logged so far."""
-        return self._process.logs()
-
         prog="python -m warmstart.backend.host", description=__doc__.split("\n")[0]
     )
     parser.add_argument("--socket", required=True, help="path of the Unix socket to listen on")
