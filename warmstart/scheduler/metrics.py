@@ -8,7 +8,8 @@ Counters and histograms (names as exposed; counters end in ``_total``):
 
 * ``warmstart_scheduler_requests_total{model, outcome}``: generation requests by how they ended (outcome:
   ``ok``, ``bad_request``, ``unknown_model``, ``queue_full``, ``cold_start_timeout``, ``load_failed``,
-  ``failed``, ``unavailable``, ``cancelled``, ``error``). ``model`` is empty for a name that is not deployed.
+  ``failed``, ``not_found``, ``unavailable``, ``cancelled``, ``error``). ``model`` is empty for a name that
+  is not deployed.
 * ``warmstart_scheduler_time_to_first_token_seconds{model, tier}`` (histogram): request arrival at the
   router to its first token. ``tier`` is where the weights of the load the request waited for came from
   (``memory``, ``disk``, ``remote``), or ``warm`` when the model was already loaded when it arrived.
@@ -117,6 +118,8 @@ def outcome_of(error: BaseException | None) -> str:
         if isinstance(error, cls):
             return outcome
     http = status_of(error).http
+    if http == 404:
+        return "not_found"  # a deployed model no server can serve (e.g. in no server's repository)
     if 400 <= http < 500:
         return "bad_request"
     if http == 503:
