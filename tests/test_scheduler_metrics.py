@@ -161,7 +161,7 @@ def test_metrics_count_requests_by_outcome_and_first_tokens_by_load_tier(
 
     async def stream_and_openai() -> None:
         async with aiohttp.ClientSession() as session:
-            body = {"text_input": "two", "parameters": {"stream": True, "max_tokens": 3}}
+            body: dict[str, Any] = {"text_input": "two", "parameters": {"stream": True, "max_tokens": 3}}
             async with session.post(f"{base}/v2/models/ma/generate_stream", json=body) as resp:
                 assert resp.status == 200
                 await resp.read()
