@@ -11,6 +11,22 @@ class SchedulerError(WarmstartError):
     """Base class of every error the scheduler raises on purpose."""
 
 
+class BadRequest(SchedulerError, ValueError):
+    """A request is malformed (bad JSON, bad types, unknown sampling keys, out-of-range values): a 400."""
+
+
+class InvalidSamplingValue(BadRequest):
+    """A sampling parameter is outside what the model allows (e.g. ``max_tokens`` above its limit)."""
+
+
+class RequestBodyTooLarge(BadRequest):
+    """A request body is larger than the front end accepts (HTTP 413)."""
+
+
+class RequestBodyTimeout(BadRequest):
+    """A request body did not arrive within the front end's read deadline (HTTP 408)."""
+
+
 class InvalidSnapshotError(SchedulerError, ValueError):
     """A cluster-state snapshot is inconsistent (duplicate names, negative sizes, bad bandwidths...)."""
 

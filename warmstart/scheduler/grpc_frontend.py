@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -40,35 +41,73 @@ def _bytes_tensor(values: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(v)) + v for v in values)
 
 
-def _decode_bytes(raw: bytes) -> list[bytes]:
+def _decode_bytes(name: str, raw: bytes) -> list[bytes]:
+    """A raw BYTES tensor (each element a little-endian uint32 length, then its bytes); BadRequest if torn."""
     out, pos = [], 0
-    while pos + 4 <= len(raw):
+    while pos < len(raw):
+        if pos + 4 > len(raw):
+            raise BadRequest(f"input {name!r}: raw BYTES contents end inside an element's length prefix")
         (n,) = struct.unpack_from("<I", raw, pos)
+        if pos + 4 + n > len(raw):
+            raise BadRequest(f"input {name!r}: a raw BYTES element says {n} bytes but fewer follow")
         out.append(raw[pos + 4 : pos + 4 + n])
         pos += 4 + n
     return out
 
 
+# the inputs the scheduler reads, with their datatype; each holds exactly one element
+_INPUT_TYPES = {
+    "text_input": "BYTES",
+    "sampling_parameters": "BYTES",
+    "stream": "BOOL",
+    "exclude_input_in_output": "BOOL",
+}
+
+
 def _inputs(req: pb.ModelInferRequest) -> dict[str, Any]:
-    """Input tensors by name, as bytes (BYTES), bool (BOOL) or ints (INT*), raw or typed contents."""
+    """Input tensors by name, as bytes (BYTES) or bool (BOOL), from raw or typed contents.
+
+    Each must be one of :data:`_INPUT_TYPES` with that datatype, appear once, and hold exactly one element
+    (the scheduler serves one prompt per request); anything else is a BadRequest naming the input.
+    """
     raw = list(req.raw_input_contents)
+    if raw and len(raw) != len(req.inputs):
+        raise BadRequest(
+            f"{len(raw)} raw_input_contents for {len(req.inputs)} inputs: give one per input, or none"
+        )
     out: dict[str, Any] = {}
     for i, t in enumerate(req.inputs):
-        data = raw[i] if i < len(raw) else None
-        if t.datatype == "BYTES":
+        expected = _INPUT_TYPES.get(t.name)
+        if expected is None:
+            raise BadRequest(
+                f"input {t.name[:64]!r} is not accepted by the scheduler; inputs: {', '.join(_INPUT_TYPES)}"
+                " (input_ids/num_generated are the scheduler's own, for resuming on a server)"
+            )
+        if t.datatype != expected:
+            raise BadRequest(f"input {t.name!r} must be {expected}, got datatype {t.datatype[:16]!r}")
+        if t.name in out:
+            raise BadRequest(f"input {t.name!r} is given twice")
+        data = raw[i] if raw else None
+        values: list[Any]
+        if expected == "BYTES":
             values = (
-                _decode_bytes(data) if data is not None else [bytes(b) for b in t.contents.bytes_contents]
-            )
-            out[t.name] = values[0] if values else b""
-        elif t.datatype == "BOOL":
-            values_b = (
-                [bool(x) for x in np.frombuffer(data, dtype=np.bool_)]
+                _decode_bytes(t.name, data)
                 if data is not None
-                else list(t.contents.bool_contents)
+                else [bytes(b) for b in t.contents.bytes_contents]
             )
-            out[t.name] = bool(values_b[0]) if values_b else False
+        elif data is not None:
+            values = [bool(x) for x in np.frombuffer(data, dtype=np.uint8)]
         else:
-            raise BadRequest(f"input {t.name!r}: datatype {t.datatype} is not accepted by the scheduler")
+            values = list(t.contents.bool_contents)
+        if len(values) != 1:
+            raise BadRequest(
+                f"input {t.name!r} must hold exactly one element, got {len(values)}: the scheduler serves one "
+                "prompt per request (send one request per prompt)"
+            )
+        shape = list(t.shape)
+        if math.prod(shape) != 1 or any(d < 0 for d in shape):
+            raise BadRequest(f"input {t.name!r} has shape {shape[:8]}; it must hold one element ([1])")
+        out[t.name] = values[0]
     return out
 
 
@@ -216,15 +255,17 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
             prompt = inputs.get("text_input")
             if not isinstance(prompt, bytes):
                 raise BadRequest("text_input (BYTES) is required")
+            try:
+                prompt_text = prompt.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise BadRequest(f"text_input is not valid UTF-8: {e}") from None
             sampling: dict[str, Any] = {}
             if "sampling_parameters" in inputs:
                 sampling.update(sampling_from_json(inputs["sampling_parameters"]))
             sampling.update(coerce_sampling(params, strict=False))
             stream = bool(inputs.get("stream", False))
             exclude = bool(inputs.get("exclude_input_in_output", False))
-            gen = self.router.new_generation(
-                model, prompt.decode("utf-8", errors="replace"), sampling, request_id=req.id or None
-            )
+            gen = self.router.new_generation(model, prompt_text, sampling, request_id=req.id or None)
             async with contextlib.aclosing(self.router.stream(gen)) as it:
                 if stream:
                     async for chunk in it:
@@ -252,18 +293,16 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                     )
         except asyncio.CancelledError:
             raise
-        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
-            logger.info("stream request %s failed: %s", req.id, e)
-            out.put_nowait(
-                pb.ModelStreamInferResponse(
-                    error_message=str(e), infer_response=pb.ModelInferResponse(id=req.id)
-                )
-            )
         except Exception as e:
-            logger.exception("stream request %s failed", req.id)
+            if not isinstance(e, WarmstartError) and status_of(e).grpc in ("INTERNAL", "UNKNOWN"):
+                logger.exception("stream request %s failed", req.id)
+                message = f"internal error: {e!r}"
+            else:  # SchedulerError, the shared InvalidModelName, and a plain ValueError (bad input)
+                logger.info("stream request %s failed: %s", req.id, e)
+                message = str(e)
             out.put_nowait(
                 pb.ModelStreamInferResponse(
-                    error_message=f"internal error: {e!r}", infer_response=pb.ModelInferResponse(id=req.id)
+                    error_message=message, infer_response=pb.ModelInferResponse(id=req.id)
                 )
             )
 

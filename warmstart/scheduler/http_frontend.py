@@ -6,6 +6,7 @@ Every model name is checked against the allow-list before anything else happens.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -20,13 +21,20 @@ from aiohttp import web
 from warmstart.errors import WarmstartError
 from warmstart.names import validate_model_name
 from warmstart.scheduler.config import ModelConfig, SchedulerConfigError, ServerConfig
-from warmstart.scheduler.errors import MigrationError, UnknownModelError, UnknownServerError
+from warmstart.scheduler.errors import (
+    MigrationError,
+    RequestBodyTimeout,
+    RequestBodyTooLarge,
+    UnknownModelError,
+    UnknownServerError,
+)
 from warmstart.scheduler.metrics import metrics_endpoint, response_counter
 from warmstart.scheduler.protocol import (
     BadRequest,
     chat_prompt,
     coerce_sampling,
     model_metadata,
+    parse_json_object,
     sampling_from_json,
     status_of,
 )
@@ -42,21 +50,68 @@ from warmstart.scheduler.upstream import TokenChunk
 logger = logging.getLogger(__name__)
 
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
-_MAX_BODY = 8 << 20
+MAX_BODY_BYTES = 8 << 20  # default of the config's max_request_body_bytes
+BODY_TIMEOUT_S = 30.0  # default of the config's request_body_timeout_s
+_BODY_LIMITS = web.AppKey("body_limits", tuple)  # (max bytes, read deadline in seconds)
+
+
+def _message(error: BaseException) -> str:
+    """What a client is told about ``error``: its message, unless it is a bug (logged, not shown)."""
+    if isinstance(error, WarmstartError) or status_of(error).http < 500:
+        return str(error)
+    logger.error("request failed unexpectedly", exc_info=error)
+    return f"internal error ({type(error).__name__}); the scheduler log has the details"
 
 
 def _error(error: BaseException) -> web.Response:
-    return web.json_response({"error": str(error)}, status=status_of(error).http)
+    resp = web.json_response({"error": _message(error)}, status=status_of(error).http)
+    if isinstance(error, (RequestBodyTooLarge, RequestBodyTimeout)):
+        resp.force_close()  # the rest of the body may still come: never read it as a next request
+    return resp
+
+
+@web.middleware
+async def _errors_as_json(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Any exception a handler lets out becomes a JSON error with its status (a ValueError is a 400)."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as e:
+        return _error(e)
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """The request body, bounded in size (413) and in time (408): see ``max_request_body_bytes``."""
+    max_bytes, timeout_s = request.app[_BODY_LIMITS]
+    too_large = (
+        f"the request body is larger than {max_bytes} bytes (the scheduler's max_request_body_bytes); "
+        "send a smaller one"
+    )
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise RequestBodyTooLarge(too_large)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise RequestBodyTimeout(
+            f"the request body did not arrive within {timeout_s:g} s (the scheduler's request_body_timeout_s);"
+            " send the whole body, as many bytes as Content-Length says"
+        ) from None
+    except web.HTTPRequestEntityTooLarge:  # a chunked body past client_max_size
+        raise RequestBodyTooLarge(too_large) from None
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    try:
-        data = await request.json()
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise BadRequest("request body must be a JSON object")
-    return data
+    return parse_json_object(await _read_body(request), "the request body")
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name} must be true or false, got {json.dumps(value)[:60]}")
+    return value
 
 
 def _model_from_path(request: web.Request) -> str:
@@ -85,10 +140,18 @@ async def _chunks(first: TokenChunk | None, it: AsyncIterator[TokenChunk]) -> As
 class HttpFrontend:
     """Builds the aiohttp application around a :class:`Router`."""
 
-    def __init__(self, router: Router, *, admin_token: str | None) -> None:
+    def __init__(
+        self,
+        router: Router,
+        *,
+        admin_token: str | None,
+        max_body_bytes: int = MAX_BODY_BYTES,
+        body_timeout_s: float = BODY_TIMEOUT_S,
+    ) -> None:
         self.router = router
         self._admin_token = admin_token
-        self.app = web.Application(client_max_size=_MAX_BODY)
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors_as_json])
+        self.app[_BODY_LIMITS] = (max_body_bytes, body_timeout_s)
         r = self.app.router
         self.app.middlewares.insert(0, response_counter(router.metrics))  # outermost: sees every answer
         r.add_get("/metrics", self.metrics)
@@ -159,24 +222,37 @@ class HttpFrontend:
     # -- KServe generate ------------------------------------------------------------------------------------
     def _generation(self, model: str, body: dict[str, Any]) -> tuple[Generation, bool]:
         prompt = body.get("text_input")
+        if isinstance(prompt, list):  # a [1]-shaped tensor, as Triton reads JSON arrays
+            if len(prompt) != 1:
+                raise BadRequest(
+                    f"text_input must be one string, got a list of {len(prompt)}: the scheduler serves one "
+                    "prompt per request (send one request per prompt)"
+                )
+            prompt = prompt[0]
         if not isinstance(prompt, str):
-            raise BadRequest("text_input must be a string")
+            raise BadRequest("text_input must be a string (or a list of one string)")
         params = body.get("parameters") or {}
         if not isinstance(params, dict):
             raise BadRequest("parameters must be an object")
         sampling: dict[str, Any] = {}
         if "sampling_parameters" in body:
             sp = body["sampling_parameters"]
-            sampling.update(
-                sampling_from_json(sp) if isinstance(sp, str) else coerce_sampling(sp, strict=True)
-            )
+            if isinstance(sp, str):
+                sampling.update(sampling_from_json(sp))
+            elif isinstance(sp, dict):
+                sampling.update(coerce_sampling(sp, strict=True))
+            else:
+                raise BadRequest("sampling_parameters must be a JSON object (or a string holding one)")
         sampling.update(coerce_sampling(body, strict=False))
         sampling.update(coerce_sampling(params, strict=False))
-        exclude = bool(params.get("exclude_input_in_output", body.get("exclude_input_in_output", False)))
-        request_id = body.get("id")
-        gen = self.router.new_generation(
-            model, prompt, sampling, request_id=str(request_id) if request_id else None
+        exclude = _flag(
+            "exclude_input_in_output",
+            params.get("exclude_input_in_output", body.get("exclude_input_in_output", False)),
         )
+        request_id = body.get("id")
+        if request_id is not None and not (isinstance(request_id, str) and len(request_id) <= 256):
+            raise BadRequest("id must be a string of at most 256 characters")
+        gen = self.router.new_generation(model, prompt, sampling, request_id=request_id or None)
         return gen, exclude
 
     def _event(self, gen: Generation, chunk: TokenChunk, request_id: Any) -> dict[str, Any]:
@@ -225,10 +301,10 @@ class HttpFrontend:
         """Send the first chunk's error as a plain status, then stream events."""
         try:
             first = await _first(it)
-        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
+        except Exception as e:  # SchedulerError, the shared InvalidModelName; anything else is logged
             status = status_of(e).http
             return web.Response(
-                status=status, text=f"data: {json.dumps({'error': str(e)})}\n\n", headers=_SSE_HEADERS
+                status=status, text=f"data: {json.dumps({'error': _message(e)})}\n\n", headers=_SSE_HEADERS
             )
         resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
         await resp.prepare(request)
@@ -237,11 +313,11 @@ class HttpFrontend:
                 event = render(chunk)
                 if event is not None:
                     await resp.write(f"data: {json.dumps(event)}\n\n".encode())
-        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
-            await resp.write(f"data: {json.dumps({'error': str(e)})}\n\n".encode())
         except ConnectionResetError:
             logger.debug("client went away mid-stream")
             return resp
+        except Exception as e:  # SchedulerError, the shared InvalidModelName; anything else is logged
+            await resp.write(f"data: {json.dumps({'error': _message(e)})}\n\n".encode())
         if done is not None:
             await resp.write(f"data: {done}\n\n".encode())
         await resp.write_eof()

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from warmstart import jsonsafe
 from warmstart.scheduler.config import ModelConfig
-from warmstart.scheduler.errors import InvalidModelName, SchedulerError, UnknownModelError
+from warmstart.scheduler.errors import (
+    BadRequest,
+    InvalidModelName,
+    RequestBodyTimeout,
+    RequestBodyTooLarge,
+    UnknownModelError,
+)
 from warmstart.scheduler.router import ColdStartQueueFull, ColdStartTimeout, GenerationFailed
 from warmstart.scheduler.upstream import ModelLoadFailed, UpstreamRequestError
 
@@ -17,51 +24,81 @@ _INT_KEYS = frozenset({"max_tokens", "top_k", "seed", "min_tokens"})
 _FLOAT_KEYS = frozenset({"temperature", "top_p"})
 
 
-class BadRequest(SchedulerError, ValueError):
-    """A request is malformed (bad JSON, bad types, unknown sampling keys)."""
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _sampling_value(key: str, value: Any) -> Any:
+    """``value`` of sampling parameter ``key`` as its type: a JSON number, or a string spelling one."""
+    if key in _INT_KEYS:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and (n := jsonsafe.number_from_string(value, integer=True)) is not None:
+            return n
+        raise BadRequest(
+            f'sampling parameter {key!r} must be an integer (a JSON number or a string such as "16"), '
+            f"got {_shown(value)}"
+        )
+    if key in _FLOAT_KEYS:
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        if isinstance(value, str) and (x := jsonsafe.number_from_string(value, integer=False)) is not None:
+            return x
+        raise BadRequest(
+            f"sampling parameter {key!r} must be a finite number (a JSON number or a string such as "
+            f'"0.1"), got {_shown(value)}'
+        )
+    # stop: a string or a list of strings
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise BadRequest(
+            f"sampling parameter {key!r} must be a string or a list of strings, got {_shown(value)}"
+        )
+    return list(stops)
 
 
 def coerce_sampling(values: Mapping[str, Any], *, strict: bool) -> dict[str, Any]:
     """Sampling parameters from ``values``: known keys coerced to their types.
 
-    ``strict`` rejects unknown keys (a ``sampling_parameters`` JSON); otherwise they are ignored (top-level
-    request fields that Triton would have passed as request parameters).
+    Integers (``max_tokens``, ``top_k``, ``seed``, ``min_tokens``) and floats (``temperature``, ``top_p``) may
+    also be strings spelling a number (``"16"``, ``"0.1"``), as the vLLM backend accepts them; any other
+    string, a bool, NaN or an infinity is refused with a message naming the key. ``strict`` rejects unknown
+    keys (a ``sampling_parameters`` JSON); otherwise they are ignored (top-level request fields that Triton
+    would have passed as request parameters).
     """
     out: dict[str, Any] = {}
     for key, value in values.items():
         if key not in SAMPLING_KEYS:
             if strict:
                 raise BadRequest(
-                    f"unknown sampling parameter {key!r}; known: {', '.join(sorted(SAMPLING_KEYS))}"
+                    f"unknown sampling parameter {_shown(key)}; known: {', '.join(sorted(SAMPLING_KEYS))}"
                 )
             continue
         if value is None:
             continue
-        try:
-            if key in _INT_KEYS:
-                if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                    raise ValueError(value)
-                out[key] = int(value)
-            elif key in _FLOAT_KEYS:
-                if isinstance(value, bool):
-                    raise ValueError(value)
-                out[key] = float(value)
-            else:  # stop: a string or a list of strings
-                stops = [value] if isinstance(value, str) else list(value)
-                if not all(isinstance(s, str) for s in stops):
-                    raise ValueError(value)
-                out[key] = stops
-        except (TypeError, ValueError) as e:
-            raise BadRequest(f"sampling parameter {key!r} has a bad value {value!r}") from e
+        out[key] = _sampling_value(key, value)
     return out
+
+
+def parse_json_object(body: str | bytes, what: str) -> dict[str, Any]:
+    """``body`` parsed as one JSON object (with :func:`warmstart.jsonsafe.loads`'s limits), else BadRequest."""
+    try:
+        data = jsonsafe.loads(body)
+    except jsonsafe.UnsafeJSON as e:
+        raise BadRequest(f"{what} is refused: {e}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digits limit
+        raise BadRequest(f"{what} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"{what} must be a JSON object, got {type(data).__name__}")
+    return data
 
 
 def sampling_from_json(text: str | bytes) -> dict[str, Any]:
     """Parse a ``sampling_parameters`` JSON string (strict)."""
-    try:
-        data = json.loads(text)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(f"sampling_parameters is not valid JSON: {e}") from e
+    data = parse_json_object(text, "sampling_parameters")
     if not isinstance(data, Mapping):
         raise BadRequest("sampling_parameters must be a JSON object")
     return coerce_sampling(data, strict=True)
@@ -77,6 +114,10 @@ class Status:
 
 def status_of(error: BaseException) -> Status:
     """The HTTP/gRPC status for an error raised while serving a request."""
+    if isinstance(error, RequestBodyTooLarge):
+        return Status(413, "RESOURCE_EXHAUSTED")
+    if isinstance(error, RequestBodyTimeout):
+        return Status(408, "DEADLINE_EXCEEDED")
     if isinstance(error, (InvalidModelName, BadRequest, UpstreamRequestError)):
         return Status(400, "INVALID_ARGUMENT")
     if isinstance(error, UnknownModelError):

@@ -28,6 +28,7 @@ from typing import Any
 from warmstart.names import validate_model_name
 from warmstart.scheduler.config import ModelConfig, SchedulerConfig, ServerConfig
 from warmstart.scheduler.errors import (
+    InvalidSamplingValue,
     MigrationDestinationError,
     MigrationError,
     SchedulerError,
@@ -722,7 +723,7 @@ class Router:
         params = dict(sampling)
         max_tokens = int(params.get("max_tokens", 16))
         if max_tokens < 0 or max_tokens > spec.max_tokens:
-            raise ValueError(f"max_tokens must be in 0..{spec.max_tokens}, got {max_tokens}")
+            raise InvalidSamplingValue(f"max_tokens must be in 0..{spec.max_tokens}, got {max_tokens}")
         params["max_tokens"] = max_tokens
         if float(params.get("temperature", 0.0) or 0.0) > 0 and params.get("seed") is None:
             params["seed"] = secrets.randbits(31)

@@ -40,7 +40,12 @@ class SchedulerService:
     async def start(self) -> None:
         """Start the router, then listen on HTTP and gRPC."""
         await self.router.start()
-        http = HttpFrontend(self.router, admin_token=self.config.admin_token)
+        http = HttpFrontend(
+            self.router,
+            admin_token=self.config.admin_token,
+            max_body_bytes=self.config.max_request_body_bytes,
+            body_timeout_s=self.config.request_body_timeout_s,
+        )
         self._runner = web.AppRunner(http.app, access_log=None)
         await self._runner.setup()
         host, port = _address("listen_http", self.config.listen_http)
