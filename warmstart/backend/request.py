@@ -6,7 +6,9 @@ Inputs (vllm_backend conventions, plus resume):
 * ``stream`` (BOOL [1], default false): one response per generated token, each with the new text only.
 * ``sampling_parameters`` (STRING [1]): JSON object with ``max_tokens``, ``temperature``, ``top_p``,
   ``top_k``, ``seed``, ``stop``. Without it the request parameters are read instead (Triton's HTTP
-  ``generate`` endpoint passes unknown JSON keys and ``parameters`` that way).
+  ``generate`` endpoint passes unknown JSON keys and ``parameters`` that way). Numbers may be sent as
+  strings (``"0.1"``, ``"16"``), as the vLLM backend reads them; other strings are refused, naming the key.
+  The JSON is parsed with :func:`warmstart.jsonsafe.loads` (bounded depth, no NaN, valid Unicode).
 * ``exclude_input_in_output`` (BOOL [1]): non-streaming responses start with the prompt text unless true.
   Streaming never repeats the prompt, so ``stream=true`` with ``exclude_input_in_output=false`` is refused,
   as vllm does.
@@ -22,13 +24,13 @@ needed) asks the model instance to drop its engine now, ahead of an unload (:fun
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from warmstart import jsonsafe
 from warmstart.engines import (
     EmptyPrompt,
     GeneratorClosed,
@@ -59,6 +61,8 @@ __all__ = [
 
 MAX_PROMPT_BYTES = 1 << 20  # a prompt larger than this cannot fit any context we serve
 _SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_INT_KEYS = ("max_tokens", "top_k", "seed")
+_FLOAT_KEYS = ("temperature", "top_p")
 RELEASE_PARAMETER = "warmstart_release"  # request parameter (bool): drop the engine, ahead of an unload
 RELEASED = "released"  # finish_reason of the one response that answers a release
 
@@ -102,7 +106,10 @@ class GenerateRequest:
 def _single(name: str, value: np.ndarray) -> Any:
     arr = np.asarray(value)
     if arr.size != 1:
-        raise BadInput(f"input {name!r} must hold exactly one element, got shape {list(arr.shape)}")
+        raise BadInput(
+            f"input {name!r} must hold exactly one element, got shape {list(arr.shape)}: one request is one "
+            "generation (send one request per prompt)"
+        )
     return arr.reshape(-1)[0]
 
 
@@ -129,10 +136,30 @@ def _text(name: str, value: np.ndarray) -> str:
     raise BadInput(f"input {name!r} must be STRING (BYTES), got {np.asarray(value).dtype}")
 
 
+def _numbers_from_strings(obj: dict[str, Any], source: str) -> dict[str, Any]:
+    """``obj`` with numeric strings of the integer and float keys read as numbers (as the vLLM backend does)."""
+    out = dict(obj)
+    for key, value in obj.items():
+        if not isinstance(value, str) or key not in _INT_KEYS + _FLOAT_KEYS:
+            continue
+        integer = key in _INT_KEYS
+        number = jsonsafe.number_from_string(value, integer=integer)
+        if number is None:
+            example = '"16"' if integer else '"0.1"'
+            raise InvalidSamplingParams(
+                f"{key} in {source} must be {'an integer' if integer else 'a number'}, got the string "
+                f"{value[:40]!r} (a number, or a string spelling one such as {example}, is accepted)"
+            )
+        out[key] = number
+    return out
+
+
 def _sampling_from_json(text: str, source: str, ignore: tuple[str, ...] = ()) -> SamplingParams:
     try:
-        obj = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as e:
+        obj = jsonsafe.loads(text) if text.strip() else {}
+    except jsonsafe.UnsafeJSON as e:
+        raise InvalidParametersJSON(f"{source} is refused: {e}") from None
+    except ValueError as e:  # JSONDecodeError, or an integer with too many digits
         raise InvalidParametersJSON(f"{source} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise InvalidParametersJSON(f"{source} must be a JSON object, got {type(obj).__name__}")
@@ -142,7 +169,7 @@ def _sampling_from_json(text: str, source: str, ignore: tuple[str, ...] = ()) ->
         raise UnknownRequestParameter(
             f"unknown key(s) {unknown} in {source}; allowed: {', '.join(_SAMPLING_KEYS)}"
         )
-    return SamplingParams.from_json(obj)
+    return SamplingParams.from_json(_numbers_from_strings(obj, source))
 
 
 def is_release_request(parameters_json: str) -> bool:
@@ -154,8 +181,8 @@ def is_release_request(parameters_json: str) -> bool:
     if not parameters_json or RELEASE_PARAMETER not in parameters_json:
         return False
     try:
-        obj = json.loads(parameters_json)
-    except json.JSONDecodeError:
+        obj = jsonsafe.loads(parameters_json)
+    except ValueError:  # malformed or unsafe JSON
         return False
     if not isinstance(obj, dict) or RELEASE_PARAMETER not in obj:
         return False
