@@ -34,6 +34,7 @@ import os
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -162,6 +163,12 @@ class _Metrics:
         self.evictions = Counter(
             "warmstart_store_evictions", "Entries evicted", ["tier"], registry=self.registry
         )
+        self.corrupt = Counter(
+            "warmstart_store_corrupt_copies",
+            "Cached copies that failed verification and were removed (then fetched again from the next tier)",
+            ["tier"],
+            registry=self.registry,
+        )
         self.bandwidth = Gauge(
             "warmstart_store_bandwidth_bytes_per_second", "Measured", ["tier"], registry=self.registry
         )
@@ -177,8 +184,9 @@ class NodeStore:
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config
-        self.memory = HostCache(config.resolved_memory_root(), config.memory_capacity)
-        self.disk = DiskCache(config.root / "disk", config.disk_capacity)
+        # the store hands out only copies it verified itself (a seal file another process wrote is re-checked)
+        self.memory = HostCache(config.resolved_memory_root(), config.memory_capacity, trust_seal_files=False)
+        self.disk = DiskCache(config.root / "disk", config.disk_capacity, trust_seal_files=False)
         self._bw: dict[str, float | None] = {"memory": None, "disk": None, "remote": None}
         self._bw_lock = threading.Lock()
         self._locks: dict[str, threading.Lock] = {}
@@ -186,6 +194,8 @@ class NodeStore:
         self._promotions: dict[str, threading.Event] = {}  # model -> cancel event of its pending promotion
         self._quiet = threading.local()  # set while promoting: its page-cache reads say nothing of the disk
         self.metrics = _Metrics(self)
+        for tname, cache in (("memory", self.memory), ("disk", self.disk)):
+            cache.on_corrupt = self._corrupt_counter(tname)
         self.tiers = Tiers(
             memory=self.memory,
             disk=self.disk,
@@ -257,6 +267,9 @@ class NodeStore:
 
     def _on_evict(self, tier: str, key: str) -> None:
         self.metrics.evictions.labels(tier).inc()
+
+    def _corrupt_counter(self, tier: str) -> Callable[[str, BaseException], None]:
+        return lambda key, error: self.metrics.corrupt.labels(tier).inc()
 
     # -- operations ------------------------------------------------------------------------------------------
 
