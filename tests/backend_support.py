@@ -31,16 +31,28 @@ class RecordingSink:
     finish_reason: str | None = None
     error: tuple[str, str] | None = None
     finals: int = 0
+    prompt_tokens: int | None = None
+    stop_token_id: int | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
     def is_cancelled(self) -> bool:
         return self.cancelled
 
-    def send(self, text: str, token_ids: Sequence[int], finish_reason: str | None, *, final: bool) -> None:
+    def send(
+        self,
+        text: str,
+        token_ids: Sequence[int],
+        finish_reason: str | None,
+        *,
+        final: bool,
+        prompt_tokens: int | None = None,
+        stop_token_id: int | None = None,
+    ) -> None:
         self.texts.append(text)
         self.ids.extend(token_ids)
         if final:
             self.finish_reason = finish_reason
+            self.prompt_tokens, self.stop_token_id = prompt_tokens, stop_token_id
             self._final()
 
     def send_error(self, message: str, code: str) -> None:
@@ -63,8 +75,13 @@ def byte_tokenizer_json() -> str:
     return str(tok.to_str())
 
 
-def make_tiny_checkpoint(dest: Path, arch: str = "llama", *, seed: int = 0) -> Path:
-    """A random Llama or Qwen2 model with a byte tokenizer, saved as a warmstart checkpoint at ``dest``."""
+def make_tiny_checkpoint(
+    dest: Path, arch: str = "llama", *, seed: int = 0, eos_token_id: int | list[int] | None = None
+) -> Path:
+    """A random Llama or Qwen2 model with a byte tokenizer, saved as a warmstart checkpoint at ``dest``.
+
+    The same ``seed`` gives the same weights whatever ``eos_token_id`` (none by default: generations then
+    always run to ``max_tokens``)."""
     import torch
     import transformers
 
@@ -78,7 +95,7 @@ def make_tiny_checkpoint(dest: Path, arch: str = "llama", *, seed: int = 0) -> P
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 512,
-        "eos_token_id": None,
+        "eos_token_id": eos_token_id,
         "bos_token_id": None,
         "pad_token_id": None,
     }
@@ -141,6 +158,8 @@ class StreamResult:
     ttft: float | None = None
     seconds: float = 0.0
     responses: int = 0
+    prompt_tokens: int | None = None
+    stop_token_id: int | None = None
 
     @property
     def text(self) -> str:
@@ -229,6 +248,10 @@ def grpc_generate_many(
                 reason = result.as_numpy("finish_reason")
                 if reason is not None:
                     r.finish_reason = reason.reshape(-1)[0].decode()
+                for name in ("prompt_tokens", "stop_token_id"):
+                    value = result.as_numpy(name)
+                    if value is not None:
+                        setattr(r, name, int(value.reshape(-1)[0]))
             if resp.parameters["triton_final_response"].bool_param:
                 r.seconds = time.monotonic() - t0
                 pending.discard(resp.id)

@@ -57,3 +57,24 @@ def test_smollm2_knows_the_capital_of_france(server: TritonServer, engine: str) 
         assert "".join(e["text_output"] for e in events) == r.text
     finally:
         server.unload_model(model)
+
+
+def test_smollm2_says_when_it_ends_its_answer_at_once_and_min_tokens_holds_that_back(
+    server: TritonServer,
+) -> None:
+    """Greedy SmolLM2 answers "What is Triton Inference Server?" (no chat template) with its EOS token,
+    ``<|im_end|>`` (id 2), first: the answer is empty, and the response says why (finish_reason "stop" plus
+    ``stop_token_id`` 2); ``min_tokens`` makes it answer."""
+    model = "smollm2_torch"
+    server.load_model(model)
+    try:
+        prompt = "What is Triton Inference Server?"
+        r = grpc_generate(server.grpc_url, model, prompt, params={"max_tokens": 8})
+        assert r.error is None, r.error
+        assert (r.ids, r.finish_reason, r.stop_token_id) == ([], "stop", 2)
+        assert r.prompt_tokens == 9
+        held = grpc_generate(server.grpc_url, model, prompt, params={"max_tokens": 8, "min_tokens": 4})
+        assert held.error is None, held.error
+        assert len(held.ids) >= 4 and 2 not in held.ids and held.text.strip()
+    finally:
+        server.unload_model(model)

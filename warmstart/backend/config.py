@@ -45,6 +45,9 @@ OUTPUTS: tuple[dict[str, Any], ...] = (
     {"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]},
     {"name": "token_ids", "data_type": "TYPE_INT64", "dims": [-1]},
     {"name": "finish_reason", "data_type": "TYPE_STRING", "dims": [-1]},
+    # last response only: the prompt's token count; the EOS id that ended the generation (finish "stop")
+    {"name": "prompt_tokens", "data_type": "TYPE_INT64", "dims": [1]},
+    {"name": "stop_token_id", "data_type": "TYPE_INT64", "dims": [1]},
 )
 
 # parameters this backend reads, and parameters the Python backend itself owns (allowed, ignored here)

@@ -182,8 +182,22 @@ class _WireSink:
         with contextlib.suppress(ChannelClosed):  # the stub is gone: the reader loop ends the process
             self._chan.send(op, id=self._rid, **fields)
 
-    def send(self, text: str, token_ids: Sequence[int], finish_reason: str | None, *, final: bool) -> None:
-        self._send("send", final, text=text, ids=list(token_ids), reason=finish_reason, final=final)
+    def send(
+        self,
+        text: str,
+        token_ids: Sequence[int],
+        finish_reason: str | None,
+        *,
+        final: bool,
+        prompt_tokens: int | None = None,
+        stop_token_id: int | None = None,
+    ) -> None:
+        extra = {
+            k: v
+            for k, v in (("prompt_tokens", prompt_tokens), ("stop_token_id", stop_token_id))
+            if v is not None
+        }
+        self._send("send", final, text=text, ids=list(token_ids), reason=finish_reason, final=final, **extra)
 
     def send_error(self, message: str, code: str) -> None:
         self._send("error", True, message=message, code=code)

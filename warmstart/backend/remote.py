@@ -222,6 +222,8 @@ class RemoteRuntime:
             [int(t) for t in ids] if isinstance(ids, list) else [],
             reason if isinstance(reason, str) else None,
             final=final,
+            prompt_tokens=_count(msg.get("prompt_tokens")),
+            stop_token_id=_count(msg.get("stop_token_id")),
         )
 
     def _poll_cancellations(self) -> None:
@@ -268,3 +270,10 @@ def _apply_metric(metrics: Metrics, msg: dict[str, Any]) -> None:
             getattr(metrics, name)(*args)
         except Exception:  # a metric never fails a request
             logger.warning("reporting metric %s failed", name, exc_info=True)
+
+
+def _count(value: Any) -> int | None:
+    """A non-negative integer field of a response frame (``prompt_tokens``, ``stop_token_id``), else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None

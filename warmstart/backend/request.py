@@ -5,9 +5,10 @@ Inputs (vllm_backend conventions, plus resume):
 * ``text_input`` (STRING [1]): the prompt. Required unless ``input_ids`` is given.
 * ``stream`` (BOOL [1], default false): one response per generated token, each with the new text only.
 * ``sampling_parameters`` (STRING [1]): JSON object with ``max_tokens``, ``temperature``, ``top_p``,
-  ``top_k``, ``seed``, ``stop``. Without it the request parameters are read instead (Triton's HTTP
-  ``generate`` endpoint passes unknown JSON keys and ``parameters`` that way). Numbers may be sent as
-  strings (``"0.1"``, ``"16"``), as the vLLM backend reads them; other strings are refused, naming the key.
+  ``top_k``, ``seed``, ``stop``, ``min_tokens``. Without it the request parameters are read instead
+  (Triton's HTTP ``generate`` endpoint passes unknown JSON keys and ``parameters`` that way). Numbers may
+  be sent as strings (``"0.1"``, ``"16"``), as the vLLM backend reads them; other strings are refused,
+  naming the key.
   The JSON is parsed with :func:`warmstart.jsonsafe.loads` (bounded depth, no NaN, valid Unicode).
 * ``exclude_input_in_output`` (BOOL [1]): non-streaming responses start with the prompt text unless true.
   Streaming never repeats the prompt, so ``stream=true`` with ``exclude_input_in_output=false`` is refused,
@@ -60,8 +61,8 @@ __all__ = [
 ]
 
 MAX_PROMPT_BYTES = 1 << 20  # a prompt larger than this cannot fit any context we serve
-_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
-_INT_KEYS = ("max_tokens", "top_k", "seed")
+_SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens")
+_INT_KEYS = ("max_tokens", "top_k", "seed", "min_tokens")
 _FLOAT_KEYS = ("temperature", "top_p")
 RELEASE_PARAMETER = "warmstart_release"  # request parameter (bool): drop the engine, ahead of an unload
 RELEASED = "released"  # finish_reason of the one response that answers a release
@@ -273,6 +274,7 @@ def request_to_json(request: GenerateRequest) -> dict[str, Any]:
             "top_k": p.top_k,
             "seed": p.seed,
             "stop": list(p.stop),
+            "min_tokens": p.min_tokens,
         },
     }
 

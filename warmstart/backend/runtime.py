@@ -2,7 +2,9 @@
 
 :class:`Runtime` knows nothing about Triton: the backend's ``model.py`` hands each parsed request in with a
 :class:`ResponseSink` (its adapter over a Triton response sender). Callbacks run on the generator's thread;
-every request ends with exactly one final response (result, error or cancellation).
+every request ends with exactly one final response (result, error or cancellation). The final response of a
+result also carries the prompt's token count and, when the model ended the answer with an EOS token, that
+token's id (``stop_token_id``; never part of ``token_ids``).
 """
 
 from __future__ import annotations
@@ -40,8 +42,17 @@ class ResponseSink(Protocol):
     def is_cancelled(self) -> bool: ...
 
     def send(
-        self, text: str, token_ids: Sequence[int], finish_reason: str | None, *, final: bool
-    ) -> None: ...
+        self,
+        text: str,
+        token_ids: Sequence[int],
+        finish_reason: str | None,
+        *,
+        final: bool,
+        prompt_tokens: int | None = None,
+        stop_token_id: int | None = None,
+    ) -> None:
+        """One response; ``prompt_tokens`` and ``stop_token_id`` come (when known) with the final one."""
+        ...
 
     def send_error(self, message: str, code: str) -> None:
         """Send an error response with the FINAL flag; ``code`` is a TritonError code name."""
@@ -73,8 +84,13 @@ class _Stream:
     prompt_text: str
     arrived: float
     metrics: Metrics
+    prompt_tokens: int = 0
     ids: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
+    stop_token_id: int | None = None
+
+    def on_eos(self, token: int) -> None:
+        self.stop_token_id = token
 
     def on_token(self, token: int) -> None:
         if not self.ids:
@@ -93,12 +109,26 @@ class _Stream:
         elif reason == "cancelled":
             self.sink.send_error("request cancelled", "CANCELLED")
         elif self.request.stream:
-            self.sink.send(self.streamer.flush(), (), reason, final=True)
+            self.sink.send(
+                self.streamer.flush(),
+                (),
+                reason,
+                final=True,
+                prompt_tokens=self.prompt_tokens,
+                stop_token_id=self.stop_token_id,
+            )
         else:
             body = "".join(self.text) + self.streamer.flush()
             if not self.request.exclude_input_in_output:
                 body = self.prompt_text + body
-            self.sink.send(body, self.ids, reason, final=True)
+            self.sink.send(
+                body,
+                self.ids,
+                reason,
+                final=True,
+                prompt_tokens=self.prompt_tokens,
+                stop_token_id=self.stop_token_id,
+            )
 
 
 def warm_engine(engine: Engine, max_batch: int) -> None:
@@ -241,6 +271,7 @@ class Runtime:
             prompt_text=prompt_text,
             arrived=time.monotonic() if arrived is None else arrived,
             metrics=self.metrics,
+            prompt_tokens=len(prompt_ids),
         )
         self.generator.submit(
             prompt_ids,
@@ -250,6 +281,7 @@ class Runtime:
             on_finish=stream.on_finish,
             is_cancelled=_throttled(sink.is_cancelled, CANCEL_POLL_SECONDS),
             detokenize=self.decode if request.params.stop else None,
+            on_eos=stream.on_eos,
         )
         self.metrics.prompt_tokens(len(prompt_ids) + len(request.generated_ids))
 

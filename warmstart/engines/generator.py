@@ -7,6 +7,11 @@ short (put into a queue, write to a socket).
 Resume: ``generated_ids`` are tokens already produced elsewhere. The engine prefills
 prompt + generated, they count toward ``max_tokens``, and the next token is sampled at position
 ``len(prompt) + len(generated)``: with the same seed the output continues token-exactly.
+
+EOS: a generation that samples one of the engine's EOS ids finishes with "stop" without emitting it; the id is
+reported (``RequestHandle.stop_token_id``, the ``on_eos`` callback) so a client can tell "the model ended its
+answer" from a stop string. ``SamplingParams.min_tokens`` masks the EOS ids out of the logits until that many
+tokens were generated (resumed tokens count), so the draw stays a function of (logits, params, position).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import secrets
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from warmstart.engines.base import (
     Engine,
@@ -33,6 +40,7 @@ log = logging.getLogger(__name__)
 
 OnToken = Callable[[int], None]
 OnFinish = Callable[[str | None, BaseException | None], None]
+OnEos = Callable[[int], None]
 
 
 class RequestHandle:
@@ -41,6 +49,7 @@ class RequestHandle:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params  # with the seed actually used, so a migration can replay it
         self.finish_reason: str | None = None  # "length" | "stop" | "cancelled"; None on error
+        self.stop_token_id: int | None = None  # the EOS id that ended it ("stop"); None for a stop string
         self.error: BaseException | None = None
         self._cancel = threading.Event()
         self._done = threading.Event()
@@ -68,6 +77,7 @@ class _Request:
     is_cancelled: Callable[[], bool]
     handle: RequestHandle
     streamer: TextStreamer | None
+    on_eos: OnEos | None = None
     state: SeqState | None = None
     pending: int = -1  # sampled, emitted, not yet fed to the engine
     finished: bool = field(default=False)
@@ -98,12 +108,15 @@ class BatchedGenerator:
         on_finish: OnFinish,
         is_cancelled: Callable[[], bool] = lambda: False,
         detokenize: Detokenize | None = None,
+        on_eos: OnEos | None = None,
     ) -> RequestHandle:
         """Queue a generation. Raises `EmptyPrompt`, `PromptTooLong`, `InvalidTokenId`,
         `InvalidSamplingParams` (stop strings without ``detokenize``) or `GeneratorClosed`.
 
         ``on_token(id)`` is called for each new token (never for EOS); ``on_finish(reason, error)``
         exactly once, with reason "length", "stop" or "cancelled", or ``(None, exc)`` on failure.
+        ``on_eos(id)``, when given, is called with the EOS id just before ``on_finish("stop", None)`` when
+        the generation ended at an EOS token (not for a stop string).
         """
         eng = self.engine
         check_prompt(prompt_ids, vocab_size=eng.vocab_size, max_context=eng.max_context)
@@ -127,6 +140,7 @@ class BatchedGenerator:
             is_cancelled=is_cancelled,
             handle=handle,
             streamer=streamer,
+            on_eos=on_eos,
         )
         with self._cv:
             if self._closed:
@@ -249,8 +263,16 @@ class BatchedGenerator:
         assert state is not None
         position = state.length
         try:
-            tok = sample_token(state.logits, r.params, position)
-            if tok in self.engine.eos_token_ids:
+            eos = self.engine.eos_token_ids
+            logits = state.logits
+            if eos and r.n_generated < r.params.min_tokens:
+                logits = np.array(logits, copy=True)
+                logits[[t for t in eos if 0 <= t < len(logits)]] = -np.inf
+            tok = sample_token(logits, r.params, position)
+            if tok in eos:
+                r.handle.stop_token_id = tok
+                if r.on_eos is not None:
+                    r.on_eos(tok)
                 self._finish(r, "stop")
                 return
             r.ids.append(tok)

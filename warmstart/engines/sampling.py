@@ -25,6 +25,8 @@ class SamplingParams:
     """How to pick tokens.
 
     ``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those filters.
+    ``min_tokens`` (vLLM's meaning): no EOS token can be sampled before that many tokens were generated
+    (tokens resumed from elsewhere count); stop strings still end a generation.
     """
 
     max_tokens: int = 16
@@ -33,6 +35,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         _check_int("max_tokens", self.max_tokens)
@@ -55,6 +58,11 @@ class SamplingParams:
             raise InvalidSamplingParams(f"stop must be a tuple of non-empty strings, got {self.stop!r}")
         if len(self.stop) > _MAX_STOP_STRINGS:
             raise InvalidSamplingParams(f"at most {_MAX_STOP_STRINGS} stop strings, got {len(self.stop)}")
+        _check_int("min_tokens", self.min_tokens)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidSamplingParams(
+                f"min_tokens must be in 0..max_tokens ({self.max_tokens}), got {self.min_tokens}"
+            )
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> SamplingParams:
@@ -73,7 +81,7 @@ class SamplingParams:
         if unknown:
             raise InvalidSamplingParams(f"unknown sampling parameter(s) {unknown}; allowed: {sorted(known)}")
         kw: dict[str, Any] = {}
-        for name in ("max_tokens", "top_k", "seed"):
+        for name in ("max_tokens", "top_k", "seed", "min_tokens"):
             if name in obj:
                 v = obj[name]
                 if name == "seed" and v is None:

@@ -14,7 +14,9 @@ Inputs (all optional; ``text_input`` or ``input_ids`` required):
   Sampling parameters may also come as request parameters (HTTP generate endpoints).
 Outputs (decoupled):
   text_output (STRING [1]: the new text when streaming, else the whole text), token_ids (INT64 [n]: the new
-  ids), finish_reason (STRING [1], last response only: "length", "stop").
+  ids), finish_reason (STRING [1], last response only: "length", "stop"); on the last response also
+  prompt_tokens (INT64 [1]: the prompt's token count) and, when the model ended with an EOS token,
+  stop_token_id (INT64 [1]: that id, which is never in token_ids).
 Errors: a per-request error response with the FINAL flag (INVALID_ARG for bad input, CANCELLED when the client
 went away, INTERNAL otherwise).
 
@@ -103,7 +105,7 @@ class _Sink:
                 if final and self._in_flight is not None:
                     self._in_flight.finished()
 
-    def send(self, text, token_ids, finish_reason, *, final):
+    def send(self, text, token_ids, finish_reason, *, final, prompt_tokens=None, stop_token_id=None):
         tensors = [
             pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
             pb_utils.Tensor("token_ids", np.asarray(token_ids, dtype=np.int64).reshape(-1)),
@@ -112,6 +114,10 @@ class _Sink:
             tensors.append(
                 pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_))
             )
+        # declared outputs (warmstart.backend.config.OUTPUTS); a config written before them drops them
+        for name, value in (("prompt_tokens", prompt_tokens), ("stop_token_id", stop_token_id)):
+            if value is not None:
+                tensors.append(pb_utils.Tensor(name, np.asarray([value], dtype=np.int64)))
         self._send(pb_utils.InferenceResponse(output_tensors=tensors), final)
 
     def send_error(self, message, code):
