@@ -126,6 +126,9 @@ def _response(
     ]
     if chunk.finish_reason:
         outputs.append(("finish_reason", "BYTES", [1], _bytes_tensor([chunk.finish_reason.encode()])))
+    for name in ("prompt_tokens", "stop_token_id"):  # the backend's outputs of its last response
+        if (value := getattr(chunk, name)) is not None:
+            outputs.append((name, "INT64", [1], np.asarray([value], dtype=np.int64).tobytes()))
     for name, dtype, shape, data in outputs:
         t = r.outputs.add()
         t.name, t.datatype = name, dtype
@@ -281,7 +284,14 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
                     async for _ in it:
                         pass
                     text = "".join(gen.text)
-                    whole = TokenChunk(text, tuple(gen.tokens), gen.finish_reason, True)
+                    whole = TokenChunk(
+                        text,
+                        tuple(gen.tokens),
+                        gen.finish_reason,
+                        True,
+                        prompt_tokens=gen.prompt_tokens,
+                        stop_token_id=gen.stop_token_id,
+                    )
                     out.put_nowait(
                         _response(
                             req,

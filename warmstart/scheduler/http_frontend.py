@@ -29,9 +29,16 @@ from warmstart.scheduler.errors import (
     UnknownServerError,
 )
 from warmstart.scheduler.metrics import metrics_endpoint, response_counter
+from warmstart.scheduler.openai_compat import (
+    OpenAIRequest,
+    completion_response,
+    parse_chat,
+    parse_completion,
+    stream_chunk,
+    usage_chunk,
+)
 from warmstart.scheduler.protocol import (
     BadRequest,
-    chat_prompt,
     coerce_sampling,
     model_metadata,
     parse_json_object,
@@ -61,6 +68,21 @@ def _message(error: BaseException) -> str:
         return str(error)
     logger.error("request failed unexpectedly", exc_info=error)
     return f"internal error ({type(error).__name__}); the scheduler log has the details"
+
+
+def _openai_error_body(error: BaseException) -> dict[str, Any]:
+    """OpenAI's error object (what its client reads ``message`` and ``type`` from)."""
+    status = status_of(error).http
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": _message(error), "type": kind, "param": None, "code": status}}
+
+
+def _openai_error(error: BaseException) -> web.Response:
+    return web.json_response(_openai_error_body(error), status=status_of(error).http)
+
+
+def _sse_event(event: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
 
 
 def _error(error: BaseException) -> web.Response:
@@ -264,6 +286,9 @@ class HttpFrontend:
         }
         if chunk.finish_reason:
             event["finish_reason"] = chunk.finish_reason
+        for key in ("prompt_tokens", "stop_token_id"):  # the backend's outputs of its last response
+            if (value := getattr(chunk, key)) is not None:
+                event[key] = value
         if request_id is not None:
             event["id"] = request_id
         return event
@@ -287,6 +312,9 @@ class HttpFrontend:
         }
         if gen.finish_reason:
             out["finish_reason"] = gen.finish_reason
+        for key in ("prompt_tokens", "stop_token_id"):  # the backend's outputs of its last response
+            if (value := getattr(gen, key)) is not None:
+                out[key] = value
         if body.get("id") is not None:
             out["id"] = body["id"]
         return web.json_response(out)
@@ -351,94 +379,89 @@ class HttpFrontend:
             }
         )
 
-    def _openai_generation(self, body: dict[str, Any], prompt: str) -> Generation:
-        model = validate_model_name(body.get("model"))
-        sampling = coerce_sampling(body, strict=False)
-        sampling.setdefault("max_tokens", 16)
-        return self.router.new_generation(model, prompt, sampling)
+    def _openai_generation(self, req: OpenAIRequest) -> Generation:
+        return self.router.new_generation(req.model, req.prompt, req.sampling, prompt_ids=req.prompt_ids)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await _json_body(request)
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1:
-                prompt = prompt[0]
-            if not isinstance(prompt, str):
-                raise BadRequest("prompt must be a string (or a list of one string)")
-            gen = self._openai_generation(body, prompt)
-        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
-            return _error(e)
-        return await self._openai(request, body, gen, chat=False)
+            req = parse_completion(await _json_body(request))
+            gen = self._openai_generation(req)
+        except Exception as e:  # a 4xx for bad input (ValueError included), logged 500 otherwise
+            return _openai_error(e)
+        return await self._openai(request, req, gen)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await _json_body(request)
-            gen = self._openai_generation(body, chat_prompt(body.get("messages")))
-        except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
-            return _error(e)
-        return await self._openai(request, body, gen, chat=True)
+            model = self.router.model_config(validate_model_name(body.get("model")))
+            req = parse_chat(body, default_max_tokens=model.max_tokens)
+            gen = self._openai_generation(req)
+        except Exception as e:  # a 4xx for bad input (ValueError included), logged 500 otherwise
+            return _openai_error(e)
+        return await self._openai(request, req, gen)
 
-    async def _openai(
-        self, request: web.Request, body: dict[str, Any], gen: Generation, *, chat: bool
-    ) -> web.StreamResponse:
-        cid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    async def _openai(self, request: web.Request, req: OpenAIRequest, gen: Generation) -> web.StreamResponse:
+        cid = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        obj = "chat.completion" if chat else "text_completion"
         async with contextlib.aclosing(self.router.stream(gen)) as it:
-            if not body.get("stream"):
+            if not req.stream:
                 try:
                     async for _ in it:
                         pass
-                except WarmstartError as e:  # SchedulerError, and the shared InvalidModelName
-                    return _error(e)
-                text = "".join(gen.text)
-                choice: dict[str, Any] = {"index": 0, "finish_reason": gen.finish_reason or "stop"}
-                if chat:
-                    choice["message"] = {"role": "assistant", "content": text}
-                else:
-                    choice["text"] = text
-                    choice["logprobs"] = None
-                n_prompt = len(gen.prompt_ids) if gen.prompt_ids is not None else 0
+                except Exception as e:  # a 4xx for bad input, logged 500 otherwise
+                    return _openai_error(e)
                 return web.json_response(
-                    {
-                        "id": cid,
-                        "object": obj,
-                        "created": created,
-                        "model": gen.model,
-                        "choices": [choice],
-                        "usage": {
-                            "prompt_tokens": n_prompt,
-                            "completion_tokens": len(gen.tokens),
-                            "total_tokens": n_prompt + len(gen.tokens),
-                        },
-                    }
+                    completion_response(
+                        req,
+                        cid=cid,
+                        created=created,
+                        text="".join(gen.text),
+                        finish_reason=gen.finish_reason,
+                        stop_token_id=gen.stop_token_id,
+                        prompt_tokens=gen.prompt_tokens,
+                        completion_tokens=len(gen.tokens),
+                    )
                 )
-            first_sent = False
-
-            def render(chunk: TokenChunk) -> dict[str, Any] | None:
-                nonlocal first_sent
-                finish = chunk.finish_reason if chunk.final else None
-                if chunk.final and finish is None:
-                    finish = gen.finish_reason or "stop"
-                if not chunk.text and finish is None:
-                    return None
-                if chat:
-                    delta: dict[str, Any] = {"content": chunk.text}
-                    if not first_sent:
-                        delta["role"] = "assistant"
-                    first_sent = True
-                    choice = {"index": 0, "delta": delta, "finish_reason": finish}
-                else:
-                    choice = {"index": 0, "text": chunk.text, "finish_reason": finish, "logprobs": None}
-                return {
-                    "id": cid,
-                    "object": obj + ".chunk" if chat else obj,
-                    "created": created,
-                    "model": gen.model,
-                    "choices": [choice],
-                }
-
-            return await self._sse(request, it, render, done="[DONE]")
+            try:
+                first = await _first(it)
+            except Exception as e:  # the request failed before anything was streamed: a plain status
+                return _openai_error(e)
+            resp = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+            await resp.prepare(request)
+            sent = False
+            try:
+                async for chunk in _chunks(first, it):
+                    finish = (gen.finish_reason or "stop") if chunk.final else None
+                    if not chunk.text and finish is None:
+                        continue
+                    event = stream_chunk(
+                        req,
+                        cid=cid,
+                        created=created,
+                        text=chunk.text,
+                        finish_reason=finish,
+                        stop_token_id=gen.stop_token_id,
+                        first=not sent,
+                    )
+                    sent = True
+                    await resp.write(_sse_event(event))
+                if req.include_usage:
+                    usage = usage_chunk(
+                        req,
+                        cid=cid,
+                        created=created,
+                        prompt_tokens=gen.prompt_tokens,
+                        completion_tokens=len(gen.tokens),
+                    )
+                    await resp.write(_sse_event(usage))
+            except ConnectionResetError:
+                logger.debug("client went away mid-stream")
+                return resp
+            except Exception as e:  # after the status: an error event (OpenAI's shape), then [DONE]
+                await resp.write(_sse_event(_openai_error_body(e)))
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            return resp
 
     # -- admin -----------------------------------------------------------------------------------------------
     def _admin(

@@ -21,7 +21,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -125,6 +125,8 @@ class Generation:
     tokens: list[int] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_tokens: int | None = None  # as the backend counted them (its last response), or len(prompt_ids)
+    stop_token_id: int | None = None  # the EOS id that ended it, when the backend said so
     finished: bool = False
     server: str | None = None
     failovers: int = 0
@@ -715,16 +717,31 @@ class Router:
 
     @counts_rejections
     def new_generation(
-        self, model: str, prompt: str, sampling: Mapping[str, Any], *, request_id: str | None = None
+        self,
+        model: str,
+        prompt: str,
+        sampling: Mapping[str, Any],
+        *,
+        request_id: str | None = None,
+        prompt_ids: Sequence[int] | None = None,
     ) -> Generation:
         """A generation record for ``model`` (validated, known). Temperature > 0 gets a seed so a
-        resumed generation continues exactly."""
+        resumed generation continues exactly. ``prompt_ids`` (a token-id prompt; ``prompt`` may then be
+        empty) go to the backend as they are."""
         spec = self.model_config(model)
         params = dict(sampling)
         max_tokens = int(params.get("max_tokens", 16))
         if max_tokens < 0 or max_tokens > spec.max_tokens:
             raise InvalidSamplingValue(f"max_tokens must be in 0..{spec.max_tokens}, got {max_tokens}")
         params["max_tokens"] = max_tokens
+        min_tokens = int(params.get("min_tokens", 0) or 0)
+        if not 0 <= min_tokens <= max_tokens:
+            raise InvalidSamplingValue(
+                f"min_tokens must be in 0..max_tokens ({max_tokens}), got {min_tokens}"
+            )
+        ids = tuple(int(t) for t in prompt_ids) if prompt_ids is not None else None
+        if ids is not None and (not ids or min(ids) < 0):
+            raise InvalidSamplingValue("a token-id prompt must hold at least one id, each >= 0")
         if float(params.get("temperature", 0.0) or 0.0) > 0 and params.get("seed") is None:
             params["seed"] = secrets.randbits(31)
         gid = request_id or f"g{next(self._ids)}"
@@ -734,6 +751,8 @@ class Router:
             prompt=prompt,
             sampling=params,
             max_tokens=max_tokens,
+            prompt_ids=ids,
+            prompt_tokens=len(ids) if ids is not None else None,
         )
 
     async def stream(self, gen: Generation) -> AsyncGenerator[TokenChunk, None]:
@@ -844,6 +863,10 @@ class Router:
         gen.text.append(chunk.text)
         if chunk.finish_reason:
             gen.finish_reason = chunk.finish_reason
+        if chunk.prompt_tokens is not None:
+            gen.prompt_tokens = chunk.prompt_tokens
+        if chunk.stop_token_id is not None:
+            gen.stop_token_id = chunk.stop_token_id
 
     def _start_pump(self, gen: Generation, rt: ServerRuntime) -> None:
         gen.server = rt.name

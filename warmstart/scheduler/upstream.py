@@ -6,9 +6,10 @@ replay) from a request the model refused (tell the client).
 
 Generation requests follow the warmstart backend's vllm-style I/O: ``text_input``, ``stream``,
 ``sampling_parameters`` (JSON), ``exclude_input_in_output`` in; ``text_output``, ``token_ids``,
-``finish_reason`` out. A generation resumed elsewhere sends ``input_ids`` (prompt ids, when known, plus
-the ids generated so far) and ``num_generated``; the backend prefills them and, sampling being a function
-of (seed, position), continues token-exactly.
+``finish_reason`` out (and, on the last response, ``prompt_tokens`` and ``stop_token_id`` when the backend
+sends them). A generation resumed elsewhere sends ``input_ids`` (prompt ids, when known, plus the ids
+generated so far) and ``num_generated``; the backend prefills them and, sampling being a function of (seed,
+position), continues token-exactly. A prompt given as token ids goes as ``input_ids`` from the start.
 
 A release (:meth:`TritonUpstream.release`) is an inference request with no inputs and the request parameter
 ``warmstart_release`` = true, sent on the same stream protocol: the warmstart backend closes the model's
@@ -101,6 +102,8 @@ class GenerationRequest:
 
     ``generated`` non-empty means resume: the backend gets ``input_ids`` (``prompt_ids`` + ``generated``
     when the prompt ids are known, else ``generated`` alone beside ``text_input``) and ``num_generated``.
+    ``prompt_ids`` known from the start (a token-id prompt) go as ``input_ids`` even before anything was
+    generated; ``text_input`` is then left out when ``prompt`` is empty.
     """
 
     model: str
@@ -113,12 +116,18 @@ class GenerationRequest:
 
 @dataclass(frozen=True, slots=True)
 class TokenChunk:
-    """One upstream response: new text, new token ids, and the finish reason on the last one."""
+    """One upstream response: new text, new token ids, and the finish reason on the last one.
+
+    ``prompt_tokens`` (the prompt's token count) and ``stop_token_id`` (the EOS id that ended the generation)
+    come with the last response of a warmstart backend; None when not sent.
+    """
 
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str | None
     final: bool
+    prompt_tokens: int | None = None
+    stop_token_id: int | None = None
 
 
 def _bytes_tensor(values: Sequence[bytes]) -> bytes:
@@ -147,11 +156,12 @@ def build_infer_request(req: GenerationRequest) -> pb.ModelInferRequest:
         t.shape.extend(shape)
         r.raw_input_contents.append(raw)
 
-    add("text_input", "BYTES", [1], _bytes_tensor([req.prompt.encode()]))
+    if req.prompt or req.prompt_ids is None:
+        add("text_input", "BYTES", [1], _bytes_tensor([req.prompt.encode()]))
     add("stream", "BOOL", [1], np.array([True]).tobytes())
     add("exclude_input_in_output", "BOOL", [1], np.array([True]).tobytes())
     add("sampling_parameters", "BYTES", [1], _bytes_tensor([json.dumps(dict(req.sampling)).encode()]))
-    if req.generated:
+    if req.generated or req.prompt_ids is not None:
         ids = (req.prompt_ids or ()) + req.generated
         add("input_ids", "INT64", [len(ids)], np.asarray(ids, dtype=np.int64).tobytes())
         add("num_generated", "INT64", [1], np.asarray([len(req.generated)], dtype=np.int64).tobytes())
@@ -164,6 +174,7 @@ def parse_infer_response(resp: pb.ModelInferResponse) -> TokenChunk:
     text = ""
     ids: tuple[int, ...] = ()
     finish: str | None = None
+    counts: dict[str, int] = {}
     raw = list(resp.raw_output_contents)
     for i, out in enumerate(resp.outputs):
         data = raw[i] if i < len(raw) else b""
@@ -179,12 +190,23 @@ def parse_infer_response(resp: pb.ModelInferResponse) -> TokenChunk:
             parts = _decode_bytes_tensor(data) if data else [bytes(b) for b in out.contents.bytes_contents]
             value = b"".join(parts).decode("utf-8", errors="replace")
             finish = value or None
+        elif out.name in ("prompt_tokens", "stop_token_id"):
+            values = np.frombuffer(data, dtype=np.int64) if data else list(out.contents.int64_contents)
+            if len(values) == 1 and int(values[0]) >= 0:
+                counts[out.name] = int(values[0])
     final = (
         resp.parameters["triton_final_response"].bool_param
         if "triton_final_response" in resp.parameters
         else False
     )
-    return TokenChunk(text=text, token_ids=ids, finish_reason=finish, final=final)
+    return TokenChunk(
+        text=text,
+        token_ids=ids,
+        finish_reason=finish,
+        final=final,
+        prompt_tokens=counts.get("prompt_tokens"),
+        stop_token_id=counts.get("stop_token_id"),
+    )
 
 
 def build_release_request(model: str, request_id: str) -> pb.ModelInferRequest:
