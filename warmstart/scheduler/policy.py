@@ -23,7 +23,7 @@ from __future__ import annotations
 import enum
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -166,6 +166,7 @@ def _cold_totals(snapshot: ClusterSnapshot, spec: ModelSpec) -> npt.NDArray[np.f
     sharing = np.minimum(own[:, None], idx.in_flight_left).sum(axis=1)  # ServerState.load_wait_s
     totals: npt.NDArray[np.float64] = idx.queued_s + sharing + evict + own
     totals[~idx.healthy] = math.inf
+    totals[idx.lacking(spec.name)] = math.inf  # its repository has no directory for the model
     for pos, _ in idx.warm.get(spec.name, ()):
         totals[pos] = math.inf
     return totals
@@ -441,6 +442,7 @@ def serverlessllm_place(
         return decided
     idx = snapshot.index
     warm_positions = {pos for pos, _ in idx.warm.get(spec.name, ())}
+    warm_positions.update(idx.lacking(spec.name).tolist())  # skipped like warm ones: cannot load it
     candidates: list[tuple[float, int, Estimate]] = []
     for local_only in (True, False):
         for pos, s in enumerate(snapshot.servers):
@@ -476,6 +478,7 @@ def random_place(snapshot: ClusterSnapshot, model: str, rng: random.Random) -> P
         return decided
     idx = snapshot.index
     warm_positions = {pos for pos, _ in idx.warm.get(spec.name, ())}
+    warm_positions.update(idx.lacking(spec.name).tolist())  # skipped like warm ones: cannot load it
     fits = [
         pos
         for pos, s in enumerate(snapshot.servers)
@@ -483,6 +486,149 @@ def random_place(snapshot: ClusterSnapshot, model: str, rng: random.Random) -> P
     ]
     load = _load_at(snapshot, spec, rng.choice(fits), None, priced=False) if fits else None
     return _finish(snapshot, spec, load)
+
+
+def describe_placement(placement: Placement) -> str:
+    """One line for the log: the action, where, the estimate by component and the evictions, e.g.
+    ``load on node-a from remote: 2.31 s (wait 0.00 + load 1.30 + overhead 1.01), evicting ['m1'] (penalty
+    0.40 s)``."""
+    est = placement.estimate
+    if placement.action is Action.QUEUE or placement.server is None or est is None:
+        return placement.action.value
+    where = {
+        Action.ROUTE: f"route to {placement.server}",
+        Action.WAIT: f"wait for a slot on {placement.server}",
+        Action.JOIN: f"join the load on {placement.server}",
+        Action.LOAD: f"load on {placement.server} from {est.tier.value}",
+    }[placement.action]
+    line = (
+        f"{where}: {est.total_s:.2f} s (wait {est.wait_s:.2f} + load {est.load_s:.2f} "
+        f"+ overhead {est.overhead_s:.2f})"
+    )
+    if placement.action is Action.LOAD:
+        evicting = f"evicting {list(placement.evictions)}" if placement.evictions else "evicting nothing"
+        line += f", {evicting} (penalty {placement.penalty_s:.2f} s)"
+    return line
+
+
+# ------------------------------------------------------------------------------------- placeability
+
+
+class Blocker(enum.Enum):
+    """Why one server cannot take a model. All but ``UNHEALTHY`` last until the configuration changes."""
+
+    NOT_IN_REPOSITORY = "not_in_repository"  # its Triton repository has no directory for the model
+    TOO_LARGE = "too_large"  # the model is larger than the server's whole memory budget
+    NO_SOURCE = "no_source"  # no copy in its store's memory or disk tier, and no remote to fetch from
+    UNHEALTHY = "unhealthy"  # down, or its node store has not reported yet: it may come back
+
+
+@dataclass(frozen=True, slots=True)
+class ServerBlock:
+    """One server that cannot take a model, and why (``detail`` is for people)."""
+
+    server: str
+    blocker: Blocker
+    detail: str
+
+    @property
+    def lasting(self) -> bool:
+        """True when waiting cannot help: only a configuration change (or a new server) would."""
+        return self.blocker is not Blocker.UNHEALTHY
+
+
+@dataclass(frozen=True, slots=True)
+class Unplaceable:
+    """No server can take ``model``: one :class:`ServerBlock` per server, in the snapshot's order."""
+
+    model: str
+    blocks: tuple[ServerBlock, ...]
+
+    @property
+    def final(self) -> bool:
+        """True when every server's block lasts (or there is no server): the request can never be placed."""
+        return all(b.lasting for b in self.blocks)
+
+    @property
+    def in_no_repository(self) -> bool:
+        """True when the only thing missing is the model itself: no server's repository has it."""
+        return bool(self.blocks) and all(b.blocker is Blocker.NOT_IN_REPOSITORY for b in self.blocks)
+
+    def reason(self) -> str:
+        """Which server lacks what, e.g. ``"node-a: not in its model repository; node-b: down"``."""
+        if not self.blocks:
+            return "no servers are registered"
+        return "; ".join(f"{b.server}: {b.detail}" for b in self.blocks)
+
+
+def _block(snapshot: ClusterSnapshot, pos: int, spec: ModelSpec) -> ServerBlock | None:
+    s = snapshot.servers[pos]
+    if s.repository is not None and spec.name not in s.repository:
+        return ServerBlock(
+            s.name,
+            Blocker.NOT_IN_REPOSITORY,
+            f"no {spec.name!r} in its model repository (its index lists {len(s.repository)} models)",
+        )
+    budget = s.memory_budget_bytes + s.freeing_bytes
+    if budget < spec.size_bytes:
+        return ServerBlock(
+            s.name,
+            Blocker.TOO_LARGE,
+            f"memory budget {budget} bytes is smaller than the model's size_bytes {spec.size_bytes}",
+        )
+    if not s.healthy:
+        return ServerBlock(s.name, Blocker.UNHEALTHY, "down, or its node store has not reported yet")
+    if _tier_on(s, spec.name) is Tier.NONE:
+        return ServerBlock(
+            s.name,
+            Blocker.NO_SOURCE,
+            "no copy in its node's memory or disk tier and no remote bandwidth (no node store, and the "
+            "server's bandwidth config gives no remote_bps)",
+        )
+    return None
+
+
+def why_unplaceable(snapshot: ClusterSnapshot, model: str) -> Unplaceable | None:
+    """Why no server can take a request for ``model``, or ``None`` when one can, now or after waiting.
+
+    ``None`` as soon as a healthy server has ``model`` warm or loading, or one server could load it: its
+    repository has the model (or was not read yet), its whole memory budget holds it, it is healthy, and
+    it can read the model from its store's memory or disk tier or from the remote. Lack of room now
+    (memory held by running requests, loads in flight) is not a block: the request waits for it. An
+    :class:`Unplaceable` whose :attr:`~Unplaceable.final` is true can never be placed as configured, so
+    the router answers at once instead of holding the request for the whole cold-start timeout.
+    """
+    spec = snapshot.model(model)
+    idx = snapshot.index
+    if any(idx.healthy[p] for p, _ in idx.warm.get(spec.name, ())) or any(
+        idx.healthy[p] for p, _ in idx.in_flight.get(spec.name, ())
+    ):
+        return None
+    blocks: list[ServerBlock] = []
+    for pos in range(len(snapshot.servers)):
+        block = _block(snapshot, pos, spec)
+        if block is None:
+            return None
+        blocks.append(block)
+    return Unplaceable(spec.name, tuple(blocks))
+
+
+UNMEASURED_REMOTE_BPS = 100e6
+"""Remote bandwidth assumed for a node whose store has not measured its remote tier yet (no fill since it
+started) when no other node has measured one either and its config gives none: 100 MB/s, a little below a
+1 Gbit/s link, so a local copy still wins. The node's first fill from the remote measures the real figure."""
+
+
+def assumed_remote_bps(measured: Iterable[float]) -> float:
+    """The remote bandwidth to place by on a node whose store has not measured its remote tier yet: the
+    median of the figures other nodes measured (the nodes of a cluster read one object store), else
+    :data:`UNMEASURED_REMOTE_BPS`. Without it such a node's models could never be placed (``inf``), so a
+    fresh cluster held every request for a model that only the remote has until the cold-start timeout."""
+    values = sorted(v for v in measured if v > 0 and math.isfinite(v))
+    if not values:
+        return UNMEASURED_REMOTE_BPS
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
 
 
 # ------------------------------------------------------------------------------------ migration plans
@@ -605,8 +751,9 @@ def drain_estimate(snapshot: ClusterSnapshot, model: str) -> float:
     """
     spec = snapshot.model(model)
     best = math.inf
+    lacking = set(snapshot.index.lacking(spec.name).tolist())
     for pos, s in enumerate(snapshot.servers):
-        if not s.healthy or s.memory_budget_bytes < spec.size_bytes:
+        if not s.healthy or s.memory_budget_bytes < spec.size_bytes or pos in lacking:
             continue
         room = float(snapshot.index.room_bytes[pos])
         ends = sorted(

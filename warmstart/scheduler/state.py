@@ -174,6 +174,12 @@ class ServerState:
     eviction_s: float = 0.0
     """Seconds evicting idle models adds before a load on this server, as measured: the release of their
     engines where the backend releases, else their unload (``policy.eviction_s``)."""
+    repository: frozenset[str] | None = None
+    """Model names in the server's Triton repository (its repository index), or ``None`` when not read
+    yet: a server can only load a model whose directory its repository holds."""
+    freeing_bytes: int = 0
+    """Memory that unloads in progress still hold, already taken off ``memory_budget_bytes``: it comes back
+    when they end, so the full budget is ``memory_budget_bytes + freeing_bytes``."""
 
     def __post_init__(self) -> None:
         _check_non_negative(
@@ -181,7 +187,10 @@ class ServerState:
             memory_budget_bytes=self.memory_budget_bytes,
             triton_load_overhead_s=self.triton_load_overhead_s,
             eviction_s=self.eviction_s,
+            freeing_bytes=self.freeing_bytes,
         )
+        if self.repository is not None:
+            object.__setattr__(self, "repository", frozenset(self.repository))
         for key in ("instances", "loading", "load_queue"):
             object.__setattr__(self, key, tuple(getattr(self, key)))
         object.__setattr__(self, "store_tiers", MappingProxyType(dict(self.store_tiers)))
@@ -289,6 +298,23 @@ class SnapshotIndex:
             for m, (p, b) in holders.items()
         }
         self.size = n
+        self._repositories = [s.repository for s in servers]
+        self._lacking: dict[str, npt.NDArray[np.intp]] = {}
+        self._none_lacking = np.zeros(0, dtype=np.intp)
+        self._any_repository = any(r is not None for r in self._repositories)
+
+    def lacking(self, model: str) -> npt.NDArray[np.intp]:
+        """Positions of the servers whose repository is known and has no ``model`` (they cannot load it)."""
+        if not self._any_repository:
+            return self._none_lacking
+        found = self._lacking.get(model)
+        if found is None:
+            found = np.array(
+                [p for p, r in enumerate(self._repositories) if r is not None and model not in r],
+                dtype=np.intp,
+            )
+            self._lacking[model] = found
+        return found
 
 
 @dataclass(frozen=True)
