@@ -16,6 +16,7 @@ from warmstart.errors import (
     EntryInUse,
     InvalidModelName,
     ModelNotFound,
+    RemoteTimeout,
     StoreError,
     StoreUnavailable,
 )
@@ -27,6 +28,7 @@ _BY_STATUS: dict[int, type[Exception]] = {
     400: InvalidModelName,
     404: ModelNotFound,
     409: EntryInUse,
+    504: RemoteTimeout,
     507: CacheFull,
 }
 

@@ -18,11 +18,12 @@ Endpoints (JSON unless noted; model names must match ``^[A-Za-z0-9][A-Za-z0-9._-
   tier is evicted), so nothing of the model reappears afterwards.
 * ``GET  /v1/bandwidth`` → ``{"memory_bps", "disk_bps", "remote_bps"}``: measured by this store (the local
   tiers by a startup probe that reads them as a start does; ``remote_bps`` by every fill from the remote,
-  null until one: the scheduler then places on this node at an assumed figure, see docs/scheduler.md).
+  null until one).
 * ``GET  /metrics`` Prometheus text; ``GET /healthz`` → ``{"ok": true}``.
 
 Errors are ``{"error": {"type", "message"}}`` with 400 (bad name or tier), 404 (no such model at the
-remote), 409 (in use), 507 (capacity exhausted), 502 (remote failure), 500 (anything else).
+remote), 409 (in use), 507 (capacity exhausted), 504 (a remote read missed its deadline,
+``WARMSTART_REMOTE_TIMEOUT_S``), 502 (other remote failure), 500 (anything else).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from warmstart.errors import (
     CheckpointNotFound,
     EntryInUse,
     InvalidModelName,
+    RemoteTimeout,
     SourceError,
     WarmstartError,
 )
@@ -421,6 +423,7 @@ _STATUS: list[tuple[type[BaseException], int]] = [
     (FileNotFoundError, 404),
     (EntryInUse, 409),
     (CacheFull, 507),
+    (RemoteTimeout, 504),  # the remote missed its deadline (WARMSTART_REMOTE_TIMEOUT_S)
     (SourceError, 502),
     (WarmstartError, 500),
 ]
