@@ -18,7 +18,7 @@ Endpoints (JSON unless noted; model names must match ``^[A-Za-z0-9][A-Za-z0-9._-
   tier is evicted), so nothing of the model reappears afterwards.
 * ``GET  /v1/bandwidth`` → ``{"memory_bps", "disk_bps", "remote_bps"}``: measured by this store (the local
   tiers by a startup probe that reads them as a start does; ``remote_bps`` by every fill from the remote,
-  null until one).
+  null until one: the scheduler then places on this node at an assumed figure, see docs/scheduler.md).
 * ``GET  /metrics`` Prometheus text; ``GET /healthz`` → ``{"ok": true}``.
 
 Errors are ``{"error": {"type", "message"}}`` with 400 (bad name or tier), 404 (no such model at the
