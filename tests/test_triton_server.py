@@ -177,8 +177,8 @@ def test_config_to_argv_renders_safe_defaults_when_ports_are_concrete(tmp_path: 
         "--grpc-address=127.0.0.1",
         "--metrics-address=127.0.0.1",
         "--load-model=m1",
-        f"--http-restricted-api=model-repository:x-warmstart-repo-key={API_KEY}",
-        f"--grpc-restricted-protocol=model-repository:x-warmstart-repo-key={API_KEY}",
+        f"--http-restricted-api=model-repository,shared-memory,logging,trace:x-warmstart-repo-key={API_KEY}",
+        f"--grpc-restricted-protocol=model-repository,shared-memory,logging,trace:x-warmstart-repo-key={API_KEY}",
     ):
         assert flag in argv
     assert API_KEY not in repr(cfg)

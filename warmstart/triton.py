@@ -62,6 +62,11 @@ _HEADER_PATTERN = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")  # gRPC metadata keys
 _API_KEY_PATTERN = re.compile(r"^[\x21-\x7e]{8,256}$")  # printable ASCII, no spaces
 _STUB_PYTHON = "3.11"
 GRPC_RESTRICTED_PREFIX = "triton-grpc-protocol-"  # Triton prefixes restricted-protocol gRPC metadata keys
+# Triton APIs that need the repository key when one is set: model control, and what changes the server or reads
+# or writes its memory. Inference, health and metadata stay open for plain clients; model-config and statistics
+# are read-only (the metrics port publishes the statistics anyway) and read by perf_analyzer and tritonclient.
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+RELEASE_KEY_ENV = "WARMSTART_REPO_KEY"  # = warmstart.backend.release.KEY_ENV_VAR (no backend import here)
 _WARMSTART_BACKEND_SRC = Path(__file__).resolve().parent / "backend" / "triton_backend"
 
 
@@ -168,8 +173,11 @@ class TritonConfig:
 
     ``log_file`` is where the server's stdout and stderr go (not a Triton flag); ``None`` lets
     :class:`TritonServer` choose a file in its work directory. ``repository_api_key`` restricts the
-    model-repository API (load, unload, index) over HTTP and gRPC to requests carrying the header
-    ``repository_api_header: <key>``; it appears in the server's argv, so treat the host as trusted.
+    model-repository API (load, unload, index) and the shared-memory, logging and trace APIs
+    (:data:`RESTRICTED_APIS`) over HTTP and gRPC to requests carrying the header
+    ``repository_api_header: <key>``; it appears in the server's argv, so treat the host as trusted. The
+    server's environment carries it too (``WARMSTART_REPO_KEY``): the warmstart backend accepts engine
+    releases only with it (``warmstart.backend.release``).
     """
 
     model_repositories: tuple[Path, ...]
@@ -273,7 +281,8 @@ class TritonConfig:
             argv.append("--disable-auto-complete-config")
         argv += [f"--load-model={m}" for m in self.load_models]
         if self.repository_api_key is not None:
-            restriction = f"model-repository:{self.repository_api_header}={self.repository_api_key}"
+            apis = ",".join(RESTRICTED_APIS)
+            restriction = f"{apis}:{self.repository_api_header}={self.repository_api_key}"
             argv += [f"--http-restricted-api={restriction}", f"--grpc-restricted-protocol={restriction}"]
         if self.verbose:
             argv.append("--log-verbose=1")
@@ -460,6 +469,10 @@ class TritonServer:
         self._config = dataclasses.replace(cfg, **updates)
         argv = self._config.to_argv(binary)
         env = triton_env({**os.environ, **self._extra_env})
+        # the warmstart backend accepts releases only with this key (warmstart.backend.release); none: no releases
+        env.pop(RELEASE_KEY_ENV, None)
+        if self._config.repository_api_key is not None:
+            env[RELEASE_KEY_ENV] = self._config.repository_api_key
         if self._want_engine_host:
             from warmstart.backend.host import ENV_VAR, EngineHost
 

@@ -1,8 +1,10 @@
 """``warmstart serve``: run tritonserver with the warmstart backend over a model repository.
 
 The server runs as configured for a fleet behind the scheduler: explicit model control, auto-complete off
-(configs are complete), strict readiness off, loopback binding, the repository API restricted by a key, and a
-short exit timeout. ``serve`` supervises it, copies its log to stdout, exits with its status if it dies, and
+(configs are complete), strict readiness off, loopback binding, a short exit timeout, and one key (the
+repository API key) guarding the model-repository, shared-memory, logging and trace APIs
+(``warmstart.triton.RESTRICTED_APIS``) and the warmstart backend's engine releases (handed to it as
+``WARMSTART_REPO_KEY`` in tritonserver's environment; ``warmstart.backend.release``). ``serve`` supervises it, copies its log to stdout, exits with its status if it dies, and
 stops it on Ctrl-C or SIGTERM (SIGTERM, then SIGKILL by PID if it hangs). Beside it runs the node's engine
 host (``warmstart.backend.host``: torch imported once, one forked engine process per loaded model), unless
 ``--no-engine-host``.
@@ -56,8 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--api-key",
-        help=f"key for the repository API (load/unload/index); default ${ENV_API_KEY}, else a random key printed "
-        "at start",
+        help=f"key for the repository API (load/unload/index), the shared-memory, logging and trace APIs, and "
+        f"engine releases (header x-warmstart-repo-key); default ${ENV_API_KEY}, else a random key printed at start",
     )
     p.add_argument(
         "--workdir", type=Path, help="directory for the backend files and the log (default: a temp dir)"
