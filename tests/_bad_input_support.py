@@ -81,24 +81,32 @@ def post_json(port: int, path: str, body: Any) -> tuple[int, bytes]:
     return http_request(port, "POST", path, json.dumps(body).encode())
 
 
-def raw_exchange(port: int, head: bytes, body: bytes = b"", timeout: float = 20.0) -> tuple[int, bytes]:
+def raw_exchange(
+    port: int, head: bytes, body: bytes = b"", timeout: float = 20.0
+) -> tuple[int, bytes, str | None]:
     """Send ``head`` (request line and headers, ending in a blank line) and ``body``, then read one response
-    without closing our side: a server that waits for more body bytes makes this time out."""
+    without closing our side: a server that waits for more body bytes makes this time out. Returns the
+    status, the body and the response's ``Connection`` header."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(head + body)
         resp = http.client.HTTPResponse(sock)
         resp.begin()
-        return resp.status, resp.read()
+        return resp.status, resp.read(), resp.getheader("Connection")
 
 
 def json_error(status: int, body: bytes) -> str:
-    """The ``error`` message of a JSON error response (asserting it is one)."""
+    """The ``error`` message of a JSON error response (asserting it is one): ``{"error": "..."}`` (KServe,
+    admin) or OpenAI's ``{"error": {"message": "...", ...}}`` (the ``/v1`` endpoints)."""
     try:
         data = json.loads(body)
     except ValueError as e:
         raise AssertionError(f"status {status}: the body is not JSON: {body[:300]!r}") from e
-    assert isinstance(data, dict) and isinstance(data.get("error"), str), (status, data)
-    return str(data["error"])
+    assert isinstance(data, dict), (status, data)
+    error = data.get("error")
+    if isinstance(error, dict):
+        error = error.get("message")
+    assert isinstance(error, str) and error, (status, data)
+    return error
 
 
 def sse_events(body: bytes) -> list[Any]:

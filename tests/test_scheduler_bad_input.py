@@ -158,9 +158,7 @@ def test_non_finite_numbers_are_a_400(port: int) -> None:
 # ------------------------------------------------------------------------------------------- JSON bodies
 
 
-@pytest.mark.parametrize(
-    "path", [GENERATE, STREAM, "/v1/completions", "/v1/chat/completions"]
-)
+@pytest.mark.parametrize("path", [GENERATE, STREAM, "/v1/completions", "/v1/chat/completions"])
 def test_a_body_nested_thousands_of_levels_deep_is_a_400(
     sched: BackgroundScheduler, port: int, path: str
 ) -> None:
@@ -284,9 +282,10 @@ def test_a_body_shorter_than_its_content_length_gets_408_at_the_read_deadline(
     limited: BackgroundScheduler, path: str
 ) -> None:
     port = limited.service.http_port
-    status, raw = raw_exchange(port, _head(path, Content_Length="1000"), b'{"text_input": ')
+    status, raw, connection = raw_exchange(port, _head(path, Content_Length="1000"), b'{"text_input": ')
     assert status == 408, raw
     assert "request_body_timeout_s" in json_error(status, raw)
+    assert connection == "close"  # the rest of the body is never read as a next request
     status, raw = post_json(port, GENERATE, {"text_input": "ok", "parameters": {"max_tokens": 1}})
     assert status == 200, raw
 
@@ -294,13 +293,16 @@ def test_a_body_shorter_than_its_content_length_gets_408_at_the_read_deadline(
 def test_a_body_over_the_size_limit_gets_413(limited: BackgroundScheduler) -> None:
     port = limited.service.http_port
     # declared too large: answered before a byte of the body is read
-    status, raw = raw_exchange(port, _head(GENERATE, Content_Length=str(1 << 30)))
-    assert status == 413 and "max_request_body_bytes" in json_error(status, raw), raw
+    for path in (GENERATE, "/v1/completions"):
+        status, raw, connection = raw_exchange(port, _head(path, Content_Length=str(1 << 30)))
+        assert status == 413 and "max_request_body_bytes" in json_error(status, raw), raw
+        assert connection == "close"
     # chunked, no length declared: answered once the limit is passed
     chunk = b'{"text_input": "' + b"x" * (70 << 10) + b'"}'
     body = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
-    status, raw = raw_exchange(port, _head(GENERATE, Transfer_Encoding="chunked"), body)
+    status, raw, connection = raw_exchange(port, _head(GENERATE, Transfer_Encoding="chunked"), body)
     assert status == 413 and "max_request_body_bytes" in json_error(status, raw), raw
+    assert connection == "close"
     # a body under the limit is served
     status, raw = post_json(port, GENERATE, {"text_input": "y" * 1000, "parameters": {"max_tokens": 1}})
     assert status == 200, raw

@@ -78,18 +78,25 @@ def _openai_error_body(error: BaseException) -> dict[str, Any]:
 
 
 def _openai_error(error: BaseException) -> web.Response:
-    return web.json_response(_openai_error_body(error), status=status_of(error).http)
+    return _closing_after_body_error(
+        web.json_response(_openai_error_body(error), status=status_of(error).http), error
+    )
 
 
 def _sse_event(event: dict[str, Any]) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
 
-def _error(error: BaseException) -> web.Response:
-    resp = web.json_response({"error": _message(error)}, status=status_of(error).http)
+def _closing_after_body_error(resp: web.Response, error: BaseException) -> web.Response:
     if isinstance(error, (RequestBodyTooLarge, RequestBodyTimeout)):
         resp.force_close()  # the rest of the body may still come: never read it as a next request
     return resp
+
+
+def _error(error: BaseException) -> web.Response:
+    return _closing_after_body_error(
+        web.json_response({"error": _message(error)}, status=status_of(error).http), error
+    )
 
 
 @web.middleware
