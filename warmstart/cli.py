@@ -14,6 +14,7 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Sequence
 
 from warmstart.errors import WarmstartError
@@ -63,6 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (WarmstartError, OSError, ValueError) as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as e:  # a failure not mapped to a warmstart error yet: still one line, never a traceback
+        if args.verbose:
+            traceback.print_exc()
+        print(
+            f"error: unexpected {type(e).__name__}: {one_line(e)} (a bug in warmstart; -v prints the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
 
 

@@ -20,23 +20,29 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import mmap
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from warmstart.errors import (
     CheckpointExists,
     InvalidSource,
+    MalformedGGUF,
+    MalformedSafetensors,
     MissingDependency,
     PickleRefused,
+    SourceNotARegularFile,
     SourceNotFound,
     UnknownSourceFormat,
     UnsupportedSourceDtype,
@@ -67,6 +73,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 MAX_MODEL_FILE_BYTES = 64 * 1024**2
 MAX_JSON_BYTES = 64 * 1024**2
 MAX_SAFETENSORS_HEADER = 100 * 1024**2
+MAX_SOURCE_JSON_DEPTH = 128  # what serde_json (the safetensors library) accepts; configs nest a few levels
 MODEL_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 _NOT_MODEL_FILES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", spec.INDEX_FILE}
 
@@ -129,6 +136,11 @@ def detect(src: str | os.PathLike[str]) -> str:
     p = Path(src)
     if not p.exists():
         raise SourceNotFound(f"conversion source {p} does not exist")
+    if not p.is_file() and not p.is_dir():
+        raise SourceNotARegularFile(
+            f"conversion source {p} is neither a regular file nor a directory (a FIFO, device or socket); "
+            "give the model file or directory itself"
+        )
     if p.is_file():
         suffix = p.suffix.lower()
         if suffix == ".safetensors":
@@ -189,24 +201,67 @@ def open_model_source(src: str | os.PathLike[str], *, allow_pickle: bool = False
 # --- safetensors / HF directory ---------------------------------------------------------------------------
 
 
+def _open_regular(path: Path, what: str) -> BinaryIO:
+    """``path`` opened for reading, refusing what is not a regular file (a FIFO would block the converter)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise SourceNotFound(f"{path} ({what}) does not exist") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SourceNotARegularFile(
+                f"{path} ({what}) is not a regular file (a FIFO, device, socket or directory); give the "
+                "model's files themselves"
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _header_json(path: Path, raw: bytes) -> Any:
+    from warmstart.format.index import JSONDefect, strict_json_loads
+
+    try:
+        return strict_json_loads(raw.decode("utf-8"), max_depth=MAX_SOURCE_JSON_DEPTH)
+    except (UnicodeDecodeError, JSONDefect) as e:
+        why = str(e) if isinstance(e, JSONDefect) else f"is not UTF-8 ({e})"
+        raise MalformedSafetensors(
+            f"{path} is not a valid safetensors file: its header {why}; re-save the model with safetensors"
+        ) from e
+
+
 def read_safetensors_header(path: Path) -> dict[str, Any]:
-    """The validated JSON header of a safetensors file (tensor entries and ``__metadata__``)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    """The validated JSON header of a safetensors file (tensor entries and ``__metadata__``).
+
+    Checked as the safetensors library checks it, so that reading the tensors afterwards cannot fail: strict
+    JSON, ``__metadata__`` a string-to-string object, every entry a known dtype, a shape of non-negative
+    integers and ``data_offsets`` ``[begin, end]`` with ``end - begin = prod(shape) * itemsize``, the entries
+    tiling the data section from its first to its last byte without gaps or overlaps.
+    """
+    with _open_regular(path, "safetensors file") as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) != 8:
-            raise InvalidSource(f"{path} is not a safetensors file: shorter than 8 bytes")
+            raise MalformedSafetensors(f"{path} is not a safetensors file: shorter than 8 bytes")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
-            raise InvalidSource(f"{path} is not a valid safetensors file: header length {n} is out of range")
+            raise MalformedSafetensors(
+                f"{path} is not a valid safetensors file: header length {n} is out of range"
+            )
         raw = f.read(n)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidSource(f"{path} is not a valid safetensors file: header is not JSON ({e})") from e
+    header = _header_json(path, raw)
     if not isinstance(header, dict):
-        raise InvalidSource(f"{path} is not a valid safetensors file: header is not a JSON object")
+        raise MalformedSafetensors(f"{path} is not a valid safetensors file: header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise MalformedSafetensors(
+            f"{path} is not a valid safetensors file: __metadata__ must map strings to strings"
+        )
     data_size = size - 8 - n
+    spans: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -214,19 +269,48 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
             isinstance(entry, dict)
             and isinstance(entry.get("dtype"), str)
             and isinstance(entry.get("shape"), list)
-            and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry["shape"])
             and isinstance(entry.get("data_offsets"), list)
             and len(entry["data_offsets"]) == 2
-            and all(isinstance(o, int) for o in entry["data_offsets"])
+            and all(isinstance(o, int) and not isinstance(o, bool) for o in entry["data_offsets"])
             and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1] <= data_size
         )
         if not ok:
-            raise InvalidSource(f"{path} is not a valid safetensors file: bad header entry for {name!r}")
+            raise MalformedSafetensors(
+                f"{path} is not a valid safetensors file: bad header entry for {name!r}"
+            )
         if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise UnsupportedSourceDtype(
                 f"tensor {name!r} in {path} has safetensors dtype {entry['dtype']}, which warmstart cannot "
                 f"store; supported: {', '.join(SAFETENSORS_DTYPES)}"
             )
+        begin, end = entry["data_offsets"]
+        nbytes = spec.DTYPES[SAFETENSORS_DTYPES[entry["dtype"]]].itemsize
+        for d in entry["shape"]:
+            nbytes *= d
+            if nbytes > data_size:
+                break
+        if nbytes != end - begin:
+            needs = f"more than the {data_size} bytes of data" if nbytes > data_size else f"{nbytes} bytes"
+            raise MalformedSafetensors(
+                f"{path} is not a valid safetensors file: tensor {name!r} of shape {entry['shape'][:20]} "
+                f"({entry['dtype']}) needs {needs}, but its data_offsets span {end - begin}"
+            )
+        spans.append((begin, end, name))
+    spans.sort()
+    at = 0
+    for begin, end, name in spans:
+        if begin != at:
+            raise MalformedSafetensors(
+                f"{path} is not a valid safetensors file: tensor {name!r} starts at byte {begin} of the data, "
+                f"{'overlapping the tensor before it' if begin < at else f'leaving a gap after byte {at}'}"
+            )
+        at = end
+    if at != data_size:
+        raise MalformedSafetensors(
+            f"{path} is not a valid safetensors file: its tensors cover {at} bytes of a {data_size}-byte "
+            "data section (truncated or padded file?)"
+        )
     return header
 
 
@@ -264,15 +348,19 @@ def _open_safetensors_files(
 
     def tensors() -> Iterator[tuple[str, Any]]:
         _torch()
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         handles: dict[Path, Any] = {}
         try:
             for s in specs:
                 shard = seen[s.name]
-                if shard not in handles:
-                    handles[shard] = safe_open(str(shard), framework="pt").__enter__()
-                yield s.name, handles[shard].get_tensor(s.name)
+                try:
+                    if shard not in handles:
+                        handles[shard] = safe_open(str(shard), framework="pt").__enter__()
+                    tensor = handles[shard].get_tensor(s.name)
+                except SafetensorError as e:  # the file changed since its header was checked
+                    raise MalformedSafetensors(f"{shard} cannot be read by safetensors: {e}") from e
+                yield s.name, tensor
         finally:
             for h in handles.values():
                 h.__exit__(None, None, None)
@@ -281,10 +369,14 @@ def _open_safetensors_files(
 
 
 def _load_json(path: Path, what: str) -> Any:
-    if path.stat().st_size > MAX_JSON_BYTES:
-        raise InvalidSource(f"{path} ({what}) is larger than {MAX_JSON_BYTES} bytes")
+    with _open_regular(path, what) as f:
+        if os.fstat(f.fileno()).st_size > MAX_JSON_BYTES:
+            raise InvalidSource(f"{path} ({what}) is larger than {MAX_JSON_BYTES} bytes")
+        data = f.read()
     try:
-        return json.loads(path.read_bytes())
+        return json.loads(data)
+    except RecursionError:
+        raise InvalidSource(f"{path} ({what}) nests JSON too deeply to be a model file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidSource(f"{path} ({what}) is not valid JSON: {e}") from e
 
@@ -307,7 +399,7 @@ def _model_files(d: Path) -> dict[str, bytes]:
 
 def _read_config(d: Path) -> dict[str, Any] | None:
     p = d / "config.json"
-    if not p.is_file():
+    if not p.exists():
         return None
     cfg = _load_json(p, "model config")
     if not isinstance(cfg, dict):
@@ -364,10 +456,139 @@ def _model_order(config: dict[str, Any]) -> list[str] | None:
 # --- GGUF -------------------------------------------------------------------------------------------------
 
 
+_GGUF_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_MAX_DIMS = 8  # ggml has 4
+_GGUF_MAX_ARRAY_NESTING = 8
+
+
+def check_gguf(path: Path) -> None:
+    """Walk a GGUF file's header, checking every count, length, type and tensor extent against the file.
+
+    GGUF readers (``gguf``, transformers) trust the header's counts and lengths, so a file that lies about
+    them makes them fail with ``struct.error`` or try to allocate terabytes; this raises
+    :class:`MalformedGGUF` naming what does not fit instead. Versions 2 and 3 (little-endian).
+    """
+    from gguf.constants import GGML_QUANT_SIZES
+
+    quant = {int(k): v for k, v in GGML_QUANT_SIZES.items()}
+    with _open_regular(path, "GGUF file") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise MalformedGGUF(f"{path} is not a GGUF file: {size} bytes is shorter than a GGUF header")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            _GGUFWalk(path, m, size, quant).run()
+
+
+class _GGUFWalk:
+    def __init__(self, path: Path, m: mmap.mmap, size: int, quant: dict[int, tuple[int, int]]) -> None:
+        self.path, self.m, self.size, self.quant, self.pos = path, m, size, quant, 0
+
+    def bad(self, what: str) -> MalformedGGUF:
+        return MalformedGGUF(
+            f"{self.path} is not a valid GGUF file: {what}; the file is truncated, damaged or not written by a "
+            "GGUF writer (re-download or re-export it)"
+        )
+
+    def take(self, n: int, what: str) -> int:
+        if n < 0 or self.pos + n > self.size:
+            raise self.bad(
+                f"{what} at byte {self.pos} needs {n} bytes, past the end of the file ({self.size} bytes)"
+            )
+        start = self.pos
+        self.pos += n
+        return start
+
+    def u32(self, what: str) -> int:
+        return int(struct.unpack_from("<I", self.m, self.take(4, what))[0])
+
+    def u64(self, what: str) -> int:
+        return int(struct.unpack_from("<Q", self.m, self.take(8, what))[0])
+
+    def string(self, what: str) -> bytes:
+        n = self.u64(f"the length of {what}")
+        start = self.take(n, what)
+        return bytes(self.m[start : start + n])
+
+    def value(self, vtype: int, what: str, nesting: int = 0) -> None:
+        if vtype in _GGUF_SCALAR_BYTES:
+            self.take(_GGUF_SCALAR_BYTES[vtype], what)
+        elif vtype == _GGUF_STRING:
+            self.string(what)
+        elif vtype == _GGUF_ARRAY:
+            if nesting >= _GGUF_MAX_ARRAY_NESTING:
+                raise self.bad(f"{what} nests arrays more than {_GGUF_MAX_ARRAY_NESTING} deep")
+            itype = self.u32(f"the item type of {what}")
+            count = self.u64(f"the length of {what}")
+            if itype in _GGUF_SCALAR_BYTES:
+                self.take(count * _GGUF_SCALAR_BYTES[itype], f"{what} ({count} items)")
+                return
+            if itype not in (_GGUF_STRING, _GGUF_ARRAY):
+                raise self.bad(f"{what} has the unknown item type {itype}")
+            if count * 8 > self.size - self.pos:  # every item takes at least 8 bytes
+                raise self.bad(f"{what} claims {count} items, more than the rest of the file can hold")
+            for i in range(count):
+                self.value(itype, f"{what}[{i}]", nesting + 1)
+        else:
+            raise self.bad(f"{what} has the unknown value type {vtype}")
+
+    def run(self) -> None:
+        if self.m[:4] != b"GGUF":
+            raise MalformedGGUF(f"{self.path} is not a GGUF file (its first bytes are not 'GGUF')")
+        self.pos = 4
+        version = self.u32("the version")
+        if version not in (2, 3):
+            raise self.bad(f"version {version} is not 2 or 3 (a big-endian GGUF reads as a huge version)")
+        n_tensors = self.u64("the tensor count")
+        n_kv = self.u64("the metadata count")
+        # each metadata entry takes at least 13 bytes, each tensor entry at least 24
+        if n_kv * 13 + n_tensors * 24 > self.size - self.pos:
+            raise self.bad(
+                f"its header claims {n_tensors} tensors and {n_kv} metadata entries, more than the file can hold"
+            )
+        alignment = 32
+        for i in range(n_kv):
+            key = self.string(f"metadata key {i}")
+            name = key.decode("utf-8", "replace")[:100]
+            vtype = self.u32(f"the type of metadata {name!r}")
+            start = self.pos
+            self.value(vtype, f"metadata {name!r}")
+            if key == b"general.alignment":
+                if vtype != 4:
+                    raise self.bad("general.alignment is not a uint32")
+                alignment = int(struct.unpack_from("<I", self.m, start)[0])
+                if alignment <= 0 or alignment & (alignment - 1):
+                    raise self.bad(f"general.alignment {alignment} is not a power of two")
+        extents: list[tuple[int, int, str]] = []
+        for i in range(n_tensors):
+            name = self.string(f"the name of tensor {i}").decode("utf-8", "replace")[:100]
+            n_dims = self.u32(f"the rank of tensor {name!r}")
+            if n_dims > _GGUF_MAX_DIMS:
+                raise self.bad(f"tensor {name!r} has {n_dims} dimensions (at most {_GGUF_MAX_DIMS})")
+            dims = [self.u64(f"dimension {d} of tensor {name!r}") for d in range(n_dims)]
+            gtype = self.u32(f"the type of tensor {name!r}")
+            offset = self.u64(f"the offset of tensor {name!r}")
+            if gtype not in self.quant:
+                raise self.bad(f"tensor {name!r} has the unknown ggml type {gtype}")
+            block, type_size = self.quant[gtype]
+            numel = math.prod(dims)
+            if dims and dims[0] % block:
+                raise self.bad(f"tensor {name!r}: its first dimension {dims[0]} is not a multiple of {block}")
+            extents.append((offset, numel // block * type_size, name))
+        data_start = -(-self.pos // alignment) * alignment
+        room = self.size - data_start
+        for offset, nbytes, name in extents:
+            if offset % alignment or offset + nbytes > room:
+                raise self.bad(
+                    f"tensor {name!r} lies at bytes {offset}..{offset + nbytes} of the data section, which is "
+                    f"{max(room, 0)} bytes long (or its offset is not a multiple of {alignment})"
+                )
+
+
 def _open_gguf(path: Path) -> ModelSource:
-    with open(path, "rb") as f:
+    with _open_regular(path, "GGUF file") as f:
         if f.read(4) != b"GGUF":
-            raise InvalidSource(f"{path} is not a GGUF file (its first bytes are not 'GGUF')")
+            raise MalformedGGUF(f"{path} is not a GGUF file (its first bytes are not 'GGUF')")
     torch = _torch()
     try:
         import gguf  # noqa: F401 - transformers needs it; fail early with a clear message
@@ -376,10 +597,13 @@ def _open_gguf(path: Path) -> ModelSource:
         raise MissingDependency(
             "converting GGUF needs transformers and gguf: pip install 'warmstart[torch]'"
         ) from e
+    check_gguf(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         )
+    except (struct.error, IndexError, OverflowError, UnicodeDecodeError, MemoryError) as e:
+        raise MalformedGGUF(f"transformers cannot read {path}: {type(e).__name__}: {e}") from e
     except (ValueError, KeyError, RuntimeError, OSError, NotImplementedError) as e:
         raise InvalidSource(f"transformers cannot load {path}: {e}") from e
     state = _untied(model.state_dict())  # model order; tied aliases (lm_head = embeddings) stored once

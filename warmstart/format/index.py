@@ -10,13 +10,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from warmstart.errors import (
+    DuplicateKey,
     DuplicateTensorName,
+    IndexTooDeep,
     IndexTooLarge,
     InvalidShape,
     InvalidTensorName,
     LimitExceeded,
     MalformedIndex,
     MisalignedOffset,
+    NonFiniteNumber,
     OffsetOutOfRange,
     OverlappingTensors,
     SizeMismatch,
@@ -148,12 +151,78 @@ class Index:
                 "this is not a checkpoint this reader will trust (re-convert the model)"
             )
         try:
-            raw = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raw = strict_json_loads(data.decode("utf-8"), max_depth=spec.MAX_JSON_DEPTH)
+        except JSONDefect as e:
+            if e.kind == "syntax":
+                raise MalformedIndex(
+                    f"index.json is not valid UTF-8 JSON ({e.__cause__}); re-convert the checkpoint"
+                ) from e
+            defect = {"duplicate": DuplicateKey, "non-finite": NonFiniteNumber}.get(e.kind, IndexTooDeep)
+            raise defect(
+                f"index.json {e}; no warmstart writer produces this: re-convert the checkpoint"
+            ) from e
+        except UnicodeDecodeError as e:
             raise MalformedIndex(
                 f"index.json is not valid UTF-8 JSON ({e}); re-convert the checkpoint"
             ) from e
         return parse_index(raw)
+
+
+# --- strict JSON -----------------------------------------------------------------------------------------
+
+
+class JSONDefect(ValueError):
+    """What :func:`strict_json_loads` refused; ``kind`` is ``syntax``, ``duplicate``, ``non-finite`` or ``depth``."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise JSONDefect("duplicate", f"has the key {k[:100]!r} twice in one object")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise JSONDefect("non-finite", f"holds {name}, which is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise JSONDefect("non-finite", f"holds the number {text[:40]}, too large for a float")
+    return value
+
+
+def strict_json_loads(text: str | bytes, *, max_depth: int) -> Any:
+    """``json.loads`` that refuses what parsers disagree on or cannot represent.
+
+    Raises :class:`JSONDefect` for invalid JSON (``syntax``), a key repeated in one object (``duplicate``),
+    ``NaN``/``Infinity`` or a float overflowing to infinity (``non-finite``), and objects/arrays nested more
+    than ``max_depth`` levels (``depth``; ``json.loads`` itself would raise ``RecursionError`` at some
+    depth that depends on the caller's stack).
+    """
+    try:
+        value = json.loads(
+            text, object_pairs_hook=_unique_pairs, parse_constant=_no_constant, parse_float=_finite_float
+        )
+    except RecursionError:
+        raise JSONDefect("depth", f"nests arrays/objects more than {max_depth} levels deep") from None
+    except json.JSONDecodeError as e:
+        raise JSONDefect("syntax", f"is not valid JSON ({e})") from e
+    stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, (dict, list)) else []
+    while stack:
+        v, depth = stack.pop()
+        children = v.values() if isinstance(v, dict) else v
+        if depth > max_depth:
+            raise JSONDefect("depth", f"nests arrays/objects more than {max_depth} levels deep")
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return value
 
 
 # --- parsing ---------------------------------------------------------------------------------------------

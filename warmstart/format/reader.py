@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -136,10 +137,30 @@ class Checkpoint:
             yield i, off, mv[:n]
 
 
+def _local_view(source: LocalSource | TensorStoreSource) -> LocalSource | None:
+    """The checkpoint directory behind a source, to check its files before reading (``file://`` too)."""
+    if isinstance(source, LocalSource):
+        return source
+    if source.location.startswith("file://"):
+        return LocalSource(source.location[len("file://") :].rstrip("/") or "/")
+    return None
+
+
+def _check_local_files(source: LocalSource | TensorStoreSource, index: Index) -> None:
+    """Refuse (before any of their bytes is read) files that are not regular files inside the checkpoint."""
+    local = _local_view(source)
+    if local is None or local is source:  # LocalSource checks every file it opens itself
+        return
+    for name in [p.file for p in index.partitions] + [f.name for f in index.files]:
+        with contextlib.suppress(FileNotFoundError):  # a missing file is reported where it is read
+            local.size(name)
+
+
 def read_index(source: LocalSource | TensorStoreSource) -> Index:
     """Fetch and validate ``index.json`` from a source."""
+    local = _local_view(source)
     try:
-        size_hint = source.size(spec.INDEX_FILE) if isinstance(source, LocalSource) else None
+        size_hint = local.size(spec.INDEX_FILE) if local is not None else None
     except FileNotFoundError:
         size_hint = -1
     if size_hint == -1:
@@ -157,7 +178,9 @@ def read_index(source: LocalSource | TensorStoreSource) -> Index:
         data = source.read(spec.INDEX_FILE)
     except FileNotFoundError:
         raise CheckpointNotFound(f"no checkpoint at {source.location}: index.json is missing") from None
-    return Index.from_json_bytes(data)
+    index = Index.from_json_bytes(data)
+    _check_local_files(source, index)
+    return index
 
 
 def open_checkpoint(location: str | os.PathLike[str], *, direct: bool = False) -> Checkpoint:

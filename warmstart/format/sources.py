@@ -13,23 +13,31 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
+import stat
 import threading
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from warmstart.errors import (
-    InvalidRemoteTimeout,
+    FileOutsideCheckpoint,
     InvalidURI,
     MissingDependency,
-    RemoteTimeout,
+    NotARegularFile,
     SourceError,
     UnsafeFileName,
 )
 from warmstart.format import spec
 
 URI_SCHEMES = ("file", "s3", "gs", "http", "https")
+
+_FILE_KINDS = {
+    stat.S_IFIFO: "FIFO (named pipe)",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFDIR: "directory",
+    stat.S_IFSOCK: "socket",
+}
 
 
 @runtime_checkable
@@ -73,6 +81,7 @@ class LocalSource:
         self.direct = direct
         self._fds: dict[tuple[str, bool], int] = {}
         self._lock = threading.Lock()
+        self._real_root: str | None = None
 
     @property
     def location(self) -> str:
@@ -82,24 +91,79 @@ class LocalSource:
         _check_name(name)
         return self.root / name
 
-    def exists(self, name: str) -> bool:
-        return self.path(name).is_file()
+    # Every file is checked before a byte of it is read: it must be a regular file (a FIFO would block the
+    # reader, a device would feed it endless bytes) and, followed through any symbolic link, lie inside the
+    # checkpoint directory (docs/format.md, section 5).
 
-    def size(self, name: str) -> int:
+    def _inside(self, name: str, real: str) -> None:
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root)
+        if real == self._real_root or os.path.commonpath([real, self._real_root]) != self._real_root:
+            raise FileOutsideCheckpoint(
+                f"{self.root / name} is a link to {real}, outside the checkpoint directory; refusing to read "
+                "it (copy the file into the checkpoint, or re-convert it)"
+            )
+
+    def _regular(self, name: str, st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            kind = _FILE_KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+            raise NotARegularFile(
+                f"{self.root / name} is a {kind}, not a regular file; refusing to read it (a checkpoint holds "
+                "only plain files: re-fetch or re-convert it)"
+            )
+
+    def _stat(self, name: str) -> os.stat_result:
+        """``stat`` of a file that passes the checks above (``FileNotFoundError`` if it does not exist)."""
+        path = self.path(name)
         try:
-            return self.path(name).stat().st_size
+            st = os.stat(path)
+            self._inside(name, os.path.realpath(path))
         except FileNotFoundError:
             raise
         except OSError as e:
-            raise SourceError(f"cannot stat {self.path(name)}: {e}") from e
+            raise SourceError(f"cannot stat {path}: {e}") from e
+        self._regular(name, st)
+        return st
+
+    def _open(self, name: str, flags: int = 0) -> int:
+        """A read-only descriptor of ``name``, checked before opening and again on what was opened."""
+        self._stat(name)
+        path = self.path(name)
+        try:
+            # O_NONBLOCK: a file swapped for a FIFO after the check still cannot block the open
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | flags)
+        except OSError as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            raise SourceError(f"cannot open {path}: {e}") from e
+        try:
+            self._regular(name, os.fstat(fd))
+            proc = f"/proc/self/fd/{fd}"
+            if Path(proc).exists():
+                self._inside(name, os.path.realpath(proc))
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def exists(self, name: str) -> bool:
+        """True when ``name`` is a regular file (raises if it exists as something a reader must refuse)."""
+        try:
+            self._stat(name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def size(self, name: str) -> int:
+        return self._stat(name).st_size
 
     def _fd(self, name: str, direct: bool) -> int:
         key = (name, direct)
         with self._lock:
             fd = self._fds.get(key)
             if fd is None:
-                flags = os.O_RDONLY | os.O_CLOEXEC | (getattr(os, "O_DIRECT", 0) if direct else 0)
-                fd = os.open(self.path(name), flags)
+                fd = self._open(name, getattr(os, "O_DIRECT", 0) if direct else 0)
                 self._fds[key] = fd
             return fd
 
@@ -133,8 +197,11 @@ class LocalSource:
 
     def mmap(self, name: str) -> mmap.mmap:
         """A read-only shared mapping of a whole file (zero copy; pages come from the page cache)."""
-        with open(self.path(name), "rb") as f:
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        fd = self._open(name)
+        try:
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
 
     def close(self) -> None:
         with self._lock:
@@ -157,56 +224,6 @@ def _aligned(offset: int, out: memoryview) -> bool:
     except (TypeError, ValueError):
         return False
     return addr % spec.ALIGNMENT == 0
-
-
-# --- remote deadlines -------------------------------------------------------------------------------------
-
-ENV_REMOTE_TIMEOUT = "WARMSTART_REMOTE_TIMEOUT_S"
-DEFAULT_REMOTE_TIMEOUT_S = 60.0
-"""Deadline of one remote read: one ranged GET (connect, request, headers and its whole body, at most
-64 MiB in the direct reader) or one TensorStore read. 64 MiB in 60 s is about 1 MiB/s per connection."""
-_MAX_REMOTE_TIMEOUT_S = 86400.0
-
-
-def remote_timeout_s(env: Mapping[str, str] | None = None) -> float:
-    """The deadline of one remote read in seconds: ``WARMSTART_REMOTE_TIMEOUT_S``, else 60."""
-    raw = (os.environ if env is None else env).get(ENV_REMOTE_TIMEOUT, "").strip()
-    if not raw:
-        return DEFAULT_REMOTE_TIMEOUT_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value <= _MAX_REMOTE_TIMEOUT_S:  # also refuses nan and inf
-        raise InvalidRemoteTimeout(
-            f"{ENV_REMOTE_TIMEOUT}={raw!r}: must be a number of seconds in (0, {_MAX_REMOTE_TIMEOUT_S:.0f}]; "
-            f"unset it for the default ({DEFAULT_REMOTE_TIMEOUT_S:.0f} s)"
-        )
-    return value
-
-
-def remote_endpoint(uri: str, env: Mapping[str, str] | None = None) -> str:
-    """The server a URI's reads go to, for error messages (``s3://`` names its endpoint)."""
-    scheme, _, rest = uri.partition("://")
-    host = rest.split("/", 1)[0]
-    scheme = scheme.lower()
-    if scheme == "s3":
-        from warmstart.objectstore import s3_endpoint_from_env
-
-        return s3_endpoint_from_env(None if env is None else dict(env)) or f"https://{host}.s3.amazonaws.com"
-    if scheme in ("http", "https"):
-        return f"{scheme}://{host}"
-    if scheme == "gs":
-        return "https://storage.googleapis.com"
-    return uri
-
-
-def remote_timeout_error(what: str, endpoint: str, timeout_s: float) -> RemoteTimeout:
-    """The error of a remote read (``what``: URI and range) that missed its deadline."""
-    return RemoteTimeout(
-        f"{what}: no complete answer from {endpoint} within {timeout_s:g} s ({ENV_REMOTE_TIMEOUT}); "
-        "is the object store up and reachable? (raise the deadline for a slow link)"
-    )
 
 
 # --- TensorStore ------------------------------------------------------------------------------------------
@@ -233,26 +250,17 @@ def kvstore_spec_for(uri: str) -> dict[str, Any]:
 
 
 class TensorStoreSource:
-    """A checkpoint under a URI, read through a TensorStore kvstore with several ranged reads in flight.
+    """A checkpoint under a URI, read through a TensorStore kvstore with several ranged reads in flight."""
 
-    Every read (and the open) has a deadline of ``timeout_s`` (default :func:`remote_timeout_s`): past it,
-    the read is cancelled and :class:`~warmstart.errors.RemoteTimeout` raised. Writes have none (an upload
-    sends whole partitions; stop it with Ctrl-C)."""
-
-    def __init__(self, uri: str, *, concurrency: int = 8, timeout_s: float | None = None) -> None:
+    def __init__(self, uri: str, *, concurrency: int = 8) -> None:
         ts = _tensorstore()
         self.uri = uri.rstrip("/") + "/"
         self.concurrency = concurrency
-        self.timeout_s = remote_timeout_s() if timeout_s is None else timeout_s
         ctx = ts.Context(
             {"file_io_concurrency": {"limit": concurrency}, "data_copy_concurrency": {"limit": 2}}
         )
         try:
-            self._kv = self._result(
-                ts.KvStore.open(kvstore_spec_for(self.uri), context=ctx),
-                f"opening {self.uri}",
-                time.monotonic(),
-            )
+            self._kv = ts.KvStore.open(kvstore_spec_for(self.uri), context=ctx).result()
         except ValueError as e:
             raise InvalidURI(f"cannot open {uri!r}: {e}") from e
 
@@ -260,22 +268,14 @@ class TensorStoreSource:
     def location(self) -> str:
         return self.uri
 
-    def _result(self, fut: Any, what: str, started: float) -> Any:
-        """``fut``'s result by ``started`` + the deadline; else the read is cancelled and RemoteTimeout raised."""
-        try:
-            return fut.result(timeout=max(0.0, started + self.timeout_s - time.monotonic()))
-        except TimeoutError:
-            fut.cancel()
-            raise remote_timeout_error(what, remote_endpoint(self.uri), self.timeout_s) from None
-
     def _get(self, name: str, byte_range: slice | None = None) -> bytes:
         _check_name(name)
-        t0 = time.monotonic()
         try:
-            fut = self._kv.read(name, byte_range=byte_range) if byte_range else self._kv.read(name)
-            r = self._result(fut, f"reading {self.uri}{name}", t0)
-        except RemoteTimeout:
-            raise
+            r = (
+                self._kv.read(name, byte_range=byte_range).result()
+                if byte_range
+                else self._kv.read(name).result()
+            )
         except Exception as e:
             raise SourceError(f"reading {self.uri}{name}: {e}") from e
         if r.state != "value":
@@ -284,12 +284,8 @@ class TensorStoreSource:
 
     def exists(self, name: str) -> bool:
         _check_name(name)
-        t0 = time.monotonic()
         try:
-            fut = self._kv.read(name, byte_range=slice(0, 0))
-            return bool(self._result(fut, f"checking {self.uri}{name}", t0).state == "value")
-        except RemoteTimeout:
-            raise
+            return self._kv.read(name, byte_range=slice(0, 0)).result().state == "value"
         except Exception as e:
             raise SourceError(f"checking {self.uri}{name}: {e}") from e
 
@@ -313,7 +309,7 @@ class TensorStoreSource:
 
     def read_ranges(self, ranges: Iterable[tuple[str, int, int]]) -> Iterator[tuple[str, int, bytes]]:
         """Read ``(name, offset, length)`` ranges with up to ``concurrency`` in flight, yielding in order."""
-        pending: list[tuple[str, int, int, Any, float]] = []
+        pending: list[tuple[str, int, int, Any]] = []
         it = iter(ranges)
         exhausted = False
         while True:
@@ -324,17 +320,12 @@ class TensorStoreSource:
                     exhausted = True
                     break
                 _check_name(name)
-                fut = self._kv.read(name, byte_range=slice(off, off + n))
-                pending.append((name, off, n, fut, time.monotonic()))
+                pending.append((name, off, n, self._kv.read(name, byte_range=slice(off, off + n))))
             if not pending:
                 return
-            name, off, n, fut, t0 = pending.pop(0)
+            name, off, n, fut = pending.pop(0)
             try:
-                r = self._result(fut, f"reading {self.uri}{name} [{off}, {off + n})", t0)
-            except RemoteTimeout:
-                for *_, other, _ in pending:
-                    other.cancel()
-                raise
+                r = fut.result()
             except Exception as e:
                 raise SourceError(f"reading {self.uri}{name} [{off}, {off + n}): {e}") from e
             if r.state != "value":
@@ -370,12 +361,8 @@ class TensorStoreSource:
 
     def delete(self, name: str) -> None:
         _check_name(name)
-        t0 = time.monotonic()
         try:
-            # writing None deletes the key (KvStore has no delete())
-            self._result(self._kv.write(name, None), f"deleting {self.uri}{name}", t0)
-        except RemoteTimeout:
-            raise
+            self._kv.write(name, None).result()  # writing None deletes the key (KvStore has no delete())
         except Exception as e:
             raise SourceError(f"deleting {self.uri}{name}: {e}") from e
 

@@ -35,6 +35,7 @@ MAX_NAME_LENGTH = 512
 MAX_FILE_NAME_LENGTH = 128
 MAX_RANK = 16
 MAX_PARTITION_BYTES = 1 << 50
+MAX_JSON_DEPTH = 64  # nesting of arrays/objects in index.json
 
 TENSOR_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/\-\[\]]*$")
 FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
