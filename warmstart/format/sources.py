@@ -15,15 +15,18 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from warmstart.errors import (
     FileOutsideCheckpoint,
+    InvalidRemoteTimeout,
     InvalidURI,
     MissingDependency,
     NotARegularFile,
+    RemoteTimeout,
     SourceError,
     UnsafeFileName,
 )
@@ -226,6 +229,56 @@ def _aligned(offset: int, out: memoryview) -> bool:
     return addr % spec.ALIGNMENT == 0
 
 
+# --- remote deadlines -------------------------------------------------------------------------------------
+
+ENV_REMOTE_TIMEOUT = "WARMSTART_REMOTE_TIMEOUT_S"
+DEFAULT_REMOTE_TIMEOUT_S = 60.0
+"""Deadline of one remote read: one ranged GET (connect, request, headers and its whole body, at most
+64 MiB in the direct reader) or one TensorStore read. 64 MiB in 60 s is about 1 MiB/s per connection."""
+_MAX_REMOTE_TIMEOUT_S = 86400.0
+
+
+def remote_timeout_s(env: Mapping[str, str] | None = None) -> float:
+    """The deadline of one remote read in seconds: ``WARMSTART_REMOTE_TIMEOUT_S``, else 60."""
+    raw = (os.environ if env is None else env).get(ENV_REMOTE_TIMEOUT, "").strip()
+    if not raw:
+        return DEFAULT_REMOTE_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= _MAX_REMOTE_TIMEOUT_S:  # also refuses nan and inf
+        raise InvalidRemoteTimeout(
+            f"{ENV_REMOTE_TIMEOUT}={raw!r}: must be a number of seconds in (0, {_MAX_REMOTE_TIMEOUT_S:.0f}]; "
+            f"unset it for the default ({DEFAULT_REMOTE_TIMEOUT_S:.0f} s)"
+        )
+    return value
+
+
+def remote_endpoint(uri: str, env: Mapping[str, str] | None = None) -> str:
+    """The server a URI's reads go to, for error messages (``s3://`` names its endpoint)."""
+    scheme, _, rest = uri.partition("://")
+    host = rest.split("/", 1)[0]
+    scheme = scheme.lower()
+    if scheme == "s3":
+        from warmstart.objectstore import s3_endpoint_from_env
+
+        return s3_endpoint_from_env(None if env is None else dict(env)) or f"https://{host}.s3.amazonaws.com"
+    if scheme in ("http", "https"):
+        return f"{scheme}://{host}"
+    if scheme == "gs":
+        return "https://storage.googleapis.com"
+    return uri
+
+
+def remote_timeout_error(what: str, endpoint: str, timeout_s: float) -> RemoteTimeout:
+    """The error of a remote read (``what``: URI and range) that missed its deadline."""
+    return RemoteTimeout(
+        f"{what}: no complete answer from {endpoint} within {timeout_s:g} s ({ENV_REMOTE_TIMEOUT}); "
+        "is the object store up and reachable? (raise the deadline for a slow link)"
+    )
+
+
 # --- TensorStore ------------------------------------------------------------------------------------------
 
 
@@ -250,17 +303,26 @@ def kvstore_spec_for(uri: str) -> dict[str, Any]:
 
 
 class TensorStoreSource:
-    """A checkpoint under a URI, read through a TensorStore kvstore with several ranged reads in flight."""
+    """A checkpoint under a URI, read through a TensorStore kvstore with several ranged reads in flight.
 
-    def __init__(self, uri: str, *, concurrency: int = 8) -> None:
+    Every read (and the open) has a deadline of ``timeout_s`` (default :func:`remote_timeout_s`): past it,
+    the read is cancelled and :class:`~warmstart.errors.RemoteTimeout` raised. Writes have none (an upload
+    sends whole partitions; stop it with Ctrl-C)."""
+
+    def __init__(self, uri: str, *, concurrency: int = 8, timeout_s: float | None = None) -> None:
         ts = _tensorstore()
         self.uri = uri.rstrip("/") + "/"
         self.concurrency = concurrency
+        self.timeout_s = remote_timeout_s() if timeout_s is None else timeout_s
         ctx = ts.Context(
             {"file_io_concurrency": {"limit": concurrency}, "data_copy_concurrency": {"limit": 2}}
         )
         try:
-            self._kv = ts.KvStore.open(kvstore_spec_for(self.uri), context=ctx).result()
+            self._kv = self._result(
+                ts.KvStore.open(kvstore_spec_for(self.uri), context=ctx),
+                f"opening {self.uri}",
+                time.monotonic(),
+            )
         except ValueError as e:
             raise InvalidURI(f"cannot open {uri!r}: {e}") from e
 
@@ -268,14 +330,22 @@ class TensorStoreSource:
     def location(self) -> str:
         return self.uri
 
+    def _result(self, fut: Any, what: str, started: float) -> Any:
+        """``fut``'s result by ``started`` + the deadline; else the read is cancelled and RemoteTimeout raised."""
+        try:
+            return fut.result(timeout=max(0.0, started + self.timeout_s - time.monotonic()))
+        except TimeoutError:
+            fut.cancel()
+            raise remote_timeout_error(what, remote_endpoint(self.uri), self.timeout_s) from None
+
     def _get(self, name: str, byte_range: slice | None = None) -> bytes:
         _check_name(name)
+        t0 = time.monotonic()
         try:
-            r = (
-                self._kv.read(name, byte_range=byte_range).result()
-                if byte_range
-                else self._kv.read(name).result()
-            )
+            fut = self._kv.read(name, byte_range=byte_range) if byte_range else self._kv.read(name)
+            r = self._result(fut, f"reading {self.uri}{name}", t0)
+        except RemoteTimeout:
+            raise
         except Exception as e:
             raise SourceError(f"reading {self.uri}{name}: {e}") from e
         if r.state != "value":
@@ -284,8 +354,12 @@ class TensorStoreSource:
 
     def exists(self, name: str) -> bool:
         _check_name(name)
+        t0 = time.monotonic()
         try:
-            return self._kv.read(name, byte_range=slice(0, 0)).result().state == "value"
+            fut = self._kv.read(name, byte_range=slice(0, 0))
+            return bool(self._result(fut, f"checking {self.uri}{name}", t0).state == "value")
+        except RemoteTimeout:
+            raise
         except Exception as e:
             raise SourceError(f"checking {self.uri}{name}: {e}") from e
 
@@ -309,7 +383,7 @@ class TensorStoreSource:
 
     def read_ranges(self, ranges: Iterable[tuple[str, int, int]]) -> Iterator[tuple[str, int, bytes]]:
         """Read ``(name, offset, length)`` ranges with up to ``concurrency`` in flight, yielding in order."""
-        pending: list[tuple[str, int, int, Any]] = []
+        pending: list[tuple[str, int, int, Any, float]] = []
         it = iter(ranges)
         exhausted = False
         while True:
@@ -320,12 +394,17 @@ class TensorStoreSource:
                     exhausted = True
                     break
                 _check_name(name)
-                pending.append((name, off, n, self._kv.read(name, byte_range=slice(off, off + n))))
+                fut = self._kv.read(name, byte_range=slice(off, off + n))
+                pending.append((name, off, n, fut, time.monotonic()))
             if not pending:
                 return
-            name, off, n, fut = pending.pop(0)
+            name, off, n, fut, t0 = pending.pop(0)
             try:
-                r = fut.result()
+                r = self._result(fut, f"reading {self.uri}{name} [{off}, {off + n})", t0)
+            except RemoteTimeout:
+                for *_, other, _ in pending:
+                    other.cancel()
+                raise
             except Exception as e:
                 raise SourceError(f"reading {self.uri}{name} [{off}, {off + n}): {e}") from e
             if r.state != "value":
@@ -361,8 +440,12 @@ class TensorStoreSource:
 
     def delete(self, name: str) -> None:
         _check_name(name)
+        t0 = time.monotonic()
         try:
-            self._kv.write(name, None).result()  # writing None deletes the key (KvStore has no delete())
+            # writing None deletes the key (KvStore has no delete())
+            self._result(self._kv.write(name, None), f"deleting {self.uri}{name}", t0)
+        except RemoteTimeout:
+            raise
         except Exception as e:
             raise SourceError(f"deleting {self.uri}{name}: {e}") from e
 
