@@ -35,6 +35,15 @@ class UnknownModelError(SchedulerError, LookupError):
     """The snapshot has no :class:`~warmstart.scheduler.state.ModelSpec` with this name."""
 
 
+class ModelNotInRepositoryError(UnknownModelError):
+    """A deployed model that no server's Triton repository has a directory for (HTTP 404 / NOT_FOUND)."""
+
+
+class UnplaceableModelError(SchedulerError):
+    """No server can ever take a request for the model as configured; the message says which server lacks
+    what (HTTP 503 / UNAVAILABLE, at once rather than after the cold-start timeout)."""
+
+
 class UnknownServerError(SchedulerError, LookupError):
     """The snapshot has no server with this name."""
 

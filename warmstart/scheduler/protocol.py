@@ -16,6 +16,7 @@ from warmstart.scheduler.errors import (
     RequestBodyTimeout,
     RequestBodyTooLarge,
     UnknownModelError,
+    UnplaceableModelError,
 )
 from warmstart.scheduler.router import ColdStartQueueFull, ColdStartTimeout, GenerationFailed
 from warmstart.scheduler.upstream import ModelLoadFailed, UpstreamRequestError
@@ -123,7 +124,7 @@ def status_of(error: BaseException) -> Status:
         return Status(400, "INVALID_ARGUMENT")
     if isinstance(error, UnknownModelError):
         return Status(404, "NOT_FOUND")
-    if isinstance(error, (ColdStartQueueFull, ColdStartTimeout)):
+    if isinstance(error, (ColdStartQueueFull, ColdStartTimeout, UnplaceableModelError)):
         return Status(503, "UNAVAILABLE")
     if isinstance(error, GenerationFailed):
         return Status(502, "UNAVAILABLE")

@@ -31,20 +31,27 @@ from warmstart.scheduler.errors import (
     InvalidSamplingValue,
     MigrationDestinationError,
     MigrationError,
+    ModelNotInRepositoryError,
     SchedulerError,
     UnknownModelError,
     UnknownServerError,
+    UnplaceableModelError,
 )
 from warmstart.scheduler.metrics import SchedulerMetrics, counts_rejections
 from warmstart.scheduler.migration import MigrationOutcome, MigrationResult, migrate
 from warmstart.scheduler.nodestore import NodeStoreClient, NodeStoreError
 from warmstart.scheduler.policy import (
+    UNMEASURED_REMOTE_BPS,
     Action,
+    Blocker,
     LoadCosts,
     MigrationPlan,
     Placement,
+    Unplaceable,
+    assumed_remote_bps,
     choose_evictions,
     decayed_rate,
+    describe_placement,
     effective_bandwidth,
     eviction_s,
     expired_models,
@@ -57,6 +64,7 @@ from warmstart.scheduler.policy import (
     recall,
     record_arrival,
     serverlessllm_place,
+    why_unplaceable,
 )
 from warmstart.scheduler.state import (
     ClusterSnapshot,
@@ -182,6 +190,17 @@ class ServerRuntime:
     unloading: dict[str, int] = field(default_factory=dict)  # model -> bytes still held (0 once released)
     probe: asyncio.Task[bool] | None = None
     removed: bool = False
+    repository: frozenset[str] | None = None  # model names in its repository index, once read
+
+    def remote_assumed(self) -> bool:
+        """True while this server's node store has not measured its remote tier (no fill yet), nor did its
+        config give a figure or its own loads teach one: placement then uses ``assumed_remote_bps``."""
+        return (
+            self.config.node_store is not None
+            and self.bandwidth is not None
+            and self.bandwidth.remote_bps is None
+            and Tier.REMOTE not in self.costs.bps
+        )
 
     @property
     def overhead_s(self) -> float:
@@ -195,8 +214,11 @@ class ServerRuntime:
     def name(self) -> str:
         return self.config.name
 
-    def to_state(self, now: float, token_s: Mapping[str, float]) -> ServerState:
-        """The frozen view the policy decides on. Memory still being freed shrinks the budget."""
+    def to_state(
+        self, now: float, token_s: Mapping[str, float], assumed_remote_bps: float | None = None
+    ) -> ServerState:
+        """The frozen view the policy decides on. Memory still being freed shrinks the budget. A node store
+        that has not measured its remote tier yet gets its own loads' figure, else ``assumed_remote_bps``."""
         instances = tuple(
             Instance(
                 model=i.model,
@@ -215,11 +237,19 @@ class ServerRuntime:
             )
             for i in self.instances.values()
         )
+        bandwidth = self.effective_bandwidth() or _PLACEHOLDER_BANDWIDTH
+        if self.config.node_store is not None and self.bandwidth is not None and bandwidth.remote_bps is None:
+            remote = self.costs.bps.get(Tier.REMOTE, assumed_remote_bps)
+            if remote is not None:
+                bandwidth = replace(bandwidth, remote_bps=remote)
+        freeing = sum(self.unloading.values())
         return ServerState(
             name=self.name,
             healthy=self.healthy and self.bandwidth is not None and not self.removed,
-            memory_budget_bytes=max(0, self.config.memory_budget_bytes - sum(self.unloading.values())),
-            bandwidth=self.effective_bandwidth() or _PLACEHOLDER_BANDWIDTH,
+            memory_budget_bytes=max(0, self.config.memory_budget_bytes - freeing),
+            freeing_bytes=min(freeing, self.config.memory_budget_bytes),
+            repository=self.repository,
+            bandwidth=bandwidth,
             triton_load_overhead_s=self.overhead_s,
             instances=instances,
             loading=tuple(
@@ -314,6 +344,7 @@ class Router:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stores: dict[str, NodeStoreClient] = {}
+        self._assumed_remote_bps = UNMEASURED_REMOTE_BPS
         self.metrics = SchedulerMetrics(self, queue_capacity=config.cold_start_queue)
         for m in config.models:
             self._add_model(m)
@@ -443,8 +474,14 @@ class Router:
     def snapshot(self) -> ClusterSnapshot:
         """Publish every server's state into the store and read one consistent snapshot back."""
         now = self._clock()
+        measured = [
+            bw.remote_bps
+            for rt in self.servers.values()
+            if not rt.remote_assumed() and (bw := rt.effective_bandwidth()) is not None and bw.remote_bps
+        ]
+        self._assumed_remote_bps = assumed_remote_bps(measured)
         for rt in self.servers.values():
-            self.store.put_server(rt.to_state(now, self._token_s))
+            self.store.put_server(rt.to_state(now, self._token_s, self._assumed_remote_bps))
         demand = {m: decayed_rate(rate, now - t) for m, (rate, t) in self._demand.items()}
         return self.store.snapshot(now, demand)
 
@@ -468,6 +505,8 @@ class Router:
         started = self._clock()
         deadline = started + self.config.cold_start_timeout_s
         queued = False
+        refreshed = False
+        logged: tuple[Action, str | None] | None = None
         try:
             while True:
                 if gen.model not in self.models:
@@ -475,7 +514,18 @@ class Router:
                 failed = self._load_errors.get(gen.model)
                 if failed is not None and failed[0] >= started:
                     raise failed[1]
-                placement = self._place(self.snapshot(), gen.model)
+                snapshot = self.snapshot()
+                placement = self._place(snapshot, gen.model)
+                blocked = why_unplaceable(snapshot, gen.model) if placement.action is Action.QUEUE else None
+                if blocked is not None and blocked.final:
+                    if not refreshed and any(b.blocker is Blocker.NOT_IN_REPOSITORY for b in blocked.blocks):
+                        refreshed = True  # a directory may have been added since the index was read
+                        await self._refresh_repositories()
+                        continue
+                    self._refuse_unplaceable(gen, blocked)
+                if logged != (placement.action, placement.server):
+                    logged = (placement.action, placement.server)
+                    self._log_decision(gen, placement, blocked)
                 if placement.action is Action.ROUTE and placement.server is not None:
                     rt = self.servers[placement.server]
                     inst = rt.instances[gen.model]
@@ -501,14 +551,60 @@ class Router:
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     self.stats.rejected_timeout += 1
+                    why = f": {blocked.reason()}" if blocked is not None else ""
                     raise ColdStartTimeout(
                         f"model {gen.model!r} not ready within {self.config.cold_start_timeout_s:.0f} s "
-                        f"(last decision: {placement.action.value})"
+                        f"(last decision: {placement.action.value}{why})"
                     )
                 await self._wait_change(min(remaining, 1.0))
         finally:
             if queued:
                 self._waiting -= 1
+
+    def _log_decision(self, gen: Generation, placement: Placement, blocked: Unplaceable | None) -> None:
+        """One INFO line per decision (a request's loop logs again only when the decision changes)."""
+        line = describe_placement(placement)
+        rt = self.servers.get(placement.server) if placement.server is not None else None
+        if placement.action is Action.LOAD and rt is not None and rt.remote_assumed():
+            est = placement.estimate
+            if est is not None and est.tier is Tier.REMOTE:
+                line += f"; remote not measured yet there, assumed {self._assumed_remote_bps / 1e6:.0f} MB/s"
+        if placement.action is Action.QUEUE:
+            line += f" ({blocked.reason()})" if blocked is not None else " (no server has room for it now)"
+        logger.info(
+            "placement of %s for %s: %s; cold-start queue %d/%d",
+            gen.model,
+            gen.id,
+            line,
+            self._waiting,
+            self.config.cold_start_queue,
+        )
+
+    def _refuse_unplaceable(self, gen: Generation, blocked: Unplaceable) -> None:
+        """Answer a request that no server can ever take, with which server lacks what."""
+        if blocked.in_no_repository:
+            message = (
+                f"model {gen.model!r} is deployed but no server's model repository has it "
+                f"({blocked.reason()}); add its directory (config.pbtxt and 1/) to a server's repository"
+            )
+            logger.warning("placement of %s for %s: refused: %s", gen.model, gen.id, message)
+            raise ModelNotInRepositoryError(message)
+        message = f"model {gen.model!r} cannot be placed on any server: {blocked.reason()}"
+        logger.warning("placement of %s for %s: refused: %s", gen.model, gen.id, message)
+        raise UnplaceableModelError(message)
+
+    async def _refresh_repositories(self) -> None:
+        """Re-read every healthy server's repository index (which models it could load)."""
+
+        async def one(rt: ServerRuntime) -> None:
+            try:
+                index = await rt.upstream.index()
+            except UpstreamError as e:
+                logger.warning("repository index of %s: %s", rt.name, e)
+                return
+            rt.repository = frozenset(m["name"] for m in index)
+
+        await asyncio.gather(*(one(rt) for rt in list(self.servers.values()) if rt.healthy))
 
     def _release(self, rt: ServerRuntime, gen: Generation) -> None:
         inst = rt.instances.get(gen.model)
@@ -532,7 +628,10 @@ class Router:
                 self.stats.evictions += 1
                 self.metrics.evicted(rt.name)
         effective = rt.effective_bandwidth()
-        bw = effective.of(rt.store_tiers.get(model, Tier.REMOTE)) if effective else None
+        tier = rt.store_tiers.get(model, Tier.REMOTE)
+        bw = effective.of(tier) if effective else None
+        if bw is None and tier is Tier.REMOTE and rt.remote_assumed():
+            bw = self._assumed_remote_bps
         expected = (
             (eviction_s(rt.costs) if evicted else 0.0) + (spec.size_bytes / bw if bw else 0.0) + rt.overhead_s
         )
@@ -657,6 +756,7 @@ class Router:
     async def _resync(self, rt: ServerRuntime) -> None:
         """Rebuild the instances of ``rt`` from its repository index (models READY there)."""
         index = await rt.upstream.index()
+        rt.repository = frozenset(m["name"] for m in index)
         ready = {m["name"] for m in index if m["state"] == "READY"}
         for name in list(rt.instances):
             if name not in ready:
