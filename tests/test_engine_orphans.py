@@ -190,3 +190,27 @@ def test_sigkilled_tritonserver_leaves_no_stub_and_no_engine_process(
         assert not exited(host_pid)  # the host itself stays up until the server's owner stops it
     finally:
         srv.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_sigkilled_tritonserver_leaves_no_stub_without_an_engine_host(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    repo = tmp_path / "repo"
+    write_model(repo, "m", str(checkpoint), "torch")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        srv = TritonServer(
+            TritonConfig(model_repositories=(repo,)), workdir=tmp_path / "srv", engine_host=False
+        )
+        srv.start()
+    try:
+        srv.load_model("m")  # the engine runs inside the stub
+        assert srv.pid is not None
+        stubs = [p for p in children(srv.pid) if exe_name(p) == "triton_python_backend_stub"]
+        assert stubs
+        os.kill(srv.pid, signal.SIGKILL)  # left a zombie, as above
+        assert wait_exited(stubs) == [], "a stub outlived its tritonserver"
+    finally:
+        srv.stop()

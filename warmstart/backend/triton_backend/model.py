@@ -51,6 +51,27 @@ from warmstart.backend.wire import ENV_VAR
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _INPUT_NAMES = tuple(i["name"] for i in INPUTS)
+_SERVER_CHECK_S = 1.0
+_watching = threading.Lock()
+
+
+def _exit_with_the_server():
+    """End this stub when its tritonserver exits, even while the server stays an unreaped zombie.
+
+    The stub's own check, ``kill(parent, 0)``, succeeds on a zombie, so a SIGKILLed server whose supervisor
+    had not reaped it yet left its stubs running (with their engines) for minutes. Once the server has
+    exited, the stub has been reparented: ``getppid()`` changes. One daemon thread per stub process."""
+    if not _watching.acquire(blocking=False):
+        return
+    server = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(_SERVER_CHECK_S)
+            if os.getppid() != server:
+                os._exit(1)  # nothing to hand back: the server is gone
+
+    threading.Thread(target=watch, name="warmstart-server-watch", daemon=True).start()
 
 
 class _InFlight:
@@ -143,6 +164,7 @@ class TritonPythonModel:
 
     def initialize(self, args):
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 <stub pid>`: stacks to the log
+        _exit_with_the_server()
         config = json.loads(args["model_config"])
         if not pb_utils.using_decoupled_model_transaction_policy(config):
             raise pb_utils.TritonModelException(
