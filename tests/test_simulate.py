@@ -3,8 +3,12 @@ and that it drives the router's own policy functions."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -182,3 +186,80 @@ def test_bad_inputs_are_refused_with_what_to_fix() -> None:
         Simulator([], MODELS, [], SimSettings())
     with pytest.raises(SimulationInputError, match="disk_bps must be a number > 0"):
         ServerProfile(**{**TINY.__dict__, "disk_bps": 0})
+
+
+# ------------------------------------------------------------------------------------ benchmarks/simulate.py
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_simulate", REPO / "benchmarks" / "simulate.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_simulate"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_trace_loader_accepts_any_csv_with_the_three_columns(tmp_path: Path) -> None:
+    bench = _bench()
+    path = tmp_path / "t.csv"
+    path.write_text(
+        "extra,GeneratedTokens,TIMESTAMP,ContextTokens\n"
+        "x,7,2023-11-16 18:17:04.5,30\n"
+        "y,5,2023-11-16 18:17:03.9799600,100\n"
+        "z,1,2023-11-16 18:17:06,2\n"
+    )
+    rows = bench.read_trace(path)
+    assert [(c, g) for _, c, g in rows] == [(100, 5), (30, 7), (2, 1)]  # sorted by time
+    assert rows[1][0] - rows[0][0] == pytest.approx(0.52004, abs=1e-6)
+    times = bench.trace_arrivals(rows, rate=1.0)  # 2 gaps over 2.02 s -> scaled to 1 request/s
+    assert times[0] == 0.0 and times[-1] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("TIMESTAMP,ContextTokens\n2023-11-16 18:17:04,3\n", "missing column.*GeneratedTokens"),
+        ("TIMESTAMP,ContextTokens,GeneratedTokens\n", "no rows"),
+        ("TIMESTAMP,ContextTokens,GeneratedTokens\n16/11/2023,3,4\n", r":2: TIMESTAMP '16/11/2023' is not"),
+        (
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:17:04,-3,4\n",
+            r":2: ContextTokens '-3' is not",
+        ),
+    ],
+)
+def test_trace_loader_names_the_line_and_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    bench = _bench()
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(bench.TraceError, match=message):
+        bench.read_trace(path)
+
+
+def test_every_hardware_profile_loads_and_names_a_source_for_each_figure() -> None:
+    bench = _bench()
+    profiles = sorted((REPO / "benchmarks" / "sim_profiles").glob("*.json"))
+    assert {p.stem for p in profiles} >= {"this_machine", "serverlessllm_testbed", "h100_server"}
+    for path in profiles:
+        profile, _ = bench.load_profile(path)
+        data = json.loads(path.read_text())
+        assert all(entry["source"] for entry in data["server"].values()), path
+        assert profile.memory_budget_bytes > 0
+
+
+def test_this_machine_profile_is_what_the_results_files_give() -> None:
+    bench = _bench()
+    on_disk = json.loads((REPO / "benchmarks" / "sim_profiles" / "this_machine.json").read_text())
+    assert bench.derive_this_machine() == on_disk
+
+
+def test_calibration_predicts_the_recorded_workload_runs_within_25_percent() -> None:
+    bench = _bench()
+    for run in sorted((REPO / "benchmarks" / "results").glob("workload*.json")):
+        cal = bench.calibrate(run, REPO / "benchmarks" / "sim_profiles" / "this_machine.json")
+        for row in cal["policies"]:
+            for key in ("p50", "p99"):
+                assert abs(row["error_pct"][key]) <= 25, (run.name, row["policy"], key, row["error_pct"][key])
+        assert cal["ranking_by_p99"]["real"][-1] == cal["ranking_by_p99"]["sim"][-1] == "random"

@@ -97,6 +97,7 @@ class ServerProfile:
     token_s_per_gb: float
     batch_slowdown: float
     compute_scope: str = "instance"  # "instance": each model its own accelerators; "machine": all share
+    machine_share: float = 0.0  # compute scope "machine": slowdown added by each other busy engine or load
     load_scope: str = "server"  # "server": a server's loads share it; "machine": every load shares one pipe
 
     def __post_init__(self) -> None:
@@ -112,6 +113,7 @@ class ServerProfile:
             "token_fixed_s",
             "token_s_per_gb",
             "batch_slowdown",
+            "machine_share",
         ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -158,6 +160,9 @@ class SimServer:
     disk_tier: tuple[str, ...] = ()
     bandwidth: NodeBandwidth | None = None  # what its store reports; default: the profile's figures
     overhead_s: float | None = None  # the router's starting guess of Triton's load overhead here
+    remote_until_measured_bps: float | None = None
+    """What the router assumes for this node's remote tier until its store downloaded something (a fresh
+    store reports no remote figure before its first download; the scheduler config's figure stands in)."""
 
 
 @dataclass(frozen=True)
@@ -376,6 +381,7 @@ class _Server:
     state: ServerState | None = None
     state_at: float = -1.0
     version: int = 0  # bumped on every change of its load fluid
+    measured_remote: float | None = None  # reported once the store's first download measured it
 
     @property
     def name(self) -> str:
@@ -474,12 +480,18 @@ class Simulator:
             reported = cfg.bandwidth or cfg.profile.bandwidth()
             overhead = settings.initial_load_overhead_s if cfg.overhead_s is None else cfg.overhead_s
             srv = _Server(cfg, LoadCosts(overhead, release_s=settings.initial_release_s), reported)
+            if cfg.remote_until_measured_bps is not None:
+                srv.measured_remote = reported.remote_bps
+                srv.reported = NodeBandwidth(
+                    reported.memory_bps, reported.disk_bps, cfg.remote_until_measured_bps
+                )
             if self.local_tiers:
                 for m in cfg.memory_tier:
                     srv.mem_tier[m] = self.models[m].size_bytes
                 for m in cfg.disk_tier:
                     srv.disk_tier[m] = self.models[m].size_bytes
             self.servers[cfg.name] = srv
+        self._profile0 = self.servers[min(self.servers)].profile
         self.place: PlaceFn | None = None if settings.policy == "oracle" else placement_for(settings)
         self.migration = settings.policy == "warmstart"
         self.now = 0.0
@@ -738,12 +750,24 @@ class Simulator:
     def _advance(self, gens: list[_Gen], since: float) -> None:
         if not gens or self.now <= since:
             return
-        rate = 1.0 / self._slowdown(gens)
-        for g in gens:
-            g.done_s = min(g.work_s, g.done_s + (self.now - since) * rate)
+        for g, slow in zip(gens, self._slowdowns(gens), strict=True):
+            g.done_s = min(g.work_s, g.done_s + (self.now - since) / slow)
 
-    def _slowdown(self, gens: list[_Gen]) -> float:
-        return next(iter(self.servers.values())).profile.slowdown(len(gens))
+    def _slowdowns(self, gens: list[_Gen]) -> list[float]:
+        """How much slower than alone each generation runs: the others batched on its instance, and (compute
+        scope ``machine``) every other busy instance and running load on the machine."""
+        per: dict[tuple[str | None, str], int] = {}
+        for g in gens:
+            key = (g.server, g.req.model)
+            per[key] = per.get(key, 0) + 1
+        profile = self._profile0
+        others = 0.0
+        if profile.compute_scope == "machine" and profile.machine_share > 0:
+            loads = sum(
+                1 for s in self.servers.values() for ld in s.loads.values() if ld.started_s is not None
+            )
+            others = profile.machine_share * (len(per) - 1 + loads)
+        return [profile.slowdown(per[(g.server, g.req.model)]) + others for g in gens]
 
     def _advance_compute_all(self, srv: _Server) -> None:
         for inst in srv.instances.values():
@@ -759,12 +783,16 @@ class Simulator:
             version = self._compute_version.get(key, 0) + 1
             self._compute_version[key] = version
             if gens:
-                slow = self._slowdown(gens)
                 nxt = math.inf
-                for g in gens:
+                for g, slow in zip(gens, self._slowdowns(gens), strict=True):
                     target = g.first_at if g.first_token_s is None else g.work_s
                     nxt = min(nxt, (target - g.done_s) * slow)
                 self._at(self.now + max(0.0, nxt), "compute", (srv.name, model, key, version))
+
+    def _sync_machine(self, reschedule: bool = True) -> None:
+        """Compute scope ``machine`` with a share: loads starting or ending change every generation's speed."""
+        if self._profile0.compute_scope == "machine" and self._profile0.machine_share > 0:
+            self._sync_domain(self.servers[min(self.servers)], "", reschedule)
 
     def _on_compute(self, payload: tuple[str, str, str, int]) -> None:
         name, model, key, version = payload
@@ -896,6 +924,7 @@ class Simulator:
         if load.model in srv.unloading:
             return  # an unload of this very model is still running here: the load waits for it (router)
         self._sync_loads(srv, reschedule=False)
+        self._sync_machine(reschedule=False)
         load.tier = self._tier(srv, load.model)
         p = srv.profile
         if load.tier is Tier.MEMORY:
@@ -915,6 +944,7 @@ class Simulator:
         load.left_s = move + p.triton_load_overhead_s
         self._dirty(srv)
         self._sync_loads(srv)
+        self._sync_machine()
 
     def _load_key(self, srv: _Server) -> str:
         return "*" if srv.profile.load_scope == "machine" else srv.name
@@ -949,9 +979,11 @@ class Simulator:
             for ld in s.loads.values()
             if ld.started_s is not None and ld.left_s <= 1e-9
         ]
+        self._sync_machine(reschedule=False)
         for s, ld in done:
             self._finish_load(s, ld)
         self._sync_loads(srv)
+        self._sync_machine()
         self._notify()
 
     def _finish_load(self, srv: _Server, load: _Load) -> None:
@@ -960,6 +992,10 @@ class Simulator:
         if load.tier is Tier.REMOTE:
             self._remote_active -= 1
         elapsed = self.now - load.started_s
+        if load.tier is Tier.REMOTE and srv.measured_remote is not None:
+            r = srv.reported
+            srv.reported = NodeBandwidth(r.memory_bps, r.disk_bps, srv.measured_remote)
+            srv.measured_remote = None
         if self.settings.learn:
             srv.costs = learn_load(srv.costs, srv.reported, load.tier, load.size_bytes, elapsed)
         srv.instances[load.model] = _Inst(load.model, load.size_bytes, self.now)
