@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _triton_release import raw_release
 from backend_support import (
     StreamResult,
     byte_tokenizer_json,
@@ -265,10 +266,13 @@ def test_load_unload_load_again(server: TritonServer) -> None:
     assert _metric(_metrics(server), 'warmstart_model_load_seconds{model="tiny_torch",tier="memory"') > 0
 
 
-def test_release_frees_the_instance_then_unload_and_load_again_work(server: TritonServer) -> None:
+def test_release_frees_the_instance_and_the_model_unloads_itself_then_loads_again(
+    server: TritonServer,
+) -> None:
     """A release (the scheduler's, ahead of an eviction's unload) is refused while a generation runs; then
-    the engine process has exited when it answers, later requests get UNAVAILABLE, the unload succeeds and
-    the model loads and serves again."""
+    the engine process has exited when it answers, later requests are refused, the model leaves READY with no
+    unload sent (so a release whose unload fails cannot leave it READY but dead), an unload after it still
+    succeeds, and the model loads and serves again."""
     from warmstart.scheduler.upstream import (
         GenerationRequest,
         ModelReleaseFailed,
@@ -303,21 +307,59 @@ def test_release_frees_the_instance_then_unload_and_load_again_work(server: Trit
             rest = [t for chunk in [first, *[c async for c in long]] for t in chunk.token_ids]
             await up.release("to_release", timeout_s=30.0)
             assert _exited(engine), "the engine process outlived the release's answer"
-            with pytest.raises(UpstreamModelMissing, match="released; it is being unloaded") as missing:
+            refusal = r"released; it is being unloaded|unknown model"  # the unload may have started already
+            with pytest.raises(UpstreamModelMissing, match=refusal) as missing:
                 await tokens(up, 2)
-            await up.release("to_release", timeout_s=30.0)  # a second release answers "released" again
             return before, rest, str(refused.value), str(missing.value)
         finally:
             await up.close()
 
     before, rest, refused, missing = asyncio.run(scenario())
     assert len(rest) == 480, (refused, missing)  # the refused release cut nothing
+    deadline = time.monotonic() + 30
+    while (state := _state(server, "to_release")) != "UNAVAILABLE":  # no unload was sent
+        assert time.monotonic() < deadline, f"a released model stayed {state}"
+        time.sleep(0.05)
     server.unload_model("to_release")
     assert {m["name"]: m.get("state") for m in server.repository_index()}["to_release"] == "UNAVAILABLE"
     server.load_model("to_release")
     try:
         again = ok(grpc_generate(server.grpc_url, "to_release", PROMPT, params={"max_tokens": 6}))
         assert again.ids == before
+    finally:
+        server.unload_model("to_release")
+
+
+def _state(server: TritonServer, model: str) -> str | None:
+    return {m["name"]: m.get("state") for m in server.repository_index()}.get(model)
+
+
+@pytest.mark.parametrize(
+    ("parameters", "why"),
+    [
+        ({"warmstart_release": True}, "no key"),
+        ({"warmstart_release": True, "warmstart_release_key": "not-the-key"}, "a wrong key"),
+    ],
+)
+def test_release_without_the_repository_key_is_refused_and_changes_nothing(
+    server: TritonServer, parameters: dict[str, Any], why: str
+) -> None:
+    """Anyone can reach the inference port: a release must carry the server's repository key, else it is
+    refused (INVALID_ARG, over gRPC and HTTP alike) and the model keeps serving from the same engine."""
+    server.load_model("to_release")
+    try:
+        engines = re.findall(r"warmstart model to_release ready \(.*engine process (\d+)\)", server.logs())
+        engine = Path(f"/proc/{engines[-1]}")
+        answer = raw_release(server.grpc_url, "to_release", parameters)
+        assert f"release refused ({why})" in answer and "warmstart_release_key" in answer, answer
+        status, events = http_generate_stream(server.http_url, "to_release", {"parameters": parameters})
+        assert status == 400 and f"release refused ({why})" in events[0]["error"], (status, events)
+        assert not _exited(engine) and _state(server, "to_release") == "READY"
+        served = ok(grpc_generate(server.grpc_url, "to_release", PROMPT, params={"max_tokens": 3}))
+        assert len(served.ids) == 3
+        key = {"warmstart_release_key": server.config.repository_api_key}
+        assert raw_release(server.grpc_url, "to_release", {**parameters, **key}) == "finish_reason: released"
+        assert _exited(engine)
     finally:
         server.unload_model("to_release")
 
@@ -379,7 +421,9 @@ def test_without_an_engine_host_models_run_inside_their_stubs(tmp_path: Path) ->
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
         srv = TritonServer(
-            TritonConfig(model_repositories=(repo,)), workdir=tmp_path / "srv", engine_host=False
+            TritonConfig(model_repositories=(repo,), repository_api_key="test-key-123"),
+            workdir=tmp_path / "srv",
+            engine_host=False,
         )
         srv.start()
     try:
@@ -387,7 +431,9 @@ def test_without_an_engine_host_models_run_inside_their_stubs(tmp_path: Path) ->
         assert len(ok(grpc_generate(srv.grpc_url, "in_stub", PROMPT, params={"max_tokens": 3})).ids) == 3
         assert "in_stub ready (torch engine" in srv.logs() and "in the stub" in srv.logs()
         asyncio.run(_release(srv, "in_stub"))  # the engine in the stub is dropped
-        assert "released; it is being unloaded" in str(grpc_generate(srv.grpc_url, "in_stub", PROMPT).error)
+        assert "released in" in srv.logs()
+        error = str(grpc_generate(srv.grpc_url, "in_stub", PROMPT).error)
+        assert "released; it is being unloaded" in error or "unknown model" in error, error
         srv.unload_model("in_stub")
         srv.load_model("in_stub")
         assert len(ok(grpc_generate(srv.grpc_url, "in_stub", PROMPT, params={"max_tokens": 3})).ids) == 3
@@ -408,7 +454,12 @@ def _upstream(server: TritonServer) -> Any:
     from warmstart.scheduler.config import BandwidthConfig, ServerConfig
     from warmstart.scheduler.upstream import TritonUpstream
 
-    config = ServerConfig(name="s", grpc=server.grpc_url, bandwidth=BandwidthConfig(1e10, 1e9, None))
+    config = ServerConfig(
+        name="s",
+        grpc=server.grpc_url,
+        repository_api_key=server.config.repository_api_key,
+        bandwidth=BandwidthConfig(1e10, 1e9, None),
+    )
     return TritonUpstream(config, timeout_s=10.0, retries=1)
 
 

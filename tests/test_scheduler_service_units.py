@@ -25,6 +25,7 @@ from warmstart.scheduler.protocol import (
 from warmstart.scheduler.router import ColdStartQueueFull, ColdStartTimeout, Router, _InstanceRT
 from warmstart.scheduler.state import NodeBandwidth, Tier
 from warmstart.scheduler.upstream import (
+    RELEASE_KEY_PARAMETER,
     RELEASE_PARAMETER,
     RELEASED,
     GenerationRequest,
@@ -196,15 +197,24 @@ def test_backend_accepts_the_schedulers_resume_form_text_prompt_plus_generated_i
     assert req.prompt_ids is None and req.text == "hello" and req.generated_ids == (7, 8)
 
 
-def test_release_request_carries_only_the_backends_release_flag() -> None:
+def test_release_request_carries_the_backends_release_flag_and_the_servers_key() -> None:
+    from warmstart.backend import release as backend_release
     from warmstart.backend import request as backend
 
     assert (RELEASE_PARAMETER, RELEASED) == (backend.RELEASE_PARAMETER, backend.RELEASED)
+    assert RELEASE_KEY_PARAMETER == backend_release.RELEASE_KEY_PARAMETER
     req = build_release_request("m", "warmstart-release-1")
     assert (req.model_name, req.id, list(req.inputs)) == ("m", "warmstart-release-1", [])
     assert dict(req.parameters) == {RELEASE_PARAMETER: pb.InferParameter(bool_param=True)}
+    keyed = build_release_request("m", "warmstart-release-2", "repo-key-0123456789")
+    assert dict(keyed.parameters) == {
+        RELEASE_PARAMETER: pb.InferParameter(bool_param=True),
+        RELEASE_KEY_PARAMETER: pb.InferParameter(string_param="repo-key-0123456789"),
+    }
     # what Triton hands the backend as request.parameters()
-    assert backend.is_release_request(json.dumps({RELEASE_PARAMETER: True}))
+    parameters = json.dumps({RELEASE_PARAMETER: True, RELEASE_KEY_PARAMETER: "repo-key-0123456789"})
+    assert backend.is_release_request(parameters)
+    backend_release.check_release_key(parameters, "repo-key-0123456789")
 
 
 class _EvictionUpstream:

@@ -84,6 +84,7 @@ from warmstart.scheduler.upstream import (
     TritonUpstream,
     UpstreamError,
     UpstreamModelMissing,
+    UpstreamModelReleased,
     UpstreamUnavailable,
 )
 
@@ -722,6 +723,20 @@ class Router:
             rt.unloading.pop(model, None)
             self._notify()
 
+    def _drop_released(self, rt: ServerRuntime, model: str) -> None:
+        """``model``'s engine on ``rt`` was released under the router (by another holder of the key, or a
+        release whose unload failed, where the backend could not start its own): out of routing at once, and
+        unloaded in the background. Such a model stays READY in Triton, and tritonserver 2.51 takes a load of
+        a READY model with the same config as done, so a load of it there waits for this unload
+        (:meth:`_load`): the next request loads it afresh, or goes elsewhere."""
+        rt.instances.pop(model, None)
+        if model in rt.unloading or model in rt.loads:
+            return  # its unload, or a load that replaces it, is under way
+        logger.warning("%s on %s was released under the router: out of routing, unloading it", model, rt.name)
+        rt.unloading[model] = 0  # the release freed its memory
+        self._spawn(self._unload(rt, model), name=f"unload {rt.name}/{model}")
+        self._notify()
+
     async def _reap_round(self) -> None:
         """Unload models idle longer than their keep-alive (and instances of removed models), releasing
         their engines first as evictions do."""
@@ -931,7 +946,9 @@ class Router:
                         failed_rt = rt
                         self._release(failed_rt, gen)
                         rt = None
-                        if isinstance(error, UpstreamModelMissing):
+                        if isinstance(error, UpstreamModelReleased):
+                            self._drop_released(failed_rt, gen.model)
+                        elif isinstance(error, UpstreamModelMissing):
                             failed_rt.instances.pop(gen.model, None)
                         else:
                             await self._server_suspect(failed_rt)

@@ -12,8 +12,11 @@ generated so far) and ``num_generated``; the backend prefills them and, sampling
 position), continues token-exactly. A prompt given as token ids goes as ``input_ids`` from the start.
 
 A release (:meth:`TritonUpstream.release`) is an inference request with no inputs and the request parameter
-``warmstart_release`` = true, sent on the same stream protocol: the warmstart backend closes the model's
-engine and answers one final response with ``finish_reason`` "released" (anything else is a failure).
+``warmstart_release`` = true, sent on the same stream protocol with the server's repository API key as the
+request parameter ``warmstart_release_key`` (the backend refuses a release without it): the warmstart backend
+closes the model's engine, starts the model's unload itself, and answers one final response with
+``finish_reason`` "released" (anything else is a failure). A released model answers every generation with
+UNAVAILABLE "... released; it is being unloaded" until it is gone: :class:`UpstreamModelReleased`.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ T = TypeVar("T")
 
 # the warmstart backend's release request (warmstart.backend.request.RELEASE_PARAMETER and RELEASED)
 RELEASE_PARAMETER = "warmstart_release"
+RELEASE_KEY_PARAMETER = "warmstart_release_key"  # warmstart.backend.release.RELEASE_KEY_PARAMETER
 RELEASED = "released"
+RELEASED_MARKER = "released; it is being unloaded"  # in the backend's answer to a request on a released model
 _release_ids = itertools.count(1)
 
 # RPC status codes that mean "this server cannot be reached or went away": fail over to another one.
@@ -78,6 +83,10 @@ class UpstreamUnavailable(UpstreamError):
 
 class UpstreamModelMissing(UpstreamError):
     """The server does not have the model loaded (it restarted, or it was unloaded under us)."""
+
+
+class UpstreamModelReleased(UpstreamModelMissing):
+    """The model's engine was released on this server (it serves nothing until it is unloaded and loaded)."""
 
 
 class UpstreamRequestError(UpstreamError):
@@ -209,10 +218,13 @@ def parse_infer_response(resp: pb.ModelInferResponse) -> TokenChunk:
     )
 
 
-def build_release_request(model: str, request_id: str) -> pb.ModelInferRequest:
-    """The ModelInferRequest that asks ``model``'s instance to release its engine (no inputs)."""
+def build_release_request(model: str, request_id: str, key: str | None = None) -> pb.ModelInferRequest:
+    """The ModelInferRequest that asks ``model``'s instance to release its engine (no inputs), carrying the
+    server's repository API ``key`` (without one the backend refuses it)."""
     r = pb.ModelInferRequest(model_name=model, id=request_id)
     r.parameters[RELEASE_PARAMETER].bool_param = True
+    if key is not None:
+        r.parameters[RELEASE_KEY_PARAMETER].string_param = key
     return r
 
 
@@ -339,9 +351,11 @@ class TritonUpstream:
         """Ask ``name``'s instance to drop its engine now (its memory is free when this returns), ahead of
         :meth:`unload`; returns the seconds it took. Raises :class:`UpstreamUnavailable` when the server
         cannot be reached, :class:`ModelReleaseFailed` for any other failure (a model of another backend,
-        generations in flight, no answer within ``timeout_s``)."""
+        generations in flight, a refused key, no answer within ``timeout_s``)."""
         validate_model_name(name)
-        request = build_release_request(name, f"warmstart-release-{next(_release_ids)}")
+        request = build_release_request(
+            name, f"warmstart-release-{next(_release_ids)}", self.config.repository_api_key
+        )
 
         async def requests() -> AsyncIterator[pb.ModelInferRequest]:
             yield request
@@ -397,8 +411,8 @@ class TritonUpstream:
         """Stream the responses of one generation; the stream is cancelled when the caller stops reading.
 
         Raises :class:`UpstreamUnavailable` when the server goes away or goes silent for ``idle_timeout_s``,
-        :class:`UpstreamModelMissing` when it no longer has the model, :class:`UpstreamRequestError` when the
-        model answered with an error.
+        :class:`UpstreamModelMissing` when it no longer has the model (:class:`UpstreamModelReleased` when its
+        engine was released), :class:`UpstreamRequestError` when the model answered with an error.
         """
         validate_model_name(req.model)
         request = build_infer_request(req)
@@ -426,6 +440,8 @@ class TritonUpstream:
                     # an error ends its request (the warmstart backend sends errors with the FINAL flag; a
                     # request Triton refuses never started): drain the stream, never cancel it (_drain)
                     finished = True
+                    if RELEASED_MARKER in resp.error_message:
+                        raise UpstreamModelReleased(f"{self.name}: {resp.error_message}")
                     if _is_model_missing(resp.error_message):
                         raise UpstreamModelMissing(f"{self.name}: {resp.error_message}")
                     raise UpstreamRequestError(resp.error_message)

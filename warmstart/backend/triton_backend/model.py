@@ -24,10 +24,14 @@ Release (a control request, ahead of an unload): a request whose parameters hold
 (inputs ignored) makes the instance close its runtime now: the engine process exits (or, in-stub, the
 engine is dropped) before the answer, one FINAL response with empty ``text_output``/``token_ids`` and
 ``finish_reason`` "released". Why: tritonserver's Python backend sleeps 1 s in every instance's finalize
-before it tells the stub, so the memory would otherwise stay held for the whole unload. Every later request
-on the instance gets UNAVAILABLE ("... released; it is being unloaded"); a second release answers
-"released" again. A release while generations are in flight is refused (UNAVAILABLE: Triton has no
-FAILED_PRECONDITION) and cuts nothing.
+before it tells the stub, so the memory would otherwise stay held for the whole unload. A release must carry
+the server's repository API key as the request parameter ``warmstart_release_key`` (tritonserver's
+environment names it: ``warmstart.backend.release``); without it, or on a server without a key, it is refused
+with INVALID_ARG and changes nothing. A release while generations are in flight is refused (UNAVAILABLE:
+Triton has no FAILED_PRECONDITION) and cuts nothing. A released instance asks Triton to unload its model
+(``pb_utils.unload_model``, as the vLLM backend does for a dead engine) before it answers, so the model leaves
+READY even when no unload follows (the releasing client died, or its unload failed); until it is gone every
+request gets UNAVAILABLE ("... released; it is being unloaded") and a second release answers "released" again.
 """
 
 import faulthandler
@@ -44,6 +48,7 @@ import triton_python_backend_utils as pb_utils
 
 from warmstart.backend.config import INPUTS, OUTPUTS, ModelSettings
 from warmstart.backend.metrics import BackendMetrics
+from warmstart.backend.release import ReleaseRefused, check_release_key, release_key
 from warmstart.backend.remote import EngineHostUnavailable, RemoteRuntime
 from warmstart.backend.request import RELEASED, error_code, is_release_request, parse_request
 from warmstart.backend.runtime import Runtime  # cheap: it imports torch only when it loads a model
@@ -191,6 +196,7 @@ class TritonPythonModel:
             )
         self.runtime: RemoteRuntime | Runtime | None = runtime  # None once released
         self.model_name = name
+        self.release_key = release_key(os.environ)
         self.in_flight = _InFlight()
         self.logger.log_info(
             f"warmstart model {name} ready ({settings.engine} engine, {settings.checkpoint}, {where})"
@@ -207,7 +213,14 @@ class TritonPythonModel:
                 _Sink(request.get_response_sender()).send_error(str(e), error_code(e))
                 continue
             if release:
-                self._release(_Sink(request.get_response_sender()))
+                sink = _Sink(request.get_response_sender())
+                try:
+                    check_release_key(parameters, self.release_key)
+                except ReleaseRefused as e:
+                    self.logger.log_warn(f"{self.model_name}: {e}")
+                    sink.send_error(str(e), "INVALID_ARG")
+                    continue
+                self._release(sink)
                 continue
             sink = _Sink(request.get_response_sender(), self.in_flight)
             try:
@@ -243,14 +256,28 @@ class TritonPythonModel:
                 runtime.close()  # the engine process has exited when it returns
             except Exception as e:  # the instance serves nothing more; the caller waits for the unload
                 self.logger.log_warn(f"closing {self.model_name} on release: {e}")
+                self._unload_self()
                 sink.send_error(f"model {self.model_name!r}: release failed: {e}", "INTERNAL")
                 return
+            self._unload_self()
             del runtime
             _free_engine_memory()
             self.logger.log_info(
                 f"warmstart model {self.model_name} released in {time.monotonic() - t0:.3f} s"
             )
         sink.send("", (), RELEASED, final=True)
+
+    def _unload_self(self):
+        """Ask Triton to unload this model (it returns at once; the unload runs once this request is answered),
+        so that a released model never stays READY. Without explicit model control Triton refuses: then the
+        model stays READY, answering UNAVAILABLE, until an unload comes."""
+        try:
+            pb_utils.unload_model(self.model_name)
+        except Exception as e:
+            self.logger.log_warn(
+                f"{self.model_name} released but its unload could not be started ({e}); it answers UNAVAILABLE "
+                "until it is unloaded"
+            )
 
     def finalize(self):
         runtime = getattr(self, "runtime", None)
