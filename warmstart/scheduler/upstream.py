@@ -53,6 +53,7 @@ _release_ids = itertools.count(1)
 
 # RPC status codes that mean "this server cannot be reached or went away": fail over to another one.
 STREAM_END_TIMEOUT_S = 30.0  # how long a finished stream is held while the server ends it
+CLOSE_DRAIN_S = 5.0  # how long close() waits for finished streams to end (they take milliseconds)
 _UNREACHABLE = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -252,7 +253,12 @@ class TritonUpstream:
         self._draining: set[asyncio.Task[None]] = set()  # finished streams waiting for their OK status
 
     async def close(self) -> None:
-        """Close the channel (cancels open streams)."""
+        """Close the channel (cancels open streams), once the finished streams have ended on their own (at most
+        :data:`CLOSE_DRAIN_S`): closing cancels them, and a cancelled finished stream leaks its model's
+        reference in tritonserver 2.51 (:func:`_drain`), seen as a model stuck UNLOADING after a scheduler
+        stopped right after a generation's last token."""
+        if self._draining:
+            await asyncio.wait(set(self._draining), timeout=CLOSE_DRAIN_S)
         await self._channel.close(grace=None)
 
     async def _unary(self, what: str, call: Callable[[], Awaitable[T]], *, retries: int | None = None) -> T:
