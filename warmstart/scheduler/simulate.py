@@ -509,6 +509,9 @@ class Simulator:
         self._compute_version: dict[str, int] = {}
         self._reap_at: set[float] = set()
         self._domain_since: dict[str, float] = {}
+        self._version = 0  # bumped on every change a snapshot shows
+        self._snapshot: ClusterSnapshot | None = None
+        self._snapshot_key: tuple[float, int] = (-1.0, -1)
         self._load_since: dict[str, float] = {}
         self._load_version: dict[str, int] = {}
         self._load_waiters: dict[tuple[str, str], list[tuple[_Gen, dict[str, Any]]]] = {}
@@ -647,6 +650,7 @@ class Simulator:
         """``srv`` changed: its state is rendered again; track the most memory it ever held (loaded models,
         loads whose transfer started, and evicted models not yet released)."""
         srv.state = None
+        self._version += 1
         used = sum(i.size_bytes for i in srv.instances.values()) + sum(srv.unloading.values())
         used += sum(ld.size_bytes for ld in srv.loads.values() if ld.started_s is not None)
         budget = srv.profile.memory_budget_bytes
@@ -655,10 +659,15 @@ class Simulator:
 
     def snapshot(self) -> ClusterSnapshot:
         """The cluster as the router would render it now (the same frozen types the policy reads)."""
+        key = (self.now, self._version)
+        if self._snapshot is not None and self._snapshot_key == key:
+            return self._snapshot  # nothing changed since: the same snapshot (and its index) again
         demand = {m: decayed_rate(rate, self.now - t) for m, (rate, t) in self._demand.items()}
-        return ClusterSnapshot.of(
+        snap = ClusterSnapshot.of(
             (self._server_state(s) for s in self.servers.values()), self.models.values(), self.now, demand
         )
+        self._snapshot, self._snapshot_key = snap, key
+        return snap
 
     def _decide(self, model: str) -> Placement:
         assert self.place is not None
@@ -681,6 +690,7 @@ class Simulator:
         self._gens[req.idx] = gen
         rate, t = self._demand.get(req.model, (0.0, self.now))
         self._demand[req.model] = (record_arrival(rate, self.now - t), self.now)
+        self._version += 1
         if self.place is None:  # oracle: always warm, never shares
             gen.server = "oracle"
             gen.first_token_s = self.now + gen.first_at
@@ -717,7 +727,10 @@ class Simulator:
             gen.rejected = "timeout"
             self.counters["rejected_timeout"] += 1
             return True
-        self._at(self.now + self.settings.recheck_s, "recheck", (gen, "tick"))
+        if placement.action is not Action.JOIN:
+            # A JOIN stays a JOIN until that load ends (every rule joins a load in flight before anything
+            # else, and only its end or another change, which wakes every waiter, can alter that).
+            self._at(self.now + self.settings.recheck_s, "recheck", (gen, "tick"))
         return False
 
     def _leave_queue(self, gen: _Gen) -> None:
