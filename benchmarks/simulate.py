@@ -570,10 +570,14 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
         "size_sweep": [],
         "full_trace": [],
     }
-    rng = random.Random(args.seed)
+    sections = set(args.sections.split(","))
+
+    def save() -> None:
+        _write_json(args.out, out)  # after every row: a long run that is stopped keeps what it did
+
     # 1) request-rate sweep on a fixed cluster (Gamma arrivals, Zipf popularity, trace lengths)
     rows = read_trace(args.trace)
-    for rate in [float(x) for x in args.rates.split(",")]:
+    for rate in [float(x) for x in args.rates.split(",")] if "rate" in sections else []:
         models = catalogue(args.models)
         n = args.sweep_requests
         r2 = random.Random(args.seed)
@@ -594,11 +598,12 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
             out["rate_sweep"].append(
                 {"rate": rate, "servers": args.sweep_servers, "policy": policy, "wall_s": wall, **summ}
             )
+            save()
             _log(
                 f"rate {rate}: {policy} p50 {fmt(summ['ttft']['p50'])} p99 {fmt(summ['ttft']['p99'])} ({wall:.1f} s)"
             )
     # 2) cluster-size sweep: models and load grow with the cluster
-    for n_servers in [int(x) for x in args.sizes.split(",")]:
+    for n_servers in [int(x) for x in args.sizes.split(",")] if "size" in sections else []:
         n_models = max(8, n_servers * args.models_per_server)
         models = catalogue(n_models)
         rate = args.rate_per_server * n_servers
@@ -628,13 +633,14 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
                     **summ,
                 }
             )
+            save()
             _log(
                 f"{n_servers} servers: {policy} p50 {fmt(summ['ttft']['p50'])} p99 {fmt(summ['ttft']['p99'])} ({wall:.1f} s)"
             )
     # 3) the full code trace, every request, at its recorded times
     models = catalogue(args.trace_models)
     reqs = trace_requests(args.trace, models, zipf=args.zipf, seed=args.seed, rate=None)
-    for policy in policies:
+    for policy in policies if "trace" in sections else []:
         summ, _, wall = scale_run(
             profile,
             cluster,
@@ -654,10 +660,10 @@ def scale(args: argparse.Namespace) -> dict[str, Any]:
                 **summ,
             }
         )
+        save()
         _log(
             f"full trace ({len(reqs)} requests, {args.trace_servers} servers): {policy} p50 {fmt(summ['ttft']['p50'])} p99 {fmt(summ['ttft']['p99'])} ({wall:.1f} s)"
         )
-    del rng
     return out
 
 
@@ -736,7 +742,7 @@ def plot_scale(out: dict[str, Any], path: Path) -> None:
 def perf(args: argparse.Namespace) -> dict[str, Any]:
     profile, meta = load_profile(args.profile)
     models = catalogue(args.trace_models)
-    reqs = trace_requests(args.trace, models, zipf=args.zipf, seed=args.seed, rate=None)
+    reqs = trace_requests(args.trace, models, zipf=args.zipf, seed=args.seed, rate=None, limit=args.limit)
     summ, _, wall = scale_run(
         profile,
         meta["cluster"],
@@ -853,11 +859,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--max-requests", type=int, default=8000)
     s.add_argument("--gamma-cv", type=float, default=2.0)
     s.add_argument("--trace-servers", type=int, default=512)
+    s.add_argument("--sections", default="rate,size,trace", help="which of rate,size,trace to run")
     s.add_argument("--out", type=Path, default=RESULTS / "simulate_scale.json")
     s = sub.choices["perf"]
     s.add_argument("--servers", type=int, default=512)
     s.add_argument("--policy", default="warmstart")
     s.add_argument("--decision-requests", type=int, default=2000)
+    s.add_argument("--limit", type=int, default=None, help="replay only the trace's first N requests")
     s.add_argument("--out", type=Path, default=RESULTS / "simulate_perf.json")
     return p.parse_args(argv)
 
