@@ -4,6 +4,7 @@ replaced by a recorder of the families it declares) and the node store's (its re
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
@@ -87,7 +88,15 @@ def known_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
             "models": {"m": {"checkpoint": "s3://models/m", "size_bytes": 1}},
         }
     )
-    scheduler = _registry_names(Router(config).metrics.registry)
+
+    async def scheduler_names() -> set[str]:  # a router's gRPC channels need a running event loop
+        router = Router(config)
+        try:
+            return _registry_names(router.metrics.registry)
+        finally:
+            await router.close()
+
+    scheduler = asyncio.run(scheduler_names())
     root = tmp_path_factory.mktemp("store")
     store = NodeStore(
         StoreConfig(

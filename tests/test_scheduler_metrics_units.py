@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -68,8 +69,25 @@ def _samples(router: Router) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
     }
 
 
+def _with_router(check: Callable[[Router], None]) -> None:
+    """Run ``check`` on a router built and closed inside a running event loop (its gRPC channels need one;
+    an earlier test's ``asyncio.run`` leaves the main thread without a current loop)."""
+
+    async def scenario() -> None:
+        router = _router()
+        try:
+            check(router)
+        finally:
+            await router.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_load_that_ends_without_finishing_counts_as_failed_with_its_planned_tier() -> None:
-    router = _router()
+    _with_router(_load_that_ends_without_finishing)
+
+
+def _load_that_ends_without_finishing(router: Router) -> None:
     metrics = router.metrics
     metrics.load_started("s0", "m", "disk", 2.0, now=100.0)
     metrics.load_ended("s0", "m")
@@ -88,7 +106,10 @@ def test_a_load_that_ends_without_finishing_counts_as_failed_with_its_planned_ti
 
 
 def test_requests_refused_by_new_generation_are_counted_and_undeployed_names_get_no_label() -> None:
-    router = _router()
+    _with_router(_requests_refused_by_new_generation)
+
+
+def _requests_refused_by_new_generation(router: Router) -> None:
     with pytest.raises(ValueError):
         router.new_generation("m", "x", {"max_tokens": -1})
     with pytest.raises(UnknownModelError):
