@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _scheduler_cluster import BackgroundScheduler, scheduler_config
 
 from warmstart.objectstore import SeaweedFS, SeaweedFSConfig
 from warmstart.triton import TritonConfig, TritonServer
@@ -39,6 +40,26 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
             yield server
         finally:
             server.stop()
+
+
+@pytest.fixture
+def make_scheduler() -> Iterator[Callable[..., BackgroundScheduler]]:
+    """A function ``make(servers, models, **config_fields) -> BackgroundScheduler`` (see
+    ``_scheduler_cluster.scheduler_config``); every scheduler made is closed at teardown."""
+    made: list[BackgroundScheduler] = []
+
+    def make(
+        servers: list[dict[str, Any]], models: dict[str, dict[str, Any]], **extra: Any
+    ) -> BackgroundScheduler:
+        s = BackgroundScheduler(scheduler_config(servers, models, **extra))
+        made.append(s)
+        return s
+
+    try:
+        yield make
+    finally:
+        for s in made:
+            s.close()
 
 
 @pytest.fixture

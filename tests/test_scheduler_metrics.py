@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from _scheduler_cluster import ADMIN_TOKEN, REPO_KEY, BackgroundScheduler, FakeNodeStore, scheduler_config
+from _scheduler_cluster import ADMIN_TOKEN, REPO_KEY, FakeNodeStore
 from _scheduler_fake import expected_tokens, fake_triton_config, write_fake_repository
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -51,24 +51,6 @@ def tritons(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[TritonSer
         yield servers
     finally:
         _stop_all(servers)
-
-
-@pytest.fixture
-def make_scheduler() -> Iterator[Any]:
-    made: list[BackgroundScheduler] = []
-
-    def make(
-        servers: list[dict[str, Any]], models: dict[str, dict[str, Any]], **extra: Any
-    ) -> BackgroundScheduler:
-        s = BackgroundScheduler(scheduler_config(servers, models, **extra))
-        made.append(s)
-        return s
-
-    try:
-        yield make
-    finally:
-        for s in made:
-            s.close()
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-from _scheduler_cluster import ADMIN_TOKEN, REPO_KEY, BackgroundScheduler, FakeNodeStore, scheduler_config
+from _scheduler_cluster import ADMIN_TOKEN, REPO_KEY, FakeNodeStore
 from _scheduler_fake import expected_text, expected_tokens, fake_triton_config, write_fake_repository
 
 from warmstart.triton import TritonConfig, TritonServer
@@ -108,24 +108,6 @@ def model_entry(
         ),
         **kw,
     }
-
-
-@pytest.fixture
-def make_scheduler() -> Iterator[Any]:
-    made: list[BackgroundScheduler] = []
-
-    def make(
-        servers: list[dict[str, Any]], models: dict[str, dict[str, Any]], **extra: Any
-    ) -> BackgroundScheduler:
-        s = BackgroundScheduler(scheduler_config(servers, models, **extra))
-        made.append(s)
-        return s
-
-    try:
-        yield make
-    finally:
-        for s in made:
-            s.close()
 
 
 def _states(triton: TritonServer) -> dict[str, str]:
