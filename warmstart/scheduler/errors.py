@@ -52,8 +52,34 @@ class CannotFitError(SchedulerError):
     """A server cannot make room for a model, even after evicting every idle model."""
 
 
-class RevisionConflictError(SchedulerError):
+class ClusterStateError(SchedulerError):
+    """Base class of the failures of a cluster-state store (``warmstart.scheduler.state``, ``etcd_state``)."""
+
+
+class RevisionConflictError(ClusterStateError):
     """A compare-and-set on the cluster-state store lost: the stored revision is not the expected one."""
+
+
+class StaleEpochError(ClusterStateError):
+    """A write fenced off: it carries an incarnation epoch that is not the server's current one (a newer
+    incarnation of that node has registered since, or none ever did). Retrying cannot succeed."""
+
+
+class LeaseNotFoundError(ClusterStateError, LookupError):
+    """The lease was never granted, has expired or was revoked; grant a new one (and re-register)."""
+
+
+class InvalidLeaseError(ClusterStateError, ValueError):
+    """A lease TTL is not a whole number of seconds within the store's limits."""
+
+
+class CorruptClusterStateError(ClusterStateError, ValueError):
+    """A value read back from the store is not a valid record of the schema (bad JSON, wrong schema
+    version or kind, a missing, unknown or mistyped field); the message names the key."""
+
+
+class ClusterStateUnavailable(ClusterStateError):
+    """The store (etcd) could not be reached or did not answer within the configured timeout."""
 
 
 class MigrationError(SchedulerError):
