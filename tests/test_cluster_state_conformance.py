@@ -313,6 +313,18 @@ def test_snapshot_is_the_state_at_its_revision_when_a_writer_races_it(backend: B
     assert len({v.revision for v in views}) >= 10, "the writer hardly ran during the reads"
 
 
+def test_read_keeps_the_objects_of_unchanged_records_and_decodes_changed_ones(backend: Backend) -> None:
+    """Unchanged servers come back as the same objects, so the snapshot index only redoes changed ones."""
+    store = backend.store
+    store.put_server(server("s1"))
+    store.put_server(server("s2"))
+    first = store.read()
+    store.put_server(server("s2", healthy=False))
+    second = store.read()
+    assert second.servers["s1"].value is first.servers["s1"].value
+    assert second.servers["s2"].value.healthy is False
+
+
 # --- leases --------------------------------------------------------------------------------------------
 
 

@@ -23,8 +23,8 @@ import logging
 import math
 import threading
 import urllib.parse
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from warmstart.scheduler.errors import (
     ClusterStateError,
@@ -64,6 +64,7 @@ DEFAULT_TIMEOUT_S = 2.0
 _SERVERS, _MODELS, _EPOCHS = "servers/", "models/", "epochs/"
 # gRPC status codes etcd's gateway returns in {"code": ...}
 _NOT_FOUND, _DEADLINE_EXCEEDED, _UNAVAILABLE = 5, 4, 14
+_R = TypeVar("_R")
 _RETRYABLE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 
 
@@ -159,6 +160,7 @@ class EtcdClusterState:
         self._local = threading.local()
         self._connections: list[http.client.HTTPConnection] = []
         self._connections_lock = threading.Lock()
+        self._cache: dict[str, tuple[str, object]] = {}  # key -> (base64 value, decoded record)
 
     def __repr__(self) -> str:
         return f"EtcdClusterState({self.url!r}, prefix={self.prefix!r})"
@@ -430,9 +432,9 @@ class EtcdClusterState:
         servers: dict[str, Versioned[ServerState]] = {}
         models: dict[str, Versioned[ModelSpec]] = {}
         sp, mp, ep = (self._key(k, "") for k in (_SERVERS, _MODELS, _EPOCHS))
+        decoded: dict[str, tuple[str, object]] = {}
         for kv in self._kvs(answer):
             key = _unb64(kv.get("key"), "key")
-            value = _unb64(kv.get("value", ""), "value")
             rev = _int(kv.get("mod_revision"), "mod_revision")
             try:
                 text = key.decode()
@@ -442,13 +444,33 @@ class EtcdClusterState:
                 ) from None
             if key.startswith(sp):
                 name = text[len(sp.decode()) :]
-                servers[name] = Versioned(decode_server(value, text, name=name), rev)
+                servers[name] = Versioned(self._decoded(kv, text, name, decode_server, decoded), rev)
             elif key.startswith(mp):
                 name = text[len(mp.decode()) :]
-                models[name] = Versioned(decode_model(value, text, name=name), rev)
+                models[name] = Versioned(self._decoded(kv, text, name, decode_model, decoded), rev)
             elif not key.startswith(ep):
                 logger.debug("ignoring key %r under the cluster-state prefix", text)
+        self._cache = decoded  # only what the last read saw: deleted keys drop out
         return StateView(self._revision(answer), servers, models)
+
+    def _decoded(
+        self,
+        kv: Mapping[str, Any],
+        key: str,
+        name: str,
+        decode: Callable[..., _R],
+        out: dict[str, tuple[str, object]],
+    ) -> _R:
+        """The decoded record of ``kv``: the one the last read decoded when its bytes are the same (so
+        unchanged servers keep their objects, which the snapshot index reuses), else decoded afresh."""
+        raw = kv.get("value", "")
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == raw:
+            out[key] = hit
+            return hit[1]  # type: ignore[return-value]
+        record = decode(_unb64(raw, "value"), key, name=name)
+        out[key] = (str(raw), record)
+        return record
 
     def snapshot(self, now: float, demand: Mapping[str, float] | None = None) -> ClusterSnapshot:
         """Every server and model as of one revision, stamped with ``now`` and the caller's ``demand``."""
