@@ -289,6 +289,14 @@ def decayed_rate(rate: float, elapsed_s: float, half_life_s: float = DEMAND_HALF
     return rate * 0.5 ** (max(0.0, elapsed_s) / half_life_s)
 
 
+def decayed_rates(
+    counts: Mapping[str, tuple[float, float]], now: float, half_life_s: float = DEMAND_HALF_LIFE_S
+) -> dict[str, float]:
+    """:func:`decayed_rate` of every model at ``now``, from ``{model: (rate, when it was that rate)}``: the
+    demand a snapshot carries (the same arithmetic, in one loop: a snapshot is taken many times a second)."""
+    return {m: rate * 0.5 ** (max(0.0, now - t) / half_life_s) for m, (rate, t) in counts.items()}
+
+
 def record_arrival(rate: float, elapsed_s: float, half_life_s: float = DEMAND_HALF_LIFE_S) -> float:
     """The rate after one more request, ``elapsed_s`` after the rate was ``rate``: each request adds
     ``ln 2 / half_life_s``, so requests arriving at a steady λ per second hold the rate near λ."""

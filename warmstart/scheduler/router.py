@@ -50,7 +50,7 @@ from warmstart.scheduler.policy import (
     Unplaceable,
     assumed_remote_bps,
     choose_evictions,
-    decayed_rate,
+    decayed_rates,
     describe_placement,
     effective_bandwidth,
     eviction_s,
@@ -483,7 +483,7 @@ class Router:
         self._assumed_remote_bps = assumed_remote_bps(measured)
         for rt in self.servers.values():
             self.store.put_server(rt.to_state(now, self._token_s, self._assumed_remote_bps))
-        demand = {m: decayed_rate(rate, now - t) for m, (rate, t) in self._demand.items()}
+        demand = decayed_rates(self._demand, now)
         return self.store.snapshot(now, demand)
 
     def _count_request(self, model: str) -> None:

@@ -45,7 +45,7 @@ from warmstart.scheduler.policy import (
     LoadCosts,
     MigrationPlan,
     Placement,
-    decayed_rate,
+    decayed_rates,
     effective_bandwidth,
     eviction_s,
     expired_models,
@@ -512,6 +512,14 @@ class Simulator:
         self._version = 0  # bumped on every change a snapshot shows
         self._snapshot: ClusterSnapshot | None = None
         self._snapshot_key: tuple[float, int] = (-1.0, -1)
+        self._states: list[ServerState] | None = None  # by server name, as snapshots order them
+        self._order: list[str] = []
+        self._state_pos: dict[str, int] = {}
+        self._touched: set[str] = set()  # servers changed since the last snapshot
+        self._memo_key: tuple[float, int] = (-1.0, -1)
+        self._memo_table: dict[tuple[str, str], Any] = {}
+        self._pure = settings.policy != "random"  # random draws from its generator on every call
+        self._busy: set[str] = set()  # servers running generations (their state moves with time)
         self._load_since: dict[str, float] = {}
         self._load_version: dict[str, int] = {}
         self._load_waiters: dict[tuple[str, str], list[tuple[_Gen, dict[str, Any]]]] = {}
@@ -650,6 +658,7 @@ class Simulator:
         """``srv`` changed: its state is rendered again; track the most memory it ever held (loaded models,
         loads whose transfer started, and evicted models not yet released)."""
         srv.state = None
+        self._touched.add(srv.name)
         self._version += 1
         used = sum(i.size_bytes for i in srv.instances.values()) + sum(srv.unloading.values())
         used += sum(ld.size_bytes for ld in srv.loads.values() if ld.started_s is not None)
@@ -662,23 +671,56 @@ class Simulator:
         key = (self.now, self._version)
         if self._snapshot is not None and self._snapshot_key == key:
             return self._snapshot  # nothing changed since: the same snapshot (and its index) again
-        demand = {m: decayed_rate(rate, self.now - t) for m, (rate, t) in self._demand.items()}
+        demand = decayed_rates(self._demand, self.now)
+        if self._states is None:
+            self._order = sorted(self.servers)
+            self._states = [self._server_state(self.servers[n]) for n in self._order]
+            self._state_pos = {n: p for p, n in enumerate(self._order)}
+        else:
+            # only servers that changed, or whose running generations advanced, are rendered again
+            for name in self._touched:
+                srv = self.servers[name]
+                if any(i.gens for i in srv.instances.values()):
+                    self._busy.add(name)
+                else:
+                    self._busy.discard(name)
+            for name in self._touched | self._busy:
+                self._states[self._state_pos[name]] = self._server_state(self.servers[name])
+        self._touched.clear()
         snap = ClusterSnapshot.of(
-            (self._server_state(s) for s in self.servers.values()), self.models.values(), self.now, demand
+            self._states,
+            self.models.values(),
+            self.now,
+            demand,
+            previous=self._snapshot,
         )
         self._snapshot, self._snapshot_key = snap, key
         return snap
+
+    def _memo(self) -> dict[tuple[str, str], Any]:
+        """Answers of pure policy calls on the current snapshot, by (call, model): every waiter woken by one
+        change asks the same question of the same snapshot, and a pure function answers it the same way."""
+        if self._memo_key != self._snapshot_key:
+            self._memo_key, self._memo_table = self._snapshot_key, {}
+        return self._memo_table
 
     def _decide(self, model: str) -> Placement:
         assert self.place is not None
         snap = self.snapshot()
         self.counters["decisions"] += 1
+        memo = self._memo() if self._pure else None
+        if memo is not None and ("place", model) in memo:
+            placement: Placement = memo["place", model]
+            return placement
         if self.settings.time_decisions:
             t0 = time.perf_counter()
             placement = self.place(snap, model)
             self.decision_s.append(time.perf_counter() - t0)
-            return placement
-        return self.place(snap, model)
+        else:
+            placement = self.place(snap, model)
+        if memo is not None:
+            memo["place", model] = placement
+        return placement
 
     # -- arrivals and the cold-start queue -------------------------------------------------------------------
     def _on_arrive(self, req: SimRequest) -> None:
@@ -1079,14 +1121,19 @@ class Simulator:
             return True
         if not self.migration:
             return False
+        snap = self.snapshot()
+        memo = self._memo()
+        if ("no_migration", model) in memo:
+            return False
         plan = plan_migration(
-            self.snapshot(),
+            snap,
             model,
             replay_s_per_token=self.settings.replay_s_per_token,
             threshold_tokens=self.settings.migration_threshold_tokens,
             min_gain_s=self.settings.migration_min_gain_s,
         )
         if plan is None:
+            memo["no_migration", model] = True
             return False
         self._migrating_for.add(model)
         self._execute_plan(plan)

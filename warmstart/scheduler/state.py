@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import itertools
 import math
+import operator
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -250,69 +251,241 @@ class _Holders:
     inv_bw: npt.NDArray[np.float64]
 
 
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """What one server contributes to a :class:`SnapshotIndex`: computed once per :class:`ServerState`
+    object (they are frozen), so an index built from the previous one only redoes the servers that changed."""
+
+    healthy: bool
+    queued_s: float
+    finishes: tuple[float, ...]  # expected_finish_s of each load in flight
+    overhead_s: float
+    inv_remote_bw: float
+    free_bytes: float
+    idle_bytes: float
+    eviction_s: float
+    warm: Mapping[str, Instance]
+    loading: Mapping[str, float]  # model -> expected_finish_s
+    queue: tuple[tuple[str, float], ...]  # (model, expected_load_s), in queue order
+    holders: Mapping[str, float]  # model -> 1 / bandwidth of the tier its node store holds it in
+    repository: frozenset[str] | None
+
+
+def _row_of(s: ServerState) -> _Row:
+    row: _Row | None = s.__dict__.get("_index_row")
+    if row is not None:
+        return row
+    holders: dict[str, float] = {}
+    for model, tier in s.store_tiers.items():
+        if tier is Tier.MEMORY or tier is Tier.DISK:
+            bw = s.bandwidth.memory_bps if tier is Tier.MEMORY else s.bandwidth.disk_bps
+            holders[model] = 1.0 / bw
+    row = _Row(
+        healthy=s.healthy,
+        queued_s=float(sum(p.expected_load_s for p in s.load_queue)),
+        finishes=tuple(ld.expected_finish_s for ld in s.loading),
+        overhead_s=s.triton_load_overhead_s,
+        inv_remote_bw=1.0 / s.bandwidth.remote_bps if s.bandwidth.remote_bps is not None else _BIG,
+        free_bytes=float(s.free_bytes),
+        idle_bytes=float(sum(i.size_bytes for i in s.instances if i.idle)),
+        eviction_s=s.eviction_s,
+        warm={i.model: i for i in s.instances},
+        loading={ld.model: ld.expected_finish_s for ld in s.loading},
+        queue=tuple((p.model, p.expected_load_s) for p in s.load_queue),
+        holders=holders,
+        repository=s.repository,
+    )
+    s.__dict__["_index_row"] = row  # a cache on a frozen object: not a field, not compared
+    return row
+
+
+def _queued_ready(row: _Row, now: float) -> list[tuple[str, float]]:
+    """When each queued load of a server is expected ready: after its loads in flight, in queue order."""
+    out = []
+    wait = sum(max(0.0, f - now) for f in row.finishes)
+    for model, load_s in row.queue:
+        wait += load_s
+        out.append((model, now + wait))
+    return out
+
+
+_E = TypeVar("_E")
+
+
+def _by_pos(entries: list[tuple[int, _E]]) -> list[tuple[int, _E]]:
+    entries.sort(key=lambda e: e[0])  # stable: one server's entries keep their order
+    return entries
+
+
 class SnapshotIndex:
     """Per-snapshot precomputation so :func:`~warmstart.scheduler.policy.place` is O(servers) in numpy.
 
-    Built once per snapshot (lazily, on first use) and read-only afterwards.
+    Built once per snapshot (lazily, on first use) and read-only afterwards. Given the index of an earlier
+    snapshot of the same servers (``previous``), it copies that one and redoes only the servers whose
+    :class:`ServerState` is a different object (plus, when ``now`` moved, those with queued loads, whose
+    ready times count from ``now``): the result equals a fresh build, at a cost proportional to what changed.
     """
 
-    def __init__(self, servers: tuple[ServerState, ...], now: float) -> None:
-        n = len(servers)
+    _ids: npt.NDArray[np.int64]  # id() of each server's state, to find the ones that changed
+
+    def __init__(
+        self, servers: tuple[ServerState, ...], now: float, previous: SnapshotIndex | None = None
+    ) -> None:
+        self.size = n = len(servers)
+        self.now = now
+        self._servers = servers
+        if previous is not None and previous.size == n:
+            old = previous._servers
+            ids = np.fromiter(map(id, servers), dtype=np.int64, count=n)
+            # the previous index holds its servers, so an id equal to one of theirs is the same object
+            changed = np.flatnonzero(ids != previous._ids).tolist()
+            if all(servers[p].name == old[p].name for p in changed):
+                if now != previous.now:
+                    changed = sorted(set(changed) | set(previous._queued))
+                self._ids = ids
+                self._update(previous, {p: _row_of(servers[p]) for p in changed}, changed)
+                return
+        self._ids = np.fromiter(map(id, servers), dtype=np.int64, count=n)
+        self._build(servers, [_row_of(s) for s in servers])
+
+    # -- a fresh build -----------------------------------------------------------------------------------
+    def _build(self, servers: tuple[ServerState, ...], rows: list[_Row]) -> None:
+        now = self.now
         self.position: dict[str, int] = {s.name: i for i, s in enumerate(servers)}
-        self.healthy = np.array([s.healthy for s in servers], dtype=bool)
-        self.wait_s = np.array([s.load_wait_s(now) for s in servers], dtype=np.float64)  # serial bound
-        self.queued_s = np.array(
-            [sum(p.expected_load_s for p in s.load_queue) for s in servers], dtype=np.float64
-        )
-        # seconds left of each load in flight, one row per server (0-padded): see ServerState.load_wait_s
-        width = max((len(s.loading) for s in servers), default=0)
-        self.in_flight_left = np.zeros((n, width), dtype=np.float64)
-        for pos, s in enumerate(servers):
-            for k, ld in enumerate(s.loading):
-                self.in_flight_left[pos, k] = max(0.0, ld.expected_finish_s - now)
-        self.overhead_s = np.array([s.triton_load_overhead_s for s in servers], dtype=np.float64)
-        self.inv_remote_bw = np.array(
-            [1.0 / s.bandwidth.remote_bps if s.bandwidth.remote_bps is not None else _BIG for s in servers],
-            dtype=np.float64,
-        )
-        self.free_bytes = np.array([s.free_bytes for s in servers], dtype=np.float64)
-        self.idle_bytes = np.array(
-            [sum(i.size_bytes for i in s.instances if i.idle) for s in servers], dtype=np.float64
-        )
-        self.room_bytes = self.free_bytes + self.idle_bytes
-        self.eviction_s = np.array([s.eviction_s for s in servers], dtype=np.float64)
+        self.healthy = np.array([r.healthy for r in rows], dtype=bool)
+        self.queued_s = np.array([r.queued_s for r in rows], dtype=np.float64)
+        self.overhead_s = np.array([r.overhead_s for r in rows], dtype=np.float64)
+        self.inv_remote_bw = np.array([r.inv_remote_bw for r in rows], dtype=np.float64)
+        self.free_bytes = np.array([r.free_bytes for r in rows], dtype=np.float64)
+        self.idle_bytes = np.array([r.idle_bytes for r in rows], dtype=np.float64)
+        self.eviction_s = np.array([r.eviction_s for r in rows], dtype=np.float64)
+        width = max((len(r.finishes) for r in rows), default=0)
+        self._finish = np.full((self.size, width), -math.inf, dtype=np.float64)
+        for pos, r in enumerate(rows):
+            self._finish[pos, : len(r.finishes)] = r.finishes
         self.warm: dict[str, list[tuple[int, Instance]]] = {}
         self.in_flight: dict[str, list[tuple[int, float]]] = {}
-        holders: dict[str, tuple[list[int], list[float]]] = {}
-        for pos, s in enumerate(servers):
-            for inst in s.instances:
-                self.warm.setdefault(inst.model, []).append((pos, inst))
-            for ld in s.loading:
-                self.in_flight.setdefault(ld.model, []).append((pos, ld.expected_finish_s))
-            queued_wait = sum(max(0.0, ld.expected_finish_s - now) for ld in s.loading)
-            for p in s.load_queue:
-                queued_wait += p.expected_load_s
-                self.in_flight.setdefault(p.model, []).append((pos, now + queued_wait))
-            for model, tier in s.store_tiers.items():
-                if tier in (Tier.MEMORY, Tier.DISK):
-                    bw = s.bandwidth.memory_bps if tier is Tier.MEMORY else s.bandwidth.disk_bps
-                    entry = holders.setdefault(model, ([], []))
-                    entry[0].append(pos)
-                    entry[1].append(1.0 / bw)
-        self.holders: dict[str, _Holders] = {
-            m: _Holders(np.array(p, dtype=np.intp), np.array(b, dtype=np.float64))
-            for m, (p, b) in holders.items()
-        }
-        self.size = n
-        self._repositories = [s.repository for s in servers]
+        self._held: dict[str, dict[int, float]] = {}
+        for pos, r in enumerate(rows):
+            for model, inst in r.warm.items():
+                self.warm.setdefault(model, []).append((pos, inst))
+            for model, finish in r.loading.items():
+                self.in_flight.setdefault(model, []).append((pos, finish))
+            for model, ready in _queued_ready(r, now):
+                self.in_flight.setdefault(model, []).append((pos, ready))
+            for model, inv in r.holders.items():
+                self._held.setdefault(model, {})[pos] = inv
+        self.holders: dict[str, _Holders] = {m: self._holders_of(h) for m, h in self._held.items()}
+        self._repositories = [r.repository for r in rows]
         self._lacking: dict[str, npt.NDArray[np.intp]] = {}
-        self._none_lacking = np.zeros(0, dtype=np.intp)
+        self._queued = frozenset(p for p, r in enumerate(rows) if r.queue)
         self._any_repository = any(r is not None for r in self._repositories)
+        self._finish_times()
+
+    # -- an update of the previous index ---------------------------------------------------------------------
+    def _update(self, prev: SnapshotIndex, rows: Mapping[int, _Row], changed: list[int]) -> None:
+        now = self.now
+        self.position = prev.position  # same names at the same positions: read-only, shared
+        arrays = (
+            "healthy",
+            "queued_s",
+            "overhead_s",
+            "inv_remote_bw",
+            "free_bytes",
+            "idle_bytes",
+            "eviction_s",
+        )
+        for name in arrays:
+            setattr(self, name, getattr(prev, name).copy() if changed else getattr(prev, name))
+        self.warm, self.in_flight = dict(prev.warm), dict(prev.in_flight)
+        self._held, self.holders = dict(prev._held), dict(prev.holders)
+        self._repositories = prev._repositories
+        self._lacking = prev._lacking
+        self._any_repository = prev._any_repository
+        width = max([prev._finish.shape[1]] + [len(rows[p].finishes) for p in changed])
+        if width > prev._finish.shape[1]:
+            self._finish = np.full((self.size, width), -math.inf, dtype=np.float64)
+            self._finish[:, : prev._finish.shape[1]] = prev._finish
+        else:
+            self._finish = prev._finish.copy() if changed else prev._finish
+        old_rows = [_row_of(s) for s in (prev._servers[p] for p in changed)]
+        warm_touched: set[str] = set()
+        flight_touched: set[str] = set()
+        held_touched: set[str] = set()
+        for pos, old in zip(changed, old_rows, strict=True):
+            new = rows[pos]
+            self.healthy[pos], self.queued_s[pos] = new.healthy, new.queued_s
+            self.overhead_s[pos], self.inv_remote_bw[pos] = new.overhead_s, new.inv_remote_bw
+            self.free_bytes[pos], self.idle_bytes[pos] = new.free_bytes, new.idle_bytes
+            self.eviction_s[pos] = new.eviction_s
+            self._finish[pos] = -math.inf
+            self._finish[pos, : len(new.finishes)] = new.finishes
+            warm_touched |= {
+                m for m in old.warm.keys() | new.warm.keys() if old.warm.get(m) is not new.warm.get(m)
+            }
+            if old.loading != new.loading or old.queue or new.queue:
+                flight_touched |= old.loading.keys() | new.loading.keys()
+                flight_touched |= {m for m, _ in old.queue} | {m for m, _ in new.queue}
+            for m in old.holders.keys() | new.holders.keys():
+                if old.holders.get(m) != new.holders.get(m):
+                    if m not in held_touched:  # copy on first write: the previous index keeps its own
+                        held_touched.add(m)
+                        self._held[m] = dict(self._held.get(m, {}))
+                    held = self._held[m]
+                    held.pop(pos, None)
+                    if m in new.holders:
+                        held[pos] = new.holders[m]
+            if new.repository is not old.repository and new.repository != old.repository:
+                if self._repositories is prev._repositories:  # copy on first write
+                    self._repositories = list(prev._repositories)
+                    self._lacking = {}
+                self._repositories[pos] = new.repository
+                self._any_repository = any(r is not None for r in self._repositories)
+        changed_set = set(changed)
+        self._queued = (prev._queued - changed_set) | {p for p in changed if rows[p].queue}
+        for m in warm_touched:
+            kept = [e for e in prev.warm.get(m, ()) if e[0] not in changed_set]
+            kept += [(p, rows[p].warm[m]) for p in changed if m in rows[p].warm]
+            self._set(self.warm, m, _by_pos(kept))
+        for m in flight_touched:
+            kept_f = [e for e in prev.in_flight.get(m, ()) if e[0] not in changed_set]
+            for p in changed:
+                if m in rows[p].loading:
+                    kept_f.append((p, rows[p].loading[m]))
+                kept_f += [(p, ready) for model, ready in _queued_ready(rows[p], now) if model == m]
+            self._set(self.in_flight, m, _by_pos(kept_f))
+        for m in held_touched:
+            if self._held[m]:
+                self.holders[m] = self._holders_of(self._held[m])
+            else:
+                del self._held[m]
+                self.holders.pop(m, None)
+        self._finish_times()
+
+    @staticmethod
+    def _set(table: dict[str, list[tuple[int, _E]]], model: str, entries: list[tuple[int, _E]]) -> None:
+        if entries:
+            table[model] = entries
+        else:
+            table.pop(model, None)
+
+    @staticmethod
+    def _holders_of(held: Mapping[int, float]) -> _Holders:
+        positions = sorted(held)
+        return _Holders(
+            np.array(positions, dtype=np.intp), np.array([held[p] for p in positions], dtype=np.float64)
+        )
+
+    def _finish_times(self) -> None:
+        # seconds left of each load in flight, one row per server (0-padded): see ServerState.load_wait_s
+        self.in_flight_left = np.maximum(self._finish - self.now, 0.0)
+        self.wait_s = self.in_flight_left.sum(axis=1) + self.queued_s  # the serial bound
+        self.room_bytes = self.free_bytes + self.idle_bytes
 
     def lacking(self, model: str) -> npt.NDArray[np.intp]:
         """Positions of the servers whose repository is known and has no ``model`` (they cannot load it)."""
         if not self._any_repository:
-            return self._none_lacking
+            return _NONE_LACKING
         found = self._lacking.get(model)
         if found is None:
             found = np.array(
@@ -321,6 +494,10 @@ class SnapshotIndex:
             )
             self._lacking[model] = found
         return found
+
+
+_NONE_LACKING = np.zeros(0, dtype=np.intp)
+_name_of = operator.attrgetter("name")
 
 
 @dataclass(frozen=True)
@@ -333,14 +510,22 @@ class ClusterSnapshot:
     demand: Mapping[str, float] = field(default_factory=dict)
     """Recent requests per second by model, as the router counted them (``policy.record_arrival``); a
     model without an entry has had none."""
+    basis: SnapshotIndex | None = field(default=None, repr=False, compare=False)
+    """The index of an earlier snapshot of the same servers, if any: this snapshot's index is then built by
+    updating that one (:class:`SnapshotIndex`); dropped once the index is built."""
 
     def __post_init__(self) -> None:
-        for key, rate in self.demand.items():
-            if not (math.isfinite(rate) and rate >= 0):
-                raise InvalidSnapshotError(f"demand[{key!r}] must be a finite rate >= 0, got {rate!r}")
+        rates = list(self.demand.values())
+        # one pass in C for the common case (NaN fails both tests); the loop only to name the culprit
+        if rates and not (min(rates) >= 0 and math.isfinite(sum(rates))):
+            for key, rate in self.demand.items():
+                if not (math.isfinite(rate) and rate >= 0):
+                    raise InvalidSnapshotError(f"demand[{key!r}] must be a finite rate >= 0, got {rate!r}")
         object.__setattr__(self, "demand", MappingProxyType(dict(self.demand)))
-        servers = tuple(sorted(self.servers, key=lambda s: s.name))
-        names = [s.name for s in servers]
+        servers = tuple(self.servers)
+        names = list(map(_name_of, servers))
+        if names != sorted(names):  # (already in order: the common case costs one C pass)
+            servers = tuple(sorted(servers, key=lambda s: s.name))
         if len(set(names)) != len(names):
             raise InvalidSnapshotError("server names must be unique")
         models = dict(self.models)
@@ -357,9 +542,21 @@ class ClusterSnapshot:
         models: Iterable[ModelSpec],
         now: float,
         demand: Mapping[str, float] | None = None,
+        previous: ClusterSnapshot | None = None,
     ) -> ClusterSnapshot:
-        """Build a snapshot from iterables (models keyed by their name)."""
-        return cls(servers=tuple(servers), models={m.name: m for m in models}, now=now, demand=demand or {})
+        """Build a snapshot from iterables (models keyed by their name). With ``previous`` (an earlier
+        snapshot of the same cluster, typically sharing most :class:`ServerState` objects), the index is
+        updated from that snapshot's instead of built afresh; the result is the same."""
+        basis = None
+        if previous is not None:
+            basis = previous.__dict__.get("index") or previous.basis
+        return cls(
+            servers=tuple(servers),
+            models={m.name: m for m in models},
+            now=now,
+            demand=demand or {},
+            basis=basis,
+        )
 
     @cached_property
     def mean_demand(self) -> float:
@@ -371,7 +568,9 @@ class ClusterSnapshot:
     @cached_property
     def index(self) -> SnapshotIndex:
         """Precomputed per-server arrays and per-model lookups (built on first use)."""
-        return SnapshotIndex(self.servers, self.now)
+        index = SnapshotIndex(self.servers, self.now, previous=self.basis)
+        object.__setattr__(self, "basis", None)  # no chain of old indexes kept alive
+        return index
 
     def server(self, name: str) -> ServerState:
         """The server called ``name``; :class:`UnknownServerError` if there is none."""
