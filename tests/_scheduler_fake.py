@@ -2,6 +2,7 @@
 
 Token ``k`` of a generation is a pure function of (prompt, seed, k), so a generation resumed elsewhere
 with ``input_ids`` + ``num_generated`` continues token-exactly, like the real backend's seeded sampling.
+A chat (the ``messages`` input) is the prompt of one ``role: content`` line per message, then ``assistant:``.
 Used by the scheduler service tests until (and beside) the real backend.
 """
 
@@ -46,8 +47,13 @@ class TritonPythonModel:
         s = r.get_response_sender()
         FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            prompt = self._get(r, "text_input").reshape(-1)[0]
-            prompt = prompt.decode() if isinstance(prompt, bytes) else str(prompt)
+            text = self._get(r, "text_input")
+            if text is None:  # a chat: one "role: content" line per message, then "assistant:"
+                chat = json.loads(self._get(r, "messages").reshape(-1)[0])
+                prompt = "".join(f"{m['role']}: {m['content']}\n" for m in chat) + "assistant:"
+            else:
+                prompt = text.reshape(-1)[0]
+                prompt = prompt.decode() if isinstance(prompt, bytes) else str(prompt)
             sp = self._get(r, "sampling_parameters")
             params = json.loads(sp.reshape(-1)[0]) if sp is not None else json.loads(r.parameters() or "{}")
             max_tokens = int(params.get("max_tokens", 16))
@@ -122,12 +128,13 @@ def fake_triton_config(
         "max_batch_size": 0,
         "model_transaction_policy": {"decoupled": True},
         "input": [
-            {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]},
+            {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
             {"name": "stream", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
             {"name": "sampling_parameters", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
             {"name": "exclude_input_in_output", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
             {"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1], "optional": True},
             {"name": "num_generated", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
+            {"name": "messages", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
         ],
         "output": [
             {"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]},

@@ -76,12 +76,17 @@ def byte_tokenizer_json() -> str:
 
 
 def make_tiny_checkpoint(
-    dest: Path, arch: str = "llama", *, seed: int = 0, eos_token_id: int | list[int] | None = None
+    dest: Path,
+    arch: str = "llama",
+    *,
+    seed: int = 0,
+    eos_token_id: int | list[int] | None = None,
+    chat_template: str | None = None,
 ) -> Path:
     """A random Llama or Qwen2 model with a byte tokenizer, saved as a warmstart checkpoint at ``dest``.
 
     The same ``seed`` gives the same weights whatever ``eos_token_id`` (none by default: generations then
-    always run to ``max_tokens``)."""
+    always run to ``max_tokens``). ``chat_template`` is written as ``chat_template.jinja`` (none by default)."""
     import torch
     import transformers
 
@@ -117,6 +122,8 @@ def make_tiny_checkpoint(
         "config.json": cfg.to_json_string().encode(),
         "tokenizer.json": byte_tokenizer_json().encode(),
     }
+    if chat_template is not None:
+        files["chat_template.jinja"] = chat_template.encode()
     warmstart.format.save(state, dest, files=files)
     return dest
 
@@ -175,6 +182,7 @@ def grpc_inputs(
     num_generated: int | None = None,
     exclude_input: bool | None = None,
     raw_params: str | None = None,
+    messages: list[dict[str, Any]] | None = None,
 ) -> list[Any]:
     import tritonclient.grpc as grpcclient
 
@@ -187,6 +195,8 @@ def grpc_inputs(
 
     if prompt is not None:
         add("text_input", "BYTES", np.array([prompt.encode()], dtype=np.object_))
+    if messages is not None:
+        add("messages", "BYTES", np.array([json.dumps(messages).encode()], dtype=np.object_))
     add("stream", "BOOL", np.array([stream]))
     if raw_params is not None or params is not None:
         text = raw_params if raw_params is not None else json.dumps(params)

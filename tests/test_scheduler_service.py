@@ -256,7 +256,7 @@ def test_least_recently_used_model_is_evicted_when_memory_is_full(
         assert {"m3", "m5"} <= ready and "m4" not in ready
         state = sched.state()
         assert state["stats"]["evictions"] == 1
-        # the fake model cannot release (Triton refuses a request without its text_input): the load waited
+        # the fake model cannot release (it answers a request without a prompt with an error): the load waited
         # for the unload instead, and evictions there keep costing the unload time
         assert (state["stats"]["releases"], state["stats"]["unloads"]) == (0, 1)
         assert state["servers"]["s0"]["release_s"] is None

@@ -17,7 +17,7 @@ from warmstart.scheduler.nodestore import NodeStoreError, parse_bandwidth, parse
 from warmstart.scheduler.policy import choose_evictions, eviction_s, learn_release, record_arrival
 from warmstart.scheduler.protocol import (
     BadRequest,
-    chat_prompt,
+    chat_messages,
     coerce_sampling,
     sampling_from_json,
     status_of,
@@ -134,7 +134,7 @@ def test_sampling_parsing_coerces_known_keys_and_rejects_unknown_ones_in_json() 
         sampling_from_json("{")
     with pytest.raises(BadRequest):
         coerce_sampling({"max_tokens": 1.5}, strict=True)
-    assert chat_prompt([{"role": "user", "content": "hi"}]) == "user: hi\nassistant:"
+    assert chat_messages([{"role": "user", "content": "hi"}]) == ({"role": "user", "content": "hi"},)
 
 
 def test_cold_start_rejections_map_to_503() -> None:

@@ -40,6 +40,8 @@ INPUTS: tuple[dict[str, Any], ...] = (
     {"name": "exclude_input_in_output", "data_type": "TYPE_BOOL", "dims": [1], "optional": True},
     {"name": "input_ids", "data_type": "TYPE_INT64", "dims": [-1], "optional": True},
     {"name": "num_generated", "data_type": "TYPE_INT64", "dims": [1], "optional": True},
+    # a chat (JSON array of {role, content}) rendered with the checkpoint's chat template, instead of text_input
+    {"name": "messages", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
 )
 OUTPUTS: tuple[dict[str, Any], ...] = (
     {"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]},

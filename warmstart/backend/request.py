@@ -18,6 +18,12 @@ Inputs (vllm_backend conventions, plus resume):
   token-exactly where it stopped (same seed). ``text_input`` may accompany them; it is then only the text
   repeated in non-streaming output. When ``num_generated`` covers all of ``input_ids``, the prompt is
   ``text_input`` (tokenized here): a router that never tokenizes resumes that way.
+* ``messages`` (STRING [1]): a chat instead of ``text_input``: a JSON array of OpenAI-style
+  ``{"role", "content"}`` messages (roles system, user, assistant, tool; content a string or a list of
+  ``{"type": "text", "text"}`` parts), checked by :func:`warmstart.chat.validate_messages`. The runtime
+  renders it with the checkpoint's own chat template, the assistant's turn opened
+  (:mod:`warmstart.chat`); a model without a template refuses it (INVALID_ARG). It resumes like
+  ``text_input``: with ``input_ids`` holding only generated ids (``num_generated`` = their count).
 
 Control request: the request parameter ``warmstart_release`` = true (KServe request parameters; no input
 needed) asks the model instance to drop its engine now, ahead of an unload (:func:`is_release_request`).
@@ -32,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from warmstart import jsonsafe
+from warmstart.chat import ChatError, validate_messages
 from warmstart.engines import (
     EmptyPrompt,
     GeneratorClosed,
@@ -102,6 +109,7 @@ class GenerateRequest:
     stream: bool
     exclude_input_in_output: bool
     params: SamplingParams
+    messages: tuple[dict[str, str], ...] | None = None  # a chat, rendered by the runtime's chat template
 
 
 def _single(name: str, value: np.ndarray) -> Any:
@@ -173,6 +181,17 @@ def _sampling_from_json(text: str, source: str, ignore: tuple[str, ...] = ()) ->
     return SamplingParams.from_json(_numbers_from_strings(obj, source))
 
 
+def _messages(value: np.ndarray) -> tuple[dict[str, str], ...]:
+    text = _text("messages", value)
+    try:
+        obj = jsonsafe.loads(text)
+    except jsonsafe.UnsafeJSON as e:
+        raise BadInput(f"input 'messages' is refused: {e}") from None
+    except ValueError as e:
+        raise BadInput(f"input 'messages' is not valid JSON: {e}") from None
+    return tuple(validate_messages(obj))
+
+
 def is_release_request(parameters_json: str) -> bool:
     """Whether a request's parameters (Triton's ``request.parameters()`` JSON) ask for a release.
 
@@ -201,6 +220,10 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], parameters_json: str 
     """
     text_arr = inputs.get("text_input")
     text = _text("text_input", text_arr) if text_arr is not None else None
+    msg_arr = inputs.get("messages")
+    messages = _messages(msg_arr) if msg_arr is not None else None
+    if messages is not None and text is not None:
+        raise ConflictingInputs("send either text_input (a prompt) or messages (a chat), not both")
     stream = bool(_bool("stream", inputs.get("stream"), False))
     exclude = _bool("exclude_input_in_output", inputs.get("exclude_input_in_output"), None)
     if stream and exclude is False:
@@ -238,14 +261,23 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], parameters_json: str 
             raise BadInput(f"num_generated={n_gen} must be in 0..{len(flat)} (the length of input_ids)")
         prompt_ids, generated = tuple(flat[: len(flat) - n_gen]), tuple(flat[len(flat) - n_gen :])
         if not prompt_ids:
-            if not text:
+            if not text and messages is None:
                 raise EmptyPrompt("input_ids holds no prompt tokens (num_generated covers all of them)")
-            # resume from text: the prompt is text_input (tokenized here), input_ids are all generated
+            # resume from text: the prompt is text_input or messages (rendered and tokenized here), input_ids
+            # are all generated
             prompt_ids = None
+        elif messages is not None:
+            raise ConflictingInputs(
+                "messages is the prompt, so input_ids may hold only generated ids (num_generated = their count)"
+            )
     elif ngen_arr is not None:
         raise ConflictingInputs("num_generated needs input_ids (prompt ids followed by the generated ids)")
+    elif messages is not None:
+        pass
     elif text is None:
-        raise MissingPrompt("the request needs 'text_input' (or 'input_ids' to resume a generation)")
+        raise MissingPrompt(
+            "the request needs 'text_input' or 'messages' (or 'input_ids' to resume a generation)"
+        )
     elif not text:
         raise EmptyPrompt("text_input is empty; send a prompt of at least one character")
     return GenerateRequest(
@@ -255,6 +287,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], parameters_json: str 
         stream=stream,
         exclude_input_in_output=exclude,
         params=params,
+        messages=messages,
     )
 
 
@@ -267,6 +300,7 @@ def request_to_json(request: GenerateRequest) -> dict[str, Any]:
         "generated_ids": list(request.generated_ids),
         "stream": request.stream,
         "exclude_input_in_output": request.exclude_input_in_output,
+        "messages": list(request.messages) if request.messages is not None else None,
         "params": {
             "max_tokens": p.max_tokens,
             "temperature": p.temperature,
@@ -291,15 +325,24 @@ def request_from_json(obj: Any) -> GenerateRequest:
     """The inverse of :func:`request_to_json`, validating every field (the object crossed a process)."""
     if not isinstance(obj, dict):
         raise BadInput("a request must be a JSON object")
-    expected = {"text", "prompt_ids", "generated_ids", "stream", "exclude_input_in_output", "params"}
+    expected = {
+        "text",
+        "prompt_ids",
+        "generated_ids",
+        "stream",
+        "exclude_input_in_output",
+        "messages",
+        "params",
+    }
     if set(obj) != expected:
         raise BadInput(f"a request has exactly the keys {sorted(expected)}, got {sorted(obj)}")
     text = obj["text"]
     if text is not None and not isinstance(text, str):
         raise BadInput("text must be a string or null")
     prompt_ids = _ids("prompt_ids", obj["prompt_ids"]) if obj["prompt_ids"] is not None else None
-    if text is None and not prompt_ids:
-        raise MissingPrompt("the request needs a text or prompt ids")
+    messages = tuple(validate_messages(obj["messages"])) if obj["messages"] is not None else None
+    if text is None and not prompt_ids and messages is None:
+        raise MissingPrompt("the request needs a text, messages or prompt ids")
     for name in ("stream", "exclude_input_in_output"):
         if not isinstance(obj[name], bool):
             raise BadInput(f"{name} must be a bool")
@@ -310,12 +353,15 @@ def request_from_json(obj: Any) -> GenerateRequest:
         stream=obj["stream"],
         exclude_input_in_output=obj["exclude_input_in_output"],
         params=SamplingParams.from_json(obj["params"]),
+        messages=messages,
     )
 
 
 def error_code(exc: BaseException) -> str:
     """The Triton error code name (``pb_utils.TritonError.<name>``) for a request's failure."""
-    if isinstance(exc, (RequestError, InvalidSamplingParams, EmptyPrompt, PromptTooLong, InvalidTokenId)):
+    if isinstance(
+        exc, (RequestError, ChatError, InvalidSamplingParams, EmptyPrompt, PromptTooLong, InvalidTokenId)
+    ):
         return "INVALID_ARG"
     if isinstance(exc, GeneratorClosed):
         return "UNAVAILABLE"

@@ -22,6 +22,14 @@ from warmstart.backend.config import ModelSettings
 from warmstart.backend.metrics import Metrics, NullMetrics
 from warmstart.backend.request import GenerateRequest, error_code
 from warmstart.backend.weights import LoadedCheckpoint, load_checkpoint, resolve_reference
+from warmstart.chat import (
+    ChatError,
+    ChatTemplate,
+    NoChatTemplate,
+    check_control_tokens,
+    control_tokens,
+    end_of_turn_ids,
+)
 from warmstart.engines import BatchedGenerator, Engine, TextStreamer, build_engine
 from warmstart.errors import WarmstartError
 
@@ -161,11 +169,18 @@ class Runtime:
         max_batch: int,
         metrics: Metrics | None = None,
         add_special_tokens: bool = True,
+        chat: ChatTemplate | None = None,
+        model_name: str = "model",
+        chat_unavailable: str = "",
     ) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.metrics: Metrics = metrics or NullMetrics()
         self.add_special_tokens = add_special_tokens
+        self.chat = chat  # the checkpoint's chat template (warmstart.chat), None without one
+        self.model_name = model_name
+        self._chat_unavailable = chat_unavailable  # why a checkpoint's template cannot be used, if it cannot
+        self._control_tokens: tuple[str, ...] | None = None
         self.generator = BatchedGenerator(engine, max_batch=max_batch)
         self._lock = threading.Lock()
 
@@ -191,7 +206,12 @@ class Runtime:
             ref = resolve_reference(settings.checkpoint, model_dir)
             loaded = load_checkpoint(ref, settings.engine, dtype=settings.dtype)
             runtime = cls.from_loaded(
-                loaded, settings, metrics=metrics, warmup=warmup, parse_tokenizer=parse_tokenizer
+                loaded,
+                settings,
+                metrics=metrics,
+                warmup=warmup,
+                parse_tokenizer=parse_tokenizer,
+                model_name=model_name,
             )
         except (WarmstartError, OSError, ValueError, KeyError, ImportError) as e:
             raise ModelLoadFailed(
@@ -218,8 +238,13 @@ class Runtime:
         metrics: Metrics | None = None,
         warmup: bool = True,
         parse_tokenizer: Callable[[str], Any] | None = None,
+        model_name: str = "model",
     ) -> Runtime:
         """Build the engine and tokenizer from an already loaded checkpoint.
+
+        The chat template (``warmstart.chat``) is read here and compiled on the first chat request. The
+        generation stops at ``generation_config.json``'s EOS ids and the tokenizer's ``eos_token`` as well
+        as ``config.json``'s (the end-of-turn tokens of chat models: ``warmstart.chat.end_of_turn_ids``).
 
         The tokenizer is parsed on a thread while the engine is built: the parse holds the GIL, but the
         JAX engine's weight stacking and XLA work release it (measured ~10% off the JAX build).
@@ -240,7 +265,24 @@ class Runtime:
             if warmup:
                 warm_engine(engine, settings.max_batch)
             tokenizer = tokenizer_future.result()
-        return cls(engine, tokenizer, max_batch=settings.max_batch, metrics=metrics)
+        extra_eos = end_of_turn_ids(loaded.generation_config, loaded.tokenizer_config, tokenizer.token_to_id)
+        if not extra_eos <= engine.eos_token_ids:
+            engine.eos_token_ids = frozenset(engine.eos_token_ids) | extra_eos
+        chat, unavailable = None, ""
+        try:
+            chat = ChatTemplate.from_files(loaded.tokenizer_config, loaded.chat_template)
+        except ChatError as e:  # the model still serves prompts; chat requests get this reason
+            unavailable = f"{e}; fix the checkpoint's chat template"
+            logger.warning("model %s: %s", model_name, unavailable)
+        return cls(
+            engine,
+            tokenizer,
+            max_batch=settings.max_batch,
+            metrics=metrics,
+            chat=chat,
+            model_name=model_name,
+            chat_unavailable=unavailable,
+        )
 
     # -- text ------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -249,17 +291,39 @@ class Runtime:
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        """``messages`` (validated) rendered with the checkpoint's chat template, the assistant's turn
+        opened. Raises the ``warmstart.chat`` errors: no template, a control token in a message, the
+        template refusing the messages."""
+        if self.chat is None:
+            raise NoChatTemplate(
+                self._chat_unavailable
+                or f"model {self.model_name!r} has no chat template (its checkpoint has no chat_template.jinja "
+                "and no chat_template in tokenizer_config.json); use /v1/completions (or text_input) with a "
+                "prompt of your own"
+            )
+        if self._control_tokens is None:
+            added = self.tokenizer.get_added_tokens_decoder().values()
+            self._control_tokens = control_tokens(((t.content, t.special) for t in added), self.chat.source)
+        check_control_tokens(messages, self._control_tokens)
+        return self.chat.render(messages)
+
     # -- requests --------------------------------------------------------------------------------------
 
     def submit(self, request: GenerateRequest, sink: ResponseSink, *, arrived: float | None = None) -> None:
         """Start generating for ``request``; responses go to ``sink``.
 
         Raises (before anything is sent) the engines' `EmptyPrompt`, `PromptTooLong`, `InvalidTokenId`,
-        `InvalidSamplingParams` or `GeneratorClosed`; the caller answers with an error response.
+        `InvalidSamplingParams` or `GeneratorClosed`, or for a chat the ``warmstart.chat`` errors; the caller
+        answers with an error response.
         """
         if request.prompt_ids is not None:
             prompt_ids = list(request.prompt_ids)
             prompt_text = request.text if request.text is not None else self.decode(prompt_ids)
+        elif request.messages is not None:
+            prompt_text = self.chat_prompt(request.messages)
+            # the rendered text holds the special tokens the template writes: none are added (as transformers)
+            prompt_ids = list(self.tokenizer.encode(prompt_text, add_special_tokens=False).ids)
         else:
             assert request.text is not None
             prompt_ids = self.encode(request.text)

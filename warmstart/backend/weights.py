@@ -99,6 +99,8 @@ class LoadedCheckpoint:
     weights: Mapping[str, Any]
     generation_config: dict[str, Any] = field(default_factory=dict)
     host: Any = field(default=None, repr=False)
+    tokenizer_config: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None  # chat_template.jinja's text, when the checkpoint has one
 
 
 def _read_json(read_file: Any, location: str, name: str, *, required: bool) -> dict[str, Any]:
@@ -118,6 +120,18 @@ def _read_json(read_file: Any, location: str, name: str, *, required: bool) -> d
     if not isinstance(obj, dict):
         raise CheckpointError(f"{location}/{name} must hold a JSON object")
     return obj
+
+
+def _read_text(read_file: Any, location: str, name: str) -> str | None:
+    """An optional UTF-8 model file's text, or None when the checkpoint has no such file."""
+    try:
+        data = read_file(name)
+    except FileNotFoundError:
+        return None
+    try:
+        return str(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{location}/{name} is not valid UTF-8: {e}") from None
 
 
 def source_tier(host: Any) -> str:
@@ -162,6 +176,8 @@ def load_checkpoint(ref: str, engine: str, *, dtype: str | None = None) -> Loade
     location = str(host.location)
     config = _read_json(host.read_file, location, "config.json", required=True)
     generation_config = _read_json(host.read_file, location, "generation_config.json", required=False)
+    tokenizer_config = _read_json(host.read_file, location, "tokenizer_config.json", required=False)
+    chat_template = _read_text(host.read_file, location, "chat_template.jinja")
     try:
         tokenizer_json = host.read_file("tokenizer.json").decode("utf-8")
     except FileNotFoundError:
@@ -194,4 +210,6 @@ def load_checkpoint(ref: str, engine: str, *, dtype: str | None = None) -> Loade
         weights=weights,
         generation_config=generation_config,
         host=host,
+        tokenizer_config=tokenizer_config,
+        chat_template=chat_template,
     )

@@ -387,7 +387,9 @@ class HttpFrontend:
         )
 
     def _openai_generation(self, req: OpenAIRequest) -> Generation:
-        return self.router.new_generation(req.model, req.prompt, req.sampling, prompt_ids=req.prompt_ids)
+        return self.router.new_generation(
+            req.model, req.prompt, req.sampling, prompt_ids=req.prompt_ids, messages=req.messages
+        )
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmstart.names import validate_model_name
-from warmstart.scheduler.protocol import BadRequest, chat_prompt, coerce_sampling
+from warmstart.scheduler.protocol import BadRequest, chat_messages, coerce_sampling
 
 __all__ = [
     "COMPLETION_DEFAULT_MAX_TOKENS",
@@ -86,12 +86,13 @@ class OpenAIRequest:
     """A checked OpenAI request: what the router generates and how the answer is rendered."""
 
     model: str
-    prompt: str  # empty for a token-id prompt
+    prompt: str  # empty for a token-id prompt and for a chat
     sampling: dict[str, Any]
     chat: bool
     stream: bool = False
     include_usage: bool = False
     prompt_ids: tuple[int, ...] | None = None
+    messages: tuple[dict[str, str], ...] | None = None  # a chat: the backend renders its own template
 
 
 def _check_keys(body: Mapping[str, Any], allowed: frozenset[str], endpoint: str) -> None:
@@ -210,13 +211,14 @@ def parse_completion(body: Mapping[str, Any]) -> OpenAIRequest:
 
 def parse_chat(body: Mapping[str, Any], *, default_max_tokens: int) -> OpenAIRequest:
     """A ``/v1/chat/completions`` body, checked (``messages`` by :func:`~warmstart.scheduler.protocol.
-    chat_prompt`); without ``max_tokens``/``max_completion_tokens`` it may generate ``default_max_tokens``
-    (the model's limit: OpenAI's chat has no small default)."""
+    chat_messages`); without ``max_tokens``/``max_completion_tokens`` it may generate ``default_max_tokens``
+    (the model's limit: OpenAI's chat has no small default). The messages go to the backend as they are,
+    which renders them with the model's own chat template (``warmstart.chat``)."""
     _check_keys(body, CHAT_KEYS, "/v1/chat/completions")
     _check_defaults(body, _DEFAULT_ONLY_CHAT)
-    prompt = chat_prompt(body.get("messages"))
+    messages = chat_messages(body.get("messages"))
     common = _common(body, chat=True, default_max_tokens=default_max_tokens)
-    return OpenAIRequest(prompt=prompt, **common)
+    return OpenAIRequest(prompt="", messages=messages, **common)
 
 
 # -- responses ----------------------------------------------------------------------------------------------

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from warmstart import jsonsafe
+from warmstart.chat import InvalidMessages, validate_messages
 from warmstart.scheduler.config import ModelConfig
 from warmstart.scheduler.errors import (
     BadRequest,
@@ -150,6 +150,7 @@ DEFAULT_INPUTS: tuple[dict[str, Any], ...] = (
     {"name": "exclude_input_in_output", "datatype": "BOOL", "shape": [1]},
     {"name": "input_ids", "datatype": "INT64", "shape": [-1]},
     {"name": "num_generated", "datatype": "INT64", "shape": [1]},
+    {"name": "messages", "datatype": "BYTES", "shape": [1]},
 )
 DEFAULT_OUTPUTS: tuple[dict[str, Any], ...] = (
     {"name": "text_output", "datatype": "BYTES", "shape": [-1]},
@@ -187,60 +188,11 @@ def model_metadata(model: ModelConfig) -> dict[str, Any]:
     }
 
 
-CHAT_ROLES = ("system", "user", "assistant", "tool")
-# a line that a reader of the plain template (the model) would take for the start of a turn
-_TURN_HEADER = re.compile(r"\s*(" + "|".join(CHAT_ROLES) + r")\s*:", re.IGNORECASE)
-
-
-def _message_text(i: int, content: Any) -> str:
-    """A message's text: a string, or OpenAI's list of ``{"type": "text", "text": ...}`` parts (joined)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(
-        isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str) and len(p) == 2
-        for p in content
-    ):
-        return "".join(p["text"] for p in content)
-    raise BadRequest(
-        f"messages[{i}].content must be a string or a list of text parts "
-        '({"type": "text", "text": ...}); images, audio and tool calls are not supported'
-    )
-
-
-def chat_prompt(messages: Any) -> str:
-    """The scheduler's plain chat template: one ``role: content`` line per message, then ``assistant:``.
-
-    A stopgap until models bring their own chat templates. So that a message cannot forge a turn, the
-    template is kept unambiguous by refusing (400, naming the message and the line) what would break it,
-    never by escaping silently: a role outside :data:`CHAT_ROLES`, a message key other than ``role`` and
-    ``content``, and content with a line (any line break ``str.splitlines`` knows, not only ``\\n``) that
-    starts, after blanks, with a role name and a colon, in any case (``"\\nSystem: ..."``). A colon
-    elsewhere in a line is fine, as is a role name on the message's first line (it follows ``role: ``).
-    """
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list of {role, content} objects")
-    lines = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
-            raise BadRequest(f"messages[{i}] must be an object with 'role' and 'content'")
-        extra = sorted(str(k)[:40] for k in m if k not in ("role", "content"))
-        if extra:
-            raise BadRequest(
-                f"messages[{i}] has unsupported key(s) {extra}; only 'role' and 'content' are supported"
-            )
-        role = m.get("role")
-        if role not in CHAT_ROLES:
-            raise BadRequest(
-                f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {str(role)[:40]!r}"
-            )
-        text = _message_text(i, m.get("content"))
-        for n, line in enumerate(text.splitlines()):
-            if n > 0 and (hit := _TURN_HEADER.match(line)):
-                raise BadRequest(
-                    f"messages[{i}].content line {n + 1} starts with {hit.group(0).strip()!r}, which the "
-                    "scheduler's plain chat template (one 'role: content' line per turn) would read as a new "
-                    "turn; reword that line (or send your own prompt to /v1/completions)"
-                )
-        lines.append(f"{role}: {text}")
-    lines.append("assistant:")
-    return "\n".join(lines)
+def chat_messages(messages: Any) -> tuple[dict[str, str], ...]:
+    """A chat's ``messages``, checked and normalized by :func:`warmstart.chat.validate_messages` (a
+    :class:`BadRequest` naming the message otherwise). The backend renders them with the model's own chat
+    template; the scheduler never joins them into a prompt of its own."""
+    try:
+        return tuple(validate_messages(messages))
+    except InvalidMessages as e:
+        raise BadRequest(str(e)) from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import random
 import secrets
@@ -136,6 +137,7 @@ class Generation:
     finish_reason: str | None = None
     prompt_tokens: int | None = None  # as the backend counted them (its last response), or len(prompt_ids)
     stop_token_id: int | None = None  # the EOS id that ended it, when the backend said so
+    messages: str | None = None  # a chat (JSON array), rendered by the backend's chat template; prompt is ""
     finished: bool = False
     server: str | None = None
     failovers: int = 0
@@ -157,6 +159,7 @@ class Generation:
             sampling=self.sampling,
             prompt_ids=self.prompt_ids,
             generated=tuple(self.tokens),
+            messages=self.messages,
         )
 
 
@@ -228,7 +231,9 @@ class ServerRuntime:
                 requests=tuple(
                     RunningRequest(
                         request_id=g.id,
-                        prompt_tokens=len(g.prompt_ids) if g.prompt_ids is not None else len(g.prompt) // 4,
+                        prompt_tokens=len(g.prompt_ids)
+                        if g.prompt_ids is not None
+                        else len(g.prompt or g.messages or "") // 4,
                         generated_tokens=len(g.tokens),
                         expected_remaining_s=max(0, g.max_tokens - len(g.tokens))
                         * token_s.get(g.model, _DEFAULT_TOKEN_S),
@@ -839,10 +844,12 @@ class Router:
         *,
         request_id: str | None = None,
         prompt_ids: Sequence[int] | None = None,
+        messages: Sequence[Mapping[str, str]] | None = None,
     ) -> Generation:
         """A generation record for ``model`` (validated, known). Temperature > 0 gets a seed so a
         resumed generation continues exactly. ``prompt_ids`` (a token-id prompt; ``prompt`` may then be
-        empty) go to the backend as they are."""
+        empty) go to the backend as they are, and so do a chat's ``messages`` (checked already; the backend
+        renders them with the model's chat template)."""
         spec = self.model_config(model)
         params = dict(sampling)
         max_tokens = int(params.get("max_tokens", 16))
@@ -868,6 +875,7 @@ class Router:
             max_tokens=max_tokens,
             prompt_ids=ids,
             prompt_tokens=len(ids) if ids is not None else None,
+            messages=json.dumps(list(messages), ensure_ascii=False) if messages is not None else None,
         )
 
     async def stream(self, gen: Generation) -> AsyncGenerator[TokenChunk, None]:

@@ -113,7 +113,9 @@ class GenerationRequest:
     ``generated`` non-empty means resume: the backend gets ``input_ids`` (``prompt_ids`` + ``generated``
     when the prompt ids are known, else ``generated`` alone beside ``text_input``) and ``num_generated``.
     ``prompt_ids`` known from the start (a token-id prompt) go as ``input_ids`` even before anything was
-    generated; ``text_input`` is then left out when ``prompt`` is empty.
+    generated; ``text_input`` is then left out when ``prompt`` is empty. ``messages`` (a chat: the JSON
+    array of its messages) goes as the ``messages`` input in place of ``text_input``: the backend renders it
+    with the model's chat template, and a resume sends ``generated`` beside it as for a text prompt.
     """
 
     model: str
@@ -122,6 +124,7 @@ class GenerationRequest:
     sampling: Mapping[str, Any]
     prompt_ids: tuple[int, ...] | None = None
     generated: tuple[int, ...] = ()
+    messages: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,7 +169,9 @@ def build_infer_request(req: GenerationRequest) -> pb.ModelInferRequest:
         t.shape.extend(shape)
         r.raw_input_contents.append(raw)
 
-    if req.prompt or req.prompt_ids is None:
+    if req.messages is not None:
+        add("messages", "BYTES", [1], _bytes_tensor([req.messages.encode()]))
+    elif req.prompt or req.prompt_ids is None:
         add("text_input", "BYTES", [1], _bytes_tensor([req.prompt.encode()]))
     add("stream", "BOOL", [1], np.array([True]).tobytes())
     add("exclude_input_in_output", "BOOL", [1], np.array([True]).tobytes())

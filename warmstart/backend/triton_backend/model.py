@@ -10,7 +10,9 @@ from it (``warmstart.backend.remote``), so this stub never imports torch; otherw
 Inputs (all optional; ``text_input`` or ``input_ids`` required):
   text_input (STRING [1]), stream (BOOL [1]), sampling_parameters (STRING [1], JSON: max_tokens,
   temperature, top_p, top_k, seed, stop), exclude_input_in_output (BOOL [1]), input_ids (INT64 [-1]: prompt
-  ids then ids already generated), num_generated (INT64 [1]: how many of input_ids were generated).
+  ids then ids already generated), num_generated (INT64 [1]: how many of input_ids were generated),
+  messages (STRING [1]: a chat, a JSON array of {role, content}, in place of text_input; rendered with the
+  checkpoint's own chat template, ``warmstart.chat``; INVALID_ARG for a model without one).
   Sampling parameters may also come as request parameters (HTTP generate endpoints).
 Outputs (decoupled):
   text_output (STRING [1]: the new text when streaming, else the whole text), token_ids (INT64 [n]: the new
