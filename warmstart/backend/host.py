@@ -74,6 +74,8 @@ DEFAULT_PRELOAD = (
     "warmstart.loaders.hostcache",
     "warmstart.store.client",
     "warmstart.torch",
+    "jinja2.sandbox",  # chat templates (warmstart.chat): a first chat request would import it (~0.05 s)
+    "jinja2.ext",
 )
 _SO_PEERCRED = struct.Struct("3i")  # pid, uid, gid
 REAP_INTERVAL_S = 0.5
