@@ -380,6 +380,7 @@ class _Server:
     disk_tier: OrderedDict[str, int] = field(default_factory=OrderedDict)
     state: ServerState | None = None
     state_at: float = -1.0
+    progress: tuple[tuple[int, int, float], ...] = ()  # (request, tokens, s/token) at the last rendering
     version: int = 0  # bumped on every change of its load fluid
     measured_remote: float | None = None  # reported once the store's first download measured it
 
@@ -516,6 +517,9 @@ class Simulator:
         self._order: list[str] = []
         self._state_pos: dict[str, int] = {}
         self._touched: set[str] = set()  # servers changed since the last snapshot
+        self._arrivals = 0
+        self._demand_key: tuple[float, int] = (-1.0, -1)
+        self._demand_now: dict[str, float] = {}
         self._memo_key: tuple[float, int] = (-1.0, -1)
         self._memo_table: dict[tuple[str, str], Any] = {}
         self._pure = settings.policy != "random"  # random draws from its generator on every call
@@ -615,6 +619,15 @@ class Simulator:
         ):
             return srv.state
         self._advance_compute_all(srv)
+        progress = tuple(
+            (g.req.idx, g.generated(), self._token_s.get(g.req.model, DEFAULT_TOKEN_S))
+            for i in srv.instances.values()
+            for g in i.gens.values()
+        )
+        if srv.state is not None and progress == srv.progress:
+            srv.state_at = self.now  # no token since the last rendering: the same state, the same object
+            return srv.state
+        srv.progress = progress
         instances = tuple(
             Instance(
                 model=i.model,
@@ -671,7 +684,10 @@ class Simulator:
         key = (self.now, self._version)
         if self._snapshot is not None and self._snapshot_key == key:
             return self._snapshot  # nothing changed since: the same snapshot (and its index) again
-        demand = decayed_rates(self._demand, self.now)
+        if self._demand_key != (self.now, self._arrivals):  # the same until time moves or a request comes
+            self._demand_key = (self.now, self._arrivals)
+            self._demand_now = decayed_rates(self._demand, self.now)
+        demand = self._demand_now
         if self._states is None:
             self._order = sorted(self.servers)
             self._states = [self._server_state(self.servers[n]) for n in self._order]
@@ -732,6 +748,7 @@ class Simulator:
         self._gens[req.idx] = gen
         rate, t = self._demand.get(req.model, (0.0, self.now))
         self._demand[req.model] = (record_arrival(rate, self.now - t), self.now)
+        self._arrivals += 1
         self._version += 1
         if self.place is None:  # oracle: always warm, never shares
             gen.server = "oracle"

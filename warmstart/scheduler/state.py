@@ -329,24 +329,42 @@ class SnapshotIndex:
     _ids: npt.NDArray[np.int64]  # id() of each server's state, to find the ones that changed
 
     def __init__(
-        self, servers: tuple[ServerState, ...], now: float, previous: SnapshotIndex | None = None
+        self,
+        servers: tuple[ServerState, ...],
+        now: float,
+        previous: SnapshotIndex | None = None,
+        diff: tuple[npt.NDArray[np.int64], list[int]] | None = None,
     ) -> None:
-        self.size = n = len(servers)
+        self.size = len(servers)
         self.now = now
         self._servers = servers
-        if previous is not None and previous.size == n:
-            old = previous._servers
-            ids = np.fromiter(map(id, servers), dtype=np.int64, count=n)
-            # the previous index holds its servers, so an id equal to one of theirs is the same object
-            changed = np.flatnonzero(ids != previous._ids).tolist()
-            if all(servers[p].name == old[p].name for p in changed):
+        if previous is not None:
+            diff = diff if diff is not None else SnapshotIndex.diff(previous, servers)
+            if diff is not None:
+                self._ids, changed = diff
                 if now != previous.now:
                     changed = sorted(set(changed) | set(previous._queued))
-                self._ids = ids
                 self._update(previous, {p: _row_of(servers[p]) for p in changed}, changed)
                 return
-        self._ids = np.fromiter(map(id, servers), dtype=np.int64, count=n)
+        self._ids = np.fromiter(map(id, servers), dtype=np.int64, count=self.size)
         self._build(servers, [_row_of(s) for s in servers])
+
+    @staticmethod
+    def diff(
+        previous: SnapshotIndex, servers: tuple[ServerState, ...]
+    ) -> tuple[npt.NDArray[np.int64], list[int]] | None:
+        """The id of each server state and the positions whose state is not ``previous``'s, when
+        ``servers`` are the same names in the same order as ``previous``'s; else ``None``."""
+        n = len(servers)
+        if n != previous.size:
+            return None
+        ids = np.fromiter(map(id, servers), dtype=np.int64, count=n)
+        # the previous index holds its servers, so an id equal to one of theirs is the same object
+        changed: list[int] = np.flatnonzero(ids != previous._ids).tolist()
+        old = previous._servers
+        if any(servers[p].name != old[p].name for p in changed):
+            return None
+        return ids, changed
 
     # -- a fresh build -----------------------------------------------------------------------------------
     def _build(self, servers: tuple[ServerState, ...], rows: list[_Row]) -> None:
@@ -523,11 +541,16 @@ class ClusterSnapshot:
                     raise InvalidSnapshotError(f"demand[{key!r}] must be a finite rate >= 0, got {rate!r}")
         object.__setattr__(self, "demand", MappingProxyType(dict(self.demand)))
         servers = tuple(self.servers)
-        names = list(map(_name_of, servers))
-        if names != sorted(names):  # (already in order: the common case costs one C pass)
-            servers = tuple(sorted(servers, key=lambda s: s.name))
-        if len(set(names)) != len(names):
-            raise InvalidSnapshotError("server names must be unique")
+        diff = SnapshotIndex.diff(self.basis, servers) if self.basis is not None else None
+        if diff is None:
+            names = list(map(_name_of, servers))
+            if names != sorted(names):  # (already in order: the common case costs one C pass)
+                servers = tuple(sorted(servers, key=lambda s: s.name))
+            if len(set(names)) != len(names):
+                raise InvalidSnapshotError("server names must be unique")
+            object.__setattr__(self, "basis", None)
+        else:  # the basis's names, in its (sorted, unique) order: nothing to sort or check
+            self.__dict__["_diff"] = diff
         models = dict(self.models)
         for key, spec in models.items():
             if key != spec.name:
@@ -568,7 +591,9 @@ class ClusterSnapshot:
     @cached_property
     def index(self) -> SnapshotIndex:
         """Precomputed per-server arrays and per-model lookups (built on first use)."""
-        index = SnapshotIndex(self.servers, self.now, previous=self.basis)
+        index = SnapshotIndex(
+            self.servers, self.now, previous=self.basis, diff=self.__dict__.pop("_diff", None)
+        )
         object.__setattr__(self, "basis", None)  # no chain of old indexes kept alive
         return index
 
