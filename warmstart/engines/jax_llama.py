@@ -18,7 +18,6 @@ import heapq
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -33,18 +32,17 @@ from warmstart.engines.base import (
     MissingWeight,
     NoFreeSlot,
     SeqState,
-    UnsupportedModel,
     check_prompt,
     check_token_ids,
     eos_ids_from_config,
 )
+from warmstart.engines.hfconfig import Architecture, parse_hf_config, rope_inv_freq
 
 log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 Cache = tuple[jax.Array, jax.Array]  # k, v: [L, slots, S, KV, hd]
 Carry = tuple[jax.Array, jax.Array, jax.Array]  # x, k cache, v cache
-_SUPPORTED = ("llama", "qwen2")
 CACHE_ENV = "WARMSTART_JAX_CACHE"  # persistent compilation cache dir; empty: off
 
 
@@ -75,68 +73,12 @@ def enable_compilation_cache(path: str | None = None) -> str | None:
     return path
 
 
-@dataclass(frozen=True)
-class ModelArgs:
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    intermediate_size: int
-    head_dim: int = 0  # 0: dim // n_heads
-    norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    max_position_embeddings: int = 2048
+ModelArgs = Architecture  # the JAX engine's name for the shared parsed config
 
-    def __post_init__(self) -> None:
-        if self.head_dim == 0:
-            object.__setattr__(self, "head_dim", self.dim // self.n_heads)
-        if self.n_heads % self.n_kv_heads:
-            raise UnsupportedModel(
-                f"num_attention_heads {self.n_heads} not a multiple of kv heads {self.n_kv_heads}"
-            )
 
-    @property
-    def n_rep(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
-    @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any]) -> ModelArgs:
-        """Read an HF ``config.json`` dict (transformers v4 or v5 key layout)."""
-        mt = config.get("model_type")
-        if mt not in _SUPPORTED:
-            raise UnsupportedModel(
-                f"model_type {mt!r} is not supported by the JAX engine; use one of {_SUPPORTED}"
-            )
-        if config.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModel(f"hidden_act {config['hidden_act']!r} unsupported; only silu")
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise UnsupportedModel(f"RoPE scaling {rope!r} unsupported; use the torch engine")
-        if config.get("mlp_bias"):
-            raise UnsupportedModel("mlp_bias=True unsupported; use the torch engine")
-        if config.get("use_sliding_window"):
-            raise UnsupportedModel("sliding-window attention unsupported; use the torch engine")
-        theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
-        bias = bool(config.get("attention_bias")) or mt == "qwen2"
-        return cls(
-            vocab_size=config["vocab_size"],
-            dim=config["hidden_size"],
-            n_layers=config["num_hidden_layers"],
-            n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-            intermediate_size=config["intermediate_size"],
-            head_dim=config.get("head_dim") or 0,
-            norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=bias,
-            o_bias=bias and mt == "llama",
-            max_position_embeddings=config.get("max_position_embeddings", 2048),
-        )
+def model_args(config: Mapping[str, Any]) -> Architecture:
+    """The JAX engine's reading of an HF config: `warmstart.engines.hfconfig.parse_hf_config`."""
+    return parse_hf_config(config)
 
 
 # ---------------------------------------------------------------- weights
@@ -161,10 +103,19 @@ def _transpose_into(out: np.ndarray, a: np.ndarray, rows: int = 256) -> np.ndarr
     return out
 
 
+NO_WINDOW = 1 << 30  # a full-attention layer's "window": every earlier position
+
+
 def params_from_flat(flat: Mapping[str, Any], args: ModelArgs, dtype: Any = jnp.float32) -> Params:
-    """Stack a flat ``{hf_name: array}`` dict into this model's param tree (layer weights copied once)."""
+    """Stack a flat ``{hf_name: array}`` dict into this model's param tree (layer weights copied once).
+
+    Besides the weights, ``layers`` carries each layer's RoPE frequencies (``inv_freq`` [L, rd/2], LongRoPE's
+    ``inv_freq_long``), cos/sin factor ``rope_scale`` [L] and attention window ``window`` [L], so layers of
+    different kinds (Gemma's local/global) share one compiled scan body.
+    """
     np_dtype = np.dtype(dtype)
     hd, H, KV, D, F = args.head_dim, args.n_heads, args.n_kv_heads, args.dim, args.intermediate_size
+    prefix = args.prefix
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in flat:
@@ -174,45 +125,94 @@ def params_from_flat(flat: Mapping[str, Any], args: ModelArgs, dtype: Any = jnp.
             raise BadWeightShape(f"{name} has shape {a.shape}, config implies {shape}")
         return a
 
-    def stack(suffix: str, shape: tuple[int, ...]) -> jax.Array:
+    def stack(suffix: str, shape: tuple[int, ...], part: tuple[str, int, int] | None = None) -> jax.Array:
         # [out, in] weights are stored transposed, [in, out]: XLA:CPU otherwise transposes them on every
         # call of a multi-row product (several times slower batched decode). Same single copy as stacking.
+        # ``part`` = (fused name, rows, first row): this matrix is rows [first, first + rows) of a fused one
+        # (Phi-3's qkv_proj and gate_up_proj), shape[0] being its own out size.
         out = np.empty((args.n_layers, *shape[::-1]), np_dtype)
         for i in range(args.n_layers):
-            _transpose_into(out[i], get(f"model.layers.{i}.{suffix}", shape))
+            if part is None:
+                w = get(f"{prefix}layers.{i}.{suffix}", shape)
+            else:
+                fused, total, first = part
+                w = get(f"{prefix}layers.{i}.{fused}", (total, *shape[1:]))[first : first + shape[0]]
+            _transpose_into(out[i], w)
         return jax.device_put(out)
 
+    if args.fused_qkv:
+        qkv = "self_attn.qkv_proj.weight", (H + 2 * KV) * hd
+        wq = stack("", (H * hd, D), (*qkv, 0))
+        wk = stack("", (KV * hd, D), (*qkv, H * hd))
+        wv = stack("", (KV * hd, D), (*qkv, (H + KV) * hd))
+    else:
+        wq = stack("self_attn.q_proj.weight", (H * hd, D))  # [L, D, H*hd]
+        wk = stack("self_attn.k_proj.weight", (KV * hd, D))  # [L, D, KV*hd]
+        wv = stack("self_attn.v_proj.weight", (KV * hd, D))
+    if args.fused_gate_up:
+        gate_up = "mlp.gate_up_proj.weight", 2 * F
+        w_gate, w_up = stack("", (F, D), (*gate_up, 0)), stack("", (F, D), (*gate_up, F))
+    else:
+        w_gate = stack("mlp.gate_proj.weight", (F, D))  # [L, D, F]
+        w_up = stack("mlp.up_proj.weight", (F, D))
+    # Gemma's sandwich: post_attention_layernorm is the attention output's norm, pre_feedforward the MLP's input
+    mlp_norm = "pre_feedforward_layernorm.weight" if args.sandwich_norm else "post_attention_layernorm.weight"
     layers = {
         "attn_norm": stack("input_layernorm.weight", (D,)),  # [L, D]
-        "wq": stack("self_attn.q_proj.weight", (H * hd, D)),  # [L, D, H*hd]
-        "wk": stack("self_attn.k_proj.weight", (KV * hd, D)),  # [L, D, KV*hd]
-        "wv": stack("self_attn.v_proj.weight", (KV * hd, D)),
+        "wq": wq,
+        "wk": wk,
+        "wv": wv,
         "wo": stack("self_attn.o_proj.weight", (D, H * hd)),  # [L, H*hd, D]
-        "mlp_norm": stack("post_attention_layernorm.weight", (D,)),
-        "w_gate": stack("mlp.gate_proj.weight", (F, D)),  # [L, D, F]
-        "w_up": stack("mlp.up_proj.weight", (F, D)),
+        "mlp_norm": stack(mlp_norm, (D,)),
+        "w_gate": w_gate,
+        "w_up": w_up,
         "w_down": stack("mlp.down_proj.weight", (D, F)),  # [L, F, D]
     }
+    if args.sandwich_norm:
+        layers["attn_post_norm"] = stack("post_attention_layernorm.weight", (D,))
+        layers["mlp_post_norm"] = stack("post_feedforward_layernorm.weight", (D,))
+    if args.qk_norm:
+        layers["q_norm"] = stack("self_attn.q_norm.weight", (hd,))  # [L, hd]
+        layers["k_norm"] = stack("self_attn.k_norm.weight", (hd,))
     if args.qkv_bias:
         layers["bq"] = stack("self_attn.q_proj.bias", (H * hd,))
         layers["bk"] = stack("self_attn.k_proj.bias", (KV * hd,))
         layers["bv"] = stack("self_attn.v_proj.bias", (KV * hd,))
     if args.o_bias:
         layers["bo"] = stack("self_attn.o_proj.bias", (D,))
-    embed = get("model.embed_tokens.weight", (args.vocab_size, D))
+    layers.update(_rope_tables(args))
+    embed = get(f"{prefix}embed_tokens.weight", (args.vocab_size, D))
     head = (
         embed
         if args.tie_word_embeddings or "lm_head.weight" not in flat
         else get("lm_head.weight", embed.shape)
     )
-    inv_freq = 1.0 / (args.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
     return {
         "embed": jax.device_put(embed),  # [V, D], zero-copy when f32 and 64-B aligned
-        "norm": jax.device_put(get("model.norm.weight", (D,))),
+        "norm": jax.device_put(get(f"{prefix}norm.weight", (D,))),
         "lm_head": jax.device_put(_transpose_into(np.empty(head.shape[::-1], np_dtype), head)),  # [D, V]
-        "inv_freq": jax.device_put(inv_freq.astype(np.float32)),  # [hd/2]
         "layers": layers,
     }
+
+
+def _rope_tables(args: ModelArgs) -> dict[str, jax.Array]:
+    """Per-layer RoPE frequencies, cos/sin factor and attention window, stacked for the layer scan."""
+    short, long, scale = [], [], []
+    for rope_params in args.layer_rope:
+        inv, s = rope_inv_freq(rope_params, args.head_dim, args.max_position_embeddings)
+        short.append(inv)
+        scale.append(s)
+        if args.longrope_original is not None:
+            long.append(rope_inv_freq(rope_params, args.head_dim, args.max_position_embeddings, long=True)[0])
+    windows = [NO_WINDOW if w is None else w for w in args.layer_windows]
+    tables = {
+        "inv_freq": jax.device_put(np.stack(short).astype(np.float32)),  # [L, rd/2]
+        "rope_scale": jax.device_put(np.asarray(scale, np.float32)),  # [L]
+        "window": jax.device_put(np.asarray(windows, np.int32)),  # [L]
+    }
+    if long:
+        tables["inv_freq_long"] = jax.device_put(np.stack(long).astype(np.float32))
+    return tables
 
 
 # ---------------------------------------------------------------- model
@@ -223,34 +223,77 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("...d,do->...o", x, w)
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
-    # HF order: normalize in f32, cast back to the input dtype, then scale
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, *, offset: bool = False) -> jax.Array:
+    """RMSNorm in transformers' order for each family. Llama/Qwen/Mistral/Phi-3: normalize in f32, cast
+    back to the input dtype, then scale by ``w``. Gemma (``offset``): scale by ``1 + w`` in f32, then cast."""
     x32 = x.astype(jnp.float32)
     x32 = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (x32 * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
     return w * x32.astype(x.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    # x: [B, T, N, hd], positions: [B, T]; HF rotate-half convention
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, hd/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, hd]
-    x1, x2 = jnp.split(x, 2, axis=-1)
-    rot = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * jnp.cos(emb).astype(x.dtype) + rot * jnp.sin(emb).astype(x.dtype)).astype(x.dtype)
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """Gemma 2's logit soft-capping, ``cap * tanh(x / cap)``; identity when ``cap`` is None."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def rope(
+    x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: jax.Array | float = 1.0
+) -> jax.Array:
+    """HF rotate-half RoPE on the first ``2 * inv_freq.shape[-1]`` dims of each head (the rest pass).
+
+    x: [B, T, N, hd]; positions: [B, T]; inv_freq: [rd/2] or one per row [B, rd/2]; ``scale`` multiplies
+    cos and sin (YaRN / LongRoPE attention factor).
+    """
+    inv = inv_freq[:, None, :] if inv_freq.ndim == 2 else inv_freq  # [B, 1, rd/2] or [rd/2]
+    freqs = positions[..., None].astype(jnp.float32) * inv  # [B, T, rd/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, rd]
+    cos, sin = (jnp.cos(emb) * scale).astype(x.dtype), (jnp.sin(emb) * scale).astype(x.dtype)
+    rd = emb.shape[-1]
+    xr = x[..., :rd]
+    x1, x2 = jnp.split(xr, 2, axis=-1)
+    out = (xr * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x.dtype)
+    return out if rd == x.shape[-1] else jnp.concatenate([out, x[..., rd:]], axis=-1)
+
+
+def attention_mask(q_pos: jax.Array, kv_len: int, window: jax.Array) -> jax.Array:
+    """[B, T, kv_len] True where query at q_pos [B, T] may attend key position k: causal, and within the
+    sliding window (``q - window < k``, transformers' rule) when ``window`` is a real window; full attention
+    layers carry `NO_WINDOW`."""
+    k = jnp.arange(kv_len)[None, None, :]
+    q = q_pos[..., None]
+    return (k <= q) & (k > q - window)
+
+
+def _norm(x: jax.Array, w: jax.Array, a: ModelArgs) -> jax.Array:
+    return rms_norm(x, w, a.norm_eps, offset=a.norm_offset)
+
+
+def _layer_inv_freq(lp: Params, long: jax.Array | None) -> jax.Array:
+    """This layer's RoPE frequencies; with LongRoPE, per row: long factors where ``long`` [B]."""
+    if long is None:
+        return lp["inv_freq"]  # [rd/2]
+    return jnp.where(long[:, None], lp["inv_freq_long"], lp["inv_freq"])  # [B, rd/2]
 
 
 def _qkv(
-    lp: Params, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, a: ModelArgs
+    lp: Params, x: jax.Array, positions: jax.Array, long: jax.Array | None, a: ModelArgs
 ) -> tuple[jax.Array, ...]:
     B, T, _ = x.shape
-    h = rms_norm(x, lp["attn_norm"], a.norm_eps)
+    h = _norm(x, lp["attn_norm"], a)
     q = linear(h, lp["wq"])  # [B, T, H*hd]
     k = linear(h, lp["wk"])  # [B, T, KV*hd]
     v = linear(h, lp["wv"])
     if a.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
-    q = rope(q.reshape(B, T, a.n_heads, a.head_dim), positions, inv_freq)
-    k = rope(k.reshape(B, T, a.n_kv_heads, a.head_dim), positions, inv_freq)
+    q = q.reshape(B, T, a.n_heads, a.head_dim)
+    k = k.reshape(B, T, a.n_kv_heads, a.head_dim)
+    if a.qk_norm:  # per head, before RoPE (Qwen3, Gemma 3)
+        q, k = _norm(q, lp["q_norm"], a), _norm(k, lp["k_norm"], a)
+    inv_freq = _layer_inv_freq(lp, long)
+    q = rope(q, positions, inv_freq, lp["rope_scale"])
+    k = rope(k, positions, inv_freq, lp["rope_scale"])
     return q, k, v.reshape(B, T, a.n_kv_heads, a.head_dim)
 
 
@@ -258,36 +301,57 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, a: ModelA
     # q: [B, T, H, hd]; k, v: [B, S, KV, hd]; mask: [B, T, S] (True = may attend)
     B, T = q.shape[:2]
     q = q.reshape(B, T, a.n_kv_heads, a.n_rep, a.head_dim)
-    s = jnp.einsum("btgrd,bsgd->bgrts", q, k).astype(jnp.float32) * a.head_dim**-0.5  # [B, KV, rep, T, S]
+    s = jnp.einsum("btgrd,bsgd->bgrts", q, k).astype(jnp.float32) * a.attn_scale  # [B, KV, rep, T, S]
+    s = softcap(s, a.attn_softcap)
     s = jnp.where(mask[:, None, None], s, jnp.finfo(jnp.float32).min)
     p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
     return jnp.einsum("bgrts,bsgd->btgrd", p, v).reshape(B, T, a.n_heads * a.head_dim)
 
 
 def _finish(lp: Params, x: jax.Array, o: jax.Array, a: ModelArgs) -> jax.Array:
-    x = x + linear(o, lp["wo"])  # [B, T, D]
+    o = linear(o, lp["wo"])  # [B, T, D]
     if a.o_bias:
-        x = x + lp["bo"]
-    h = rms_norm(x, lp["mlp_norm"], a.norm_eps)
+        o = o + lp["bo"]
+    if a.sandwich_norm:
+        o = _norm(o, lp["attn_post_norm"], a)
+    x = x + o
+    h = _norm(x, lp["mlp_norm"], a)
     g = linear(h, lp["w_gate"])  # [B, T, F]
     u = linear(h, lp["w_up"])
-    return x + linear(jax.nn.silu(g) * u, lp["w_down"])
+    act = jax.nn.silu(g) if a.activation == "silu" else jax.nn.gelu(g, approximate=True)
+    m = linear(act * u, lp["w_down"])
+    if a.sandwich_norm:
+        m = _norm(m, lp["mlp_post_norm"], a)
+    return x + m
+
+
+def _embed(params: Params, tokens: jax.Array, a: ModelArgs) -> jax.Array:
+    x = params["embed"][tokens]  # [..., D]
+    if a.embed_scale is not None:  # Gemma: sqrt(hidden), rounded to the weights' dtype as transformers does
+        x = x * jnp.asarray(np.float32(a.embed_scale), x.dtype)
+    return x
 
 
 def _head(params: Params, h: jax.Array, a: ModelArgs) -> jax.Array:
-    h = rms_norm(h, params["norm"], a.norm_eps)
-    return linear(h, params["lm_head"]).astype(jnp.float32)  # [..., V]
+    h = _norm(h, params["norm"], a)
+    return softcap(linear(h, params["lm_head"]).astype(jnp.float32), a.final_softcap)  # [..., V]
+
+
+def _long_rows(lengths: jax.Array, a: ModelArgs) -> jax.Array | None:
+    """LongRoPE's choice per row (long factors for a forward over more than the original context)."""
+    return None if a.longrope_original is None else lengths > a.longrope_original
 
 
 def forward(params: Params, tokens: jax.Array, *, a: ModelArgs) -> jax.Array:
     """Teacher-forced logits without a cache. tokens: [B, T] -> [B, T, V] float32."""
     B, T = tokens.shape
-    x = params["embed"][tokens]  # [B, T, D]
+    x = _embed(params, tokens, a)  # [B, T, D]
     pos = jnp.broadcast_to(jnp.arange(T), (B, T))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+    long = _long_rows(jnp.full((B,), T), a)
 
     def layer(x: jax.Array, lp: Params) -> tuple[jax.Array, None]:
-        q, k, v = _qkv(lp, x, pos, params["inv_freq"], a)
+        q, k, v = _qkv(lp, x, pos, long, a)
+        mask = attention_mask(pos, T, lp["window"])
         return _finish(lp, x, _attend(q, k, v, mask, a), a), None
 
     x, _ = lax.scan(layer, x, params["layers"])
@@ -302,16 +366,17 @@ def prefill(
     Returns the logits [V] after token ``length - 1`` and the updated cache.
     """
     T = tokens.shape[1]
-    x = params["embed"][tokens]  # [1, T, D]
+    x = _embed(params, tokens, a)  # [1, T, D]
     pos = jnp.arange(T)[None]  # [1, T]
-    mask = jnp.tril(jnp.ones((T, T), bool))[None]  # [1, T, T]
+    long = _long_rows(length[None], a)
 
     def layer(carry: Carry, xs: tuple[Params, jax.Array]) -> tuple[Carry, None]:
         x, kc, vc = carry
         lp, i = xs
-        q, k, v = _qkv(lp, x, pos, params["inv_freq"], a)  # k, v: [1, T, KV, hd]
+        q, k, v = _qkv(lp, x, pos, long, a)  # k, v: [1, T, KV, hd]
         kc = lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (i, slot, 0, 0, 0))
         vc = lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (i, slot, 0, 0, 0))
+        mask = attention_mask(pos, T, lp["window"])
         return (_finish(lp, x, _attend(q, k, v, mask, a), a), kc, vc), None
 
     (x, kc, vc), _ = lax.scan(layer, (x, *cache), (params["layers"], jnp.arange(a.n_layers)))
@@ -326,20 +391,21 @@ def decode(
     Returns logits [nb, V] and the updated cache.
     """
     B = tokens.shape[0]
-    x = params["embed"][tokens][:, None]  # [B, 1, D]
+    x = _embed(params, tokens, a)[:, None]  # [B, 1, D]
     pos = positions[:, None]  # [B, 1]
-    mask = (jnp.arange(kv_len)[None, :] <= pos)[:, None, :]  # [B, 1, kv_len]
+    long = _long_rows(positions + 1, a)
     rows = jnp.arange(B)
 
     def layer(carry: Carry, xs: tuple[Params, jax.Array]) -> tuple[Carry, None]:
         x, kc, vc = carry
         lp, i = xs
-        q, k, v = _qkv(lp, x, pos, params["inv_freq"], a)  # k, v: [B, 1, KV, hd]
+        q, k, v = _qkv(lp, x, pos, long, a)  # k, v: [B, 1, KV, hd]
         kc = kc.at[i, rows, positions].set(k[:, 0].astype(kc.dtype))  # scatter [B, KV, hd]
         vc = vc.at[i, rows, positions].set(v[:, 0].astype(vc.dtype))
         size = (1, B, kv_len, a.n_kv_heads, a.head_dim)
         kl = lax.dynamic_slice(kc, (i, 0, 0, 0, 0), size)[0]  # [B, kv_len, KV, hd]
         vl = lax.dynamic_slice(vc, (i, 0, 0, 0, 0), size)[0]
+        mask = attention_mask(pos, kv_len, lp["window"])  # [B, 1, kv_len]
         return (_finish(lp, x, _attend(q, kl, vl, mask, a), a), kc, vc), None
 
     (x, kc, vc), _ = lax.scan(layer, (x, *cache), (params["layers"], jnp.arange(a.n_layers)))
@@ -366,7 +432,7 @@ class JaxEngine:
         max_batch: int = 8,
         max_context: int | None = None,
     ) -> None:
-        self.args = a = ModelArgs.from_hf_config(config)
+        self.args = a = model_args(config)
         enable_compilation_cache()
         self.dtype = jnp.dtype(dtype or jnp.float32)
         self.params = params_from_flat(weights, a, self.dtype)
