@@ -247,9 +247,7 @@ def parse_hf_config(config: Mapping[str, Any]) -> Architecture:
         raise UnsupportedModel("config 'partial_rotary_factor' differs between layer kinds")
     attention_bias = bool(c.get("attention_bias"))
     tie = c.get("tie_word_embeddings")
-    scalar = c.get("query_pre_attn_scalar")
-    if gemma and scalar is None:
-        scalar = c.get("head_dim") or c["hidden_size"] // n_heads
+    scalar = c.get("query_pre_attn_scalar") or c.get("head_dim") or c.get("hidden_size", 0) // n_heads
     return Architecture(
         vocab_size=_int(c, "vocab_size"),
         dim=_int(c, "hidden_size"),
@@ -268,7 +266,7 @@ def parse_hf_config(config: Mapping[str, Any]) -> Architecture:
         embed_scale=float(c["hidden_size"]) ** 0.5 if gemma else None,
         sandwich_norm=gemma,
         qk_norm=mt in ("qwen3", "gemma3_text"),
-        attn_scale=float(scalar) ** -0.5 if gemma else 0.0,
+        attn_scale=float(scalar) ** -0.5 if gemma and scalar else 0.0,
         attn_softcap=c.get("attn_logit_softcapping", _ATTN_SOFTCAP_DEFAULT.get(mt))
         if mt == "gemma2"
         else None,
@@ -326,9 +324,8 @@ def rope_inv_freq(
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
     elif kind == "yarn":
-        factor = rope.get("factor")
         orig = int(rope["original_max_position_embeddings"])
-        factor = float(factor) if factor is not None else max_position_embeddings / orig
+        factor = float(rope["factor"]) if rope.get("factor") is not None else max_position_embeddings / orig
         scale = _yarn_attention_factor(rope, factor)
         beta_fast = float(rope.get("beta_fast") or 32)
         beta_slow = float(rope.get("beta_slow") or 1)
@@ -352,8 +349,7 @@ def rope_inv_freq(
         inv_freq = (interpolation * (1 - extra) + extrapolation * extra).astype(np.float32)
     elif kind == "longrope":
         orig = int(rope["original_max_position_embeddings"])
-        factor = rope.get("factor")
-        factor = float(factor) if factor is not None else max_position_embeddings / orig
+        factor = float(rope["factor"]) if rope.get("factor") is not None else max_position_embeddings / orig
         af = rope.get("attention_factor")
         if af is None:
             af = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))

@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -273,8 +273,8 @@ def _norm(x: jax.Array, w: jax.Array, a: ModelArgs) -> jax.Array:
 def _layer_inv_freq(lp: Params, long: jax.Array | None) -> jax.Array:
     """This layer's RoPE frequencies; with LongRoPE, per row: long factors where ``long`` [B]."""
     if long is None:
-        return lp["inv_freq"]  # [rd/2]
-    return jnp.where(long[:, None], lp["inv_freq_long"], lp["inv_freq"])  # [B, rd/2]
+        return cast(jax.Array, lp["inv_freq"])  # [rd/2]
+    return cast(jax.Array, jnp.where(long[:, None], lp["inv_freq_long"], lp["inv_freq"]))  # [B, rd/2]
 
 
 def _qkv(
