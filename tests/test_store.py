@@ -21,8 +21,8 @@ from warmstart.errors import CacheFull, CheckpointNotFound, EntryInUse, InvalidM
 from warmstart.format.index import Index
 from warmstart.loaders import hostcache, pipeline
 from warmstart.loaders.hostcache import wait_until
+from warmstart.loaders.storeclient import StoreClient
 from warmstart.loaders.tiers import DiskCopy, Tiers, wait_disk_copies
-from warmstart.store.client import StoreClient
 from warmstart.store.owner import StoreServer
 from warmstart.store.service import NodeStore, StoreConfig
 

@@ -26,8 +26,8 @@ from tests.test_loaders_tiers import assert_equal, save, upload
 from warmstart.errors import EntryInUse
 from warmstart.loaders import hostcache
 from warmstart.loaders.hostcache import SEAL_FILE, DiskCache, HostCache, Seal, seal_verdict, wait_until
+from warmstart.loaders.storeclient import StoreClient
 from warmstart.loaders.tiers import Tiers, cache_key, open_host, wait_disk_copies
-from warmstart.store.client import StoreClient
 from warmstart.store.service import NodeStore, StoreConfig, _Server
 
 torch = pytest.importorskip("torch")

@@ -25,19 +25,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import xxhash
 
 from warmstart.errors import (
     CheckpointNotFound,
-    ChecksumMismatch,
     CorruptCheckpoint,
     InvalidModelName,
     ModelNotFound,
@@ -48,9 +46,11 @@ from warmstart.format.index import Index
 from warmstart.format.reader import read_index
 from warmstart.format.sources import LocalSource, TensorStoreSource, is_uri
 from warmstart.loaders import pipeline
+from warmstart.loaders.host import HostCheckpoint, from_lease, local_reader, map_partitions
 from warmstart.loaders.hostcache import DiskCache, HostCache, Lease, default_host_root, validate_name
 from warmstart.loaders.pipeline import Transfer
 from warmstart.loaders.remote import HttpReader, http_reader_for
+from warmstart.loaders.storeclient import StoreClient
 from warmstart.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -107,89 +107,11 @@ def _size(text: str | None) -> int | None:
     return None if not text else parse_size(text)
 
 
-class HostCheckpoint:
-    """A checkpoint resident in host memory: its index and one readable buffer per partition.
-
-    The buffers are the memory the tensors will view. Where they are cache mappings, the cache entry stays
-    marked in use until every buffer (and so every tensor made from it) has been garbage collected.
-    """
-
-    def __init__(
-        self,
-        index: Index,
-        buffers: list[Any],
-        *,
-        tier: str,
-        location: str,
-        path: Path | None = None,
-        read_file: Callable[[str], bytes] | None = None,
-        transfers: list[Transfer] | None = None,
-    ) -> None:
-        self.index = index
-        self.buffers = buffers
-        self.tier = tier
-        self.location = location
-        self.path = path
-        self._read_file = read_file
-        self.transfers = transfers or []
-
-    def read_file(self, name: str) -> bytes:
-        """A model file (``config.json``, ...) of the checkpoint, checked against its xxh3."""
-        for f in self.index.files:
-            if f.name == name:
-                if self._read_file is None:
-                    break
-                data = self._read_file(name)
-                if len(data) != f.size or xxhash.xxh3_64_hexdigest(data) != f.xxh3:
-                    raise ChecksumMismatch(
-                        f"{self.location}/{name} does not match index.json; re-fetch the checkpoint",
-                        file=name,
-                        chunk=0,
-                        start=0,
-                        end=f.size,
-                    )
-                return data
-        raise FileNotFoundError(f"checkpoint {self.location} has no file {name!r}")
-
-
 def cache_key(location: str) -> str:
     """A cache-entry name for a URI or path: a readable tail plus a hash of the whole location."""
     tail = location.rstrip("/").rsplit("/", 1)[-1]
     tail = "".join(c if c.isalnum() or c in "._-" else "_" for c in tail)[:60].lstrip("._-") or "ckpt"
     return f"{tail}-{xxhash.xxh3_64_hexdigest(location.encode())[:16]}"
-
-
-def _map_local(root: Path, index: Index, lease: Lease | None) -> list[Any]:
-    bufs: list[Any] = []
-    for p in index.partitions:
-        if lease is not None:
-            bufs.append(lease.map(p.file))
-        elif p.size == 0:
-            bufs.append(mmap.mmap(-1, 1))
-        else:
-            with open(root / p.file, "rb") as f:
-                bufs.append(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY))
-    return bufs
-
-
-def _local_reader(root: Path) -> Callable[[str], bytes]:
-    return lambda name: LocalSource(root).read(name)
-
-
-def _from_lease(lease: Lease, location: str, transfers: list[Transfer]) -> HostCheckpoint:
-    index = lease.index()
-    bufs = _map_local(lease.path, index, lease)
-    tier = lease.cache.tier
-    lease.release()
-    return HostCheckpoint(
-        index,
-        bufs,
-        tier=tier,
-        location=location,
-        path=lease.path,
-        read_file=_local_reader(lease.path),
-        transfers=transfers,
-    )
 
 
 def open_host(ckpt: Ref, *, tiers: Tiers | None = None) -> HostCheckpoint:
@@ -207,8 +129,6 @@ def open_host(ckpt: Ref, *, tiers: Tiers | None = None) -> HostCheckpoint:
     except InvalidModelName:
         raise CheckpointNotFound(f"no checkpoint at {ref!r}: not a directory, URI or model name") from None
     if t.store is not None:
-        from warmstart.store.client import StoreClient
-
         return StoreClient(t.store).open_host(name)
     if t.remote is not None:
         return _open_remote(t.remote.rstrip("/") + "/" + name + "/", name, t)
@@ -230,11 +150,11 @@ def _open_local(root: Path, t: Tiers) -> HostCheckpoint:
         ckpt_sizes(root, index)
         return HostCheckpoint(
             index,
-            _map_local(root, index, None),
+            map_partitions(root, index, None),
             tier="disk",
             location=str(root),
             path=root,
-            read_file=_local_reader(root),
+            read_file=local_reader(root),
         )
     key = cache_key(str(root.resolve()))
     transfers: list[Transfer] = []
@@ -248,7 +168,7 @@ def _open_local(root: Path, t: Tiers) -> HostCheckpoint:
         key, index.total_bytes, fill, verify=t.verify, on_evict=_evict_cb(t, "memory")
     )
     _report(t, transfers)
-    return _from_lease(lease, str(root), transfers)
+    return from_lease(lease, str(root), transfers)
 
 
 def ckpt_sizes(root: Path, index: Index) -> None:
@@ -509,10 +429,10 @@ def wait_disk_copies(timeout: float | None = None) -> list[BaseException]:
 def _open_remote(uri: str, key: str, t: Tiers) -> HostCheckpoint:
     if t.memory is not None:
         lease, transfers = ensure_memory(uri, key, t)
-        return _from_lease(lease, uri, transfers)
+        return from_lease(lease, uri, transfers)
     if t.disk is not None:
         lease, transfers = ensure_disk(uri, key, t)
-        return _from_lease(lease, uri, transfers)
+        return from_lease(lease, uri, transfers)
     src, index, _ = _fetch_index(uri)
     views = pipeline.anonymous_partitions(index)  # the views keep the buffer out of the pool
     secs = pipeline.remote_to(src, index, buffers=views)

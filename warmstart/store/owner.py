@@ -10,7 +10,7 @@ from pathlib import Path
 
 from warmstart._process import ManagedProcess, free_port
 from warmstart.errors import StoreUnavailable
-from warmstart.store.client import StoreClient
+from warmstart.loaders.storeclient import StoreClient
 
 
 class StoreServer:

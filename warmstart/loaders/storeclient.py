@@ -1,4 +1,8 @@
-"""A small stdlib client of the node store's HTTP API, used by the loaders when a store is configured."""
+"""A small stdlib client of the node store's HTTP API, used by the loaders when a store is configured.
+
+It lives with the loaders (a store is one of their tiers), so `warmstart.store` depends on the loaders and
+never the other way round.
+"""
 
 from __future__ import annotations
 
@@ -20,9 +24,9 @@ from warmstart.errors import (
     StoreError,
     StoreUnavailable,
 )
+from warmstart.loaders.host import HostCheckpoint, from_lease
 from warmstart.loaders.hostcache import DiskCache, HostCache, validate_name
 from warmstart.loaders.pipeline import Transfer
-from warmstart.loaders.tiers import HostCheckpoint, _from_lease
 
 _BY_STATUS: dict[int, type[Exception]] = {
     400: InvalidModelName,
@@ -108,7 +112,7 @@ class StoreClient:
                     Transfer(t["source"], tuple(t["targets"]), int(t["bytes"]), float(t["seconds"]))
                     for t in info["transfers"]
                 ]
-                return _from_lease(lease, f"{self.url}/v1/models/{name}", transfers)
+                return from_lease(lease, f"{self.url}/v1/models/{name}", transfers)
             time.sleep(0.05)
         raise StoreError(
             f"node store {self.url} keeps evicting {name} before it can be mapped; raise its tier capacities"
