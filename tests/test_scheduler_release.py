@@ -81,11 +81,9 @@ def test_a_model_answering_released_leaves_routing_and_is_unloaded_before_it_loa
     )
 
     async def scenario() -> list[str]:
-        router = Router(config, renderer=lambda m: {})
         fake = _ReleasedUpstream()
+        router = Router(config, renderer=lambda m: {}, upstream_factory=lambda server: fake)
         rt = router.servers["a"]
-        await rt.upstream.close()
-        rt.upstream = fake  # type: ignore[assignment]
         rt.healthy = True
         rt.instances["m"] = _InstanceRT("m", MIB, last_used_s=0.0)
         try:

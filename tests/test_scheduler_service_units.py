@@ -308,11 +308,9 @@ def test_eviction_loads_right_after_a_release_and_waits_for_the_unload_only_when
     )
 
     async def scenario() -> None:
-        router = Router(config, renderer=lambda m: {})
         fake = _EvictionUpstream(release_works)
+        router = Router(config, renderer=lambda m: {}, upstream_factory=lambda server: fake)
         rt = router.servers["a"]
-        await rt.upstream.close()
-        rt.upstream = fake  # type: ignore[assignment]
         rt.healthy = True
         rt.instances["old"] = _InstanceRT("old", mib, last_used_s=0.0)
         evictions = choose_evictions(rt.to_state(0.0, {}), mib, 0.0)

@@ -78,11 +78,21 @@ from warmstart.scheduler.state import (
     ServerState,
     Tier,
 )
+from warmstart.scheduler.streams import (
+    ChunkArrived,
+    Generation,
+    GenerationSource,
+    Resume,
+    ServerDest,
+    Switch,
+    UpstreamFailed,
+    start_pump,
+)
 from warmstart.scheduler.upstream import (
-    GenerationRequest,
     ModelLoadFailed,
     TokenChunk,
     TritonUpstream,
+    Upstream,
     UpstreamError,
     UpstreamModelMissing,
     UpstreamModelReleased,
@@ -123,47 +133,6 @@ class DuplicateModelError(SchedulerError, ValueError):
 
 
 @dataclass(eq=False)
-class Generation:
-    """The scheduler's record of one client generation: what the client has received so far."""
-
-    id: str
-    model: str
-    prompt: str
-    sampling: dict[str, Any]
-    max_tokens: int
-    prompt_ids: tuple[int, ...] | None = None
-    tokens: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    prompt_tokens: int | None = None  # as the backend counted them (its last response), or len(prompt_ids)
-    stop_token_id: int | None = None  # the EOS id that ended it, when the backend said so
-    messages: str | None = None  # a chat (JSON array), rendered by the backend's chat template; prompt is ""
-    finished: bool = False
-    server: str | None = None
-    failovers: int = 0
-    migrations: int = 0
-    # control plane for switching the upstream under the client's stream
-    queue: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
-    attempt: int = 0
-    paused: bool = False
-    held: list[TokenChunk] = field(default_factory=list)
-    pump: asyncio.Task[None] | None = None
-    arrived_s: float = 0.0  # when the router took it (time to first token)
-
-    def upstream_request(self) -> GenerationRequest:
-        """The upstream request that continues this generation from what the client has."""
-        return GenerationRequest(
-            model=self.model,
-            request_id=f"{self.id}.{self.attempt}",
-            prompt=self.prompt,
-            sampling=self.sampling,
-            prompt_ids=self.prompt_ids,
-            generated=tuple(self.tokens),
-            messages=self.messages,
-        )
-
-
-@dataclass(eq=False)
 class _InstanceRT:
     model: str
     size_bytes: int
@@ -184,7 +153,7 @@ class ServerRuntime:
     """One server's live state as the router tracks it; rendered to a frozen ServerState for the policy."""
 
     config: ServerConfig
-    upstream: TritonUpstream
+    upstream: Upstream
     healthy: bool = False
     bandwidth: NodeBandwidth | None = None
     store_tiers: dict[str, Tier] = field(default_factory=dict)
@@ -329,8 +298,12 @@ class Router:
         store: ClusterStateStore | None = None,
         renderer: ConfigRenderer = default_renderer,
         clock: Callable[[], float] = time.monotonic,
+        upstream_factory: Callable[[ServerConfig], Upstream] | None = None,
     ) -> None:
+        """``upstream_factory(server)`` makes each server's `Upstream` (default: a `TritonUpstream` with the
+        config's timeouts and retries); ``store`` holds cluster state (default: in memory)."""
         self.config = config
+        self._upstream_factory = upstream_factory or self._triton_upstream
         self.store: ClusterStateStore = store if store is not None else InMemoryClusterState()
         self._render = renderer
         self._clock = clock
@@ -422,9 +395,7 @@ class Router:
             raise DuplicateServerError(f"server {server.name!r} already exists")
         rt = ServerRuntime(
             config=server,
-            upstream=TritonUpstream(
-                server, timeout_s=self.config.upstream_timeout_s, retries=self.config.upstream_retries
-            ),
+            upstream=self._upstream_factory(server),
             costs=LoadCosts(self.config.initial_load_overhead_s, release_s=self.config.initial_release_s),
         )
         if server.node_store is None and server.bandwidth is not None:
@@ -435,6 +406,11 @@ class Router:
             )
         self.servers[server.name] = rt
         return rt
+
+    def _triton_upstream(self, server: ServerConfig) -> Upstream:
+        return TritonUpstream(
+            server, timeout_s=self.config.upstream_timeout_s, retries=self.config.upstream_retries
+        )
 
     async def add_model(self, model: ModelConfig) -> None:
         """Register a model at run time."""
@@ -469,7 +445,7 @@ class Router:
             self.store.delete_server(name)
         for inst in rt.instances.values():
             for g in list(inst.requests.values()):
-                g.queue.put_nowait(("failed", g.attempt, UpstreamUnavailable(f"server {name} removed")))
+                g.queue.put_nowait(UpstreamFailed(g.attempt, UpstreamUnavailable(f"server {name} removed")))
         self._notify()
         await rt.upstream.close()
         client = self._stores.pop(name, None)
@@ -790,7 +766,7 @@ class Router:
         rt.healthy = False
         for inst in rt.instances.values():
             for g in list(inst.requests.values()):
-                g.queue.put_nowait(("failed", g.attempt, UpstreamUnavailable(f"server {rt.name} is down")))
+                g.queue.put_nowait(UpstreamFailed(g.attempt, UpstreamUnavailable(f"server {rt.name} is down")))
         rt.instances.clear()
         self._notify()
 
@@ -890,80 +866,37 @@ class Router:
             rt = await self._acquire(gen)
             self._start_pump(gen, rt)
             while True:
-                item = await gen.queue.get()
-                kind, attempt = item[0], item[1]
-                if kind == "switch":  # live migration: a new upstream (already reserved) takes over
-                    _, _, new_rt, pump = item
-                    old = rt
-                    rt = new_rt
-                    gen.attempt = attempt
-                    gen.held.clear()
-                    gen.paused = False
-                    if gen.pump is not None:
-                        gen.pump.cancel()
-                    gen.pump = pump
-                    gen.server = new_rt.name
-                    if old is not None:
-                        self._release(old, gen)
-                    gen.migrations += 1
-                    continue
-                if kind == "resume":
-                    gen.paused = False
-                    for chunk in gen.held:
+                match await gen.queue.get():
+                    case Switch(attempt=attempt, server=new_rt, pump=pump):
+                        # live migration: a new upstream (already reserved) takes over
+                        old, rt = rt, new_rt
+                        gen.restart(attempt, pump)
+                        gen.server = new_rt.name
+                        if old is not None:
+                            self._release(old, gen)
+                        gen.migrations += 1
+                    case Resume():
+                        for chunk in gen.release_held():
+                            self._account(gen, chunk)
+                            yield chunk
+                            if chunk.final:
+                                return
+                    case ChunkArrived(attempt=attempt) | UpstreamFailed(attempt=attempt) if (
+                        attempt != gen.attempt
+                    ):
+                        continue  # from an upstream that was replaced
+                    case ChunkArrived(chunk=chunk):
+                        if gen.hold(chunk):
+                            continue
                         self._account(gen, chunk)
+                        if rt is not None and (inst := rt.instances.get(gen.model)) is not None:
+                            inst.last_used_s = self._clock()
                         yield chunk
                         if chunk.final:
                             return
-                    gen.held.clear()
-                    continue
-                if attempt != gen.attempt:
-                    continue  # from an upstream that was replaced
-                if kind == "chunk":
-                    chunk = item[2]
-                    if gen.paused:
-                        gen.held.append(chunk)
-                        continue
-                    self._account(gen, chunk)
-                    if rt is not None and (inst := rt.instances.get(gen.model)) is not None:
-                        inst.last_used_s = self._clock()
-                    yield chunk
-                    if chunk.final:
-                        return
-                elif kind == "failed":
-                    error = item[2]
-                    if not isinstance(error, (UpstreamUnavailable, UpstreamModelMissing)):
-                        raise error
-                    gen.failovers += 1
-                    self.stats.failovers += 1
-                    self.metrics.failover(rt.name if rt is not None else None)
-                    if gen.failovers > self.config.max_failovers:
-                        raise GenerationFailed(
-                            f"generation {gen.id} failed after {gen.failovers - 1} failovers: {error}"
-                        ) from error
-                    logger.warning(
-                        "generation %s lost its upstream (%s); resuming at token %d",
-                        gen.id,
-                        error,
-                        len(gen.tokens),
-                    )
-                    if gen.pump is not None:
-                        gen.pump.cancel()
-                    gen.paused = False
-                    gen.held.clear()
-                    if rt is not None:
-                        failed_rt = rt
-                        self._release(failed_rt, gen)
-                        rt = None
-                        if isinstance(error, UpstreamModelReleased):
-                            self._drop_released(failed_rt, gen.model)
-                        elif isinstance(error, UpstreamModelMissing):
-                            failed_rt.instances.pop(gen.model, None)
-                        else:
-                            await self._server_suspect(failed_rt)
-                    await asyncio.sleep(min(0.05 * 2**gen.failovers, 1.0))
-                    gen.attempt = next(self._attempts)
-                    rt = await self._acquire(gen)
-                    self._start_pump(gen, rt)
+                    case UpstreamFailed(error=failure):
+                        error = failure
+                        rt = await self._fail_over(gen, rt, failure)
         except BaseException as e:
             error = e
             raise
@@ -975,10 +908,12 @@ class Router:
             if rt is not None:
                 self._release(rt, gen)
             while not gen.queue.empty():  # a switch that arrived too late: drop its stream and its slot
-                item = gen.queue.get_nowait()
-                if item[0] == "switch":
-                    item[3].cancel()
-                    self._release(item[2], gen)
+                match gen.queue.get_nowait():
+                    case Switch(server=late_rt, pump=late_pump):
+                        late_pump.cancel()
+                        self._release(late_rt, gen)
+                    case _:
+                        pass
             self.generations.pop(gen.id, None)
 
     def _account(self, gen: Generation, chunk: TokenChunk) -> None:
@@ -993,35 +928,59 @@ class Router:
         if chunk.stop_token_id is not None:
             gen.stop_token_id = chunk.stop_token_id
 
+    async def _fail_over(self, gen: Generation, rt: ServerRuntime | None, error: Exception) -> ServerRuntime:
+        """The upstream of ``gen`` failed: give its slot back, mark what failed, and resume the generation
+        elsewhere (or on the same server once it answers) from the tokens the client has. Errors that are
+        not about the server (a bad request the model refused) end the generation."""
+        if not isinstance(error, (UpstreamUnavailable, UpstreamModelMissing)):
+            raise error
+        gen.failovers += 1
+        self.stats.failovers += 1
+        self.metrics.failover(rt.name if rt is not None else None)
+        if gen.failovers > self.config.max_failovers:
+            raise GenerationFailed(
+                f"generation {gen.id} failed after {gen.failovers - 1} failovers: {error}"
+            ) from error
+        logger.warning(
+            "generation %s lost its upstream (%s); resuming at token %d", gen.id, error, len(gen.tokens)
+        )
+        gen.restart(gen.attempt)
+        if rt is not None:
+            self._release(rt, gen)
+            if isinstance(error, UpstreamModelReleased):
+                self._drop_released(rt, gen.model)
+            elif isinstance(error, UpstreamModelMissing):
+                rt.instances.pop(gen.model, None)
+            else:
+                await self._server_suspect(rt)
+        await asyncio.sleep(min(0.05 * 2**gen.failovers, 1.0))
+        gen.restart(next(self._attempts))
+        new_rt = await self._acquire(gen)
+        self._start_pump(gen, new_rt)
+        return new_rt
+
     def _start_pump(self, gen: Generation, rt: ServerRuntime) -> None:
         gen.server = rt.name
-        gen.pump = self._pump(gen, rt, gen.attempt, gen.upstream_request())
+        gen.pump = self._pump(gen, rt, gen.attempt)
 
-    def _pump(
-        self, gen: Generation, rt: ServerRuntime, attempt: int, req: GenerationRequest
-    ) -> asyncio.Task[None]:
-        """Read one upstream stream into ``gen.queue`` (tagged with ``attempt``)."""
+    def _pump(self, gen: Generation, rt: ServerRuntime, attempt: int) -> asyncio.Task[None]:
+        """Read attempt ``attempt``'s upstream stream of ``gen`` on ``rt`` into the generation's queue."""
 
-        async def run() -> None:
-            t_last = self._clock()
-            try:
-                async with contextlib.aclosing(
-                    rt.upstream.generate(req, idle_timeout_s=self.config.request_timeout_s)
-                ) as chunks:
-                    async for chunk in chunks:
-                        now = self._clock()
-                        if chunk.token_ids:
-                            per = (now - t_last) / len(chunk.token_ids)
-                            prev = self._token_s.get(gen.model, per)
-                            self._token_s[gen.model] = 0.9 * prev + 0.1 * per
-                        t_last = now
-                        gen.queue.put_nowait(("chunk", attempt, chunk))
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                gen.queue.put_nowait(("failed", attempt, e))
+        def learn(n: int, seconds: float) -> None:
+            per = seconds / n
+            prev = self._token_s.get(gen.model, per)
+            self._token_s[gen.model] = 0.9 * prev + 0.1 * per
 
-        return self._spawn(run(), name=f"pump {gen.id}.{attempt}")
+        return start_pump(
+            gen,
+            rt.upstream,
+            attempt,
+            gen.upstream_request(f"{gen.id}.{attempt}"),
+            idle_timeout_s=self.config.request_timeout_s,
+            spawn=self._spawn,
+            on_tokens=learn,
+            clock=self._clock,
+        )
 
     # -- live migration ------------------------------------------------------------------------------------
     def _try_migration(self, model: str) -> bool:
@@ -1091,8 +1050,6 @@ class Router:
 
     async def migrate_generation(self, gen_id: str, destination: str) -> MigrationResult:
         """Move running generation ``gen_id`` to ``destination`` by multi-round replay, then switch."""
-        from warmstart.scheduler.live_migration import GenerationSource, ServerDest
-
         gen = self.generations.get(gen_id)
         if gen is None:
             raise UnknownGenerationError(f"no running generation {gen_id!r}")
@@ -1106,7 +1063,12 @@ class Router:
         await self._ensure_loaded(rt, gen.model)
         result = await migrate(
             GenerationSource(gen),
-            ServerDest(self, gen, rt),
+            ServerDest(
+                gen,
+                rt.upstream,
+                lambda: self.switch_upstream(gen, rt),
+                idle_timeout_s=self.config.request_timeout_s,
+            ),
             threshold_tokens=self.config.migration_threshold_tokens,
         )
         self.metrics.migrated(result.outcome.value)
@@ -1130,9 +1092,7 @@ class Router:
         inst.requests[gen.id] = gen
         inst.last_used_s = self._clock()
         attempt = next(self._attempts)
-        req = replace(gen.upstream_request(), request_id=f"{gen.id}.{attempt}")
-        pump = self._pump(gen, rt, attempt, req)
-        gen.queue.put_nowait(("switch", attempt, rt, pump))
+        gen.queue.put_nowait(Switch(attempt, rt, self._pump(gen, rt, attempt)))
 
     def rendered_config(self, model: ModelConfig) -> Mapping[str, Any]:
         """The Triton config a load of ``model`` sends."""

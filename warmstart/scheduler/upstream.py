@@ -29,7 +29,7 @@ import struct
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -242,6 +242,28 @@ def _is_model_missing(message: str) -> bool:
         or "is not ready" in lowered
         or "is being unloaded" in lowered  # the warmstart backend, once released or finalizing
     )
+
+
+class Upstream(Protocol):
+    """What the router needs of one inference server; `TritonUpstream` is the real one, and tests inject
+    their own (``Router(upstream_factory=...)``) to drive failover, switch and resume paths without a
+    process. Errors are the `UpstreamError` family, as `TritonUpstream` documents them."""
+
+    async def close(self) -> None: ...
+
+    async def check_live(self, timeout_s: float | None = None) -> None: ...
+
+    async def index(self) -> list[dict[str, str]]: ...
+
+    async def load(self, name: str, config: Mapping[str, Any], *, timeout_s: float) -> float: ...
+
+    async def unload(self, name: str, *, wait_s: float = 30.0) -> None: ...
+
+    async def release(self, name: str, *, timeout_s: float) -> float: ...
+
+    def generate(
+        self, req: GenerationRequest, *, idle_timeout_s: float
+    ) -> AsyncGenerator[TokenChunk, None]: ...
 
 
 class TritonUpstream:
