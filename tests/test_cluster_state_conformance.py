@@ -17,6 +17,7 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 import pytest
 
@@ -41,6 +42,7 @@ from warmstart.scheduler.state import (
     LoadInFlight,
     ModelSpec,
     NodeBandwidth,
+    NodeRecord,
     PendingLoad,
     RunningRequest,
     ServerState,
@@ -427,6 +429,83 @@ def test_epoch_outlives_the_lease_so_the_same_incarnation_can_re_register(backen
     store.put_server(server("n1"), lease=lease2, epoch=epoch, expected_revision=0)
     assert store.get_server("n1").value.name == "n1"
     store.revoke_lease(lease2)
+
+
+# --- node registrations ---------------------------------------------------------------------------------
+
+
+def node(name: str = "n1", epoch: int = 1, **extra: Any) -> NodeRecord:
+    fields: dict[str, Any] = {
+        "grpc": "127.0.0.1:8001",
+        "memory_budget_bytes": 8 * 10**9,
+        "node_store": "http://127.0.0.1:9000",
+        "repository_key_env": "WARMSTART_REPOSITORY_KEY",
+        "bandwidth": NodeBandwidth(2e10, 3e9, None),
+        "store_tiers": {"a": Tier.MEMORY, "b": Tier.DISK},
+        **extra,
+    }
+    return NodeRecord(name, epoch=epoch, **fields)
+
+
+def test_node_registration_reads_back_equal_and_goes_with_its_lease(backend: Backend) -> None:
+    store = backend.store
+    epoch = store.begin_incarnation("n1")
+    lease = store.grant_lease(LEASE_TTL_S)
+    rev = store.put_node(node("n1", epoch), lease=lease)
+    got = store.get_node("n1")
+    assert got.value == node("n1", epoch) and got.revision == rev
+    assert store.read().nodes["n1"].value == node("n1", epoch)
+    t0 = time.monotonic()
+    if backend.clock is not None:
+        backend.clock.now += lease.ttl_s
+    else:
+        while "n1" in store.read().nodes and time.monotonic() - t0 < lease.ttl_s + EXPIRY_BOUND_S:
+            time.sleep(0.05)
+    assert "n1" not in store.read().nodes  # the node's lease ended: it left with it
+    with pytest.raises(UnknownServerError, match="no node named 'n1'"):
+        store.get_node("n1")
+
+
+def test_node_registration_from_an_older_incarnation_is_refused(backend: Backend) -> None:
+    store = backend.store
+    old = store.begin_incarnation("n1")
+    store.put_node(node("n1", old, memory_budget_bytes=1))
+    new = store.begin_incarnation("n1")
+    with pytest.raises(StaleEpochError, match=f"epoch {old}.*incarnation is {new}"):
+        store.put_node(node("n1", old, memory_budget_bytes=2))
+    with pytest.raises(StaleEpochError):
+        store.delete_node("n1", epoch=old)
+    assert store.get_node("n1").value.memory_budget_bytes == 1
+    store.put_node(node("n1", new, memory_budget_bytes=3))
+    assert store.get_node("n1").value.memory_budget_bytes == 3
+    store.delete_node("n1", epoch=new)
+    assert store.read().nodes == {}
+
+
+def test_node_and_server_records_of_one_name_are_separate_keys(backend: Backend) -> None:
+    store = backend.store
+    epoch = store.begin_incarnation("s1")
+    lease = store.grant_lease(30)
+    store.put_node(node("s1", epoch), lease=lease)
+    store.put_server(server("s1"))
+    store.revoke_lease(lease)  # the node's registration goes; the scheduler's report of it stays
+    view = store.read()
+    assert "s1" not in view.nodes and view.servers["s1"].value.name == "s1"
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"grpc": "localhost"}, "host:port"),
+        ({"grpc": "127.0.0.1:0"}, "host:port"),
+        ({"memory_budget_bytes": 0}, "memory_budget_bytes"),
+        ({"node_store": "ftp://x"}, "http"),
+        ({"epoch": 0}, "epoch"),
+    ],
+)
+def test_node_record_refuses_bad_fields(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidSnapshotError, match=message):
+        node("n1", **{"epoch": 1, **fields})
 
 
 # --- records --------------------------------------------------------------------------------------------

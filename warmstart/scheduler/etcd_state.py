@@ -41,6 +41,7 @@ from warmstart.scheduler.state import (
     ClusterSnapshot,
     Lease,
     ModelSpec,
+    NodeRecord,
     ServerState,
     StateView,
     Versioned,
@@ -49,9 +50,11 @@ from warmstart.scheduler.state import (
 from warmstart.scheduler.state_json import (
     decode_epoch,
     decode_model,
+    decode_node,
     decode_server,
     encode_epoch,
     encode_model,
+    encode_node,
     encode_server,
 )
 
@@ -61,7 +64,7 @@ __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT_S", "EtcdClusterState", "EtcdReque
 
 DEFAULT_PREFIX = "/warmstart/"
 DEFAULT_TIMEOUT_S = 2.0
-_SERVERS, _MODELS, _EPOCHS = "servers/", "models/", "epochs/"
+_SERVERS, _MODELS, _EPOCHS, _NODES = "servers/", "models/", "epochs/", "nodes/"
 # gRPC status codes etcd's gateway returns in {"code": ...}
 _NOT_FOUND, _DEADLINE_EXCEEDED, _UNAVAILABLE = 5, 4, 14
 _R = TypeVar("_R")
@@ -176,6 +179,10 @@ class EtcdClusterState:
     def model_key(self, name: str) -> str:
         """The etcd key of model ``name``'s spec."""
         return self._key(_MODELS, name).decode()
+
+    def node_key(self, name: str) -> str:
+        """The etcd key of node ``name``'s registration."""
+        return self._key(_NODES, name).decode()
 
     def epoch_key(self, name: str) -> str:
         """The etcd key whose ``mod_revision`` is server ``name``'s incarnation epoch."""
@@ -425,13 +432,35 @@ class EtcdClusterState:
         """Remove model ``name``."""
         self._delete(_MODELS, name, expected_revision, UnknownModelError)
 
+    def get_node(self, name: str) -> Versioned[NodeRecord]:
+        """The registration of node ``name``."""
+        key = self._key(_NODES, name)
+        kv = self._range_one(key)
+        if kv is None:
+            raise UnknownServerError(f"no node named {name!r} is registered")
+        record = decode_node(_unb64(kv.get("value", ""), "value"), key.decode(), name=name)
+        return Versioned(record, _int(kv.get("mod_revision"), "mod_revision"))
+
+    def put_node(
+        self, record: NodeRecord, *, lease: Lease | None = None, expected_revision: int | None = None
+    ) -> int:
+        """Register ``record`` under ``lease``, fenced by its epoch (one transaction); the new revision."""
+        return self._put(
+            _NODES, record.name, encode_node(record), expected_revision, lease=lease, epoch=record.epoch
+        )
+
+    def delete_node(self, name: str, *, epoch: int | None = None) -> None:
+        """Remove node ``name``'s registration."""
+        self._delete(_NODES, name, None, UnknownServerError, epoch)
+
     def read(self) -> StateView:
-        """Every server and model with its revision: one range read of the prefix, at one revision."""
+        """Every server, model and node with its revision: one range read of the prefix, at one revision."""
         prefix = self.prefix.encode()
         answer = self._call("kv/range", {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))})
         servers: dict[str, Versioned[ServerState]] = {}
         models: dict[str, Versioned[ModelSpec]] = {}
-        sp, mp, ep = (self._key(k, "") for k in (_SERVERS, _MODELS, _EPOCHS))
+        nodes: dict[str, Versioned[NodeRecord]] = {}
+        sp, mp, ep, np_ = (self._key(k, "") for k in (_SERVERS, _MODELS, _EPOCHS, _NODES))
         decoded: dict[str, tuple[str, object]] = {}
         for kv in self._kvs(answer):
             key = _unb64(kv.get("key"), "key")
@@ -448,10 +477,13 @@ class EtcdClusterState:
             elif key.startswith(mp):
                 name = text[len(mp.decode()) :]
                 models[name] = Versioned(self._decoded(kv, text, name, decode_model, decoded), rev)
+            elif key.startswith(np_):
+                name = text[len(np_.decode()) :]
+                nodes[name] = Versioned(self._decoded(kv, text, name, decode_node, decoded), rev)
             elif not key.startswith(ep):
                 logger.debug("ignoring key %r under the cluster-state prefix", text)
         self._cache = decoded  # only what the last read saw: deleted keys drop out
-        return StateView(self._revision(answer), servers, models)
+        return StateView(self._revision(answer), servers, models, nodes)
 
     def _decoded(
         self,

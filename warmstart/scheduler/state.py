@@ -17,13 +17,14 @@ import enum
 import itertools
 import math
 import operator
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -104,6 +105,41 @@ class NodeBandwidth:
         if tier is Tier.REMOTE:
             return self.remote_bps
         return None
+
+
+_ENDPOINT = re.compile(r"^[A-Za-z0-9.\-]+:[0-9]{1,5}$")
+
+
+@dataclass(frozen=True, slots=True)
+class NodeRecord:
+    """A node's own registration, written by its agent under the node's lease and fenced by its epoch
+    (``docs/cluster.md``): how to reach the node, what it may hold, and what its store has and measured.
+
+    Schedulers read these to know the servers (a new node is routable with no admin call; a node whose
+    lease ended is gone). ``repository_key_env`` names the environment variable (a Kubernetes Secret's key)
+    that holds the Triton repository API key; the key itself is never stored.
+    """
+
+    name: str
+    grpc: str  # host:port of the node's Triton gRPC endpoint
+    memory_budget_bytes: int
+    epoch: int  # the incarnation that wrote it
+    node_store: str | None = None  # http://host:port of the node's store
+    repository_key_env: str | None = None
+    bandwidth: NodeBandwidth | None = None  # measured by its store; None until it measured
+    store_tiers: Mapping[str, Tier] = field(default_factory=dict)  # its store's inventory
+
+    def __post_init__(self) -> None:
+        if not self.name or len(self.name) > 128 or "/" in self.name or not self.name.isprintable():
+            raise InvalidSnapshotError(f"node name {self.name!r}: 1-128 printable characters, no '/'")
+        if not _ENDPOINT.match(self.grpc) or not 0 < int(self.grpc.rsplit(":", 1)[1]) < 65536:
+            raise InvalidSnapshotError(f"node {self.name!r}: grpc must be host:port, got {self.grpc!r}")
+        if self.memory_budget_bytes <= 0:
+            raise InvalidSnapshotError(f"node {self.name!r}: memory_budget_bytes must be > 0")
+        if self.epoch < 1:
+            raise InvalidSnapshotError(f"node {self.name!r}: epoch must be >= 1 (from begin_incarnation)")
+        if self.node_store is not None and not self.node_store.startswith(("http://", "https://")):
+            raise InvalidSnapshotError(f"node {self.name!r}: node_store must be an http(s) URL")
 
 
 @dataclass(frozen=True, slots=True)
@@ -642,11 +678,12 @@ class Lease:
 
 @dataclass(frozen=True)
 class StateView:
-    """Every stored server and model with its revision, read at the one store revision ``revision``."""
+    """Every stored server, model and node with its revision, read at the one store revision ``revision``."""
 
     revision: int
     servers: Mapping[str, Versioned[ServerState]]
     models: Mapping[str, Versioned[ModelSpec]]
+    nodes: Mapping[str, Versioned[NodeRecord]] = field(default_factory=dict)
 
     def snapshot(self, now: float, demand: Mapping[str, float] | None = None) -> ClusterSnapshot:
         """The policy's :class:`ClusterSnapshot` of this view."""
@@ -719,8 +756,23 @@ class ClusterStateStore(Protocol):
         """Remove model ``name``."""
         ...
 
+    def get_node(self, name: str) -> Versioned[NodeRecord]:
+        """The registration of node ``name`` (:class:`UnknownServerError` if none)."""
+        ...
+
+    def put_node(
+        self, record: NodeRecord, *, lease: Lease | None = None, expected_revision: int | None = None
+    ) -> int:
+        """Register ``record`` under ``lease``, fenced by ``record.epoch`` (:class:`StaleEpochError` once a
+        newer incarnation of the node began); returns the new revision."""
+        ...
+
+    def delete_node(self, name: str, *, epoch: int | None = None) -> None:
+        """Remove node ``name``'s registration (fenced by ``epoch`` when given)."""
+        ...
+
     def read(self) -> StateView:
-        """Every server and model with its revision, as of one store revision."""
+        """Every server, model and node with its revision, as of one store revision."""
         ...
 
     def snapshot(self, now: float, demand: Mapping[str, float] | None = None) -> ClusterSnapshot:
@@ -754,7 +806,7 @@ class ClusterStateStore(Protocol):
 class _LeaseRecord:
     ttl_s: int
     expires_at: float
-    keys: set[str] = field(default_factory=set)  # server names written under it
+    keys: set[tuple[str, str]] = field(default_factory=set)  # (kind, name) written under it
 
 
 class InMemoryClusterState:
@@ -770,9 +822,12 @@ class InMemoryClusterState:
         self._revision = 0
         self._servers: dict[str, Versioned[ServerState]] = {}
         self._models: dict[str, Versioned[ModelSpec]] = {}
+        self._nodes: dict[str, Versioned[NodeRecord]] = {}
         self._epochs: dict[str, int] = {}
         self._leases: dict[int, _LeaseRecord] = {}
-        self._server_lease: dict[str, int] = {}  # server name -> id of the lease it was written under
+        self._key_lease: dict[
+            tuple[str, str], int
+        ] = {}  # (kind, name) -> id of the lease it was written under
         self._lease_ids = itertools.count(1)
 
     @property
@@ -794,14 +849,21 @@ class InMemoryClusterState:
         rec = self._leases.pop(lease_id)
         if rec.keys:
             self._revision += 1
-        for name in rec.keys:
-            del self._servers[name]
-            del self._server_lease[name]
+        for kind, name in rec.keys:
+            table: dict[str, Any] = self._servers if kind == "server" else self._nodes
+            del table[name]
+            del self._key_lease[(kind, name)]
 
-    def _detach(self, name: str) -> None:
-        lease_id = self._server_lease.pop(name, None)
+    def _detach(self, name: str, kind: str = "server") -> None:
+        lease_id = self._key_lease.pop((kind, name), None)
         if lease_id is not None:
-            self._leases[lease_id].keys.discard(name)
+            self._leases[lease_id].keys.discard((kind, name))
+
+    def _attach(self, name: str, kind: str, lease: Lease | None) -> None:
+        self._detach(name, kind)
+        if lease is not None:
+            self._leases[lease.id].keys.add((kind, name))
+            self._key_lease[(kind, name)] = lease.id
 
     def _check_epoch(self, name: str, epoch: int | None) -> None:
         if epoch is None:
@@ -867,10 +929,7 @@ class InMemoryClusterState:
                 raise LeaseNotFoundError(f"lease {lease.id} has expired or was revoked; grant a new one")
             self._revision += 1
             self._servers[name] = Versioned(state, self._revision)
-            self._detach(name)
-            if lease is not None:
-                self._leases[lease.id].keys.add(name)
-                self._server_lease[name] = lease.id
+            self._attach(name, "server", lease)
             return self._revision
 
     def delete_server(
@@ -885,7 +944,7 @@ class InMemoryClusterState:
             self._check(self._servers, name, expected_revision)
             self._revision += 1
             del self._servers[name]
-            self._detach(name)
+            self._detach(name, "server")
 
     # -- models ------------------------------------------------------------------------------------------
     def get_model(self, name: str) -> Versioned[ModelSpec]:
@@ -905,12 +964,49 @@ class InMemoryClusterState:
         """Remove model ``name``."""
         self._delete(self._models, name, expected_revision, UnknownModelError)
 
-    # -- reads -------------------------------------------------------------------------------------------
-    def read(self) -> StateView:
-        """Every server and model with its revision, as of one store revision."""
+    # -- nodes -------------------------------------------------------------------------------------------
+    def get_node(self, name: str) -> Versioned[NodeRecord]:
+        """The registration of node ``name``."""
         with self._lock:
             self._expire()
-            return StateView(self._revision, dict(self._servers), dict(self._models))
+            try:
+                return self._nodes[name]
+            except KeyError:
+                raise UnknownServerError(f"no node named {name!r} is registered") from None
+
+    def put_node(
+        self, record: NodeRecord, *, lease: Lease | None = None, expected_revision: int | None = None
+    ) -> int:
+        """Register ``record`` under ``lease``, fenced by its epoch; returns the new revision."""
+        name = record.name
+        with self._lock:
+            self._expire()
+            self._check_epoch(name, record.epoch)
+            self._check(self._nodes, name, expected_revision)
+            if lease is not None and lease.id not in self._leases:
+                raise LeaseNotFoundError(f"lease {lease.id} has expired or was revoked; grant a new one")
+            self._revision += 1
+            self._nodes[name] = Versioned(record, self._revision)
+            self._attach(name, "node", lease)
+            return self._revision
+
+    def delete_node(self, name: str, *, epoch: int | None = None) -> None:
+        """Remove node ``name``'s registration."""
+        with self._lock:
+            self._expire()
+            if name not in self._nodes:
+                raise UnknownServerError(f"no node named {name!r} is registered")
+            self._check_epoch(name, epoch)
+            self._revision += 1
+            del self._nodes[name]
+            self._detach(name, "node")
+
+    # -- reads -------------------------------------------------------------------------------------------
+    def read(self) -> StateView:
+        """Every server, model and node with its revision, as of one store revision."""
+        with self._lock:
+            self._expire()
+            return StateView(self._revision, dict(self._servers), dict(self._models), dict(self._nodes))
 
     def snapshot(self, now: float, demand: Mapping[str, float] | None = None) -> ClusterSnapshot:
         """Every server and model as of one revision, stamped with ``now`` and the caller's ``demand``."""

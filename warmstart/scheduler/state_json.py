@@ -21,6 +21,7 @@ from warmstart.scheduler.state import (
     LoadInFlight,
     ModelSpec,
     NodeBandwidth,
+    NodeRecord,
     PendingLoad,
     RunningRequest,
     ServerState,
@@ -32,9 +33,11 @@ __all__ = [
     "SCHEMA_VERSION",
     "decode_epoch",
     "decode_model",
+    "decode_node",
     "decode_server",
     "encode_epoch",
     "encode_model",
+    "encode_node",
     "encode_server",
 ]
 
@@ -140,6 +143,31 @@ def encode_model(spec: ModelSpec) -> bytes:
             "engine": spec.engine,
             "keep_alive_s": _float(who, "keep_alive_s", spec.keep_alive_s),
             "max_concurrency": _int(who, "max_concurrency", spec.max_concurrency),
+        },
+    )
+
+
+def encode_node(record: NodeRecord) -> bytes:
+    """The record of a node's registration."""
+    who = f"node {record.name!r}"
+    bw = record.bandwidth
+    return _dump(
+        "node",
+        {
+            "name": record.name,
+            "grpc": record.grpc,
+            "memory_budget_bytes": _int(who, "memory_budget_bytes", record.memory_budget_bytes),
+            "epoch": _int(who, "epoch", record.epoch),
+            "node_store": record.node_store,
+            "repository_key_env": record.repository_key_env,
+            "bandwidth": None
+            if bw is None
+            else {
+                "memory_bps": _float(who, "memory_bps", bw.memory_bps),
+                "disk_bps": _float(who, "disk_bps", bw.disk_bps),
+                "remote_bps": None if bw.remote_bps is None else _float(who, "remote_bps", bw.remote_bps),
+            },
+            "store_tiers": {model: tier.value for model, tier in record.store_tiers.items()},
         },
     )
 
@@ -296,16 +324,7 @@ def decode_server(data: bytes, key: str, *, name: str | None = None) -> ServerSt
             r.str_(d, "model", where), r.int_(d, "size_bytes", where), r.num(d, "expected_load_s", where)
         )
 
-    tiers_raw = v["store_tiers"]
-    if not isinstance(tiers_raw, dict):
-        raise r.fail("value.store_tiers", f"expected an object, got {type(tiers_raw).__name__}")
-    tiers: dict[str, Tier] = {}
-    for model, tier in tiers_raw.items():
-        try:
-            tiers[model] = Tier(tier)
-        except ValueError:
-            known = [t.value for t in Tier]
-            raise r.fail(f"value.store_tiers[{model!r}]", f"{tier!r} is not one of {known}") from None
+    tiers = _tiers(r, v["store_tiers"])
     repo_raw = v["repository"]
     repository: frozenset[str] | None = None
     if repo_raw is not None:
@@ -330,6 +349,68 @@ def decode_server(data: bytes, key: str, *, name: str | None = None) -> ServerSt
             eviction_s=r.num(v, "eviction_s", "value"),
             repository=repository,
             freeing_bytes=r.int_(v, "freeing_bytes", "value"),
+        ),
+        r,
+        "value",
+    )
+
+
+def _tiers(r: _Reader, tiers_raw: object) -> dict[str, Tier]:
+    if not isinstance(tiers_raw, dict):
+        raise r.fail("value.store_tiers", f"expected an object, got {type(tiers_raw).__name__}")
+    tiers: dict[str, Tier] = {}
+    for model, tier in tiers_raw.items():
+        try:
+            tiers[model] = Tier(tier)
+        except ValueError:
+            known = [t.value for t in Tier]
+            raise r.fail(f"value.store_tiers[{model!r}]", f"{tier!r} is not one of {known}") from None
+    return tiers
+
+
+def decode_node(data: bytes, key: str, *, name: str | None = None) -> NodeRecord:
+    """A node's registration read back from ``key``; ``name``: the name the key says it holds."""
+    r, raw = _record(data, key, "node")
+    fields = (
+        "name",
+        "grpc",
+        "memory_budget_bytes",
+        "epoch",
+        "node_store",
+        "repository_key_env",
+        "bandwidth",
+        "store_tiers",
+    )
+    v = r.obj(raw, "value", fields)
+    node = r.str_(v, "name", "value")
+    if name is not None and node != name:
+        raise r.fail("value.name", f"{node!r}, but the key holds node {name!r}")
+    for opt in ("node_store", "repository_key_env"):
+        if v[opt] is not None and not isinstance(v[opt], str):
+            raise r.fail(f"value.{opt}", f"expected null or a string, got {v[opt]!r}")
+    bandwidth: NodeBandwidth | None = None
+    if v["bandwidth"] is not None:
+        bw = r.obj(v["bandwidth"], "value.bandwidth", ("memory_bps", "disk_bps", "remote_bps"))
+        bandwidth = _decode(
+            lambda: NodeBandwidth(
+                r.num(bw, "memory_bps", "value.bandwidth"),
+                r.num(bw, "disk_bps", "value.bandwidth"),
+                r.num(bw, "remote_bps", "value.bandwidth", nullable=True),
+            ),
+            r,
+            "value.bandwidth",
+        )
+    tiers = _tiers(r, v["store_tiers"])
+    return _decode(
+        lambda: NodeRecord(
+            name=node,
+            grpc=r.str_(v, "grpc", "value"),
+            memory_budget_bytes=r.int_(v, "memory_budget_bytes", "value"),
+            epoch=r.int_(v, "epoch", "value"),
+            node_store=v["node_store"],
+            repository_key_env=v["repository_key_env"],
+            bandwidth=bandwidth,
+            store_tiers=tiers,
         ),
         r,
         "value",
