@@ -8,7 +8,7 @@ from warmstart.commands import out
 from warmstart.format import spec
 from warmstart.units import format_bytes, parse_size
 
-HELP = "convert a model (HF dir, .safetensors, .gguf, orbax, warmstart; pickle with --allow-pickle) into a checkpoint"
+HELP = "convert a model (HF dir, .safetensors, .gguf, orbax, warmstart, PEFT LoRA adapter; pickle with --allow-pickle) into a checkpoint"
 
 
 def size(text: str) -> int:
@@ -18,7 +18,9 @@ def size(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "src", metavar="SRC", help="model directory, .safetensors/.gguf file, orbax or warmstart checkpoint"
+        "src",
+        metavar="SRC",
+        help="model directory, .safetensors/.gguf file, orbax or warmstart checkpoint, PEFT adapter directory",
     )
     p.add_argument("dst", metavar="DST", help="destination directory or URI (s3://bucket/prefix)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), help="cast floating tensors to this dtype")

@@ -9,6 +9,7 @@ from typing import Any
 
 from warmstart.commands import out
 from warmstart.format.index import Index
+from warmstart.format.lora import adapter_summary
 from warmstart.units import format_bytes
 
 HELP = "show a checkpoint's tensors, dtypes, sizes, partitions, files and metadata"
@@ -44,7 +45,24 @@ def summary(index: Index, location: str) -> dict[str, Any]:
         "files": len(index.files),
         "dtypes": dict(sorted(Counter(t.dtype for t in index.tensors).items())),
     }
+    adapter = adapter_summary(index, location)
+    if adapter is not None:
+        d["adapter"] = adapter
     return d
+
+
+def _adapter_lines(a: dict[str, Any]) -> list[str]:
+    def span(values: list[Any]) -> str:
+        return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+    rs = " (rsLoRA: alpha/sqrt(r))" if a["use_rslora"] else ""
+    return [
+        f"LoRA adapter for {a['base_model'] or '(base model not recorded)'}",
+        f"  rank {span(a['ranks'])}, alpha {span(a['alphas'])}, scaling {span(a['scalings'])}{rs}",
+        f"  targets: {', '.join(a['targets'])}",
+        f"  {a['layers']} layer(s), {a['modules']} module(s), {a['parameters']:,} parameters, "
+        f"{format_bytes(a['tensor_bytes'])}",
+    ]
 
 
 def _table(rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
@@ -61,6 +79,9 @@ def _table(rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
 def render(index: Index, location: str, *, limit: int | None = None) -> str:
     """A human-readable report: tensors table, totals, partitions, files, metadata."""
     lines = [f"checkpoint {location}  (format v{index.format_version}, alignment {index.alignment})", ""]
+    adapter = adapter_summary(index, location)
+    if adapter is not None:
+        lines += [*_adapter_lines(adapter), ""]
     shown = index.tensors if limit is None else index.tensors[:limit]
     rows: list[tuple[str, ...]] = [("name", "dtype", "shape", "bytes", "partition")]
     rows += [

@@ -9,6 +9,8 @@ Supported sources (detected from the path):
   carried over);
 * an orbax checkpoint directory (read through TensorStore; names are orbax's dotted key paths);
 * a warmstart checkpoint, local or at a URI (re-partition and/or cast);
+* a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``): a small adapter
+  checkpoint (docs/format.md section 10, :mod:`warmstart.format.lora`);
 * pickle files (``pytorch_model.bin``, ``*.pt``, ``*.pth``, ``*.ckpt``), only with ``allow_pickle=True``,
   and then through ``torch.load(weights_only=True)``.
 
@@ -130,7 +132,8 @@ class ModelSource:
 
 
 def detect(src: str | os.PathLike[str]) -> str:
-    """The kind of a conversion source: ``hf-dir``, ``safetensors``, ``gguf``, ``orbax``, ``warmstart``, ``pickle``."""
+    """The kind of a conversion source: ``hf-dir``, ``safetensors``, ``gguf``, ``orbax``, ``warmstart``,
+    ``peft-lora``, ``pickle``."""
     if isinstance(src, str) and is_uri(src):
         return "warmstart"  # the only format read from URIs
     p = Path(src)
@@ -159,6 +162,10 @@ def detect(src: str | os.PathLike[str]) -> str:
         )
     if (p / spec.INDEX_FILE).is_file():
         return "warmstart"
+    from warmstart.format.lora import is_peft_adapter_dir
+
+    if is_peft_adapter_dir(p):
+        return "peft-lora"
     if _orbax_root(p) is not None:
         return "orbax"
     if (p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file():
@@ -170,8 +177,8 @@ def detect(src: str | os.PathLike[str]) -> str:
         raise UnknownSourceFormat(f"{p} holds one GGUF file; convert the file itself: {ggufs[0]}")
     raise UnknownSourceFormat(
         f"{p} is not a model directory warmstart recognizes: expected a Hugging Face directory (config.json + "
-        "model.safetensors or model.safetensors.index.json), an orbax checkpoint (_METADATA), or a warmstart "
-        "checkpoint (index.json)"
+        "model.safetensors or model.safetensors.index.json), an orbax checkpoint (_METADATA), a PEFT LoRA adapter "
+        "(adapter_config.json + adapter_model.safetensors), or a warmstart checkpoint (index.json)"
     )
 
 
@@ -189,6 +196,10 @@ def open_model_source(src: str | os.PathLike[str], *, allow_pickle: bool = False
         return _open_gguf(p)
     if kind == "orbax":
         return _open_orbax(p)
+    if kind == "peft-lora":
+        from warmstart.format.lora import open_peft_adapter
+
+        return open_peft_adapter(p)
     if kind == "pickle":
         if not allow_pickle:
             raise PickleRefused(
