@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "convert": "warmstart.commands.convert",
     "export": "warmstart.commands.export",
     "inspect": "warmstart.commands.inspect",
+    "node": "warmstart.commands.node",
     "scheduler": "warmstart.commands.scheduler",
     "serve": "warmstart.commands.serve",
     "store": "warmstart.commands.store",

@@ -266,6 +266,10 @@ class SchedulerConfig:
     replay_s_per_token: float = 0.002
     policy: str = "warmstart"  # placement rule: warmstart | random | serverlessllm (baselines for benchmarks)
     policy_seed: int = 0  # seeds the random placement baseline
+    etcd: str | None = None
+    """Cluster state on this etcd (``http://host:port``): servers are the nodes registered there by their
+    agents (``warmstart node``), besides any listed under ``servers``. None: in this process's memory."""
+    node_poll_interval_s: float = 1.0  # how often registered nodes are read from cluster state
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "servers", tuple(self.servers))
@@ -286,8 +290,15 @@ class SchedulerConfig:
             "initial_load_overhead_s",
             "migration_min_gain_s",
             "replay_s_per_token",
+            "node_poll_interval_s",
         ):
             _set_number(self, key, key)
+        if self.etcd is not None and not (
+            isinstance(self.etcd, str) and self.etcd.startswith(("http://", "https://"))
+        ):
+            raise SchedulerConfigError(
+                f"etcd must be an http(s) URL like http://127.0.0.1:2379, got {self.etcd!r}"
+            )
         if self.initial_release_s is not None:
             _set_number(self, "initial_release_s", "initial_release_s")
         if self.policy not in POLICIES:

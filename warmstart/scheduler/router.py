@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import random
 import secrets
 import time
@@ -27,8 +28,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from warmstart.names import validate_model_name
-from warmstart.scheduler.config import ModelConfig, SchedulerConfig, ServerConfig
+from warmstart.scheduler.config import (
+    BandwidthConfig,
+    ModelConfig,
+    SchedulerConfig,
+    SchedulerConfigError,
+    ServerConfig,
+)
 from warmstart.scheduler.errors import (
+    ClusterStateError,
     InvalidSamplingValue,
     MigrationDestinationError,
     MigrationError,
@@ -74,6 +82,7 @@ from warmstart.scheduler.state import (
     Instance,
     LoadInFlight,
     NodeBandwidth,
+    NodeRecord,
     RunningRequest,
     ServerState,
     Tier,
@@ -320,6 +329,7 @@ class Router:
         self._ids = itertools.count(1)
         self._attempts = itertools.count(1)
         self._migrating_for: set[str] = set()
+        self._discovered: dict[str, int] = {}  # servers added from node registrations -> their epoch
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stores: dict[str, NodeStoreClient] = {}
@@ -344,6 +354,13 @@ class Router:
             ),
             asyncio.create_task(self._every(self.config.reaper_interval_s, self._reap_round), name="reaper"),
         ]
+        if self.config.etcd is not None:
+            await self._discovery_round()
+            self._loops.append(
+                asyncio.create_task(
+                    self._every(self.config.node_poll_interval_s, self._discovery_round), name="nodes"
+                )
+            )
 
     async def close(self) -> None:
         """Stop the loops and in-flight work; close every upstream channel."""
@@ -411,6 +428,66 @@ class Router:
         return TritonUpstream(
             server, timeout_s=self.config.upstream_timeout_s, retries=self.config.upstream_retries
         )
+
+    # -- nodes that register themselves (cluster state on etcd) -------------------------------------------
+    @staticmethod
+    def node_server_config(record: NodeRecord) -> ServerConfig:
+        """The server a node registration describes. Its repository API key is read from the environment
+        variable the record names (the key itself is never in cluster state)."""
+        key = os.environ.get(record.repository_key_env) if record.repository_key_env else None
+        if record.repository_key_env and key is None:
+            logger.warning(
+                "node %s: its repository key variable %s is not set here; loads on it will be refused",
+                record.name,
+                record.repository_key_env,
+            )
+        bandwidth = None
+        if record.node_store is None and record.bandwidth is not None:
+            bw = record.bandwidth
+            bandwidth = BandwidthConfig(bw.memory_bps, bw.disk_bps, bw.remote_bps)
+        return ServerConfig(
+            name=record.name,
+            grpc=record.grpc,
+            node_store=record.node_store,
+            memory_budget_bytes=record.memory_budget_bytes,
+            repository_api_key=key,
+            bandwidth=bandwidth,
+        )
+
+    async def _discovery_round(self) -> None:
+        """Servers follow the node registrations: a new node joins routing, a node whose registration is gone
+        (its lease ended: it died, was cut off, or stopped) leaves it and its generations resume elsewhere,
+        and a node that came back under a new incarnation is taken as a new server (its models are gone)."""
+        try:
+            view = await asyncio.to_thread(self.store.read)
+        except ClusterStateError as e:
+            logger.warning("cannot read node registrations (%s); keeping the servers known", e)
+            return
+        nodes = {name: v.value for name, v in view.nodes.items()}
+        for name in [n for n, epoch in self._discovered.items() if n not in nodes or nodes[n].epoch != epoch]:
+            why = (
+                "its registration ended" if name not in nodes else f"it restarted (epoch {nodes[name].epoch})"
+            )
+            logger.warning("node %s leaves routing: %s", name, why)
+            del self._discovered[name]
+            with contextlib.suppress(UnknownServerError):
+                await self.remove_server(name)
+        for name, record in nodes.items():
+            if name in self._discovered:
+                continue
+            if name in self.servers:  # listed in the config as well: the config's entry wins
+                continue
+            try:
+                config = self.node_server_config(record)
+            except SchedulerConfigError as e:
+                logger.error("node %s registered a record this scheduler cannot use: %s", name, e)
+                continue
+            rt = self._add_server(config)
+            self._discovered[name] = record.epoch
+            logger.info("node %s joins routing (%s, epoch %d)", name, record.grpc, record.epoch)
+            await self._check_server(rt)
+            await self._poll_store(rt)
+            self._notify()
 
     async def add_model(self, model: ModelConfig) -> None:
         """Register a model at run time."""
@@ -766,7 +843,9 @@ class Router:
         rt.healthy = False
         for inst in rt.instances.values():
             for g in list(inst.requests.values()):
-                g.queue.put_nowait(UpstreamFailed(g.attempt, UpstreamUnavailable(f"server {rt.name} is down")))
+                g.queue.put_nowait(
+                    UpstreamFailed(g.attempt, UpstreamUnavailable(f"server {rt.name} is down"))
+                )
         rt.instances.clear()
         self._notify()
 

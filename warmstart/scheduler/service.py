@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 from collections.abc import Sequence
@@ -31,6 +32,10 @@ class SchedulerService:
 
     def __init__(self, config: SchedulerConfig, **router_kwargs: Any) -> None:
         self.config = config
+        if config.etcd is not None and "store" not in router_kwargs:
+            from warmstart.scheduler.etcd_state import EtcdClusterState
+
+            router_kwargs["store"] = EtcdClusterState(config.etcd)
         self.router = Router(config, **router_kwargs)
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -87,6 +92,13 @@ async def serve(config: SchedulerConfig) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``scheduler`` subcommand's options."""
     parser.add_argument("--config", required=True, help="cluster YAML (servers, models, listen addresses)")
+    parser.add_argument(
+        "--etcd",
+        default=None,
+        metavar="URL",
+        help="cluster state on this etcd (http://host:port): route to the nodes registered there "
+        "(overrides the config's etcd key)",
+    )
     parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -96,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     if args.log_level is not None:
         logging.getLogger().setLevel(args.log_level)
     config = SchedulerConfig.from_yaml(args.config)
+    if args.etcd is not None:
+        config = dataclasses.replace(config, etcd=args.etcd)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config))
     return 0
