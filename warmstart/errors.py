@@ -211,6 +211,14 @@ class DeviceUnavailable(WarmstartError, RuntimeError):
     """The requested device (e.g. ``cuda``) is not present or not supported by the installed frameworks."""
 
 
+class InvalidDevice(WarmstartError, ValueError):
+    """A device string is not ``cpu``, ``cuda`` or ``cuda:N`` (see :mod:`warmstart.devices`)."""
+
+
+class DeviceConflict(InvalidDevice):
+    """A model's ``device`` parameter contradicts the GPU Triton placed its instance on (``KIND_GPU``)."""
+
+
 # --- hostile files (appended: checkpoint readers and converters refuse what is not a plain file) ----------
 
 

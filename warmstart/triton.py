@@ -39,6 +39,7 @@ from typing import Any, Self
 
 from warmstart import errors as _errors
 from warmstart._process import ManagedProcess, free_ports, tail
+from warmstart.devices import CPU_HINT
 from warmstart.errors import InvalidModelName
 from warmstart.names import validate_model_name
 
@@ -603,7 +604,12 @@ class TritonServer:
                 client_timeout=None,
             )
         except InferenceServerException as e:
-            raise ModelLoadError(f"loading model {name!r} failed: {e.message()}") from e
+            reason = str(e.message())
+            if "KIND_GPU but no GPUs are available" in reason:  # Triton's own check, before the backend's
+                reason = (
+                    f"{reason.rstrip().rstrip(';')} (no CUDA device is visible to tritonserver); {CPU_HINT}"
+                )
+            raise ModelLoadError(f"loading model {name!r} failed: {reason}") from e
         finally:
             client.close()
         logger.info("model %s loaded in %.2f s", name, time.monotonic() - t0)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from warmstart.devices import parse_device, select_device
 from warmstart.errors import WarmstartError
 
 __all__ = [
@@ -53,7 +54,7 @@ OUTPUTS: tuple[dict[str, Any], ...] = (
 )
 
 # parameters this backend reads, and parameters the Python backend itself owns (allowed, ignored here)
-_KNOWN_PARAMETERS = ("checkpoint", "engine", "dtype", "max_batch")
+_KNOWN_PARAMETERS = ("checkpoint", "engine", "dtype", "max_batch", "device")
 _PYTHON_BACKEND_PARAMETERS = ("EXECUTION_ENV_PATH",)
 
 
@@ -67,12 +68,15 @@ class ModelSettings:
 
     ``checkpoint`` is as written in the config (path, node-store name or URI; ``${VAR}`` and
     ``${VAR:-default}`` are expanded when it is resolved, see :mod:`warmstart.backend.weights`).
+    ``device`` is the instance's device, ``"cpu"`` or ``"cuda:N"`` (:func:`warmstart.devices.select_device`
+    of the ``device`` parameter and Triton's instance kind).
     """
 
     checkpoint: str
     engine: str
     dtype: str | None = None
     max_batch: int = DEFAULT_MAX_BATCH
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, str) or not self.checkpoint.strip():
@@ -91,10 +95,24 @@ class ModelSettings:
             raise BackendConfigError(
                 f"parameter 'max_batch' must be an integer in 1..256, got {self.max_batch!r}"
             )
+        parse_device(self.device)  # InvalidDevice
 
     @classmethod
-    def from_model_config(cls, config: Mapping[str, Any]) -> ModelSettings:
-        """Read the settings from a Triton model config (the JSON ``args["model_config"]`` parsed)."""
+    def from_model_config(
+        cls,
+        config: Mapping[str, Any],
+        *,
+        instance_kind: str | None = None,
+        instance_device_id: str | int | None = None,
+    ) -> ModelSettings:
+        """Read the settings from a Triton model config (the JSON ``args["model_config"]`` parsed).
+
+        ``instance_kind`` and ``instance_device_id`` are Triton's ``args["model_instance_kind"]`` and
+        ``args["model_instance_device_id"]``: with ``KIND_GPU`` the instance runs on the GPU Triton gave it;
+        otherwise the ``device`` parameter decides (default ``"cpu"``). Raises
+        :class:`~warmstart.errors.InvalidDevice` for a bad device string and
+        :class:`~warmstart.errors.DeviceConflict` for a ``device`` that contradicts ``KIND_GPU``.
+        """
         raw = config.get("parameters") or {}
         if not isinstance(raw, Mapping):
             raise BackendConfigError("model config 'parameters' must be a map")
@@ -123,6 +141,7 @@ class ModelSettings:
             engine=values["engine"],
             dtype=values.get("dtype") or None,
             max_batch=int(max_batch_text),
+            device=str(select_device(values.get("device"), instance_kind, instance_device_id)),
         )
 
 
@@ -135,11 +154,15 @@ def model_config(
     max_batch: int = DEFAULT_MAX_BATCH,
     instance_count: int = 1,
     instance_kind: str = "KIND_CPU",
+    device: str | None = None,
+    gpus: list[int] | None = None,
 ) -> dict[str, Any]:
     """The complete Triton model config (JSON field names) of a warmstart model.
 
     Pass it as ``load_model(name, config=json.dumps(model_config(...)))``; it is valid with
-    ``--disable-auto-complete-config``.
+    ``--disable-auto-complete-config``. ``device`` becomes the ``device`` parameter (``"cpu"``, ``"cuda"``,
+    ``"cuda:N"``; absent: CPU unless ``instance_kind`` is ``KIND_GPU``); ``gpus`` the instance group's GPU
+    list (``KIND_GPU`` only).
     """
     settings = ModelSettings(checkpoint=checkpoint, engine=engine, dtype=dtype, max_batch=max_batch)
     if instance_kind not in ("KIND_CPU", "KIND_GPU", "KIND_MODEL"):
@@ -155,6 +178,16 @@ def model_config(
     }
     if settings.dtype is not None:
         parameters["dtype"] = {"string_value": settings.dtype}
+    group: dict[str, Any] = {"count": instance_count, "kind": instance_kind}
+    if device is not None:
+        parse_device(device)  # InvalidDevice now, not at load
+        parameters["device"] = {"string_value": device.strip()}
+    if gpus is not None:
+        if instance_kind != "KIND_GPU":
+            raise BackendConfigError(f"gpus needs instance_kind KIND_GPU, not {instance_kind}")
+        if not gpus or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in gpus):
+            raise BackendConfigError(f"gpus must be a non-empty list of GPU indices, got {gpus!r}")
+        group["gpus"] = list(gpus)
     return {
         "name": name,
         "backend": BACKEND_NAME,
@@ -162,7 +195,7 @@ def model_config(
         "model_transaction_policy": {"decoupled": True},
         "input": [dict(i) for i in INPUTS],
         "output": [dict(o) for o in OUTPUTS],
-        "instance_group": [{"count": instance_count, "kind": instance_kind}],
+        "instance_group": [group],
         "parameters": parameters,
     }
 

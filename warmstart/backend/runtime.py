@@ -30,6 +30,7 @@ from warmstart.chat import (
     control_tokens,
     end_of_turn_ids,
 )
+from warmstart.devices import check_engine_device, parse_device
 from warmstart.engines import BatchedGenerator, Engine, TextStreamer, build_engine
 from warmstart.errors import WarmstartError
 
@@ -202,9 +203,13 @@ class Runtime:
         """
         t0 = time.perf_counter()
         ref = settings.checkpoint
+        try:  # before any weight is read: no CUDA device (or no such GPU) is a clear, early failure
+            check_engine_device(parse_device(settings.device), settings.engine, what=f"model {model_name!r}")
+        except WarmstartError as e:
+            raise ModelLoadFailed(str(e)) from e
         try:
             ref = resolve_reference(settings.checkpoint, model_dir)
-            loaded = load_checkpoint(ref, settings.engine, dtype=settings.dtype)
+            loaded = load_checkpoint(ref, settings.engine, dtype=settings.dtype, device=settings.device)
             runtime = cls.from_loaded(
                 loaded,
                 settings,
@@ -261,6 +266,7 @@ class Runtime:
                 loaded.weights,
                 dtype=settings.dtype,
                 max_batch=settings.max_batch,
+                device=settings.device,
             )
             if warmup:
                 warm_engine(engine, settings.max_batch)

@@ -7,7 +7,10 @@ repository can point at a checkpoint next to it (see ``model_repository/README.m
 
 Weights come through the warmstart loaders: the tier chain (node store, host-memory and disk caches, as
 configured by ``WARMSTART_*`` variables in tritonserver's environment) brings the checkpoint into host memory
-once, and the engine's tensors are zero-copy views of it. The tier it came from is reported.
+once, and the engine's tensors are zero-copy views of it. The tier it came from is reported. On a CUDA device
+the torch tensors are copied from that host copy straight to the GPU through pinned staging buffers
+(:func:`warmstart.torch.tensors_from_host`), once; JAX's engine reads host views (it restacks the layers on the
+host) and places its parameters on the device itself.
 """
 
 from __future__ import annotations
@@ -160,14 +163,17 @@ def populate(host: Any) -> None:
         )
 
 
-def load_checkpoint(ref: str, engine: str, *, dtype: str | None = None) -> LoadedCheckpoint:
+def load_checkpoint(
+    ref: str, engine: str, *, dtype: str | None = None, device: str = "cpu"
+) -> LoadedCheckpoint:
     """Bring the checkpoint ``ref`` (already resolved) into host memory and load what ``engine`` needs.
 
     The checkpoint goes through the tier chain (:func:`warmstart.loaders.tiers.open_host`: node store,
     memory and disk caches when configured, else straight from the path or URI); the tensors are views of
     that host copy (:func:`warmstart.torch.tensors_from_host`, :func:`warmstart.jax.params_from_host`).
     Raises the :class:`~warmstart.errors.CheckpointError` subclasses (not found, corrupt, ...) and
-    :class:`CheckpointFileMissing`; the caller turns them into a failed model load.
+    :class:`CheckpointFileMissing`; the caller turns them into a failed model load. ``device`` (``"cpu"``,
+    ``"cuda:N"``) is where torch tensors go; JAX weights always stay host views (see the module docstring).
     """
     from warmstart.loaders.tiers import open_host
 
@@ -192,12 +198,13 @@ def load_checkpoint(ref: str, engine: str, *, dtype: str | None = None) -> Loade
         from warmstart.torch import tensors_from_host
 
         weights = tensors_from_host(
-            host, device=torch.device("cpu"), dtype=getattr(torch, dtype) if dtype else None
+            host, device=torch.device(device), dtype=getattr(torch, dtype) if dtype else None
         )
     else:
         from warmstart.jax import params_from_host
 
-        weights = params_from_host(host, dtype=dtype)
+        # on the host even where jax's default device is a GPU: the engine restacks them on the host
+        weights = params_from_host(host, device="cpu", dtype=dtype)
     seconds = time.perf_counter() - t0
     tier = source_tier(host)
     logger.info("checkpoint %s loaded from the %s tier in %.3f s", location, tier, seconds)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from warmstart.devices import check_engine_device, parse_device
 from warmstart.engines.base import (
     BadWeightShape,
     ContextFull,
@@ -40,6 +41,7 @@ def build_engine(
     dtype: Any = None,
     max_batch: int = 8,
     max_context: int | None = None,
+    device: str | None = None,
 ) -> Engine:
     """Build an engine from an HF ``config.json`` dict and a flat ``{hf_name: tensor}`` dict.
 
@@ -50,7 +52,15 @@ def build_engine(
 
     For "torch", architectures `warmstart.engines.torch_llama` implements get that compact engine
     (milliseconds to build, no transformers import); any other goes through transformers.
+
+    ``device`` is ``"cpu"`` (the default), ``"cuda"`` or ``"cuda:N"`` (`warmstart.devices`): weights and KV
+    cache live there. Torch weights already on the device are used as they are (no copy); JAX places its
+    prepared parameters with ``jax.device_put``. A bad device string raises `warmstart.errors.InvalidDevice`;
+    a CUDA device that is not visible, `warmstart.errors.DeviceUnavailable`.
     """
+    dev = None if device is None else parse_device(device)
+    if dev is not None and kind in ENGINE_KINDS:
+        check_engine_device(dev, kind)  # DeviceUnavailable (no CUDA device visible) before any copy
     if kind == "torch":
         try:
             import torch
@@ -61,7 +71,12 @@ def build_engine(
         tdtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         if torch_llama.supports(config):  # no transformers import, no model construction
             return torch_llama.TorchLlamaEngine(
-                config, weights, dtype=tdtype, max_batch=max_batch, max_context=max_context
+                config,
+                weights,
+                dtype=tdtype,
+                max_batch=max_batch,
+                max_context=max_context,
+                device=None if dev is None else str(dev),
             )
         try:
             from warmstart.engines.torch_engine import TorchEngine
@@ -71,14 +86,21 @@ def build_engine(
                 "pip install 'warmstart[torch]'"
             ) from e
         return TorchEngine.from_state_dict(
-            config, weights, tdtype, max_batch=max_batch, max_context=max_context
+            config,
+            weights,
+            tdtype,
+            device=None if dev is None else str(dev),
+            max_batch=max_batch,
+            max_context=max_context,
         )
     if kind == "jax":
         try:
             from warmstart.engines.jax_llama import JaxEngine
         except ImportError as e:
             raise ImportError("the JAX engine needs the jax extra: pip install 'warmstart[jax]'") from e
-        return JaxEngine(config, weights, dtype=dtype, max_batch=max_batch, max_context=max_context)
+        return JaxEngine(
+            config, weights, dtype=dtype, max_batch=max_batch, max_context=max_context, device=dev
+        )
     raise UnknownEngineKind(f"engine kind {kind!r} unknown; use one of {ENGINE_KINDS}")
 
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from warmstart.devices import jax_device
 from warmstart.engines.base import (
     BadWeightShape,
     ContextFull,
@@ -431,18 +432,24 @@ class JaxEngine:
         dtype: Any = None,
         max_batch: int = 8,
         max_context: int | None = None,
+        device: Any = None,
     ) -> None:
         self.args = a = model_args(config)
         enable_compilation_cache()
         self.dtype = jnp.dtype(dtype or jnp.float32)
-        self.params = params_from_flat(weights, a, self.dtype)
+        self.device = None if device is None else jax_device(device)  # None: JAX's default device
+        with jax.default_device(self.device):  # params are placed there once (device_put in params_from_flat)
+            self.params = params_from_flat(weights, a, self.dtype)
+        if self.device is not None:  # committed, so every jit runs there (no copy: already on it)
+            self.params = jax.device_put(self.params, self.device)
         self.vocab_size = a.vocab_size
         self.max_batch = max_batch
         self.max_context = min(max_context or 2048, a.max_position_embeddings)
         self.eos_token_ids = eos_ids_from_config(dict(config))
         self._slots = max(2, max_batch)  # decode runs >= 2 rows
         shape = (a.n_layers, self._slots, self.max_context, a.n_kv_heads, a.head_dim)
-        self._cache: Cache = (jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+        zeros = partial(jnp.zeros, shape, self.dtype, device=self.device)
+        self._cache: Cache = (zeros(), zeros())
         self._free = list(range(max_batch))  # a heap: lowest slots first keeps decode batches small
         self._prefill = jax.jit(partial(prefill, a=a), donate_argnums=(1,))
         self._decode = jax.jit(partial(decode, a=a), static_argnames=("kv_len",), donate_argnums=(1,))

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
+from warmstart.devices import to_device
 from warmstart.engines.base import (
     BadWeightShape,
     ContextFull,
@@ -37,16 +38,21 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: k, v [1, KV, S, hd]
 
 
 def model_from_state_dict(
-    config: Mapping[str, Any], state_dict: Mapping[str, Any], dtype: torch.dtype | None = None
+    config: Mapping[str, Any],
+    state_dict: Mapping[str, Any],
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
 ) -> PreTrainedModel:
     """Build a transformers causal LM on the meta device and assign ``state_dict``'s tensors (no copy
-    when dtypes already match). Ties embeddings and recomputes the non-persistent RoPE buffers."""
+    when dtypes already match and they are on ``device`` already, default CPU). Ties embeddings and
+    recomputes the non-persistent RoPE buffers on ``device``."""
+    dev = torch.device("cpu" if device is None else device)
     cfg_dict = dict(config)
     model_type = cfg_dict.pop("model_type", None)
     if model_type is None:
         raise UnsupportedModel("config has no 'model_type'; pass the model's HF config.json dict")
     cfg = AutoConfig.for_model(model_type, **cfg_dict)
-    sd = {k: _to_tensor(v) for k, v in state_dict.items()}
+    sd = to_device({k: _to_tensor(v) for k, v in state_dict.items()}, dev)
     if dtype is None:
         dtype = next((t.dtype for t in sd.values() if t.is_floating_point()), torch.float32)
     sd = {k: t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for k, t in sd.items()}
@@ -67,12 +73,12 @@ def model_from_state_dict(
     model.load_state_dict({k: sd[k] for k in expected}, strict=True, assign=True)
     if cfg.tie_word_embeddings:
         model.tie_weights()
-    _rebuild_meta_buffers(model)
+    _rebuild_meta_buffers(model, dev)
     return model.eval()
 
 
-def _rebuild_meta_buffers(model: torch.nn.Module) -> None:
-    # Non-persistent buffers (RoPE inv_freq) are not in the state dict: rebuild their module on CPU.
+def _rebuild_meta_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    # Non-persistent buffers (RoPE inv_freq) are not in the state dict: rebuild their module, move them to ``device``.
     for name, mod in model.named_modules():
         meta = [b for b, t in mod.named_buffers(recurse=False) if t.is_meta]
         if not meta:
@@ -81,7 +87,7 @@ def _rebuild_meta_buffers(model: torch.nn.Module) -> None:
             raise UnsupportedModel(f"cannot rebuild buffers {meta} of {name} ({type(mod).__name__})")
         fresh = type(mod)(mod.config)
         for b in meta:
-            setattr(mod, b, getattr(fresh, b).to("cpu"))
+            setattr(mod, b, getattr(fresh, b).to(device))
 
 
 @dataclass(eq=False)
@@ -104,6 +110,7 @@ class TorchEngine:
         max_batch: int = 64,
     ) -> None:
         self.model = model.eval()
+        self.device = next(model.parameters()).device  # inputs and masks are made there
         cfg = model.config
         self.vocab_size: int = cfg.vocab_size
         limit = getattr(cfg, "max_position_embeddings", None) or 2048
@@ -123,10 +130,12 @@ class TorchEngine:
         config: Mapping[str, Any],
         state_dict: Mapping[str, Any],
         dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         **kw: Any,
     ) -> TorchEngine:
-        """Build the model with `model_from_state_dict` and wrap it; ``kw`` go to the constructor."""
-        return cls(model_from_state_dict(config, state_dict, dtype), **kw)
+        """Build the model with `model_from_state_dict` (on ``device``, default CPU) and wrap it; ``kw``
+        go to the constructor."""
+        return cls(model_from_state_dict(config, state_dict, dtype, device), **kw)
 
     def _new_cache(self) -> DynamicCache:
         return DynamicCache(config=self.model.config)
@@ -136,12 +145,12 @@ class TorchEngine:
         cache = self._new_cache()
         with torch.inference_mode():
             out = self.model(
-                input_ids=torch.tensor([list(token_ids)]),
+                input_ids=torch.tensor([list(token_ids)], device=self.device),
                 past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
             )
-        logits = out.logits[0, -1].float().numpy()  # [V]
+        logits = out.logits[0, -1].float().cpu().numpy()  # [V]
         return SeqState(length=len(token_ids), logits=logits, handle=_layers_kv(cache))
 
     def step(self, states: Sequence[SeqState], token_ids: Sequence[int]) -> None:
@@ -158,16 +167,17 @@ class TorchEngine:
             self._ungroup()
             g = self._group = self._make_group(tuple(states))
         B = len(states)
-        g.mask = torch.cat([g.mask, torch.ones(B, 1, dtype=g.mask.dtype)], dim=1)  # [B, S+1]
+        one = torch.ones(B, 1, dtype=g.mask.dtype, device=self.device)
+        g.mask = torch.cat([g.mask, one], dim=1)  # [B, S+1]
         with torch.inference_mode():
             out = self.model(
-                input_ids=torch.tensor(list(token_ids)).view(B, 1),
+                input_ids=torch.tensor(list(token_ids), device=self.device).view(B, 1),
                 attention_mask=g.mask,
-                position_ids=torch.tensor([s.length for s in states]).view(B, 1),
+                position_ids=torch.tensor([s.length for s in states], device=self.device).view(B, 1),
                 past_key_values=g.cache,
                 use_cache=True,
             )
-        logits = out.logits[:, -1].float().numpy()  # [B, V]
+        logits = out.logits[:, -1].float().cpu().numpy()  # [B, V]
         for i, s in enumerate(states):
             s.logits = logits[i]
             s.length += 1
@@ -181,7 +191,7 @@ class TorchEngine:
             k = torch.cat([_left_pad(kv[i][0], p) for kv, p in zip(kvs, pads, strict=True)])  # [B, KV, S, hd]
             v = torch.cat([_left_pad(kv[i][1], p) for kv, p in zip(kvs, pads, strict=True)])
             cache.update(k, v, i)
-        mask = torch.ones(len(states), S, dtype=torch.long)
+        mask = torch.ones(len(states), S, dtype=torch.long, device=self.device)
         for b, p in enumerate(pads):
             mask[b, :p] = 0
         for s in states:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
+from warmstart.devices import default_device, to_device
 from warmstart.engines.base import (
     BadWeightShape,
     ContextFull,
@@ -283,9 +284,12 @@ class TorchLlamaEngine:
         dtype: torch.dtype | None = None,
         max_batch: int = 8,
         max_context: int | None = None,
+        device: torch.device | str | None = None,
     ) -> None:
         self.args = a = LlamaArgs.from_hf_config(config)
-        self.weights = weights_from_flat(weights, a, dtype)
+        self.device = torch.device("cpu" if device is None else device)
+        with default_device(self.device):  # tensors made here (RoPE tables) land on the device
+            self.weights = to_device(weights_from_flat(weights, a, dtype), self.device)
         self.dtype = self.weights.embed.dtype
         self.vocab_size = a.vocab_size
         self.max_batch = max_batch
@@ -297,7 +301,8 @@ class TorchLlamaEngine:
     def _alloc(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.args
         shape = (a.n_layers, self.max_batch, a.n_kv_heads, size, a.head_dim)
-        return torch.zeros(shape, dtype=self.dtype), torch.zeros(shape, dtype=self.dtype)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        return k, torch.zeros_like(k)
 
     def _reserve(self, positions: int) -> None:
         """Grow the cache (doubling) to hold ``positions`` positions per slot."""
@@ -318,9 +323,11 @@ class TorchLlamaEngine:
         self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, last_only: bool
     ) -> np.ndarray:
         self._reserve(int(pos.max()) + 1)
-        with torch.inference_mode():
+        if self.device.type != "cpu":
+            tokens, pos, slots = (t.to(self.device, non_blocking=True) for t in (tokens, pos, slots))
+        with torch.inference_mode(), default_device(self.device):
             out = forward(self.weights, self.args, self._cache, tokens, pos, slots=slots, last_only=last_only)
-        return out.numpy()
+        return out.cpu().numpy()
 
     def new_sequence(self, token_ids: Sequence[int]) -> SeqState:
         check_prompt(token_ids, vocab_size=self.vocab_size, max_context=self.max_context)

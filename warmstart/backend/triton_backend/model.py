@@ -178,7 +178,11 @@ class TritonPythonModel:
                 "the warmstart backend needs model_transaction_policy { decoupled: true } in config.pbtxt"
             )
         name = args["model_name"]
-        settings = ModelSettings.from_model_config(config)
+        settings = ModelSettings.from_model_config(
+            config,
+            instance_kind=args.get("model_instance_kind"),
+            instance_device_id=args.get("model_instance_device_id"),
+        )
         metrics = BackendMetrics(pb_utils, name, args["model_version"])
         self.logger = pb_utils.Logger
         runtime: RemoteRuntime | Runtime | None = None
@@ -201,7 +205,8 @@ class TritonPythonModel:
         self.release_key = release_key(os.environ)
         self.in_flight = _InFlight()
         self.logger.log_info(
-            f"warmstart model {name} ready ({settings.engine} engine, {settings.checkpoint}, {where})"
+            f"warmstart model {name} ready ({settings.engine} engine on {settings.device}, "
+            f"{settings.checkpoint}, {where})"
         )
 
     def execute(self, requests):
