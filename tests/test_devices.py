@@ -243,6 +243,38 @@ def test_jax_engine_on_cuda_without_the_platform_names_it() -> None:
         build_engine("jax", cfg, flat, device="cuda:0")
 
 
+def test_every_tensor_the_compact_forward_creates_names_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU a factory call without ``device=`` would make a CPU tensor and fail (or copy) mid-forward;
+    this finds one on CPU: every constructor call inside ``forward`` is recorded with its ``device``."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._device import _device_constructors
+
+    from warmstart.engines import torch_llama
+
+    unnamed: list[str] = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            kwargs = kwargs or {}
+            if func in _device_constructors() and kwargs.get("device") is None:
+                unnamed.append(getattr(func, "__name__", str(func)))
+            return func(*args, **kwargs)
+
+    forward = torch_llama.forward
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        with Record():
+            return forward(*args, **kwargs)
+
+    monkeypatch.setattr(torch_llama, "forward", recorded)
+    cfg, flat = _tiny()
+    engine = build_engine("torch", cfg, flat, max_context=64)
+    _logits(engine, PROMPT, 3)
+    a, b = engine.new_sequence([1, 2]), engine.new_sequence([3])
+    engine.step([b, a], [4, 5])  # scattered and contiguous slots take different paths
+    assert unnamed == []
+
+
 # --- on a GPU (skipped without CUDA) -------------------------------------------------------------------
 
 

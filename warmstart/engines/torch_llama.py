@@ -241,10 +241,10 @@ def forward(
     kc, vc = cache  # [L, slots, KV, S, hd]
     kv_len = int(pos.max()) + 1
     lo = int(slots[0])
-    contiguous = bool((slots == torch.arange(lo, lo + B)).all())
+    contiguous = bool((slots == torch.arange(lo, lo + B, device=slots.device)).all())
     x = F.embedding(tokens, w.embed)  # [B, T, D]
     cos, sin = rope_tables(w.inv_freq, pos, x.dtype)
-    keys = torch.arange(kv_len)
+    keys = torch.arange(kv_len, device=pos.device)
     mask = (keys[None, None, :] <= pos[:, :, None])[:, None, None]  # [B, 1, 1, T, kv_len]
     mask = mask.expand(B, 1, rep, T, kv_len).reshape(B, 1, rep * T, kv_len)
     at = (slots[:, None], slice(None), pos)  # cache index -> [B, T, KV, hd]
@@ -325,7 +325,9 @@ class TorchLlamaEngine:
         self._reserve(int(pos.max()) + 1)
         if self.device.type != "cpu":
             tokens, pos, slots = (t.to(self.device, non_blocking=True) for t in (tokens, pos, slots))
-        with torch.inference_mode(), default_device(self.device):
+        # no torch.device mode around forward (its per-op dispatch cost 3.7 ms a SmolLM2 step on CPU):
+        # the factory calls in forward name their device
+        with torch.inference_mode():
             out = forward(self.weights, self.args, self._cache, tokens, pos, slots=slots, last_only=last_only)
         return out.cpu().numpy()
 
