@@ -155,6 +155,10 @@ def test_rendered_config_has_the_device_parameter_and_the_gpu_list() -> None:
     assert "device" not in model_config("m", "ck", "torch")["parameters"]
     with pytest.raises(InvalidDevice):
         model_config("m", "ck", "torch", device="cuda:x")
+    for device, gpus in (("cpu", None), ("cuda:1", [0]), ("cuda:0", [0, 1])):
+        with pytest.raises(DeviceConflict):
+            model_config("m", "ck", "torch", device=device, instance_kind="KIND_GPU", gpus=gpus)
+    assert model_config("m", "ck", "torch", device="cuda:1", instance_kind="KIND_GPU", gpus=[1])
     with pytest.raises(BackendConfigError, match="gpus needs instance_kind KIND_GPU"):
         model_config("m", "ck", "torch", gpus=[0])
     with pytest.raises(BackendConfigError, match="non-empty list"):

@@ -162,7 +162,8 @@ def model_config(
     Pass it as ``load_model(name, config=json.dumps(model_config(...)))``; it is valid with
     ``--disable-auto-complete-config``. ``device`` becomes the ``device`` parameter (``"cpu"``, ``"cuda"``,
     ``"cuda:N"``; absent: CPU unless ``instance_kind`` is ``KIND_GPU``); ``gpus`` the instance group's GPU
-    list (``KIND_GPU`` only).
+    list (``KIND_GPU`` only). A ``device`` that contradicts ``KIND_GPU`` (``"cpu"``, or a GPU not in ``gpus``)
+    raises :class:`~warmstart.errors.DeviceConflict` here rather than at load.
     """
     settings = ModelSettings(checkpoint=checkpoint, engine=engine, dtype=dtype, max_batch=max_batch)
     if instance_kind not in ("KIND_CPU", "KIND_GPU", "KIND_MODEL"):
@@ -179,15 +180,18 @@ def model_config(
     if settings.dtype is not None:
         parameters["dtype"] = {"string_value": settings.dtype}
     group: dict[str, Any] = {"count": instance_count, "kind": instance_kind}
-    if device is not None:
-        parse_device(device)  # InvalidDevice now, not at load
-        parameters["device"] = {"string_value": device.strip()}
     if gpus is not None:
         if instance_kind != "KIND_GPU":
             raise BackendConfigError(f"gpus needs instance_kind KIND_GPU, not {instance_kind}")
         if not gpus or any(isinstance(g, bool) or not isinstance(g, int) or g < 0 for g in gpus):
             raise BackendConfigError(f"gpus must be a non-empty list of GPU indices, got {gpus!r}")
         group["gpus"] = list(gpus)
+    if device is not None:
+        wanted = parse_device(device)  # InvalidDevice now, not at load
+        if instance_kind == "KIND_GPU":  # DeviceConflict now: "cpu", or a GPU the group does not place on
+            for gpu in gpus or [wanted.index or 0]:
+                select_device(device, instance_kind, gpu)
+        parameters["device"] = {"string_value": device.strip()}
     return {
         "name": name,
         "backend": BACKEND_NAME,
