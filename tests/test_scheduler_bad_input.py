@@ -249,6 +249,33 @@ def test_text_input_with_two_elements_is_refused_over_grpc(sched: BackgroundSche
     assert not any("internal error" in m for m in by_id.values()), by_id
 
 
+def test_bad_generated_ids_over_grpc_are_refused_each_with_its_reason(sched: BackgroundScheduler) -> None:
+    cases = {
+        "dtype": ("INT32", [1], (1).to_bytes(4, "little"), "must be INT64"),
+        "shape": ("INT64", [1, 1], (1).to_bytes(8, "little"), "shape [n]"),
+        "torn": ("INT64", [2], (1).to_bytes(8, "little"), "8 bytes per id"),
+        "negative": ("INT64", [1], (-3).to_bytes(8, "little", signed=True), ">= 0"),
+        "complete": ("INT64", [2], (1).to_bytes(8, "little") * 2, "nothing is left to generate"),
+        "unary": ("INT64", [1], (1).to_bytes(8, "little"), "resumes a stream"),
+    }
+    reqs = []
+    for rid, (dtype, shape, raw, _) in cases.items():
+        req = infer_request("b0", "hi", sampling={"max_tokens": 2}, stream=rid != "unary", request_id=rid)
+        add_input(req, "generated_ids", dtype, shape, raw)
+        reqs.append(req)
+    resumed = infer_request("b0", "hi", sampling={"max_tokens": 3}, stream=True, request_id="resumed")
+    first = expected_tokens("hi", 3)[0]
+    add_input(resumed, "generated_ids", "INT64", [1], first.to_bytes(8, "little"))
+    responses, code = sched.call(stream_infer(sched.grpc, [*reqs, resumed]))
+    assert code.name == "OK"
+    errors = {r.infer_response.id: r.error_message for r in responses if r.error_message}
+    for rid, (*_, message) in cases.items():
+        assert message in errors.get(rid, ""), (rid, errors)
+    assert "resumed" not in errors
+    tokens = [t for r in responses if r.infer_response.id == "resumed" for t in response_tokens(r)]
+    assert tokens == expected_tokens("hi", 3)[1:]  # continues after the one given
+
+
 def test_a_prompt_that_is_not_utf8_over_grpc_is_refused(sched: BackgroundScheduler) -> None:
     req = infer_request("b0", None, request_id="x")
     add_input(req, "text_input", "BYTES", [1], bytes_tensor([b"\xff\xfe"]))

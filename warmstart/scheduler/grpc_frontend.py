@@ -64,11 +64,40 @@ _INPUT_TYPES = {
 }
 
 
+MAX_RESUME_TOKENS = 1 << 20  # a generated_ids input longer than this is refused
+
+
+def _generated_ids(t: Any, data: bytes | None) -> tuple[int, ...]:
+    """The ``generated_ids`` input: the token ids a client already received of this generation (INT64 [n]),
+    sent to resume it through this scheduler after the one serving it went away."""
+    if t.datatype != "INT64":
+        raise BadRequest(f"input 'generated_ids' must be INT64, got datatype {t.datatype[:16]!r}")
+    shape = list(t.shape)
+    if len(shape) != 1 or shape[0] < 0 or shape[0] > MAX_RESUME_TOKENS:
+        raise BadRequest(
+            f"input 'generated_ids' must have shape [n] (n <= {MAX_RESUME_TOKENS}), got {shape[:8]}"
+        )
+    if data is not None:
+        if len(data) != 8 * shape[0]:
+            raise BadRequest(
+                f"input 'generated_ids': {len(data)} raw bytes for shape {shape} (8 bytes per id)"
+            )
+        ids = tuple(int(x) for x in np.frombuffer(data, dtype="<i8"))
+    else:
+        ids = tuple(int(x) for x in t.contents.int64_contents)
+        if len(ids) != shape[0]:
+            raise BadRequest(f"input 'generated_ids' holds {len(ids)} ids for shape {shape}")
+    if any(i < 0 for i in ids):
+        raise BadRequest("input 'generated_ids': token ids are >= 0")
+    return ids
+
+
 def _inputs(req: pb.ModelInferRequest) -> dict[str, Any]:
     """Input tensors by name, as bytes (BYTES) or bool (BOOL), from raw or typed contents.
 
     Each must be one of :data:`_INPUT_TYPES` with that datatype, appear once, and hold exactly one element
-    (the scheduler serves one prompt per request); anything else is a BadRequest naming the input.
+    (the scheduler serves one prompt per request); anything else is a BadRequest naming the input. The one
+    exception is ``generated_ids`` (INT64 [n]), the tokens of a generation a client resumes here.
     """
     raw = list(req.raw_input_contents)
     if raw and len(raw) != len(req.inputs):
@@ -77,11 +106,16 @@ def _inputs(req: pb.ModelInferRequest) -> dict[str, Any]:
         )
     out: dict[str, Any] = {}
     for i, t in enumerate(req.inputs):
+        if t.name == "generated_ids":
+            if t.name in out:
+                raise BadRequest("input 'generated_ids' is given twice")
+            out[t.name] = _generated_ids(t, raw[i] if raw else None)
+            continue
         expected = _INPUT_TYPES.get(t.name)
         if expected is None:
             raise BadRequest(
-                f"input {t.name[:64]!r} is not accepted by the scheduler; inputs: {', '.join(_INPUT_TYPES)}"
-                " (input_ids/num_generated are the scheduler's own, for resuming on a server)"
+                f"input {t.name[:64]!r} is not accepted by the scheduler; inputs: {', '.join(_INPUT_TYPES)}, "
+                "generated_ids (input_ids/num_generated are the scheduler's own, for resuming on a server)"
             )
         if t.datatype != expected:
             raise BadRequest(f"input {t.name!r} must be {expected}, got datatype {t.datatype[:16]!r}")
@@ -268,7 +302,11 @@ class GrpcFrontend(pb_grpc.GRPCInferenceServiceServicer):
             sampling.update(coerce_sampling(params, strict=False))
             stream = bool(inputs.get("stream", False))
             exclude = bool(inputs.get("exclude_input_in_output", False))
-            gen = self.router.new_generation(model, prompt_text, sampling, request_id=req.id or None)
+            if "generated_ids" in inputs and not stream:
+                raise BadRequest("generated_ids resumes a stream: send it with stream=true")
+            gen = self.router.new_generation(
+                model, prompt_text, sampling, request_id=req.id or None, generated=inputs.get("generated_ids")
+            )
             async with contextlib.aclosing(self.router.stream(gen)) as it:
                 if stream:
                     async for chunk in it:

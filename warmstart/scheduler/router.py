@@ -900,11 +900,14 @@ class Router:
         request_id: str | None = None,
         prompt_ids: Sequence[int] | None = None,
         messages: Sequence[Mapping[str, str]] | None = None,
+        generated: Sequence[int] | None = None,
     ) -> Generation:
         """A generation record for ``model`` (validated, known). Temperature > 0 gets a seed so a
         resumed generation continues exactly. ``prompt_ids`` (a token-id prompt; ``prompt`` may then be
         empty) go to the backend as they are, and so do a chat's ``messages`` (checked already; the backend
-        renders them with the model's chat template)."""
+        renders them with the model's chat template). ``generated``: the tokens a client already received
+        of this generation (from a scheduler that went away); it continues after them, as a failover does,
+        and ``max_tokens`` still counts them. Resuming sampled output token-exactly needs the same ``seed``."""
         spec = self.model_config(model)
         params = dict(sampling)
         max_tokens = int(params.get("max_tokens", 16))
@@ -919,7 +922,19 @@ class Router:
         ids = tuple(int(t) for t in prompt_ids) if prompt_ids is not None else None
         if ids is not None and (not ids or min(ids) < 0):
             raise InvalidSamplingValue("a token-id prompt must hold at least one id, each >= 0")
+        done = tuple(int(t) for t in generated) if generated else ()
+        if done and (len(done) >= max_tokens or min(done) < 0):
+            raise InvalidSamplingValue(
+                f"generated_ids holds {len(done)} tokens but max_tokens is {max_tokens}: nothing is left to "
+                "generate (the generation was complete)"
+                if len(done) >= max_tokens
+                else "generated_ids must be token ids >= 0"
+            )
         if float(params.get("temperature", 0.0) or 0.0) > 0 and params.get("seed") is None:
+            if done:
+                logger.warning(
+                    "resuming a sampled generation without its seed: the continuation is not exact"
+                )
             params["seed"] = secrets.randbits(31)
         gid = request_id or f"g{next(self._ids)}"
         return Generation(
@@ -931,6 +946,7 @@ class Router:
             prompt_ids=ids,
             prompt_tokens=len(ids) if ids is not None else None,
             messages=json.dumps(list(messages), ensure_ascii=False) if messages is not None else None,
+            tokens=list(done),
         )
 
     async def stream(self, gen: Generation) -> AsyncGenerator[TokenChunk, None]:
