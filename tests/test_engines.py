@@ -185,8 +185,8 @@ def test_compact_torch_logits_match_transformers_through_growing_cache_and_scatt
 def test_torch_engine_falls_back_to_transformers_for_unsupported_architectures(tiny: Any) -> None:
     cfg, flat = tiny.config.to_dict(), flat_numpy(tiny)
     assert isinstance(build_engine("torch", cfg, flat), TorchLlamaEngine)
-    linear_rope = {**cfg, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}}
-    for unsupported in ({**cfg, "mlp_bias": True}, {**cfg, "hidden_act": "gelu"}, linear_rope):
+    unknown_rope = {**cfg, "rope_parameters": {"rope_type": "ntk-by-parts", "factor": 2.0}}
+    for unsupported in ({**cfg, "mlp_bias": True}, {**cfg, "hidden_act": "gelu"}, unknown_rope):
         with pytest.raises(UnsupportedModel):
             TorchLlamaEngine(unsupported, flat)
     eng = build_engine("torch", {**cfg, "hidden_act": "gelu"}, flat)

@@ -238,6 +238,7 @@ def parse_hf_config(config: Mapping[str, Any]) -> Architecture:
         _reject(c, "attention_bias", (False,), False)
     n_layers = _int(c, "num_hidden_layers")
     n_heads = _int(c, "num_attention_heads")
+    dim = _int(c, "hidden_size")
     kinds, window = _layer_types(c, mt, n_layers)
     layer_rope = _rope_params(c, mt, kinds)
     first = layer_rope[0]
@@ -247,10 +248,10 @@ def parse_hf_config(config: Mapping[str, Any]) -> Architecture:
         raise UnsupportedModel("config 'partial_rotary_factor' differs between layer kinds")
     attention_bias = bool(c.get("attention_bias"))
     tie = c.get("tie_word_embeddings")
-    scalar = c.get("query_pre_attn_scalar") or c.get("head_dim") or c.get("hidden_size", 0) // n_heads
+    scalar = c.get("query_pre_attn_scalar") or c.get("head_dim") or dim // n_heads
     return Architecture(
         vocab_size=_int(c, "vocab_size"),
-        dim=_int(c, "hidden_size"),
+        dim=dim,
         n_layers=n_layers,
         n_heads=n_heads,
         n_kv_heads=_int(c, "num_key_value_heads", n_heads),
@@ -263,7 +264,7 @@ def parse_hf_config(config: Mapping[str, Any]) -> Architecture:
         max_position_embeddings=_int(c, "max_position_embeddings", 2048),
         activation="gelu_tanh" if gemma else "silu",
         norm_offset=gemma,
-        embed_scale=float(c["hidden_size"]) ** 0.5 if gemma else None,
+        embed_scale=float(dim) ** 0.5 if gemma else None,
         sandwich_norm=gemma,
         qk_norm=mt in ("qwen3", "gemma3_text"),
         attn_scale=float(scalar) ** -0.5 if gemma and scalar else 0.0,

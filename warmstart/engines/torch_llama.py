@@ -1,5 +1,12 @@
 # ruff: noqa: N806  (B, T, S, H, KV, D name tensor dims, as in the shape comments)
-"""A compact Llama / Qwen2 / Mistral in plain torch (gpt-fast shape), and an engine around it.
+"""A compact Llama-family decoder in plain torch (gpt-fast shape), and an engine around it.
+
+Families, as `warmstart.engines.hfconfig.parse_hf_config` reads them (the parser the JAX engine shares):
+Llama 1-3.x (RoPE scaling "linear", "dynamic", "llama3", "yarn"), Mistral (sliding window), Qwen2/2.5
+(q/k/v biases, sliding-window layers), Qwen3 (q/k RMSNorm per head), Gemma 2 and Gemma 3 text (embeddings
+times sqrt(hidden), ``1 + w`` and sandwich norms, attention and final logit soft-capping, local/global
+layers with per-kind RoPE), Phi-3/3.5 (fused qkv_proj and gate_up_proj used as row views, LongRoPE,
+partial rotary). Anything else `supports` refuses, and `build_engine` falls back to transformers.
 
 No transformers import and no module construction: the model is a handful of functions over the
 checkpoint's tensors (zero-copy views when the dtype already matches), so building the engine takes
@@ -8,9 +15,11 @@ milliseconds, where `transformers` costs seconds to import and to construct a mo
 The KV cache is one preallocated tensor per k and v, ``[L, slots, KV, S, hd]``, one slot per live
 sequence (``max_batch`` of them). ``S`` starts small and doubles (a copy) when a sequence needs more,
 up to ``max_context``, so memory follows the longest sequence rather than the model's context limit.
-Decoding attends to a view of the stepped slots when they are contiguous (the lowest free slot is
-always taken), a gathered copy otherwise. Grouped-query attention folds the ``rep`` query heads of a
-KV head into the query-length axis, so no KV copy is made per step.
+Sliding-window layers keep every position too; their mask limits each query to the last ``window``
+positions (itself included), as transformers does. Decoding attends to a view of the stepped slots when
+they are contiguous (the lowest free slot is always taken), a gathered copy otherwise. Grouped-query
+attention folds the ``rep`` query heads of a KV head into the query-length axis, so no KV copy is made
+per step.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ from __future__ import annotations
 import heapq
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -37,83 +46,18 @@ from warmstart.engines.base import (
     check_token_ids,
     eos_ids_from_config,
 )
+from warmstart.engines.hfconfig import SUPPORTED_MODEL_TYPES, Architecture, parse_hf_config, rope_inv_freq
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "LlamaArgs", "TorchLlamaEngine", "supports"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "TorchLlamaEngine", "supports"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 _MIN_CACHE = 128  # positions allocated per slot at first; doubled as needed
 
 
-@dataclass(frozen=True)
-class LlamaArgs:
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    intermediate_size: int
-    head_dim: int
-    norm_eps: float
-    rope_theta: float
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
-    max_position_embeddings: int
-
-    @property
-    def n_rep(self) -> int:
-        return self.n_heads // self.n_kv_heads
-
-    @classmethod
-    def from_hf_config(cls, config: Mapping[str, Any]) -> LlamaArgs:
-        """Read an HF ``config.json`` dict; raise `UnsupportedModel` for a feature not implemented here."""
-        mt = config.get("model_type")
-        if mt not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedModel(f"model_type {mt!r} unsupported by the compact engine")
-        if config.get("hidden_act", "silu") != "silu":
-            raise UnsupportedModel(f"hidden_act {config['hidden_act']!r} unsupported; only silu")
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) != "default":
-            raise UnsupportedModel(f"RoPE scaling {rope!r} unsupported")
-        if config.get("mlp_bias"):
-            raise UnsupportedModel("mlp_bias=True unsupported")
-        if config.get("pretraining_tp", 1) not in (1, None):
-            raise UnsupportedModel("pretraining_tp != 1 unsupported")
-        window = config.get("sliding_window")
-        uses_window = config.get("use_sliding_window", mt == "mistral")
-        ctx = config.get("max_position_embeddings", 2048)
-        if uses_window and window is not None and window < ctx:
-            raise UnsupportedModel(f"sliding-window attention ({window} < {ctx} positions) unsupported")
-        if config.get("layer_types") and any(t != "full_attention" for t in config["layer_types"]):
-            raise UnsupportedModel("layer types other than full_attention unsupported")
-        n_heads = config["num_attention_heads"]
-        n_kv = config.get("num_key_value_heads") or n_heads
-        if n_heads % n_kv:
-            raise UnsupportedModel(f"num_attention_heads {n_heads} not a multiple of kv heads {n_kv}")
-        bias = bool(config.get("attention_bias")) or mt == "qwen2"
-        theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
-        return cls(
-            vocab_size=config["vocab_size"],
-            dim=config["hidden_size"],
-            n_layers=config["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=n_kv,
-            intermediate_size=config["intermediate_size"],
-            head_dim=config.get("head_dim") or config["hidden_size"] // n_heads,
-            norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            qkv_bias=bias,
-            o_bias=bias and mt != "qwen2",
-            max_position_embeddings=ctx,
-        )
-
-
 def supports(config: Mapping[str, Any]) -> bool:
-    """Whether the compact engine implements ``config``'s architecture."""
+    """Whether the compact engine implements ``config``'s architecture (its RoPE tables included)."""
     try:
-        LlamaArgs.from_hf_config(config)
-    except (UnsupportedModel, KeyError, TypeError):
+        rope_sets(parse_hf_config(config))
+    except (UnsupportedModel, KeyError, TypeError, ValueError):
         return False
     return True
 
@@ -139,7 +83,7 @@ class Layer:
     wk: torch.Tensor  # [KV*hd, D]
     wv: torch.Tensor  # [KV*hd, D]
     wo: torch.Tensor  # [D, H*hd]
-    mlp_norm: torch.Tensor  # [D]
+    mlp_norm: torch.Tensor  # [D]: the MLP's input norm
     w_gate: torch.Tensor  # [F, D]
     w_up: torch.Tensor  # [F, D]
     w_down: torch.Tensor  # [D, F]
@@ -147,6 +91,21 @@ class Layer:
     bk: torch.Tensor | None = None
     bv: torch.Tensor | None = None
     bo: torch.Tensor | None = None
+    q_norm: torch.Tensor | None = None  # [hd] Qwen3, Gemma 3: per head, before RoPE
+    k_norm: torch.Tensor | None = None
+    attn_out_norm: torch.Tensor | None = None  # [D] Gemma's sandwich: on the attention output
+    mlp_out_norm: torch.Tensor | None = None  # [D] and on the MLP output
+    rope: int = 0  # index into Weights.ropes
+    window: int | None = None  # sliding window (positions attended, itself included); None: full
+
+
+@dataclass
+class Rope:
+    """One kind of layer's RoPE: frequencies [rd/2] float32 and the factor cos/sin are scaled by."""
+
+    inv_freq: torch.Tensor
+    scale: float = 1.0
+    inv_freq_long: torch.Tensor | None = None  # LongRoPE: for forwards past the original context
 
 
 @dataclass
@@ -154,14 +113,38 @@ class Weights:
     embed: torch.Tensor  # [V, D]
     norm: torch.Tensor  # [D]
     lm_head: torch.Tensor  # [V, D]
-    inv_freq: torch.Tensor  # [hd/2] float32
     layers: list[Layer]
+    ropes: list[Rope] = field(default_factory=list)
 
 
-def weights_from_flat(flat: Mapping[str, Any], a: LlamaArgs, dtype: torch.dtype | None) -> Weights:
-    """Pick this model's tensors from ``{hf_name: tensor}`` (views; cast only when ``dtype`` differs)."""
+def rope_sets(a: Architecture) -> tuple[list[Rope], list[int]]:
+    """The distinct RoPE settings of ``a``'s layers (one for most models, two for Gemma 3's local/global
+    layers) and each layer's index into them; frequencies as transformers computes them."""
+    ropes: list[Rope] = []
+    seen: list[Mapping[str, Any]] = []
+    index = []
+    for params in a.layer_rope:
+        if params not in seen:
+            seen.append(params)
+            inv, scale = rope_inv_freq(params, a.head_dim, a.max_position_embeddings)
+            long = None
+            if a.longrope_original is not None:
+                long = torch.from_numpy(
+                    rope_inv_freq(params, a.head_dim, a.max_position_embeddings, long=True)[0]
+                )
+            ropes.append(Rope(torch.from_numpy(inv), scale, long))
+        index.append(seen.index(params))
+    return ropes, index
+
+
+def weights_from_flat(flat: Mapping[str, Any], a: Architecture, dtype: torch.dtype | None) -> Weights:
+    """Pick this model's tensors from ``{hf_name: tensor}`` (views; cast only when ``dtype`` differs).
+
+    Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` become row slices of the fused tensor: views, no copy.
+    """
+    pre = a.prefix
     if dtype is None:
-        first = _to_tensor(flat["model.embed_tokens.weight"]) if "model.embed_tokens.weight" in flat else None
+        first = _to_tensor(flat[pre + "embed_tokens.weight"]) if pre + "embed_tokens.weight" in flat else None
         dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     hd, H, KV, D, F_ = a.head_dim, a.n_heads, a.n_kv_heads, a.dim, a.intermediate_size
 
@@ -173,19 +156,38 @@ def weights_from_flat(flat: Mapping[str, Any], a: LlamaArgs, dtype: torch.dtype 
             raise BadWeightShape(f"{name} has shape {tuple(t.shape)}, config implies {shape}")
         return t if t.dtype == dtype else t.to(dtype)
 
+    ropes, rope_index = rope_sets(a)
     layers = []
     for i in range(a.n_layers):
-        p = f"model.layers.{i}."
+        p = f"{pre}layers.{i}."
+        if a.fused_qkv:
+            qkv = get(p + "self_attn.qkv_proj.weight", ((H + 2 * KV) * hd, D))
+            wq, wk, wv = qkv[: H * hd], qkv[H * hd : (H + KV) * hd], qkv[(H + KV) * hd :]
+        else:
+            wq = get(p + "self_attn.q_proj.weight", (H * hd, D))
+            wk = get(p + "self_attn.k_proj.weight", (KV * hd, D))
+            wv = get(p + "self_attn.v_proj.weight", (KV * hd, D))
+        if a.fused_gate_up:
+            gate_up = get(p + "mlp.gate_up_proj.weight", (2 * F_, D))
+            w_gate, w_up = gate_up[:F_], gate_up[F_:]
+        else:
+            w_gate, w_up = get(p + "mlp.gate_proj.weight", (F_, D)), get(p + "mlp.up_proj.weight", (F_, D))
+        # Gemma's sandwich: post_attention_layernorm is the attention output's norm, pre_feedforward the MLP's
+        mlp_norm = (
+            "pre_feedforward_layernorm.weight" if a.sandwich_norm else "post_attention_layernorm.weight"
+        )
         layer = Layer(
             attn_norm=get(p + "input_layernorm.weight", (D,)),
-            wq=get(p + "self_attn.q_proj.weight", (H * hd, D)),
-            wk=get(p + "self_attn.k_proj.weight", (KV * hd, D)),
-            wv=get(p + "self_attn.v_proj.weight", (KV * hd, D)),
+            wq=wq,
+            wk=wk,
+            wv=wv,
             wo=get(p + "self_attn.o_proj.weight", (D, H * hd)),
-            mlp_norm=get(p + "post_attention_layernorm.weight", (D,)),
-            w_gate=get(p + "mlp.gate_proj.weight", (F_, D)),
-            w_up=get(p + "mlp.up_proj.weight", (F_, D)),
+            mlp_norm=get(p + mlp_norm, (D,)),
+            w_gate=w_gate,
+            w_up=w_up,
             w_down=get(p + "mlp.down_proj.weight", (D, F_)),
+            rope=rope_index[i],
+            window=a.layer_windows[i],
         )
         if a.qkv_bias:
             layer.bq = get(p + "self_attn.q_proj.bias", (H * hd,))
@@ -193,40 +195,89 @@ def weights_from_flat(flat: Mapping[str, Any], a: LlamaArgs, dtype: torch.dtype 
             layer.bv = get(p + "self_attn.v_proj.bias", (KV * hd,))
         if a.o_bias:
             layer.bo = get(p + "self_attn.o_proj.bias", (D,))
+        if a.qk_norm:
+            layer.q_norm = get(p + "self_attn.q_norm.weight", (hd,))
+            layer.k_norm = get(p + "self_attn.k_norm.weight", (hd,))
+        if a.sandwich_norm:
+            layer.attn_out_norm = get(p + "post_attention_layernorm.weight", (D,))
+            layer.mlp_out_norm = get(p + "post_feedforward_layernorm.weight", (D,))
         layers.append(layer)
-    embed = get("model.embed_tokens.weight", (a.vocab_size, D))
+    embed = get(pre + "embed_tokens.weight", (a.vocab_size, D))
     untied = not a.tie_word_embeddings and "lm_head.weight" in flat
     head = get("lm_head.weight", (a.vocab_size, D)) if untied else embed
-    # as transformers computes it: int64 arange -> float32, then the power in float32
-    inv_freq = 1.0 / (a.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64).float() / hd))
-    return Weights(embed, get("model.norm.weight", (D,)), head, inv_freq, layers)
+    return Weights(embed, get(pre + "norm.weight", (D,)), head, layers, ropes)
 
 
 # ---------------------------------------------------------------- model
 
 
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    # transformers' order: normalize in float32, cast back to the input dtype, then scale
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, offset: bool = False) -> torch.Tensor:
+    """RMSNorm in transformers' order for each family. Llama/Qwen/Mistral/Phi-3: normalize in float32, cast
+    back to the input dtype, then scale by ``w``. Gemma (``offset``): scale by ``1 + w`` in float32, then cast."""
     x32 = x.float()
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if offset:
+        return (x32 * (1.0 + w.float())).to(x.dtype)
     return w * x32.to(x.dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, T, N, hd]; cos, sin: [B, T, 1, hd]; rotate-half convention
+    """Rotate-half RoPE on the first ``cos.shape[-1]`` dims of each head (the rest pass: partial rotary).
+
+    x: [B, T, N, hd]; cos, sin: [B, T, 1, rd]."""
+    rd = cos.shape[-1]
+    if rd != x.shape[-1]:
+        return torch.cat((rope(x[..., :rd], cos, sin), x[..., rd:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-def rope_tables(inv_freq: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    freqs = pos[..., None].float() * inv_freq  # [B, T, hd/2]
-    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # [B, T, 1, hd]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+def rope_tables(
+    r: Rope, pos: torch.Tensor, long: torch.Tensor | None, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, T, 1, rd] for positions [B, T]; ``long`` [B]: rows that use LongRoPE's long factors."""
+    inv = r.inv_freq  # [rd/2]
+    if long is not None and r.inv_freq_long is not None:
+        inv = torch.where(long[:, None], r.inv_freq_long, r.inv_freq)[:, None]  # [B, 1, rd/2]
+    freqs = pos[..., None].float() * inv  # [B, T, rd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # [B, T, 1, rd]
+    cos, sin = emb.cos(), emb.sin()
+    if r.scale != 1.0:  # YaRN / LongRoPE attention factor
+        cos, sin = cos * r.scale, sin * r.scale
+    return cos.to(dtype), sin.to(dtype)
+
+
+def softcap(x: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma's logit soft-capping, ``cap * tanh(x / cap)``; identity when ``cap`` is None."""
+    return x if cap is None else torch.tanh(x / cap) * cap
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, a: Architecture
+) -> torch.Tensor:
+    """q: [B, KV, R, hd]; k, v: [B, KV, S, hd]; mask: [B, 1, R, S] (True = may attend) -> [B, KV, R, hd]."""
+    if a.attn_softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=a.attn_scale)
+    # Gemma 2 (transformers' eager order): scale, cap, mask, softmax in float32
+    s = softcap(torch.matmul(q, k.transpose(-1, -2)) * a.attn_scale, a.attn_softcap)
+    s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
+    return torch.matmul(F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype), v)
+
+
+def attention_mask(pos: torch.Tensor, kv_len: int, window: int | None, rep: int) -> torch.Tensor:
+    """[B, 1, rep*T, kv_len]: query at pos [B, T] may attend key k when ``k <= pos`` and, for a sliding
+    window, ``k > pos - window`` (transformers' rule); the rep query heads of a KV head share a row block."""
+    B, T = pos.shape
+    keys = torch.arange(kv_len, device=pos.device)[None, None, :]
+    mask = keys <= pos[:, :, None]  # [B, T, kv_len]
+    if window is not None:
+        mask = mask & (keys > pos[:, :, None] - window)
+    return mask[:, None, None].expand(B, 1, rep, T, kv_len).reshape(B, 1, rep * T, kv_len)
 
 
 def forward(
     w: Weights,
-    a: LlamaArgs,
+    a: Architecture,
     cache: tuple[torch.Tensor, torch.Tensor],
     tokens: torch.Tensor,
     pos: torch.Tensor,
@@ -235,23 +286,33 @@ def forward(
     last_only: bool,
 ) -> torch.Tensor:
     """Run tokens [B, T] at positions [B, T] into cache rows ``slots`` [B]; each row attends to its
-    cached positions up to its own. Returns float32 logits [B, V] (``last_only``) or [B, T, V]."""
+    cached positions up to its own. Returns float32 logits [B, V] (``last_only``) or [B, T, V].
+
+    LongRoPE picks its long factors per row when the row's forward reaches past the original context
+    (``max(pos) + 1 > original_max_position_embeddings``), as transformers decides per forward of one
+    sequence; earlier cached keys keep the frequencies they were computed with."""
     B, T = tokens.shape
     H, KV, rep, hd = a.n_heads, a.n_kv_heads, a.n_rep, a.head_dim
+    eps, offset = a.norm_eps, a.norm_offset
     kc, vc = cache  # [L, slots, KV, S, hd]
     kv_len = int(pos.max()) + 1
     lo = int(slots[0])
     contiguous = bool((slots == torch.arange(lo, lo + B, device=slots.device)).all())
     x = F.embedding(tokens, w.embed)  # [B, T, D]
-    cos, sin = rope_tables(w.inv_freq, pos, x.dtype)
-    keys = torch.arange(kv_len, device=pos.device)
-    mask = (keys[None, None, :] <= pos[:, :, None])[:, None, None]  # [B, 1, 1, T, kv_len]
-    mask = mask.expand(B, 1, rep, T, kv_len).reshape(B, 1, rep * T, kv_len)
+    if a.embed_scale is not None:  # Gemma: sqrt(hidden) as a float32 tensor cast to the compute dtype
+        x = x * torch.tensor(a.embed_scale, dtype=torch.float32, device=x.device).to(x.dtype)
+    long = None if a.longrope_original is None else pos.amax(dim=1) + 1 > a.longrope_original  # [B]
+    tables = [rope_tables(r, pos, long, x.dtype) for r in w.ropes]
+    masks = {win: attention_mask(pos, kv_len, win, rep) for win in {lw.window for lw in w.layers}}
     at = (slots[:, None], slice(None), pos)  # cache index -> [B, T, KV, hd]
     for i, lw in enumerate(w.layers):
-        h = rms_norm(x, lw.attn_norm, a.norm_eps)
-        q = rope(F.linear(h, lw.wq, lw.bq).view(B, T, H, hd), cos, sin)  # [B, T, H, hd]
-        k = rope(F.linear(h, lw.wk, lw.bk).view(B, T, KV, hd), cos, sin)  # [B, T, KV, hd]
+        cos, sin = tables[lw.rope]
+        h = rms_norm(x, lw.attn_norm, eps, offset)
+        q = F.linear(h, lw.wq, lw.bq).view(B, T, H, hd)  # [B, T, H, hd]
+        k = F.linear(h, lw.wk, lw.bk).view(B, T, KV, hd)  # [B, T, KV, hd]
+        if lw.q_norm is not None and lw.k_norm is not None:  # per head, before RoPE
+            q, k = rms_norm(q, lw.q_norm, eps, offset), rms_norm(k, lw.k_norm, eps, offset)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         v = F.linear(h, lw.wv, lw.bv).view(B, T, KV, hd)
         kc[i][at], vc[i][at] = k, v
         if contiguous:  # a view
@@ -260,14 +321,21 @@ def forward(
             kl, vl = kc[i, slots, :, :kv_len], vc[i, slots, :, :kv_len]
         # GQA: the rep query heads of a KV head ride along the query-length axis
         q = q.view(B, T, KV, rep, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, rep * T, hd)
-        o = F.scaled_dot_product_attention(q, kl, vl, attn_mask=mask)  # [B, KV, rep*T, hd]
-        o = o.view(B, KV, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)
-        x = x + F.linear(o, lw.wo, lw.bo)
-        h = rms_norm(x, lw.mlp_norm, a.norm_eps)
-        x = x + F.linear(F.silu(F.linear(h, lw.w_gate)) * F.linear(h, lw.w_up), lw.w_down)
+        o = attend(q, kl, vl, masks[lw.window], a)  # [B, KV, rep*T, hd]
+        o = F.linear(o.view(B, KV, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd), lw.wo, lw.bo)
+        if lw.attn_out_norm is not None:
+            o = rms_norm(o, lw.attn_out_norm, eps, offset)
+        x = x + o
+        h = rms_norm(x, lw.mlp_norm, eps, offset)
+        g = F.linear(h, lw.w_gate)
+        g = F.silu(g) if a.activation == "silu" else F.gelu(g, approximate="tanh")
+        m = F.linear(g * F.linear(h, lw.w_up), lw.w_down)
+        if lw.mlp_out_norm is not None:
+            m = rms_norm(m, lw.mlp_out_norm, eps, offset)
+        x = x + m
     if last_only:
         x = x[:, -1]  # [B, D]
-    return F.linear(rms_norm(x, w.norm, a.norm_eps), w.lm_head).float()
+    return softcap(F.linear(rms_norm(x, w.norm, eps, offset), w.lm_head), a.final_softcap).float()
 
 
 # ---------------------------------------------------------------- engine
@@ -286,7 +354,7 @@ class TorchLlamaEngine:
         max_context: int | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        self.args = a = LlamaArgs.from_hf_config(config)
+        self.args = a = parse_hf_config(config)
         self.device = torch.device("cpu" if device is None else device)
         with default_device(self.device):  # tensors made here (RoPE tables) land on the device
             self.weights = to_device(weights_from_flat(weights, a, dtype), self.device)
