@@ -554,7 +554,7 @@ def write_baseline_model(repo: Path, name: str, hf_dir: Path) -> None:
 
 
 def write_warmstart_model(repo: Path, name: str, checkpoint: str, engine: str) -> None:
-    from warmstart.backend.config import model_config, to_pbtxt
+    from warmstart.tritonconfig import model_config, to_pbtxt
 
     d = repo / name
     (d / "1").mkdir(parents=True, exist_ok=True)

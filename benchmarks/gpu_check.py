@@ -253,10 +253,10 @@ def ttft_worker(ckpt: str, device: str) -> None:
     import tokenizers  # noqa: F401  (imported before the clock, as in the engine host)
     import torch
 
-    from warmstart.backend.config import ModelSettings
     from warmstart.backend.runtime import Runtime
     from warmstart.backend.weights import load_checkpoint
     from warmstart.devices import check_engine_device, parse_device
+    from warmstart.tritonconfig import ModelSettings
 
     settings = ModelSettings(checkpoint=ckpt, engine="torch", device=device, max_batch=8)
     cuda = device != "cpu"

@@ -465,10 +465,10 @@ class Cluster:
     links: list[RemoteLink] = field(default_factory=list)
 
     def start(self) -> None:
-        from warmstart.backend.config import model_config, to_pbtxt
         from warmstart.format.transfer import upload
         from warmstart.objectstore import SeaweedFS, SeaweedFSConfig
         from warmstart.store.owner import StoreServer
+        from warmstart.tritonconfig import model_config, to_pbtxt
 
         # SeaweedFS keeps its data under the cache: checkpoints are uploaded once (keyed by name and bytes)
         data = self.s3_dir or self.work / "seaweedfs"

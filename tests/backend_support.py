@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from warmstart.backend.config import model_config, to_pbtxt
+from warmstart.tritonconfig import model_config, to_pbtxt
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_VOCAB = 320  # 256 byte tokens + room; no EOS, so generations always run to max_tokens

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from backend_support import RecordingSink, byte_tokenizer_json, make_tiny_checkpoint
 
-from warmstart.backend.config import ModelSettings
 from warmstart.backend.host import EngineHost, _TokenizerCache
 from warmstart.backend.remote import EngineHostUnavailable, RemoteRuntime
 from warmstart.backend.request import parse_request
 from warmstart.backend.runtime import ModelLoadFailed, Runtime
+from warmstart.tritonconfig import ModelSettings
 
 pytestmark = pytest.mark.slow
 

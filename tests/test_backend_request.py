@@ -8,14 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from warmstart.backend.config import (
-    INPUTS,
-    OUTPUTS,
-    BackendConfigError,
-    ModelSettings,
-    model_config,
-    to_pbtxt,
-)
 from warmstart.backend.request import (
     BadInput,
     ConflictingInputs,
@@ -34,6 +26,14 @@ from warmstart.engines import (
     InvalidTokenId,
     PromptTooLong,
     SamplingParams,
+)
+from warmstart.tritonconfig import (
+    INPUTS,
+    OUTPUTS,
+    BackendConfigError,
+    ModelSettings,
+    model_config,
+    to_pbtxt,
 )
 
 REPO = Path(__file__).resolve().parent.parent / "model_repository"

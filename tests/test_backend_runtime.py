@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from backend_support import RecordingSink, make_tiny_checkpoint
 
-from warmstart.backend.config import ModelSettings
 from warmstart.backend.request import parse_request
 from warmstart.backend.runtime import ModelLoadFailed, Runtime
 from warmstart.engines import PromptTooLong
+from warmstart.tritonconfig import ModelSettings
 
 pytestmark = pytest.mark.slow
 

@@ -376,7 +376,7 @@ def test_custom_metrics_are_reported(server: TritonServer) -> None:
 def test_full_config_via_repository_api_loads_a_model_not_in_the_repository(
     server: TritonServer, tmp_path: Path
 ) -> None:
-    from warmstart.backend.config import model_config
+    from warmstart.tritonconfig import model_config
 
     ckpt = Path(server.config.model_repositories[0]).parent / "tiny_llama"
     server.load_model(

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from backend_support import RecordingSink, make_tiny_checkpoint
 
-from warmstart.backend.config import ModelSettings
 from warmstart.backend.request import (
     BadInput,
     ConflictingInputs,
@@ -40,6 +39,7 @@ from warmstart.chat import (
 )
 from warmstart.engines import SamplingParams
 from warmstart.scheduler.upstream import GenerationRequest, build_infer_request
+from warmstart.tritonconfig import ModelSettings
 
 TEMPLATES = Path(__file__).parent / "data" / "chat_templates"
 

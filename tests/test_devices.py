@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from warmstart.backend.config import BackendConfigError, ModelSettings, model_config, to_pbtxt
 from warmstart.devices import CPU, Device, check_available, parse_device, select_device
 from warmstart.errors import DeviceConflict, DeviceUnavailable, InvalidDevice
+from warmstart.tritonconfig import BackendConfigError, ModelSettings, model_config, to_pbtxt
 
 # ------------------------------------------------------------------------------ parsing (pure)
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from backend_support import grpc_generate, make_tiny_checkpoint, write_model
 
-from warmstart.backend.config import ModelSettings
 from warmstart.backend.host import EngineHost, Peer, reap_decision
 from warmstart.backend.remote import RemoteRuntime
 from warmstart.triton import TritonConfig, TritonServer
+from warmstart.tritonconfig import ModelSettings
 
 REAP_DEADLINE_S = 20.0  # the host checks every 0.5 s; the rest is slack for a loaded 2-core machine
 
@@ -113,7 +113,7 @@ def host(tmp_path: Path) -> Iterator[EngineHost]:
 CLIENT_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from warmstart.backend.config import ModelSettings
+    from warmstart.tritonconfig import ModelSettings
     from warmstart.backend.remote import RemoteRuntime
     rt = RemoteRuntime.connect(sys.argv[1], ModelSettings(checkpoint=sys.argv[2], engine="torch"), model_name="m")
     print(rt.pid, flush=True)

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from backend_support import RecordingSink, make_tiny_checkpoint
 
-from warmstart.backend.config import ModelSettings
 from warmstart.backend.request import parse_request, request_from_json, request_to_json
 from warmstart.backend.runtime import Runtime
 from warmstart.engines import InvalidSamplingParams, SamplingParams
+from warmstart.tritonconfig import ModelSettings
 
 pytestmark = pytest.mark.slow
 

@@ -21,11 +21,11 @@ import pytest
 from _scheduler_cluster import REPO_KEY, BackgroundScheduler, scheduler_config
 from backend_support import byte_tokenizer_json, grpc_generate, make_tiny_checkpoint, write_model
 
-from warmstart.backend.config import ModelSettings
 from warmstart.backend.runtime import Runtime
 from warmstart.chat import ChatTemplate, validate_messages
 from warmstart.engines import SamplingParams
 from warmstart.triton import TritonConfig, TritonServer
+from warmstart.tritonconfig import ModelSettings
 
 openai = pytest.importorskip("openai")
 

@@ -95,7 +95,7 @@ def ask(grpc_url: str, model: str) -> tuple[str, float]:
 
 
 def write_repository(repo: Path) -> None:
-    from warmstart.backend.config import model_config, to_pbtxt
+    from warmstart.tritonconfig import model_config, to_pbtxt
 
     d = repo / MODEL
     (d / "1").mkdir(parents=True, exist_ok=True)
@@ -140,7 +140,7 @@ def scheduler_demo(run: Path, repo: Path, node_a: tuple[Any, Any], ckpt: Checkpo
     from warmstart.triton import TritonConfig, TritonServer
 
     say(
-        "[4/4] scheduler: a second node joins; the model is loaded nowhere and ask for it through the scheduler"
+        "[4/5] scheduler: a second node joins; the model is loaded nowhere and ask for it through the scheduler"
     )
     env = {**os.environ}
     shm_b = Path(f"/dev/shm/warmstart-demo-{os.getpid()}-b")
@@ -195,6 +195,83 @@ def scheduler_demo(run: Path, repo: Path, node_a: tuple[Any, Any], ckpt: Checkpo
                 say(f"      placed on: {', '.join(placed) or 'unknown'} (the node holding it in memory)")
             finally:
                 proc.stop()
+            replicas_demo(run, nodes, config, key)
+
+
+def replicas_demo(run: Path, nodes: list[tuple[str, Any, Any]], config: dict[str, Any], key: str) -> None:
+    """etcd, a node agent per node, two scheduler replicas that find the nodes there; one replica is killed
+    in the middle of a stream, and the client finishes the same stream through the other."""
+    import yaml
+
+    from warmstart._process import ManagedProcess, free_ports
+    from warmstart.etcd import Etcd, EtcdConfig, EtcdError
+
+    say("[5/5] many machines: etcd, a node agent per node, two scheduler replicas; one dies mid-stream")
+    try:
+        etcd = Etcd(EtcdConfig(data_dir=run / "etcd"))
+        etcd.start()
+    except EtcdError as e:
+        say(f"      skipped: {e}")
+        return
+    procs: list[Any] = []
+    try:
+        env = {**os.environ, "WARMSTART_DEMO_REPO_KEY": key}
+        for name, server, store in nodes:
+            argv = [sys.executable, "-m", "warmstart.cli", "node", "--etcd", etcd.url, "--name", name]
+            argv += ["--grpc", server.grpc_url, "--memory-budget", "8GiB", "--store", store.url]
+            argv += ["--repository-key-env", "WARMSTART_DEMO_REPO_KEY", "--lease-ttl", "3"]
+            procs.append(ManagedProcess(argv, env=env, log_path=run / f"agent-{name}.log"))
+            procs[-1].start()
+        replicas = []
+        for r in ("a", "b"):
+            http_port, grpc_port = free_ports(2)
+            cfg = {**config, "servers": [], "etcd": etcd.url}
+            cfg["listen"] = {"http": f"127.0.0.1:{http_port}", "grpc": f"127.0.0.1:{grpc_port}"}
+            cfg_path = run / f"replica-{r}.yaml"
+            cfg_path.write_text(yaml.safe_dump(cfg))
+            argv = [sys.executable, "-m", "warmstart.cli", "scheduler", "--config", str(cfg_path)]
+            proc = ManagedProcess(argv, env=env, log_path=run / f"replica-{r}.log")
+            proc.start()
+            procs.append(proc)
+            replicas.append((r, proc, http_port, grpc_port))
+        for _, proc, http_port, _ in replicas:
+            _wait_http(f"http://127.0.0.1:{http_port}/v2/health/live", proc)
+            _wait_for_nodes(http_port, config["admin_token"], len(nodes))
+        say(
+            f"      etcd at {etcd.url}; both replicas found {len(nodes)} nodes there (no servers in their config)"
+        )
+        (_, victim, _, grpc_a), (_, _, _, grpc_b) = replicas
+        endpoints = [f"127.0.0.1:{grpc_a}", f"127.0.0.1:{grpc_b}"]
+        sampling = {**SAMPLING, "max_tokens": 24}
+        text, served_by, killed = [], [], False
+        for delta in generate_stream(endpoints, MODEL, PROMPT, **sampling):
+            text.append(delta.text)
+            served_by.append(delta.endpoint)
+            if len(text) == 4 and not killed:
+                victim.stop(timeout=1.0, sig=signal.SIGKILL)  # replica a dies while it streams
+                killed = True
+                say("      replica a killed (SIGKILL) after 4 tokens")
+        reference = "".join(d.text for d in generate_stream(endpoints[1], MODEL, PROMPT, **sampling))
+        after = sum(1 for e in served_by if e == endpoints[1])
+        say(
+            f"      the stream finished through replica b ({after} of {len(served_by)} tokens): {PROMPT}{''.join(text)}"
+        )
+        say(f"      identical to an uninterrupted answer: {''.join(text) == reference}")
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        etcd.stop()
+
+
+def _wait_for_nodes(port: int, token: str, n: int, timeout: float = 30.0) -> None:
+    """Wait until the scheduler routes to ``n`` healthy servers (found through their node registrations)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        servers = _admin_state(port, token)["servers"]
+        if len(servers) >= n and all(s["healthy"] for s in servers.values()):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the scheduler did not find {n} registered nodes within {timeout} s")
 
 
 def _wait_for_inventory(port: int, token: str, timeout: float = 30.0) -> None:
@@ -239,7 +316,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     say("warmstart demo: SmolLM2-135M-Instruct, cold-started on Triton from S3, disk and memory")
     say()
-    say("[1/4] checkpoint")
+    say("[1/5] checkpoint")
     ckpt_dir = DEMO_DIR / "models" / MODEL
     ckpt = prepare_checkpoint(ckpt_dir)
     say(
@@ -258,13 +335,13 @@ def main() -> int:
         s3 = SeaweedFS(SeaweedFSConfig(data_dir=run / "s3", buckets=("models",)))
         with stopping(s3.start()):
             os.environ["WARMSTART_S3_ENDPOINT"] = s3.endpoint
-            say(f"[2/4] object store: SeaweedFS S3 at {s3.endpoint}; uploading to s3://models/{MODEL}")
+            say(f"[2/5] object store: SeaweedFS S3 at {s3.endpoint}; uploading to s3://models/{MODEL}")
             t0 = time.monotonic()
             with Progress("      upload", ckpt.index.total_bytes) as prog:
                 upload(ckpt_dir, f"s3://models/{MODEL}", progress=prog)
             say(f"      uploaded in {time.monotonic() - t0:.1f} s (index.json last)")
 
-            say("[3/4] one node: node store + tritonserver with the warmstart backend (torch engine)")
+            say("[3/5] one node: node store + tritonserver with the warmstart backend (torch engine)")
             store = StoreServer(
                 root=run / "node-a", remote="s3://models", memory_capacity="2GiB", disk_capacity="4GiB",
                 memory_root=shm, env=dict(os.environ),

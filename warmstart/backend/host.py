@@ -51,11 +51,11 @@ from types import FrameType
 from typing import Any
 
 from warmstart._process import ManagedProcess, set_parent_death_signal, tail
-from warmstart.backend.config import ModelSettings
 from warmstart.backend.metrics import Metrics
 from warmstart.backend.request import error_code, request_from_json
 from warmstart.backend.wire import ENV_VAR, Channel, ChannelClosed, ProtocolError
 from warmstart.errors import WarmstartError
+from warmstart.tritonconfig import ModelSettings
 
 logger = logging.getLogger(__name__)
 

@@ -24,12 +24,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from warmstart.backend.config import ModelSettings
 from warmstart.backend.metrics import Metrics, NullMetrics
 from warmstart.backend.request import GenerateRequest, request_to_json
 from warmstart.backend.runtime import CANCEL_POLL_SECONDS, ModelLoadFailed, ResponseSink
 from warmstart.backend.wire import Channel, ChannelClosed, ProtocolError
 from warmstart.errors import WarmstartError
+from warmstart.tritonconfig import ModelSettings
 
 logger = logging.getLogger(__name__)
 

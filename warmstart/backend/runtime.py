@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from warmstart.backend.config import ModelSettings
 from warmstart.backend.metrics import Metrics, NullMetrics
 from warmstart.backend.request import GenerateRequest, error_code
 from warmstart.backend.weights import LoadedCheckpoint, load_checkpoint, resolve_reference
@@ -33,6 +32,7 @@ from warmstart.chat import (
 from warmstart.devices import check_engine_device, parse_device
 from warmstart.engines import BatchedGenerator, Engine, TextStreamer, build_engine
 from warmstart.errors import WarmstartError
+from warmstart.tritonconfig import ModelSettings
 
 logger = logging.getLogger(__name__)
 

@@ -107,6 +107,7 @@ from warmstart.scheduler.upstream import (
     UpstreamModelReleased,
     UpstreamUnavailable,
 )
+from warmstart.tritonconfig import model_config
 
 logger = logging.getLogger(__name__)
 
@@ -281,12 +282,6 @@ def default_renderer(model: ModelConfig) -> Mapping[str, Any]:
         config = dict(model.triton_config)
         config["name"] = model.name
         return config
-    try:
-        from warmstart.backend.config import model_config
-    except ImportError as e:
-        raise ModelLoadFailed(
-            f"model {model.name!r} has no triton_config and warmstart.backend.config is unavailable"
-        ) from e
     try:
         rendered: Mapping[str, Any] = model_config(model.name, model.checkpoint, model.engine)
     except ValueError as e:

@@ -48,13 +48,13 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from warmstart.backend.config import INPUTS, OUTPUTS, ModelSettings
 from warmstart.backend.metrics import BackendMetrics
 from warmstart.backend.release import ReleaseRefused, check_release_key, release_key
 from warmstart.backend.remote import EngineHostUnavailable, RemoteRuntime
 from warmstart.backend.request import RELEASED, error_code, is_release_request, parse_request
 from warmstart.backend.runtime import Runtime  # cheap: it imports torch only when it loads a model
 from warmstart.backend.wire import ENV_VAR
+from warmstart.tritonconfig import INPUTS, OUTPUTS, ModelSettings
 
 _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 _INPUT_NAMES = tuple(i["name"] for i in INPUTS)
@@ -142,7 +142,7 @@ class _Sink:
             tensors.append(
                 pb_utils.Tensor("finish_reason", np.array([finish_reason.encode()], dtype=np.object_))
             )
-        # declared outputs (warmstart.backend.config.OUTPUTS); a config written before them drops them
+        # declared outputs (warmstart.tritonconfig.OUTPUTS); a config written before them drops them
         for name, value in (("prompt_tokens", prompt_tokens), ("stop_token_id", stop_token_id)):
             if value is not None:
                 tensors.append(pb_utils.Tensor(name, np.asarray([value], dtype=np.int64)))
