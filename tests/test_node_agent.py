@@ -18,15 +18,17 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from test_scheduler_streams import WORDS, ScriptedUpstream
 
 from warmstart.etcd import Etcd
 from warmstart.node import NodeAgent, NodeAgentError
-from warmstart.scheduler.config import SchedulerConfig
+from warmstart.scheduler.config import ModelConfig, SchedulerConfig
 from warmstart.scheduler.errors import ClusterStateUnavailable, StaleEpochError
 from warmstart.scheduler.etcd_state import EtcdClusterState
+from warmstart.scheduler.protocol import status_of
 from warmstart.scheduler.router import Router, _InstanceRT
 from warmstart.scheduler.state import InMemoryClusterState, NodeBandwidth, NodeRecord, Tier
 
@@ -282,3 +284,76 @@ def test_node_command_refuses_a_bad_endpoint_with_a_message() -> None:
     cmd += ["--grpc", "nohost", "--memory-budget", "1GiB"]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "grpc must be host:port" in done.stderr
+
+
+# --- cluster state unreachable -------------------------------------------------------------------------
+
+
+class SwitchableStore(InMemoryClusterState):
+    """The in-memory store, made unreachable at will (as etcd is when it is down or partitioned)."""
+
+    down = False
+
+    def _gate(self) -> None:
+        if self.down:
+            raise ClusterStateUnavailable("etcd at http://127.0.0.1:2379: connection refused")
+
+    def put_server(self, *a: Any, **k: Any) -> int:
+        self._gate()
+        return super().put_server(*a, **k)
+
+    def snapshot(self, *a: Any, **k: Any) -> Any:
+        self._gate()
+        return super().snapshot(*a, **k)
+
+    def read(self) -> Any:
+        self._gate()
+        return super().read()
+
+
+def test_with_cluster_state_unreachable_loaded_models_are_served_and_new_loads_refused_at_once() -> None:
+    store = SwitchableStore()
+    a = ScriptedUpstream("a")
+    a.repository = ("m", "cold")
+
+    async def scenario() -> tuple[list[int], str, float, list[int]]:
+        router = _discovering_router(store, {"a": a})
+        router._add_model(
+            ModelConfig.from_dict("cold", {"checkpoint": "s3://models/cold", "size_bytes": MIB})
+        )
+        await router.start()
+        try:
+            NodeAgent(store, record("a", "127.0.0.1:8001"), ttl_s=30).step()
+            await _joined(router, "a")
+            router.servers["a"].instances["m"] = _InstanceRT("m", MIB, last_used_s=0.0)
+            store.down = True
+            warm = [
+                t
+                async for c in router.stream(router.new_generation("m", "hi", {"max_tokens": 3}))
+                for t in c.token_ids
+            ]
+            t0 = time.monotonic()
+            try:
+                async for _ in router.stream(router.new_generation("cold", "hi", {"max_tokens": 3})):
+                    pass
+                refused = "served"
+            except ClusterStateUnavailable as e:
+                refused = str(e)
+            waited = time.monotonic() - t0
+            assert status_of(ClusterStateUnavailable("x")).http == 503
+            assert "a" in router.servers  # the servers known stay while their registrations cannot be read
+            store.down = False  # etcd is back: decisions resume by themselves
+            cold = [
+                t
+                async for c in router.stream(router.new_generation("cold", "hi", {"max_tokens": 3}))
+                for t in c.token_ids
+            ]
+            return warm, refused, waited, cold
+        finally:
+            await router.close()
+
+    warm, refused, waited, cold = asyncio.run(scenario())
+    assert warm == WORDS[:3]
+    assert "cluster state is unreachable" in refused and "already loaded are still served" in refused
+    assert waited < 1.0  # said at once, not after the cold-start timeout
+    assert cold == WORDS[:3]

@@ -35,6 +35,7 @@ class ScriptedUpstream:
         self.gate = gate  # when set: each token waits for the test to open it
         self.requests: list[GenerationRequest] = []
         self.dead = False
+        self.repository: tuple[str, ...] = ()  # model directories its repository index lists (not loaded)
 
     async def generate(
         self, req: GenerationRequest, *, idle_timeout_s: float
@@ -59,7 +60,7 @@ class ScriptedUpstream:
             raise UpstreamUnavailable(f"{self.name}: not live")
 
     async def index(self) -> list[dict[str, str]]:
-        return []
+        return [{"name": n, "version": "1", "state": "UNAVAILABLE", "reason": ""} for n in self.repository]
 
     async def load(self, name: str, config: Any, *, timeout_s: float) -> float:
         return 0.0

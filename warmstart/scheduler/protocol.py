@@ -12,6 +12,7 @@ from warmstart.chat import InvalidMessages, validate_messages
 from warmstart.scheduler.config import ModelConfig
 from warmstart.scheduler.errors import (
     BadRequest,
+    ClusterStateUnavailable,
     InvalidModelName,
     RequestBodyTimeout,
     RequestBodyTooLarge,
@@ -124,7 +125,9 @@ def status_of(error: BaseException) -> Status:
         return Status(400, "INVALID_ARGUMENT")
     if isinstance(error, UnknownModelError):
         return Status(404, "NOT_FOUND")
-    if isinstance(error, (ColdStartQueueFull, ColdStartTimeout, UnplaceableModelError)):
+    if isinstance(
+        error, (ColdStartQueueFull, ColdStartTimeout, UnplaceableModelError, ClusterStateUnavailable)
+    ):
         return Status(503, "UNAVAILABLE")
     if isinstance(error, GenerationFailed):
         return Status(502, "UNAVAILABLE")

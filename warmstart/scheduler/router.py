@@ -37,6 +37,7 @@ from warmstart.scheduler.config import (
 )
 from warmstart.scheduler.errors import (
     ClusterStateError,
+    ClusterStateUnavailable,
     InvalidSamplingValue,
     MigrationDestinationError,
     MigrationError,
@@ -325,6 +326,7 @@ class Router:
         self._attempts = itertools.count(1)
         self._migrating_for: set[str] = set()
         self._discovered: dict[str, int] = {}  # servers added from node registrations -> their epoch
+        self._state_unavailable: str | None = None  # why cluster state could not be reached, while it cannot
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stores: dict[str, NodeStoreClient] = {}
@@ -534,10 +536,25 @@ class Router:
             if not rt.remote_assumed() and (bw := rt.effective_bandwidth()) is not None and bw.remote_bps
         ]
         self._assumed_remote_bps = assumed_remote_bps(measured)
-        for rt in self.servers.values():
-            self.store.put_server(rt.to_state(now, self._token_s, self._assumed_remote_bps))
+        states = [rt.to_state(now, self._token_s, self._assumed_remote_bps) for rt in self.servers.values()]
         demand = decayed_rates(self._demand, now)
-        return self.store.snapshot(now, demand)
+        try:
+            for state in states:
+                self.store.put_server(state)
+            snapshot = self.store.snapshot(now, demand)
+        except ClusterStateUnavailable as e:
+            if self._state_unavailable is None:
+                logger.error(
+                    "cluster state unreachable (%s): serving the models loaded now from this scheduler's own "
+                    "view; requests that need a new load are refused until it is back",
+                    e,
+                )
+            self._state_unavailable = str(e)
+            return ClusterSnapshot.of(states, (m.to_spec() for m in self.models.values()), now, demand)
+        if self._state_unavailable is not None:
+            logger.warning("cluster state reachable again; decisions resume")
+            self._state_unavailable = None
+        return snapshot
 
     def _count_request(self, model: str) -> None:
         """Count a client's request for ``model`` in its recent request rate (``ClusterSnapshot.demand``)."""
@@ -587,6 +604,11 @@ class Router:
                     inst.last_used_s = self._clock()
                     gen.server = rt.name
                     return rt
+                if self._state_unavailable is not None and placement.action is not Action.WAIT:
+                    raise ClusterStateUnavailable(
+                        f"cannot decide where to load {gen.model!r} now: cluster state is unreachable "
+                        f"({self._state_unavailable}); models already loaded are still served, retry when it is back"
+                    )
                 if placement.action in (Action.LOAD, Action.WAIT, Action.QUEUE) and self._try_migration(
                     gen.model
                 ):
