@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -207,6 +208,7 @@ def replicas_demo(run: Path, nodes: list[tuple[str, Any, Any]], config: dict[str
     from warmstart.etcd import Etcd, EtcdConfig, EtcdError
 
     say("[5/5] many machines: etcd, a node agent per node, two scheduler replicas; one dies mid-stream")
+    logging.getLogger("warmstart.client").setLevel(logging.ERROR)  # the resume is reported below instead
     try:
         etcd = Etcd(EtcdConfig(data_dir=run / "etcd"))
         etcd.start()
