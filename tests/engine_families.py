@@ -125,10 +125,11 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def random_model(family: Family, seed: int = 0) -> Any:
-    """A tiny HF model with weights large enough that each feature moves the logits."""
+def random_model(family: Family, seed: int = 0, **overrides: Any) -> Any:
+    """A tiny HF model with weights large enough that each feature moves the logits (``overrides``: config
+    keys to change, e.g. ``vocab_size``)."""
     torch.manual_seed(seed)
-    cfg = family.config(**family.kwargs, tie_word_embeddings=family.tie)
+    cfg = family.config(**{**family.kwargs, **overrides}, tie_word_embeddings=family.tie)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     gemma = "gemma" in cfg.model_type
     with torch.no_grad():

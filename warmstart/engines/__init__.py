@@ -1,5 +1,9 @@
-"""Generation engines: torch (a compact Llama/Qwen2/Mistral, else any transformers model) and JAX
-(a compact Llama/Qwen2).
+"""Generation engines: torch (a compact decoder for the families below, else any transformers model) and
+JAX (a compact decoder for the same families).
+
+Families both compact engines implement, read from ``config.json`` by the one shared parser
+`warmstart.engines.hfconfig.parse_hf_config`: Llama 1-3.x (RoPE scaling linear/dynamic/llama3/yarn), Mistral,
+Qwen2/2.5, Qwen3, Gemma 2, Gemma 3 text and Phi-3/3.5 (docs/engines.md has what each needs).
 
 Importing this package imports neither torch nor jax; `build_engine` imports the one it needs.
 """
