@@ -69,6 +69,19 @@ FAMILIES: dict[str, Family] = {
         _common(rope_theta=500.0, rope_scaling={"rope_type": "linear", "factor": 2.5}),
         tie=True,
     ),
+    "llama-yarn-rope-untied": Family(
+        transformers.LlamaConfig,
+        _common(
+            rope_theta=500.0,
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        ),
+        tie=False,
+    ),
+    "llama-dynamic-rope-tied": Family(
+        transformers.LlamaConfig,
+        _common(rope_theta=500.0, rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+        tie=True,
+    ),
     "qwen2-bias-sliding-tied": Family(
         transformers.Qwen2Config,
         _common(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1, rope_theta=300.0),
@@ -121,6 +134,9 @@ FAMILIES: dict[str, Family] = {
             },
         ),
         tie=False,
+    ),
+    "phi3-partial-rotary": Family(  # Phi-4-mini's kind: RoPE on the first half of each head only
+        transformers.Phi3Config, _common(partial_rotary_factor=0.5, rope_theta=600.0), tie=False
     ),
 }
 
