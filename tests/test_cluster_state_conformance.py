@@ -39,6 +39,7 @@ from warmstart.scheduler.state import (
     InMemoryClusterState,
     Instance,
     Lease,
+    LoadClaim,
     LoadInFlight,
     ModelSpec,
     NodeBandwidth,
@@ -506,6 +507,82 @@ def test_node_and_server_records_of_one_name_are_separate_keys(backend: Backend)
 def test_node_record_refuses_bad_fields(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidSnapshotError, match=message):
         node("n1", **{"epoch": 1, **fields})
+
+
+# --- allocations: the replicas' shared view of a server ---------------------------------------------------
+
+
+def test_two_replicas_racing_to_load_on_one_server_make_exactly_one_claim(backend: Backend) -> None:
+    store = backend.store
+    lease_a, lease_b = store.grant_lease(30), store.grant_lease(30)
+    view = store.allocation("s1")
+    assert view.revision == 0 and view.committed_bytes == 0
+    # both decided on the same view; the second compare-and-set loses and must re-read
+    rev = store.claim_load("s1", "m", 100, "replica-a", lease=lease_a, expected_revision=view.revision)
+    with pytest.raises(RevisionConflictError):
+        store.claim_load("s1", "m2", 200, "replica-b", lease=lease_b, expected_revision=view.revision)
+    again = store.allocation("s1")
+    assert again.revision == rev and dict(again.loads) == {"m": LoadClaim("replica-a", 100)}
+    assert again.committed_bytes == 100  # replica b now decides knowing a's 100 bytes are taken
+    store.claim_load("s1", "m2", 200, "replica-b", lease=lease_b, expected_revision=again.revision)
+    assert store.allocation("s1").committed_bytes == 300
+    store.revoke_lease(lease_a)
+    store.revoke_lease(lease_b)
+
+
+def test_a_finished_load_stays_loaded_and_a_dead_replicas_claims_and_counts_expire(backend: Backend) -> None:
+    store = backend.store
+    keep = store.grant_lease(30)
+    dying = store.grant_lease(LEASE_TTL_S)
+    view = store.allocation("s1")
+    rev = store.claim_load("s1", "m", 100, "a", lease=keep, expected_revision=view.revision)
+    store.claim_load("s1", "n", 50, "b", lease=dying, expected_revision=rev)
+    store.finish_load("s1", "m", "a", size_bytes=100)
+    store.set_in_use("s1", "m", "a", 2, lease=keep)
+    store.set_in_use("s1", "m", "b", 1, lease=dying)
+    now = store.allocation("s1")
+    assert dict(now.loaded) == {"m": 100} and set(now.loads) == {"n"}
+    assert now.users("m") == 3 and now.users("m", besides="a") == 1
+    if backend.clock is not None:
+        backend.clock.now += dying.ttl_s
+    else:
+        t0 = time.monotonic()
+        while store.allocation("s1").users("m") != 2 and time.monotonic() - t0 < LEASE_TTL_S + EXPIRY_BOUND_S:
+            time.sleep(0.05)
+    after = store.allocation("s1")  # replica b died: its claim and its count went with its lease
+    assert (
+        dict(after.loaded) == {"m": 100} and dict(after.loads) == {} and dict(after.in_use) == {"m": {"a": 2}}
+    )
+    store.set_in_use("s1", "m", "a", 0, lease=keep)
+    assert store.allocation("s1").users("m") == 0
+    store.revoke_lease(keep)
+
+
+def test_a_release_decided_on_a_stale_view_is_refused(backend: Backend) -> None:
+    store = backend.store
+    lease = store.grant_lease(30)
+    rev = store.claim_load("s1", "m", 100, "a", lease=lease, expected_revision=0)
+    store.finish_load("s1", "m", "a", size_bytes=100)
+    view = store.allocation("s1")  # replica a sees m idle and decides to unload it ...
+    store.set_in_use("s1", "m", "b", 1, lease=lease)  # ... while replica b starts a generation on it
+    with pytest.raises(RevisionConflictError):
+        store.release_loaded("s1", "m", expected_revision=view.revision)
+    assert dict(store.allocation("s1").loaded) == {"m": 100}
+    store.set_in_use("s1", "m", "b", 0, lease=lease)
+    idle = store.allocation("s1")
+    assert idle.revision > rev
+    store.release_loaded("s1", "m", expected_revision=idle.revision)
+    assert dict(store.allocation("s1").loaded) == {}
+    store.revoke_lease(lease)
+
+
+def test_allocation_names_with_a_slash_are_refused(backend: Backend) -> None:
+    with pytest.raises(InvalidSnapshotError, match="no '/'"):
+        backend.store.allocation("a/b")
+    lease = backend.store.grant_lease(30)
+    with pytest.raises(InvalidSnapshotError, match="no '/'"):
+        backend.store.claim_load("s1", "m/x", 1, "r", lease=lease, expected_revision=0)
+    backend.store.revoke_lease(lease)
 
 
 # --- records --------------------------------------------------------------------------------------------

@@ -38,20 +38,25 @@ from warmstart.scheduler.errors import (
 )
 from warmstart.scheduler.state import (
     DEFAULT_LEASE_TTL_S,
+    Allocation,
     ClusterSnapshot,
     Lease,
+    LoadClaim,
     ModelSpec,
     NodeRecord,
     ServerState,
     StateView,
     Versioned,
+    check_allocation_names,
     check_lease_ttl,
 )
 from warmstart.scheduler.state_json import (
+    decode_alloc,
     decode_epoch,
     decode_model,
     decode_node,
     decode_server,
+    encode_alloc,
     encode_epoch,
     encode_model,
     encode_node,
@@ -65,6 +70,7 @@ __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT_S", "EtcdClusterState", "EtcdReque
 DEFAULT_PREFIX = "/warmstart/"
 DEFAULT_TIMEOUT_S = 2.0
 _SERVERS, _MODELS, _EPOCHS, _NODES = "servers/", "models/", "epochs/", "nodes/"
+_ALLOC_REV, _ALLOC = "alloc-rev/", "alloc/"
 # gRPC status codes etcd's gateway returns in {"code": ...}
 _NOT_FOUND, _DEADLINE_EXCEEDED, _UNAVAILABLE = 5, 4, 14
 _R = TypeVar("_R")
@@ -507,6 +513,123 @@ class EtcdClusterState:
     def snapshot(self, now: float, demand: Mapping[str, float] | None = None) -> ClusterSnapshot:
         """Every server and model as of one revision, stamped with ``now`` and the caller's ``demand``."""
         return self.read().snapshot(now, demand)
+
+    # -- allocations ---------------------------------------------------------------------------------
+    # version key P alloc-rev/<server> (its mod_revision is the allocation revision); the records under
+    # P alloc/<server>/: loads/<model> (claim, replica's lease), loaded/<model>, inuse/<model>/<replica>
+    def _alloc_rev_key(self, server: str) -> bytes:
+        return self._key(_ALLOC_REV, server)
+
+    def _alloc_key(self, server: str, *parts: str) -> bytes:
+        return self._key(_ALLOC, "/".join((server, *parts)))
+
+    def _bump_op(self, server: str) -> dict[str, Any]:
+        value = encode_alloc("alloc-version", {"server": server})
+        return {"request_put": {"key": _b64(self._alloc_rev_key(server)), "value": _b64(value)}}
+
+    def _alloc_compare(self, server: str, expected: int) -> dict[str, Any]:
+        key = _b64(self._alloc_rev_key(server))
+        if expected == 0:
+            return {"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
+        return {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(expected)}
+
+    def _alloc_write(self, server: str, ops: list[dict[str, Any]], expected: int | None, what: str) -> int:
+        compare = [] if expected is None else [self._alloc_compare(server, expected)]
+        ok, answer, found = self._txn(compare, [*ops, self._bump_op(server)], [self._alloc_rev_key(server)])
+        if not ok:
+            now = _int(found[0].get("mod_revision"), "mod_revision") if found and found[0] is not None else 0
+            raise RevisionConflictError(
+                f"allocation of {server!r} is at revision {now}, the {what} expected {expected}"
+            )
+        return self._revision(answer)
+
+    def allocation(self, server: str) -> Allocation:
+        """What the replicas together hold on ``server``: its version key and records in one transaction."""
+        check_allocation_names(server)
+        prefix = self._alloc_key(server, "")
+        ranges = [
+            {"request_range": {"key": _b64(self._alloc_rev_key(server))}},
+            {"request_range": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}},
+        ]
+        answer = self._call("kv/txn", {"compare": [], "success": ranges, "failure": []})
+        responses = answer.get("responses") or []
+        if len(responses) != 2:
+            raise EtcdRequestError(f"etcd answered the allocation read with {len(responses)} responses")
+        version = self._kvs((responses[0] or {}).get("response_range") or {})
+        revision = _int(version[0].get("mod_revision"), "mod_revision") if version else 0
+        loads: dict[str, LoadClaim] = {}
+        loaded: dict[str, int] = {}
+        in_use: dict[str, dict[str, int]] = {}
+        for kv in self._kvs((responses[1] or {}).get("response_range") or {}):
+            key = _unb64(kv.get("key"), "key")
+            text = key.decode(errors="replace")
+            rest = key[len(prefix) :].decode(errors="replace").split("/")
+            data = _unb64(kv.get("value", ""), "value")
+            if rest[0] == "loads" and len(rest) == 2:
+                v = decode_alloc(data, text, "alloc-claim")
+                loads[rest[1]] = LoadClaim(v["replica"], v["size_bytes"])
+            elif rest[0] == "loaded" and len(rest) == 2:
+                loaded[rest[1]] = decode_alloc(data, text, "alloc-loaded")["size_bytes"]
+            elif rest[0] == "inuse" and len(rest) == 3:
+                count = decode_alloc(data, text, "alloc-inuse")["count"]
+                if count > 0:
+                    in_use.setdefault(rest[1], {})[rest[2]] = count
+            else:
+                logger.debug("ignoring key %r under the allocation of %s", text, server)
+        return Allocation(server, revision, loads, loaded, in_use)
+
+    def claim_load(
+        self, server: str, model: str, size_bytes: int, replica: str, *, lease: Lease, expected_revision: int
+    ) -> int:
+        """Claim the load of ``model`` on ``server`` for ``replica``: one transaction comparing the
+        allocation revision, writing the claim under ``lease`` and bumping the revision."""
+        check_allocation_names(server, model, replica)
+        value = encode_alloc("alloc-claim", {"replica": replica, "size_bytes": int(size_bytes)})
+        put = {
+            "key": _b64(self._alloc_key(server, "loads", model)),
+            "value": _b64(value),
+            "lease": str(lease.id),
+        }
+        return self._alloc_write(server, [{"request_put": put}], expected_revision, "claim")
+
+    def finish_load(self, server: str, model: str, replica: str, *, size_bytes: int | None) -> int:
+        """End ``replica``'s claim on ``model`` (only its own: compared on the claim's value); record the model
+        loaded when ``size_bytes`` is given."""
+        check_allocation_names(server, model, replica)
+        claim_key = self._alloc_key(server, "loads", model)
+        ops: list[dict[str, Any]] = []
+        kv = self._range_one(claim_key)
+        if (
+            kv is not None
+            and decode_alloc(_unb64(kv.get("value", ""), "value"), claim_key.decode(), "alloc-claim")[
+                "replica"
+            ]
+            == replica
+        ):
+            ops.append({"request_delete_range": {"key": _b64(claim_key)}})
+        if size_bytes is not None:
+            value = encode_alloc("alloc-loaded", {"size_bytes": int(size_bytes)})
+            ops.append(
+                {"request_put": {"key": _b64(self._alloc_key(server, "loaded", model)), "value": _b64(value)}}
+            )
+        return self._alloc_write(server, ops, None, "finish")
+
+    def set_in_use(self, server: str, model: str, replica: str, count: int, *, lease: Lease) -> int:
+        """Set ``replica``'s count of generations on ``model`` at ``server`` (0 deletes it), under ``lease``."""
+        check_allocation_names(server, model, replica)
+        key = _b64(self._alloc_key(server, "inuse", model, replica))
+        if count > 0:
+            value = _b64(encode_alloc("alloc-inuse", {"count": int(count)}))
+            op = {"request_put": {"key": key, "value": value, "lease": str(lease.id)}}
+        else:
+            op = {"request_delete_range": {"key": key}}
+        return self._alloc_write(server, [op], None, "in-use count")
+
+    def release_loaded(self, server: str, model: str, *, expected_revision: int) -> int:
+        """Forget ``model`` loaded on ``server``, compare-and-set on the allocation revision."""
+        check_allocation_names(server, model)
+        op = {"request_delete_range": {"key": _b64(self._alloc_key(server, "loaded", model))}}
+        return self._alloc_write(server, [op], expected_revision, "release")
 
     # -- leases and epochs ---------------------------------------------------------------------------
     def grant_lease(self, ttl_s: int = DEFAULT_LEASE_TTL_S) -> Lease:

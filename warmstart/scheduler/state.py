@@ -692,6 +692,47 @@ class StateView:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class LoadClaim:
+    """A load of a model on a server that one scheduler replica decided and is carrying out."""
+
+    replica: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What the scheduler replicas together hold on one server, read at one store revision.
+
+    ``revision`` is the server's allocation version (0: never written): every allocation write bumps it, so a
+    decision taken on this view is a compare-and-set on it (``expected_revision``). ``loads``: loads in
+    flight, each under its replica's lease; ``loaded``: models loaded there (bytes), kept until released;
+    ``in_use``: per model, how many of each replica's generations use it (under that replica's lease).
+    """
+
+    server: str
+    revision: int
+    loads: Mapping[str, LoadClaim] = field(default_factory=dict)
+    loaded: Mapping[str, int] = field(default_factory=dict)
+    in_use: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+
+    @property
+    def committed_bytes(self) -> int:
+        """Memory the loaded models and the loads in flight take together."""
+        return sum(self.loaded.values()) + sum(c.size_bytes for c in self.loads.values())
+
+    def users(self, model: str, *, besides: str | None = None) -> int:
+        """Generations using ``model`` here, over every replica (but ``besides``)."""
+        return sum(n for r, n in self.in_use.get(model, {}).items() if r != besides)
+
+
+def check_allocation_names(*names: str) -> None:
+    """Server, model and replica names in allocation keys: non-empty, printable, no '/'."""
+    for name in names:
+        if not isinstance(name, str) or not name or "/" in name or not name.isprintable() or len(name) > 256:
+            raise InvalidSnapshotError(f"allocation name {name!r}: 1-256 printable characters, no '/'")
+
+
 def check_lease_ttl(ttl_s: int) -> int:
     """``ttl_s`` if it is a whole number of seconds in 1..:data:`MAX_LEASE_TTL_S`, else
     :class:`InvalidLeaseError`."""
@@ -775,6 +816,33 @@ class ClusterStateStore(Protocol):
         """Every server, model and node with its revision, as of one store revision."""
         ...
 
+    def allocation(self, server: str) -> Allocation:
+        """What the replicas together hold on ``server`` (one read, one revision)."""
+        ...
+
+    def claim_load(
+        self, server: str, model: str, size_bytes: int, replica: str, *, lease: Lease, expected_revision: int
+    ) -> int:
+        """Record that ``replica`` loads ``model`` on ``server``, if the server's allocation is still at
+        ``expected_revision`` (:class:`RevisionConflictError` otherwise: re-read and decide again); the claim
+        ends with ``lease``. Returns the new allocation revision."""
+        ...
+
+    def finish_load(self, server: str, model: str, replica: str, *, size_bytes: int | None) -> int:
+        """End ``replica``'s claim; ``size_bytes`` not None: the model is loaded there (kept until
+        :meth:`release_loaded`). Returns the new allocation revision."""
+        ...
+
+    def set_in_use(self, server: str, model: str, replica: str, count: int, *, lease: Lease) -> int:
+        """``replica`` has ``count`` generations on ``model`` at ``server`` (0 removes the count); under
+        ``lease``, so a dead replica's counts expire with it. Returns the new allocation revision."""
+        ...
+
+    def release_loaded(self, server: str, model: str, *, expected_revision: int) -> int:
+        """Forget that ``model`` is loaded on ``server`` (an unload or eviction decided on the view at
+        ``expected_revision``: :class:`RevisionConflictError` if anything changed since). New revision."""
+        ...
+
     def snapshot(self, now: float, demand: Mapping[str, float] | None = None) -> ClusterSnapshot:
         """Every server and model as of one revision, stamped with ``now`` and the caller's ``demand``
         (request rates are each router's own count, not stored state)."""
@@ -825,9 +893,11 @@ class InMemoryClusterState:
         self._nodes: dict[str, Versioned[NodeRecord]] = {}
         self._epochs: dict[str, int] = {}
         self._leases: dict[int, _LeaseRecord] = {}
-        self._key_lease: dict[
-            tuple[str, str], int
-        ] = {}  # (kind, name) -> id of the lease it was written under
+        self._key_lease: dict[tuple[str, str], int] = {}  # (kind, name) -> the lease it was written under
+        self._alloc_rev: dict[str, int] = {}  # server -> allocation revision
+        self._claims: dict[str, dict[str, LoadClaim]] = {}  # server -> model -> claim
+        self._loaded: dict[str, dict[str, int]] = {}
+        self._in_use: dict[str, dict[str, dict[str, int]]] = {}  # server -> model -> replica -> count
         self._lease_ids = itertools.count(1)
 
     @property
@@ -850,9 +920,18 @@ class InMemoryClusterState:
         if rec.keys:
             self._revision += 1
         for kind, name in rec.keys:
-            table: dict[str, Any] = self._servers if kind == "server" else self._nodes
-            del table[name]
             del self._key_lease[(kind, name)]
+            # a lease's end removes its claims and counts without changing the allocation revision (as
+            # etcd's lessor deletes keys): it only frees room, so a decision taken before it stays safe
+            if kind == "claim":
+                server, model = name.split("/")
+                self._claims[server].pop(model, None)
+            elif kind == "inuse":
+                server, model, replica = name.split("/")
+                self._in_use[server].get(model, {}).pop(replica, None)
+            else:
+                table: dict[str, Any] = self._servers if kind == "server" else self._nodes
+                del table[name]
 
     def _detach(self, name: str, kind: str = "server") -> None:
         lease_id = self._key_lease.pop((kind, name), None)
@@ -1015,6 +1094,89 @@ class InMemoryClusterState:
             servers = [v.value for v in self._servers.values()]
             models = [v.value for v in self._models.values()]
         return ClusterSnapshot.of(servers, models, now, demand)
+
+    # -- allocations -------------------------------------------------------------------------------------
+    def _bump(self, server: str) -> int:
+        self._revision += 1
+        self._alloc_rev[server] = self._revision
+        return self._revision
+
+    def _live_lease(self, lease: Lease) -> None:
+        if lease.id not in self._leases:
+            raise LeaseNotFoundError(f"lease {lease.id} has expired or was revoked; grant a new one")
+
+    def allocation(self, server: str) -> Allocation:
+        """What the replicas together hold on ``server``."""
+        check_allocation_names(server)
+        with self._lock:
+            self._expire()
+            in_use = {m: dict(r) for m, r in self._in_use.get(server, {}).items() if r}
+            return Allocation(
+                server,
+                self._alloc_rev.get(server, 0),
+                dict(self._claims.get(server, {})),
+                dict(self._loaded.get(server, {})),
+                in_use,
+            )
+
+    def claim_load(
+        self, server: str, model: str, size_bytes: int, replica: str, *, lease: Lease, expected_revision: int
+    ) -> int:
+        """Claim the load of ``model`` on ``server`` for ``replica``, compare-and-set on the allocation."""
+        check_allocation_names(server, model, replica)
+        with self._lock:
+            self._expire()
+            current = self._alloc_rev.get(server, 0)
+            if current != expected_revision:
+                raise RevisionConflictError(
+                    f"allocation of {server!r} is at revision {current}, the claim expected {expected_revision}"
+                )
+            self._live_lease(lease)
+            self._claims.setdefault(server, {})[model] = LoadClaim(replica, size_bytes)
+            self._attach(f"{server}/{model}", "claim", lease)
+            return self._bump(server)
+
+    def finish_load(self, server: str, model: str, replica: str, *, size_bytes: int | None) -> int:
+        """End ``replica``'s claim on ``model``; record it loaded when ``size_bytes`` is given."""
+        check_allocation_names(server, model, replica)
+        with self._lock:
+            self._expire()
+            claim = self._claims.get(server, {}).get(model)
+            if claim is not None and claim.replica == replica:
+                del self._claims[server][model]
+                self._detach(f"{server}/{model}", "claim")
+            if size_bytes is not None:
+                self._loaded.setdefault(server, {})[model] = size_bytes
+            return self._bump(server)
+
+    def set_in_use(self, server: str, model: str, replica: str, count: int, *, lease: Lease) -> int:
+        """Set ``replica``'s count of generations on ``model`` at ``server`` (0 removes it)."""
+        check_allocation_names(server, model, replica)
+        with self._lock:
+            self._expire()
+            key = f"{server}/{model}/{replica}"
+            users = self._in_use.setdefault(server, {}).setdefault(model, {})
+            if count > 0:
+                self._live_lease(lease)
+                users[replica] = count
+                self._attach(key, "inuse", lease)
+            else:
+                users.pop(replica, None)
+                self._detach(key, "inuse")
+            return self._bump(server)
+
+    def release_loaded(self, server: str, model: str, *, expected_revision: int) -> int:
+        """Forget ``model`` loaded on ``server``, compare-and-set on the allocation."""
+        check_allocation_names(server, model)
+        with self._lock:
+            self._expire()
+            current = self._alloc_rev.get(server, 0)
+            if current != expected_revision:
+                raise RevisionConflictError(
+                    f"allocation of {server!r} is at revision {current}, the release expected {expected_revision}"
+                )
+            self._loaded.get(server, {}).pop(model, None)
+            return self._bump(server)
 
     # -- leases and epochs -------------------------------------------------------------------------------
     def grant_lease(self, ttl_s: int = DEFAULT_LEASE_TTL_S) -> Lease:

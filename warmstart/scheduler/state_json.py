@@ -31,10 +31,12 @@ from warmstart.scheduler.state import (
 __all__ = [
     "MAX_RECORD_BYTES",
     "SCHEMA_VERSION",
+    "decode_alloc",
     "decode_epoch",
     "decode_model",
     "decode_node",
     "decode_server",
+    "encode_alloc",
     "encode_epoch",
     "encode_model",
     "encode_node",
@@ -447,3 +449,34 @@ def decode_epoch(data: bytes, key: str, *, name: str | None = None) -> str:
     if name is not None and server != name:
         raise r.fail("value.server", f"{server!r}, but the key holds the epoch of {name!r}")
     return server
+
+
+# --- allocation records (scheduler replicas' shared view of a server) ---------------------------------
+
+
+def encode_alloc(kind: str, value: Mapping[str, Any]) -> bytes:
+    """An allocation record: ``alloc-version`` {server}, ``alloc-claim`` {replica, size_bytes},
+    ``alloc-loaded`` {size_bytes} or ``alloc-inuse`` {count}."""
+    if kind not in _ALLOC_FIELDS:
+        raise InvalidSnapshotError(f"unknown allocation record kind {kind!r}")
+    return _dump(kind, dict(value))
+
+
+_ALLOC_FIELDS: dict[str, tuple[str, ...]] = {
+    "alloc-version": ("server",),
+    "alloc-claim": ("replica", "size_bytes"),
+    "alloc-loaded": ("size_bytes",),
+    "alloc-inuse": ("count",),
+}
+
+
+def decode_alloc(data: bytes, key: str, kind: str) -> Mapping[str, Any]:
+    """An allocation record read back from ``key`` (its fields checked for their types)."""
+    r, raw = _record(data, key, kind)
+    v = r.obj(raw, "value", _ALLOC_FIELDS[kind])
+    out: dict[str, Any] = {}
+    for name in _ALLOC_FIELDS[kind]:
+        out[name] = r.str_(v, name, "value") if name in ("server", "replica") else r.int_(v, name, "value")
+        if name in ("size_bytes", "count") and out[name] < 0:
+            raise r.fail(f"value.{name}", f"{out[name]} is negative")
+    return out
