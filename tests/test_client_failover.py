@@ -125,6 +125,7 @@ def test_a_resume_with_every_token_already_received_is_refused_with_a_clear_erro
         inputs = []
         for name, dtype, value in [
             ("text_input", "BYTES", np.array([b"x"], dtype=np.object_)),
+            ("stream", "BOOL", np.array([True])),
             ("sampling_parameters", "BYTES", np.array([b'{"max_tokens": 2}'], dtype=np.object_)),
             ("generated_ids", "INT64", np.array([5, 6], dtype=np.int64)),
         ]:

@@ -270,14 +270,21 @@ class SchedulerConfig:
     """Cluster state on this etcd (``http://host:port``): servers are the nodes registered there by their
     agents (``warmstart node``), besides any listed under ``servers``. None: in this process's memory."""
     node_poll_interval_s: float = 1.0  # how often registered nodes are read from cluster state
+    replica_lease_ttl_s: int = 10  # with etcd: this replica's lease (its load claims and in-use counts)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "servers", tuple(self.servers))
         object.__setattr__(self, "models", tuple(self.models))
         _address("listen_http", self.listen_http)
         _address("listen_grpc", self.listen_grpc)
-        for key in ("cold_start_queue", "upstream_retries", "max_failovers", "migration_threshold_tokens"):
+        for key in (
+            "cold_start_queue",
+            "upstream_retries",
+            "max_failovers",
+            "migration_threshold_tokens",
+        ):
             _set_number(self, key, key, integer=True)
+        _set_number(self, "replica_lease_ttl_s", "replica_lease_ttl_s", minimum=1, integer=True)
         _set_number(self, "max_request_body_bytes", "max_request_body_bytes", minimum=1, integer=True)
         _set_number(self, "request_body_timeout_s", "request_body_timeout_s", minimum=0.001)
         for key in (

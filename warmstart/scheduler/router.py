@@ -76,6 +76,7 @@ from warmstart.scheduler.policy import (
     serverlessllm_place,
     why_unplaceable,
 )
+from warmstart.scheduler.replicas import ClaimResult, ReplicaCoordinator
 from warmstart.scheduler.state import (
     ClusterSnapshot,
     ClusterStateStore,
@@ -199,7 +200,11 @@ class ServerRuntime:
         return self.config.name
 
     def to_state(
-        self, now: float, token_s: Mapping[str, float], assumed_remote_bps: float | None = None
+        self,
+        now: float,
+        token_s: Mapping[str, float],
+        assumed_remote_bps: float | None = None,
+        others_loading: Mapping[str, int] | None = None,
     ) -> ServerState:
         """The frozen view the policy decides on. Memory still being freed shrinks the budget. A node store
         that has not measured its remote tier yet gets its own loads' figure, else ``assumed_remote_bps``."""
@@ -240,6 +245,11 @@ class ServerRuntime:
             instances=instances,
             loading=tuple(
                 LoadInFlight(ld.model, ld.size_bytes, ld.expected_finish_s) for ld in self.loads.values()
+            )
+            + tuple(  # other scheduler replicas' loads here: joined, and counted against the budget
+                LoadInFlight(m, size, now + 1.0)
+                for m, size in (others_loading or {}).items()
+                if m not in self.loads and m not in self.instances
             ),
             store_tiers=dict(self.store_tiers),
             eviction_s=eviction_s(self.costs),
@@ -327,6 +337,7 @@ class Router:
         self._migrating_for: set[str] = set()
         self._discovered: dict[str, int] = {}  # servers added from node registrations -> their epoch
         self._state_unavailable: str | None = None  # why cluster state could not be reached, while it cannot
+        self.coordinator: ReplicaCoordinator | None = None  # with cluster state on etcd: shared allocations
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stores: dict[str, NodeStoreClient] = {}
@@ -352,7 +363,15 @@ class Router:
             asyncio.create_task(self._every(self.config.reaper_interval_s, self._reap_round), name="reaper"),
         ]
         if self.config.etcd is not None:
+            self.coordinator = ReplicaCoordinator(self.store, ttl_s=self.config.replica_lease_ttl_s)
+            await self._replica_round()
             await self._discovery_round()
+            self._loops.append(
+                asyncio.create_task(
+                    self._every(max(0.2, self.config.replica_lease_ttl_s / 3), self._replica_round),
+                    name="replica",
+                )
+            )
             self._loops.append(
                 asyncio.create_task(
                     self._every(self.config.node_poll_interval_s, self._discovery_round), name="nodes"
@@ -371,6 +390,8 @@ class Router:
             await s.upstream.close()
         for c in self._stores.values():
             await c.close()
+        if self.coordinator is not None:
+            await self.coordinator.close()
 
     async def _every(self, interval: float, round_: Callable[[], Any]) -> None:
         while True:
@@ -536,7 +557,13 @@ class Router:
             if not rt.remote_assumed() and (bw := rt.effective_bandwidth()) is not None and bw.remote_bps
         ]
         self._assumed_remote_bps = assumed_remote_bps(measured)
-        states = [rt.to_state(now, self._token_s, self._assumed_remote_bps) for rt in self.servers.values()]
+        coord = self.coordinator
+        states = [
+            rt.to_state(
+                now, self._token_s, self._assumed_remote_bps, coord.others_loads(rt.name) if coord else None
+            )
+            for rt in self.servers.values()
+        ]
         demand = decayed_rates(self._demand, now)
         try:
             for state in states:
@@ -603,6 +630,7 @@ class Router:
                     inst.requests[gen.id] = gen
                     inst.last_used_s = self._clock()
                     gen.server = rt.name
+                    self._count_in_use(rt, gen.model)
                     return rt
                 if self._state_unavailable is not None and placement.action is not Action.WAIT:
                     raise ClusterStateUnavailable(
@@ -682,10 +710,16 @@ class Router:
 
         await asyncio.gather(*(one(rt) for rt in list(self.servers.values()) if rt.healthy))
 
+    def _count_in_use(self, rt: ServerRuntime, model: str) -> None:
+        if self.coordinator is not None:
+            inst = rt.instances.get(model)
+            self.coordinator.in_use(rt.name, model, len(inst.requests) if inst is not None else 0)
+
     def _release(self, rt: ServerRuntime, gen: Generation) -> None:
         inst = rt.instances.get(gen.model)
         if inst is not None and inst.requests.pop(gen.id, None) is not None:
             inst.last_used_s = self._clock()
+            self._count_in_use(rt, gen.model)
         if gen.server == rt.name:
             gen.server = None
         self._notify()
@@ -716,8 +750,51 @@ class Router:
         self.metrics.load_started(rt.name, model, rt.store_tiers.get(model, Tier.REMOTE).value, expected, now)
         load.task = self._spawn(self._load(rt, spec, tuple(evicted)), name=f"load {rt.name}/{model}")
 
+    async def _decide_shared(self, rt: ServerRuntime, spec: ModelConfig, evictions: tuple[str, ...]) -> bool:
+        """With other scheduler replicas: take this load decision through the server's shared allocation.
+        True: this replica loads it now. False: it was joined (another replica's load, now ended), or there
+        is no room with the others' loads, or another replica uses a model it would evict: the evicted
+        instances are put back and the requests decide again with what the snapshot now shows."""
+        coord = self.coordinator
+        assert coord is not None
+        released: list[str] = []
+        for m in evictions:
+            if not await coord.may_unload(rt.name, m):
+                for back in evictions:  # keep every victim loaded (those released are recorded again)
+                    rt.unloading.pop(back, None)
+                    size = self.models[back].size_bytes if back in self.models else 0
+                    rt.instances[back] = _InstanceRT(back, size, self._clock())
+                    if back in released:
+                        await coord.finished(rt.name, back, loaded_bytes=size)
+                return False
+            released.append(m)
+        result = await coord.claim(rt.name, spec.name, spec.size_bytes, rt.config.memory_budget_bytes)
+        if result is ClaimResult.WON:
+            return True
+        if result is ClaimResult.JOIN and await coord.wait_for_load(
+            rt.name, spec.name, self.config.cold_start_timeout_s
+        ):
+            rt.instances.setdefault(spec.name, _InstanceRT(spec.name, spec.size_bytes, self._clock()))
+            logger.info("%s on %s was loaded by another replica; routing to it", spec.name, rt.name)
+        for m in released:  # not loading after all: the victims stay
+            rt.unloading.pop(m, None)
+            size = self.models[m].size_bytes if m in self.models else 0
+            rt.instances[m] = _InstanceRT(m, size, self._clock())
+            await coord.finished(rt.name, m, loaded_bytes=size)
+        return False
+
     async def _load(self, rt: ServerRuntime, spec: ModelConfig, evictions: tuple[str, ...]) -> None:
+        claimed = False
+        loaded_bytes: int | None = None
         try:
+            if self.coordinator is not None:
+                try:
+                    claimed = await self._decide_shared(rt, spec, evictions)
+                except ClusterStateError as e:
+                    logger.warning("load of %s on %s not started: cluster state: %s", spec.name, rt.name, e)
+                    claimed = False
+                if not claimed:
+                    return
             # concurrently: releases take tens of ms, and tritonserver runs unloads at once
             await asyncio.gather(*(self._evict(rt, m) for m in evictions))
             while spec.name in rt.unloading:
@@ -733,6 +810,7 @@ class Router:
             if rt.bandwidth is not None:
                 rt.costs = learn_load(rt.costs, rt.bandwidth, tier, spec.size_bytes, elapsed)
             rt.instances[spec.name] = _InstanceRT(spec.name, spec.size_bytes, self._clock())
+            loaded_bytes = spec.size_bytes
             key = f"{rt.name}/{spec.name}"
             self.stats.loads[key] = self.stats.loads.get(key, 0) + 1
             self.metrics.load_finished(rt.name, spec.name, tier.value, self._clock())
@@ -751,6 +829,11 @@ class Router:
         finally:
             self.metrics.load_ended(rt.name, spec.name)
             rt.loads.pop(spec.name, None)
+            if claimed and self.coordinator is not None:
+                try:
+                    await self.coordinator.finished(rt.name, spec.name, loaded_bytes=loaded_bytes)
+                except ClusterStateError as e:
+                    logger.warning("cannot record the end of the load of %s on %s: %s", spec.name, rt.name, e)
             self._notify()
 
     async def _evict(self, rt: ServerRuntime, model: str) -> None:
@@ -821,7 +904,23 @@ class Router:
                 continue
             inst = rt.instances.pop(model)
             rt.unloading[model] = inst.size_bytes
-            self._spawn(self._evict(rt, model), name=f"unload {server}/{model}")
+            self._spawn(self._expire(rt, model, inst), name=f"unload {server}/{model}")
+
+    async def _expire(self, rt: ServerRuntime, model: str, inst: _InstanceRT) -> None:
+        """Unload an instance whose keep-alive ran out, unless another replica's generations use it (then
+        it counts as used now, and its keep-alive starts again)."""
+        if self.coordinator is not None:
+            try:
+                keep = not await self.coordinator.may_unload(rt.name, model)
+            except ClusterStateError as e:
+                logger.warning("not unloading %s on %s: cluster state: %s", model, rt.name, e)
+                keep = True
+            if keep:
+                rt.unloading.pop(model, None)
+                inst.last_used_s = self._clock()
+                rt.instances.setdefault(model, inst)
+                return
+        await self._evict(rt, model)
 
     # -- health and node stores -------------------------------------------------------------------------
     async def _check_server(self, rt: ServerRuntime) -> bool:
@@ -842,6 +941,34 @@ class Router:
             logger.info("server %s is healthy", rt.name)
             self._notify()
         return True
+
+    async def _replica_round(self) -> None:
+        """Keep this replica's lease, read every server's shared allocation, and route to what other
+        replicas loaded (models recorded loaded there that this replica did not know of)."""
+        coord = self.coordinator
+        if coord is None:
+            return
+        try:
+            await coord.keep_alive()
+        except ClusterStateError as e:
+            logger.warning("replica %s: cannot renew its lease: %s", coord.name, e)
+            return
+        await coord.refresh_all(list(self.servers))
+        for rt in self.servers.values():
+            view = coord.views.get(rt.name)
+            if view is None or not rt.healthy:
+                continue
+            for model, size in view.loaded.items():
+                known = model in rt.instances or model in rt.loads or model in rt.unloading
+                if model in self.models and not known:
+                    rt.instances[model] = _InstanceRT(model, size, self._clock())
+                    self._notify()
+            for model, inst in rt.instances.items():  # loaded before the allocations knew: record it
+                if model not in view.loaded and model not in view.loads and model not in rt.loads:
+                    try:
+                        await coord.finished(rt.name, model, loaded_bytes=inst.size_bytes)
+                    except ClusterStateError as e:
+                        logger.warning("cannot record %s loaded on %s: %s", model, rt.name, e)
 
     async def _resync(self, rt: ServerRuntime) -> None:
         """Rebuild the instances of ``rt`` from its repository index (models READY there)."""
@@ -1203,6 +1330,7 @@ class Router:
             raise MigrationDestinationError(f"{gen.model!r} is not loaded on healthy server {rt.name}")
         inst.requests[gen.id] = gen
         inst.last_used_s = self._clock()
+        self._count_in_use(rt, gen.model)
         attempt = next(self._attempts)
         gen.queue.put_nowait(Switch(attempt, rt, self._pump(gen, rt, attempt)))
 

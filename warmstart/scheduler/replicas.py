@@ -1,0 +1,240 @@
+"""One scheduler replica's side of the allocations it shares with the others (``docs/cluster.md``).
+
+With cluster state on etcd, several ``warmstart scheduler`` replicas route to the same servers. Each takes
+its own decisions with the policy, but writes them through the server's shared allocation as
+compare-and-sets, so that together they:
+
+* never start two loads of one model on one server: the replica whose claim wins loads it; one that finds
+  the claim of another joins that load (waits for it to end, then routes to the model);
+* never overcommit a server's memory budget: a claim is refused when the loaded models, the loads in flight
+  of every replica and the new model do not fit (``NO_ROOM``: the replica decides again, now seeing the
+  others' claims in its snapshot);
+* never unload or evict a model another replica's generations use: each replica keeps its in-use counts
+  under its own lease, and an unload is a compare-and-set on a view where no other replica uses the model.
+
+A replica's claims and counts are under its lease (kept alive every TTL/3): when it dies they expire and the
+others carry on. The store is synchronous; calls run in a worker thread so the event loop never blocks on
+etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Iterable
+
+from warmstart.scheduler.errors import (
+    ClusterStateError,
+    LeaseNotFoundError,
+    RevisionConflictError,
+)
+from warmstart.scheduler.state import (
+    DEFAULT_LEASE_TTL_S,
+    Allocation,
+    ClusterStateStore,
+    Lease,
+)
+
+__all__ = ["ClaimResult", "ReplicaCoordinator", "replica_name"]
+
+logger = logging.getLogger(__name__)
+
+CAS_ATTEMPTS = 8  # re-reads after a lost compare-and-set before a decision is given up (and taken again)
+
+
+class ClaimResult(enum.Enum):
+    WON = "won"  # this replica loads it
+    JOIN = "join"  # another replica's load of it is in flight, or it is loaded already
+    NO_ROOM = "no_room"  # with every replica's loads it does not fit: decide again
+
+
+def replica_name() -> str:
+    """A name unique to this process: host, pid and a random tail (no '/')."""
+    host = socket.gethostname().replace("/", "_")[:64] or "host"
+    return f"{host}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class ReplicaCoordinator:
+    """Claims, in-use counts and unload checks of one replica, under its lease."""
+
+    def __init__(
+        self, store: ClusterStateStore, *, name: str | None = None, ttl_s: int = DEFAULT_LEASE_TTL_S
+    ):
+        self.store = store
+        self.name = name or replica_name()
+        self.ttl_s = ttl_s
+        self.lease: Lease | None = None
+        self.views: dict[str, Allocation] = {}  # last allocation read per server
+        self._counts: dict[tuple[str, str], int] = {}  # what this replica last wrote
+        self._dirty: dict[tuple[str, str], int] = {}
+        self._flushing: asyncio.Task[None] | None = None
+
+    # -- the lease ---------------------------------------------------------------------------------------
+    async def _lease(self) -> Lease:
+        if self.lease is None:
+            self.lease = await asyncio.to_thread(self.store.grant_lease, self.ttl_s)
+            logger.info("replica %s: lease %d (%d s)", self.name, self.lease.id, self.lease.ttl_s)
+            self._dirty.update(self._counts)  # a new lease: write the counts again under it
+        return self.lease
+
+    async def keep_alive(self) -> None:
+        """Renew the lease (a lapsed one is replaced, and this replica's counts written again)."""
+        try:
+            if self.lease is None:
+                await self._lease()
+            else:
+                await asyncio.to_thread(self.store.keep_alive, self.lease)
+        except LeaseNotFoundError:
+            logger.warning("replica %s: its lease lapsed; taking a new one", self.name)
+            self.lease = None
+            await self._lease()
+        self._kick()
+
+    async def close(self) -> None:
+        """End the lease now: this replica's claims and counts go with it."""
+        if self._flushing is not None:
+            self._flushing.cancel()
+        if self.lease is not None:
+            try:
+                await asyncio.to_thread(self.store.revoke_lease, self.lease)
+            except ClusterStateError as e:
+                logger.warning(
+                    "replica %s: could not revoke its lease (%s); it ends by its TTL", self.name, e
+                )
+            self.lease = None
+
+    # -- reads -------------------------------------------------------------------------------------------
+    async def refresh(self, server: str) -> Allocation:
+        view = await asyncio.to_thread(self.store.allocation, server)
+        self.views[server] = view
+        return view
+
+    async def refresh_all(self, servers: Iterable[str]) -> None:
+        for server in servers:
+            try:
+                await self.refresh(server)
+            except ClusterStateError as e:
+                logger.warning("replica %s: cannot read the allocation of %s: %s", self.name, server, e)
+
+    def others_loads(self, server: str) -> dict[str, int]:
+        """Loads in flight on ``server`` that other replicas carry out: model -> bytes."""
+        view = self.views.get(server)
+        if view is None:
+            return {}
+        return {m: c.size_bytes for m, c in view.loads.items() if c.replica != self.name}
+
+    # -- decisions ---------------------------------------------------------------------------------------
+    async def claim(self, server: str, model: str, size_bytes: int, budget_bytes: int) -> ClaimResult:
+        """Claim the load of ``model`` on ``server`` (compare-and-set), or say why not."""
+        for _ in range(CAS_ATTEMPTS):
+            view = await self.refresh(server)
+            claim = view.loads.get(model)
+            if claim is not None and claim.replica != self.name:
+                logger.info(
+                    "replica %s: %s on %s is being loaded by %s; joining",
+                    self.name,
+                    model,
+                    server,
+                    claim.replica,
+                )
+                return ClaimResult.JOIN
+            if model in view.loaded:
+                return ClaimResult.JOIN
+            if view.committed_bytes + size_bytes > budget_bytes:
+                logger.info(
+                    "replica %s: %s (%d B) does not fit on %s with every replica's loads (%d of %d B committed)",
+                    self.name, model, size_bytes, server, view.committed_bytes, budget_bytes,
+                )  # fmt: skip
+                return ClaimResult.NO_ROOM
+            lease = await self._lease()
+            try:
+                await asyncio.to_thread(
+                    self.store.claim_load, server, model, size_bytes, self.name, lease=lease,
+                    expected_revision=view.revision,
+                )  # fmt: skip
+            except RevisionConflictError:
+                continue  # another replica wrote this server's allocation since: read and decide again
+            except LeaseNotFoundError:
+                self.lease = None
+                continue
+            await self.refresh(server)
+            return ClaimResult.WON
+        logger.warning(
+            "replica %s: the allocation of %s kept changing; deciding %s again", self.name, server, model
+        )
+        return ClaimResult.NO_ROOM
+
+    async def finished(self, server: str, model: str, *, loaded_bytes: int | None) -> None:
+        """This replica's load of ``model`` on ``server`` ended (``loaded_bytes`` None: it failed)."""
+        await asyncio.to_thread(self.store.finish_load, server, model, self.name, size_bytes=loaded_bytes)
+        await self.refresh(server)
+
+    async def wait_for_load(self, server: str, model: str, timeout_s: float, poll_s: float = 0.1) -> bool:
+        """Wait until no replica's load of ``model`` on ``server`` is in flight; True if it is loaded then."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            view = await self.refresh(server)
+            if model not in view.loads:
+                return model in view.loaded
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(poll_s)
+
+    async def may_unload(self, server: str, model: str) -> bool:
+        """Take ``model`` out of ``server``'s allocation for an unload or eviction, unless another replica's
+        generations use it (compare-and-set on a view where none does). False: keep it loaded."""
+        for _ in range(CAS_ATTEMPTS):
+            view = await self.refresh(server)
+            users = view.users(model, besides=self.name)
+            if users:
+                logger.info(
+                    "replica %s: not unloading %s on %s: %d generation(s) of other replicas use it",
+                    self.name, model, server, users,
+                )  # fmt: skip
+                return False
+            try:
+                await asyncio.to_thread(
+                    self.store.release_loaded, server, model, expected_revision=view.revision
+                )
+            except RevisionConflictError:
+                continue
+            await self.refresh(server)
+            return True
+        return False
+
+    # -- in-use counts -----------------------------------------------------------------------------------
+    def in_use(self, server: str, model: str, count: int) -> None:
+        """This replica now has ``count`` generations on ``model`` at ``server`` (written in the background,
+        in order, the latest count winning)."""
+        key = (server, model)
+        if self._counts.get(key, 0) == count and key not in self._dirty:
+            return
+        self._counts[key] = count
+        self._dirty[key] = count
+        self._kick()
+
+    def _kick(self) -> None:
+        if self._dirty and (self._flushing is None or self._flushing.done()):
+            self._flushing = asyncio.get_running_loop().create_task(self._flush(), name="in-use counts")
+
+    async def _flush(self) -> None:
+        while self._dirty:
+            key, count = next(iter(self._dirty.items()))
+            try:
+                lease = await self._lease()
+                await asyncio.to_thread(self.store.set_in_use, *key, self.name, count, lease=lease)
+            except LeaseNotFoundError:
+                self.lease = None
+                continue
+            except ClusterStateError as e:
+                logger.warning("replica %s: cannot write its in-use count of %s/%s: %s", self.name, *key, e)
+                return  # kept dirty: the next keep-alive round tries again
+            if self._dirty.get(key) == count:
+                del self._dirty[key]
+            if count == 0:
+                self._counts.pop(key, None)
