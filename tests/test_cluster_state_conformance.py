@@ -585,6 +585,22 @@ def test_allocation_names_with_a_slash_are_refused(backend: Backend) -> None:
     backend.store.revoke_lease(lease)
 
 
+def test_a_deployment_reads_back_as_the_same_plain_config_and_can_be_withdrawn(backend: Backend) -> None:
+    store = backend.store
+    config = {
+        "checkpoint": "s3://models/m",
+        "size_bytes": 1024,
+        "triton_config": {"backend": "python", "x": [1, 2]},
+    }
+    rev = store.put_deployment("m", config)
+    got = store.read().deployments["m"]
+    assert got.revision == rev and dict(got.value) == config
+    store.delete_deployment("m")
+    assert store.read().deployments == {}
+    with pytest.raises(UnknownModelError):
+        store.delete_deployment("m")
+
+
 # --- records --------------------------------------------------------------------------------------------
 
 

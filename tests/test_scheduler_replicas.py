@@ -17,7 +17,7 @@ from typing import Any
 from test_scheduler_streams import WORDS, ScriptedUpstream
 
 from warmstart.node import NodeAgent
-from warmstart.scheduler.config import SchedulerConfig
+from warmstart.scheduler.config import ModelConfig, SchedulerConfig
 from warmstart.scheduler.router import Router
 from warmstart.scheduler.state import InMemoryClusterState, NodeBandwidth, NodeRecord
 from warmstart.scheduler.upstream import GenerationRequest, TokenChunk
@@ -204,3 +204,36 @@ def test_a_dead_replicas_claim_expires_and_the_other_loads_the_model() -> None:
 
     assert asyncio.run(scenario()) == WORDS[:3]
     assert server.events.count("load m1") == 1
+
+
+def test_a_model_added_through_one_replica_is_served_by_the_other_and_withdrawn_from_both() -> None:
+    store = InMemoryClusterState()
+    server = FakeTriton(budget_models=1)
+
+    async def scenario() -> tuple[list[int], bool, bool]:
+        a, b = _replica(store, SharedUpstream(server)), _replica(store, SharedUpstream(server))
+        await _up(store, a, b)
+        try:
+            extra = ModelConfig.from_dict("m3", {"checkpoint": "s3://models/m3", "size_bytes": MIB})
+            await a.add_model(extra)  # the admin API's call, on replica a
+            for _ in range(100):
+                if "m3" in b.models:
+                    break
+                await asyncio.sleep(0.02)
+            for u in (a, b):
+                u.servers["s1"].upstream.repository = ("m1", "m2", "m3")  # type: ignore[attr-defined]
+                u.servers["s1"].repository = frozenset({"m1", "m2", "m3"})
+            got = await _tokens(b, "m3", 2)
+            await a.remove_model("m3")
+            for _ in range(100):
+                if "m3" not in b.models:
+                    break
+                await asyncio.sleep(0.02)
+            return got, "m3" in b.models, b.models.get("m3") is None
+        finally:
+            await a.close()
+            await b.close()
+
+    got, still, gone = asyncio.run(scenario())
+    assert got == WORDS[:2]  # replica b served a model only replica a was given
+    assert not still and gone  # withdrawn through a, withdrawn from b

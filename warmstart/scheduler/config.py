@@ -29,6 +29,7 @@ Example ``cluster.yaml``::
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -223,6 +224,20 @@ class ModelConfig:
         if "checkpoint" not in values:
             raise SchedulerConfigError(f"models[{name}]: 'checkpoint' is required")
         return cls(name=name, **values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """This model as its YAML/JSON mapping (what :meth:`from_dict` reads back)."""
+        out: dict[str, Any] = {
+            "checkpoint": self.checkpoint,
+            "engine": self.engine,
+            "size_bytes": self.size_bytes,
+            "keep_alive_s": self.keep_alive_s,
+            "max_concurrency": self.max_concurrency,
+            "max_tokens": self.max_tokens,
+        }
+        if self.triton_config is not None:
+            out["triton_config"] = json.loads(json.dumps(dict(self.triton_config)))
+        return out
 
     def to_spec(self) -> ModelSpec:
         """The policy's view of this model."""

@@ -52,11 +52,13 @@ from warmstart.scheduler.state import (
 )
 from warmstart.scheduler.state_json import (
     decode_alloc,
+    decode_deployment,
     decode_epoch,
     decode_model,
     decode_node,
     decode_server,
     encode_alloc,
+    encode_deployment,
     encode_epoch,
     encode_model,
     encode_node,
@@ -70,7 +72,7 @@ __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT_S", "EtcdClusterState", "EtcdReque
 DEFAULT_PREFIX = "/warmstart/"
 DEFAULT_TIMEOUT_S = 2.0
 _SERVERS, _MODELS, _EPOCHS, _NODES = "servers/", "models/", "epochs/", "nodes/"
-_ALLOC_REV, _ALLOC = "alloc-rev/", "alloc/"
+_ALLOC_REV, _ALLOC, _DEPLOYMENTS = "alloc-rev/", "alloc/", "deployments/"
 # gRPC status codes etcd's gateway returns in {"code": ...}
 _NOT_FOUND, _DEADLINE_EXCEEDED, _UNAVAILABLE = 5, 4, 14
 _R = TypeVar("_R")
@@ -459,6 +461,15 @@ class EtcdClusterState:
         """Remove node ``name``'s registration."""
         self._delete(_NODES, name, None, UnknownServerError, epoch)
 
+    def put_deployment(self, name: str, config: Mapping[str, Any]) -> int:
+        """Deploy model ``name`` with its scheduler config, for every replica."""
+        check_allocation_names(name)
+        return self._put(_DEPLOYMENTS, name, encode_deployment(name, config), None)
+
+    def delete_deployment(self, name: str) -> None:
+        """Withdraw model ``name`` from every replica."""
+        self._delete(_DEPLOYMENTS, name, None, UnknownModelError)
+
     def read(self) -> StateView:
         """Every server, model and node with its revision: one range read of the prefix, at one revision."""
         prefix = self.prefix.encode()
@@ -466,7 +477,8 @@ class EtcdClusterState:
         servers: dict[str, Versioned[ServerState]] = {}
         models: dict[str, Versioned[ModelSpec]] = {}
         nodes: dict[str, Versioned[NodeRecord]] = {}
-        sp, mp, ep, np_ = (self._key(k, "") for k in (_SERVERS, _MODELS, _EPOCHS, _NODES))
+        deployments: dict[str, Versioned[Mapping[str, Any]]] = {}
+        sp, mp, ep, np_, dp = (self._key(k, "") for k in (_SERVERS, _MODELS, _EPOCHS, _NODES, _DEPLOYMENTS))
         decoded: dict[str, tuple[str, object]] = {}
         for kv in self._kvs(answer):
             key = _unb64(kv.get("key"), "key")
@@ -483,13 +495,16 @@ class EtcdClusterState:
             elif key.startswith(mp):
                 name = text[len(mp.decode()) :]
                 models[name] = Versioned(self._decoded(kv, text, name, decode_model, decoded), rev)
+            elif key.startswith(dp):
+                name = text[len(dp.decode()) :]
+                deployments[name] = Versioned(self._decoded(kv, text, name, decode_deployment, decoded), rev)
             elif key.startswith(np_):
                 name = text[len(np_.decode()) :]
                 nodes[name] = Versioned(self._decoded(kv, text, name, decode_node, decoded), rev)
             elif not key.startswith(ep):
                 logger.debug("ignoring key %r under the cluster-state prefix", text)
         self._cache = decoded  # only what the last read saw: deleted keys drop out
-        return StateView(self._revision(answer), servers, models, nodes)
+        return StateView(self._revision(answer), servers, models, nodes, deployments)
 
     def _decoded(
         self,

@@ -336,6 +336,7 @@ class Router:
         self._attempts = itertools.count(1)
         self._migrating_for: set[str] = set()
         self._discovered: dict[str, int] = {}  # servers added from node registrations -> their epoch
+        self._seen_deployed: set[str] = set()  # models deployed in cluster state at the last read
         self._state_unavailable: str | None = None  # why cluster state could not be reached, while it cannot
         self.coordinator: ReplicaCoordinator | None = None  # with cluster state on etcd: shared allocations
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -424,6 +425,8 @@ class Router:
             raise DuplicateModelError(f"model {model.name!r} already exists")
         self.models[model.name] = model
         self.store.put_model(model.to_spec())
+        if self.config.etcd is not None:  # deployed for every replica, which add it by themselves
+            self.store.put_deployment(model.name, model.to_dict())
 
     def _add_server(self, server: ServerConfig) -> ServerRuntime:
         if server.name in self.servers:
@@ -472,6 +475,30 @@ class Router:
             bandwidth=bandwidth,
         )
 
+    def _sync_deployments(self, deployed: Mapping[str, Mapping[str, Any]]) -> None:
+        """Models follow the deployments in cluster state: one deployed through another replica's admin API is
+        served here too, and one withdrawn there is withdrawn here (its idle instances are unloaded by the
+        reaper, as for a model removed here)."""
+        for name, config in deployed.items():
+            if name in self.models:
+                continue
+            try:
+                model = ModelConfig.from_dict(name, config)
+            except SchedulerConfigError as e:
+                logger.error(
+                    "model %s deployed in cluster state with a config this scheduler refuses: %s", name, e
+                )
+                continue
+            self.models[name] = model
+            logger.info("model %s deployed by another replica; serving it", name)
+            self._notify()
+        for name in [n for n in self.models if n in self._seen_deployed and n not in deployed]:
+            del self.models[name]
+            self._demand.pop(name, None)
+            logger.info("model %s withdrawn by another replica", name)
+            self._notify()
+        self._seen_deployed = set(deployed)
+
     async def _discovery_round(self) -> None:
         """Servers follow the node registrations: a new node joins routing, a node whose registration is gone
         (its lease ended: it died, was cut off, or stopped) leaves it and its generations resume elsewhere,
@@ -481,6 +508,7 @@ class Router:
         except ClusterStateError as e:
             logger.warning("cannot read node registrations (%s); keeping the servers known", e)
             return
+        self._sync_deployments({name: v.value for name, v in view.deployments.items()})
         nodes = {name: v.value for name, v in view.nodes.items()}
         for name in [n for n, epoch in self._discovered.items() if n not in nodes or nodes[n].epoch != epoch]:
             why = (
@@ -520,6 +548,9 @@ class Router:
         del self.models[name]
         self._demand.pop(name, None)
         self.store.delete_model(name)
+        if self.config.etcd is not None:
+            with contextlib.suppress(UnknownModelError):
+                self.store.delete_deployment(name)
         self._notify()
 
     async def add_server(self, server: ServerConfig) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import json
 import math
 import operator
 import re
@@ -684,6 +685,7 @@ class StateView:
     servers: Mapping[str, Versioned[ServerState]]
     models: Mapping[str, Versioned[ModelSpec]]
     nodes: Mapping[str, Versioned[NodeRecord]] = field(default_factory=dict)
+    deployments: Mapping[str, Versioned[Mapping[str, Any]]] = field(default_factory=dict)
 
     def snapshot(self, now: float, demand: Mapping[str, float] | None = None) -> ClusterSnapshot:
         """The policy's :class:`ClusterSnapshot` of this view."""
@@ -812,6 +814,15 @@ class ClusterStateStore(Protocol):
         """Remove node ``name``'s registration (fenced by ``epoch`` when given)."""
         ...
 
+    def put_deployment(self, name: str, config: Mapping[str, Any]) -> int:
+        """Deploy model ``name`` with its scheduler config (a JSON object, as in the scheduler's YAML), for
+        every replica to serve. Returns the new revision."""
+        ...
+
+    def delete_deployment(self, name: str) -> None:
+        """Withdraw model ``name`` from every replica (:class:`UnknownModelError` if not deployed)."""
+        ...
+
     def read(self) -> StateView:
         """Every server, model and node with its revision, as of one store revision."""
         ...
@@ -891,6 +902,7 @@ class InMemoryClusterState:
         self._servers: dict[str, Versioned[ServerState]] = {}
         self._models: dict[str, Versioned[ModelSpec]] = {}
         self._nodes: dict[str, Versioned[NodeRecord]] = {}
+        self._deployments: dict[str, Versioned[Mapping[str, Any]]] = {}
         self._epochs: dict[str, int] = {}
         self._leases: dict[int, _LeaseRecord] = {}
         self._key_lease: dict[tuple[str, str], int] = {}  # (kind, name) -> the lease it was written under
@@ -1085,7 +1097,24 @@ class InMemoryClusterState:
         """Every server, model and node with its revision, as of one store revision."""
         with self._lock:
             self._expire()
-            return StateView(self._revision, dict(self._servers), dict(self._models), dict(self._nodes))
+            return StateView(
+                self._revision,
+                dict(self._servers),
+                dict(self._models),
+                dict(self._nodes),
+                dict(self._deployments),
+            )
+
+    # -- deployments ------------------------------------------------------------------------------------
+    def put_deployment(self, name: str, config: Mapping[str, Any]) -> int:
+        """Deploy model ``name`` with ``config`` (stored as its JSON, so what reads back is plain data)."""
+        check_allocation_names(name)
+        frozen = json.loads(json.dumps(dict(config), allow_nan=False))
+        return self._put(self._deployments, name, MappingProxyType(frozen), None)
+
+    def delete_deployment(self, name: str) -> None:
+        """Withdraw model ``name``."""
+        self._delete(self._deployments, name, None, UnknownModelError)
 
     def snapshot(self, now: float, demand: Mapping[str, float] | None = None) -> ClusterSnapshot:
         """Every server and model as of one revision, stamped with ``now`` and the caller's ``demand``."""

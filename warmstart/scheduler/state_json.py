@@ -32,11 +32,13 @@ __all__ = [
     "MAX_RECORD_BYTES",
     "SCHEMA_VERSION",
     "decode_alloc",
+    "decode_deployment",
     "decode_epoch",
     "decode_model",
     "decode_node",
     "decode_server",
     "encode_alloc",
+    "encode_deployment",
     "encode_epoch",
     "encode_model",
     "encode_node",
@@ -480,3 +482,23 @@ def decode_alloc(data: bytes, key: str, kind: str) -> Mapping[str, Any]:
         if name in ("size_bytes", "count") and out[name] < 0:
             raise r.fail(f"value.{name}", f"{out[name]} is negative")
     return out
+
+
+def encode_deployment(name: str, config: Mapping[str, Any]) -> bytes:
+    """The record of a deployed model: its name and its scheduler config (a JSON object)."""
+    try:
+        return _dump("deployment", {"name": name, "config": dict(config)})
+    except (TypeError, ValueError) as e:
+        raise InvalidSnapshotError(f"model {name!r}: its config cannot be stored as JSON ({e})") from None
+
+
+def decode_deployment(data: bytes, key: str, *, name: str | None = None) -> Mapping[str, Any]:
+    """A deployed model's config read back from ``key`` (checked by the scheduler when it deploys it)."""
+    r, raw = _record(data, key, "deployment")
+    v = r.obj(raw, "value", ("name", "config"))
+    model = r.str_(v, "name", "value")
+    if name is not None and model != name:
+        raise r.fail("value.name", f"{model!r}, but the key holds model {name!r}")
+    if not isinstance(v["config"], dict):
+        raise r.fail("value.config", f"expected an object, got {type(v['config']).__name__}")
+    return dict(v["config"])
