@@ -284,6 +284,7 @@ class SchedulerConfig:
     etcd: str | None = None
     """Cluster state on this etcd (``http://host:port``): servers are the nodes registered there by their
     agents (``warmstart node``), besides any listed under ``servers``. None: in this process's memory."""
+    etcd_prefix: str = "/warmstart/"  # the cluster's keys in etcd (the node agents' --prefix)
     node_poll_interval_s: float = 1.0  # how often registered nodes are read from cluster state
     replica_lease_ttl_s: int = 10  # with etcd: this replica's lease (its load claims and in-use counts)
 

@@ -35,7 +35,7 @@ class SchedulerService:
         if config.etcd is not None and "store" not in router_kwargs:
             from warmstart.scheduler.etcd_state import EtcdClusterState
 
-            router_kwargs["store"] = EtcdClusterState(config.etcd)
+            router_kwargs["store"] = EtcdClusterState(config.etcd, prefix=config.etcd_prefix)
         self.router = Router(config, **router_kwargs)
         self._runner: web.AppRunner | None = None
         self._grpc: grpc.aio.Server | None = None
@@ -99,6 +99,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cluster state on this etcd (http://host:port): route to the nodes registered there "
         "(overrides the config's etcd key)",
     )
+    parser.add_argument(
+        "--etcd-prefix",
+        default=None,
+        metavar="PREFIX",
+        help="the cluster's etcd key prefix (default /warmstart/)",
+    )
     parser.add_argument("--log-level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
@@ -110,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
     config = SchedulerConfig.from_yaml(args.config)
     if args.etcd is not None:
         config = dataclasses.replace(config, etcd=args.etcd)
+    if args.etcd_prefix is not None:
+        config = dataclasses.replace(config, etcd_prefix=args.etcd_prefix)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(config))
     return 0

@@ -1,0 +1,151 @@
+"""Many machines, end to end on real processes: a real etcd, two real tritonservers (the fake model of
+tests/_scheduler_fake.py), a real ``warmstart node`` agent per node and a scheduler with ``--etcd`` and no
+servers in its config. The scheduler routes to the nodes the agents registered; SIGKILLing the agent of the
+node that serves a stream (its link to cluster state cut) takes that node out of routing within its lease
+TTL, and the stream finishes on the other node token-exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from _scheduler_cluster import REPO_KEY, BackgroundScheduler, FakeNodeStore, scheduler_config
+from _scheduler_fake import expected_tokens, fake_triton_config, write_fake_repository
+
+from warmstart.etcd import Etcd
+from warmstart.triton import TritonConfig, TritonServer
+
+pytestmark = [pytest.mark.triton, pytest.mark.slow, pytest.mark.etcd]
+
+TTL_S = 2
+KEY_ENV = "WARMSTART_E2E_REPO_KEY"
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[list[tuple[TritonServer, FakeNodeStore]]]:
+    repo = write_fake_repository(tmp_path / "repo", ["slow"])
+    made: list[tuple[TritonServer, FakeNodeStore]] = []
+    try:
+        for i in range(2):
+            triton = TritonServer(
+                TritonConfig(model_repositories=(repo,), repository_api_key=REPO_KEY),
+                workdir=tmp_path / f"t{i}",
+            )
+            triton.start()
+            made.append((triton, FakeNodeStore()))
+        yield made
+    finally:
+        for triton, store in made:
+            triton.stop(timeout=5.0)
+            store.close()
+
+
+def _agent(
+    etcd: Etcd, prefix: str, name: str, triton: TritonServer, store: FakeNodeStore
+) -> subprocess.Popen[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "warmstart.cli",
+        "node",
+        "--etcd",
+        etcd.url,
+        "--prefix",
+        prefix,
+        "--name",
+        name,
+    ]
+    cmd += ["--grpc", triton.grpc_url, "--memory-budget", "1GiB", "--store", store.url]
+    cmd += ["--repository-key-env", KEY_ENV, "--lease-ttl", str(TTL_S)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().startswith(f"node {name} registered=True")
+    return proc
+
+
+def test_a_node_whose_agent_dies_leaves_routing_within_its_ttl_and_its_stream_finishes_elsewhere(
+    etcd: Etcd, nodes: list[tuple[TritonServer, FakeNodeStore]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prefix = f"/e2e-{uuid.uuid4().hex}/"
+    monkeypatch.setenv(KEY_ENV, REPO_KEY)  # the schedulers' side of the node records' key reference
+    agents = {f"n{i}": _agent(etcd, prefix, f"n{i}", t, s) for i, (t, s) in enumerate(nodes)}
+    sched = BackgroundScheduler(
+        scheduler_config(
+            [],
+            {
+                "slow": {
+                    "checkpoint": "s3://models/slow",
+                    "size_bytes": 1 << 20,
+                    "triton_config": fake_triton_config("slow", token_delay_s=0.05),
+                }
+            },
+            etcd=etcd.url,
+            etcd_prefix=prefix,
+            node_poll_interval_s=0.2,
+            replica_lease_ttl_s=TTL_S,
+        )
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (
+            len(sched.state()["servers"]) == 2
+            and all(s["healthy"] for s in sched.state()["servers"].values())
+        ):
+            assert time.monotonic() < deadline, (
+                f"the scheduler did not find both nodes: {sched.state()['servers']}"
+            )
+            time.sleep(0.1)
+        n = 100  # 5 s of tokens: the node leaves routing (TTL 2 s) while the stream still runs
+        body = {
+            "text_input": "across nodes",
+            "parameters": {"stream": True, "max_tokens": n, "temperature": 0.7, "seed": 3},
+        }
+        got: list[int] = []
+        cut: list[tuple[str, float]] = []
+        left: list[float] = []  # seconds from the cut until the node was out of routing
+
+        async def run() -> None:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(f"{sched.http}/v2/models/slow/generate_stream", json=body) as resp,
+            ):
+                assert resp.status == 200
+                async for line in resp.content:
+                    if not line.startswith(b"data: "):
+                        continue
+                    event = json.loads(line[6:])
+                    assert "error" not in event, event
+                    got.extend(event["token_ids"])
+                    if cut and not left and cut[0][0] not in sched.state()["servers"]:
+                        left.append(time.monotonic() - cut[0][1])
+                    if len(got) >= 6 and not cut:
+                        serving = next(
+                            name for name, s in sched.state()["servers"].items() if "slow" in s["instances"]
+                        )
+                        os.killpg(agents[serving].pid, signal.SIGKILL)  # the node's registration is orphaned
+                        cut.append((serving, time.monotonic()))
+
+        asyncio.run(run())
+        assert got == expected_tokens("across nodes", n, seed=3)  # one stream, no gap, no repeat
+        assert sched.state()["stats"]["failovers"] >= 1  # it did move: the rest came from the other node
+        assert left and left[0] <= TTL_S + 1.5, (
+            f"out of routing {left} s after its agent died (TTL {TTL_S} s)"
+        )
+    finally:
+        sched.close()
+        for proc in agents.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
