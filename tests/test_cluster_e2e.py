@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -149,3 +151,69 @@ def test_a_node_whose_agent_dies_leaves_routing_within_its_ttl_and_its_stream_fi
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def test_with_etcd_down_loaded_models_are_served_new_loads_refused_and_a_restart_loses_nothing(
+    tmp_path: Path, nodes: list[tuple[TritonServer, FakeNodeStore]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from warmstart.etcd import EtcdConfig
+    from warmstart.scheduler.etcd_state import EtcdClusterState
+
+    own = Etcd(EtcdConfig(data_dir=tmp_path / "etcd"))  # a private one: this test stops it
+    own.start()
+    monkeypatch.setenv(KEY_ENV, REPO_KEY)
+    triton, store = nodes[0]
+    agent = _agent(own, "/warmstart/", "n0", triton, store)
+    models = {
+        name: {"checkpoint": f"s3://models/{name}", "size_bytes": 1 << 20,
+               "triton_config": fake_triton_config(name, token_delay_s=0.01)}
+        for name in ("slow", "other")
+    }  # fmt: skip
+    write_fake_repository(Path(triton.config.model_repositories[0]), ["other"])
+    sched = BackgroundScheduler(scheduler_config([], models, etcd=own.url, node_poll_interval_s=0.2))
+    try:
+        deadline = time.monotonic() + 20
+        while not sched.state()["servers"].get("n0", {}).get("healthy"):
+            assert time.monotonic() < deadline, "the scheduler did not find the node"
+            time.sleep(0.1)
+        sched.call(sched.service.router._refresh_repositories())
+
+        def generate(model: str) -> tuple[int, str]:
+            req = urllib.request.Request(
+                f"{sched.http}/v2/models/{model}/generate",
+                data=json.dumps({"text_input": "hi", "parameters": {"max_tokens": 3}}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        assert generate("slow")[0] == 200  # loaded while etcd is up
+        own.stop()
+        status, body = generate("slow")
+        assert status == 200 and json.loads(body)["token_ids"] == expected_tokens("hi", 3), (
+            body
+        )  # still served
+        t0 = time.monotonic()
+        status, body = generate("other")
+        assert status == 503 and "cluster state is unreachable" in body, (status, body)
+        assert time.monotonic() - t0 < 5  # said at once, not after the cold-start timeout
+        own.restart()  # same ports, same data directory
+        deadline = time.monotonic() + 20
+        while (status := generate("other")[0]) != 200:
+            assert time.monotonic() < deadline, f"decisions did not resume after etcd returned ({status})"
+            time.sleep(0.3)
+        check = EtcdClusterState(own.url)
+        try:
+            assert check.get_node("n0").value.grpc == triton.grpc_url  # the registration outlived the restart
+            assert "slow" in check.read().deployments
+        finally:
+            check.close()
+    finally:
+        sched.close()
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+        agent.wait(10)
+        own.stop()
