@@ -27,6 +27,7 @@ from warmstart.scheduler.upstream import (
     GenerationRequest,
     ModelUnloadFailed,
     TokenChunk,
+    TritonUpstream,
     UpstreamModelReleased,
 )
 from warmstart.triton import TritonConfig, TritonServer
@@ -121,7 +122,9 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
         server.stop()
 
 
-def _scheduler(triton: TritonServer, names: tuple[str, ...], **server: Any) -> BackgroundScheduler:
+def _scheduler(
+    triton: TritonServer, names: tuple[str, ...], *, upstream_factory: Any = None, **server: Any
+) -> BackgroundScheduler:
     ckpt = Path(triton.config.model_repositories[0]).parent / "tiny_llama"
     return BackgroundScheduler(
         scheduler_config(
@@ -135,8 +138,20 @@ def _scheduler(triton: TritonServer, names: tuple[str, ...], **server: Any) -> B
                 }
             ],
             {n: {"checkpoint": str(ckpt), "engine": "torch", "size_bytes": MIB} for n in names},
-        )
+        ),
+        **({"upstream_factory": upstream_factory} if upstream_factory is not None else {}),
     )
+
+
+class _FailingUnloads(TritonUpstream):
+    """The real upstream, whose unloads of the models in ``failing`` fail (as an unload that times out)."""
+
+    failing: frozenset[str] | set[str] = frozenset()
+
+    async def unload(self, name: str, *, wait_s: float = 30.0) -> None:
+        if name in self.failing:
+            raise ModelUnloadFailed(f"{self.name}: unloading {name!r} failed: injected by the test")
+        await super().unload(name, wait_s=wait_s)
 
 
 async def _generate(
@@ -236,23 +251,22 @@ def test_a_release_whose_unload_fails_leaves_no_ready_but_dead_model(triton: Tri
     """Room for one model: loading evict_b evicts evict_a (released), and the scheduler's unload of evict_a
     fails. evict_a still leaves READY (its backend unloads a released model itself), and the next request for
     it loads it again and gets the right tokens."""
-    sched = _scheduler(triton, ("evict_a", "evict_b"), memory_budget_bytes=MIB)
-    rt = sched.router.servers["s0"]
-    real_unload = rt.upstream.unload
+    failing: set[str] = set()
 
-    async def failing_unload(name: str, *, wait_s: float = 30.0) -> None:
-        if name == "evict_a":
-            raise ModelUnloadFailed(f"s0: unloading {name!r} failed: injected by the test")
-        await real_unload(name, wait_s=wait_s)
+    def upstream(server: Any) -> TritonUpstream:
+        up = _FailingUnloads(server, timeout_s=5.0, retries=3)
+        up.failing = failing
+        return up
 
+    sched = _scheduler(triton, ("evict_a", "evict_b"), upstream_factory=upstream, memory_budget_bytes=MIB)
     try:
         reference, _, _ = asyncio.run(_generate(sched, "evict_a", 8))
-        rt.upstream.unload = failing_unload
+        failing.add("evict_a")
         tokens, _, _ = asyncio.run(_generate(sched, "evict_b", 8))
         assert tokens == reference  # same checkpoint
         assert sched.state()["stats"]["releases"] == 1
         _wait_state(triton, "evict_a", "UNAVAILABLE")  # no unload of it succeeded
-        rt.upstream.unload = real_unload
+        failing.clear()
         tokens, finish, _ = asyncio.run(_generate(sched, "evict_a", 8))
         assert (tokens, finish) == (reference, "length")
         assert sched.state()["stats"]["loads"]["s0/evict_a"] == 2
