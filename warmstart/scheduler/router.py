@@ -90,13 +90,12 @@ from warmstart.scheduler.state import (
     Tier,
 )
 from warmstart.scheduler.streams import (
-    ChunkArrived,
     Generation,
     GenerationSource,
-    Resume,
     ServerDest,
     Switch,
     UpstreamFailed,
+    run_stream,
     start_pump,
 )
 from warmstart.scheduler.upstream import (
@@ -1125,66 +1124,47 @@ class Router:
         )
 
     async def stream(self, gen: Generation) -> AsyncGenerator[TokenChunk, None]:
-        """Run ``gen`` and yield its chunks; the upstream may change under it without a gap or a repeat."""
+        """Run ``gen`` and yield its chunks; the upstream may change under it without a gap or a repeat
+        (the loop is `warmstart.scheduler.streams.run_stream`, this router its `StreamHost`)."""
         self.generations[gen.id] = gen
         self.stats.generations += 1
         gen.arrived_s = self._clock()
-        error: BaseException | None = None
         self._count_request(gen.model)
-        rt: ServerRuntime | None = None
+        error: BaseException | None = None
         try:
-            rt = await self._acquire(gen)
-            self._start_pump(gen, rt)
-            while True:
-                match await gen.queue.get():
-                    case Switch(attempt=attempt, server=new_rt, pump=pump):
-                        # live migration: a new upstream (already reserved) takes over
-                        old, rt = rt, new_rt
-                        gen.restart(attempt, pump)
-                        gen.server = new_rt.name
-                        if old is not None:
-                            self._release(old, gen)
-                        gen.migrations += 1
-                    case Resume():
-                        for chunk in gen.release_held():
-                            self._account(gen, chunk)
-                            yield chunk
-                            if chunk.final:
-                                return
-                    case ChunkArrived(attempt=attempt) | UpstreamFailed(attempt=attempt) if (
-                        attempt != gen.attempt
-                    ):
-                        continue  # from an upstream that was replaced
-                    case ChunkArrived(chunk=chunk):
-                        if gen.hold(chunk):
-                            continue
-                        self._account(gen, chunk)
-                        if rt is not None and (inst := rt.instances.get(gen.model)) is not None:
-                            inst.last_used_s = self._clock()
-                        yield chunk
-                        if chunk.final:
-                            return
-                    case UpstreamFailed(error=failure):
-                        error = failure
-                        rt = await self._fail_over(gen, rt, failure)
+            async with contextlib.aclosing(run_stream(gen, self)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         except BaseException as e:
             error = e
             raise
         finally:
             self.metrics.request_done(gen.model, None if gen.finish_reason is not None else error)
-            gen.finished = True
-            if gen.pump is not None:
-                gen.pump.cancel()
-            if rt is not None:
-                self._release(rt, gen)
-            while not gen.queue.empty():  # a switch that arrived too late: drop its stream and its slot
-                match gen.queue.get_nowait():
-                    case Switch(server=late_rt, pump=late_pump):
-                        late_pump.cancel()
-                        self._release(late_rt, gen)
-                    case _:
-                        pass
             self.generations.pop(gen.id, None)
+
+    # -- StreamHost: what the stream loop asks of the router ------------------------------------------
+    async def acquire(self, gen: Generation) -> ServerRuntime:
+        """A server with the model loaded and a slot reserved for ``gen``; its upstream stream started."""
+        rt = await self._acquire(gen)
+        self._start_pump(gen, rt)
+        return rt
+
+    def release(self, server: ServerRuntime, gen: Generation) -> None:
+        self._release(server, gen)
+
+    async def fail_over(
+        self, gen: Generation, server: ServerRuntime | None, error: Exception
+    ) -> ServerRuntime:
+        return await self._fail_over(gen, server, error)
+
+    def switched(self, gen: Generation, server: ServerRuntime) -> None:
+        gen.server = server.name
+
+    def delivered(self, gen: Generation, server: ServerRuntime | None, chunk: TokenChunk) -> None:
+        """``chunk`` goes to the client now: record it, and that the instance was used."""
+        self._account(gen, chunk)
+        if server is not None and (inst := server.instances.get(gen.model)) is not None:
+            inst.last_used_s = self._clock()
 
     def _account(self, gen: Generation, chunk: TokenChunk) -> None:
         if not gen.tokens and chunk.token_ids:

@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from warmstart.scheduler.migration import GenerationProgress
 from warmstart.scheduler.upstream import GenerationRequest, TokenChunk, Upstream, UpstreamError
@@ -44,8 +44,10 @@ __all__ = [
     "GenerationSource",
     "Resume",
     "ServerDest",
+    "StreamHost",
     "Switch",
     "UpstreamFailed",
+    "run_stream",
     "start_pump",
 ]
 
@@ -172,6 +174,86 @@ class Generation:
         self.pump = pump
         self._paused = False
         self._held.clear()
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+class StreamHost(Protocol[S]):
+    """What the stream loop needs from the router: servers (``S``) with a slot for a generation."""
+
+    async def acquire(self, gen: Generation) -> S:
+        """A server for ``gen`` with its slot reserved and its upstream stream (pump) started."""
+        ...
+
+    def release(self, server: S, gen: Generation) -> None:
+        """Give ``gen``'s slot on ``server`` back."""
+        ...
+
+    async def fail_over(self, gen: Generation, server: S | None, error: Exception) -> S:
+        """``gen``'s upstream failed with ``error``: the server it resumes on (raises to end it)."""
+        ...
+
+    def delivered(self, gen: Generation, server: S | None, chunk: TokenChunk) -> None:
+        """``chunk`` goes to the client now."""
+        ...
+
+    def switched(self, gen: Generation, server: S) -> None:
+        """``gen`` streams from ``server`` now (a live migration's switch)."""
+        ...
+
+
+async def run_stream(gen: Generation, host: StreamHost[S]) -> AsyncGenerator[TokenChunk, None]:
+    """The client's side of ``gen``: its chunks in order, whatever upstream they come from.
+
+    Handles the control messages (see the module doc); on the way out the generation is finished, its pump
+    cancelled, its slot given back, and a `Switch` that arrived too late has its stream and slot dropped.
+    """
+    server: S | None = None
+    try:
+        server = await host.acquire(gen)
+        while True:
+            match await gen.queue.get():
+                case Switch(attempt=attempt, server=new_server, pump=pump):
+                    # live migration: a new upstream (already reserved) takes over
+                    old, server = server, new_server
+                    gen.restart(attempt, pump)
+                    host.switched(gen, new_server)
+                    if old is not None:
+                        host.release(old, gen)
+                    gen.migrations += 1
+                case Resume():
+                    for chunk in gen.release_held():
+                        host.delivered(gen, server, chunk)
+                        yield chunk
+                        if chunk.final:
+                            return
+                case ChunkArrived(attempt=attempt) | UpstreamFailed(attempt=attempt) if (
+                    attempt != gen.attempt
+                ):
+                    continue  # from an upstream that was replaced
+                case ChunkArrived(chunk=chunk):
+                    if gen.hold(chunk):
+                        continue
+                    host.delivered(gen, server, chunk)
+                    yield chunk
+                    if chunk.final:
+                        return
+                case UpstreamFailed(error=failure):
+                    server = await host.fail_over(gen, server, failure)
+    finally:
+        gen.finished = True
+        if gen.pump is not None:
+            gen.pump.cancel()
+        if server is not None:
+            host.release(server, gen)
+        while not gen.queue.empty():  # a switch that arrived too late: drop its stream and its slot
+            match gen.queue.get_nowait():
+                case Switch(server=late, pump=late_pump):
+                    late_pump.cancel()
+                    host.release(late, gen)
+                case _:
+                    pass
 
 
 # ------------------------------------------------------------------------------------------- the pump
