@@ -38,7 +38,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CANCEL_POLL_SECONDS", "ModelLoadFailed", "ResponseSink", "Runtime"]
 
-CANCEL_POLL_SECONDS = 0.02  # asking Triton whether a request was cancelled is an IPC round trip
+CANCEL_POLL_SECONDS = 0.1
+"""How often each live request's Triton sender is asked whether it was cancelled. Each ask is an IPC round trip
+with tritonserver (stub and server both wake): at 0.02 s, 8 streams made 400 asks a second against about 50
+tokens a second (docs/architecture.md, "Per-token path"); a cancellation still stops within 0.1 s + one step."""
 
 
 class ModelLoadFailed(WarmstartError, RuntimeError):
