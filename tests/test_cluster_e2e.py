@@ -8,11 +8,13 @@ TTL, and the stream finishes on the other node token-exactly.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -217,3 +219,119 @@ def test_with_etcd_down_loaded_models_are_served_new_loads_refused_and_a_restart
             os.killpg(agent.pid, signal.SIGKILL)
         agent.wait(10)
         own.stop()
+
+
+# --- two scheduler replicas in front of three servers ----------------------------------------------------
+
+MODELS6 = [f"r{i}" for i in range(6)]
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> Iterator[list[TritonServer]]:
+    repo = write_fake_repository(tmp_path / "repo", MODELS6)
+    made: list[TritonServer] = []
+    try:
+        for i in range(3):
+            triton = TritonServer(
+                TritonConfig(model_repositories=(repo,), repository_api_key=REPO_KEY),
+                workdir=tmp_path / f"t{i}",
+            )
+            triton.start()
+            made.append(triton)
+        yield made
+    finally:
+        for triton in made:
+            triton.stop(timeout=5.0)
+
+
+def _replicas(etcd: Etcd, tritons: list[TritonServer], budget_models: int) -> list[BackgroundScheduler]:
+    prefix = f"/replicas-{uuid.uuid4().hex}/"
+    servers = [
+        {"name": f"s{i}", "grpc": t.grpc_url, "repository_api_key": REPO_KEY, "memory_budget_bytes": budget_models << 20,
+         "bandwidth": {"memory_bps": 1e10, "disk_bps": 1e9, "remote_bps": 1e8}}
+        for i, t in enumerate(tritons)
+    ]  # fmt: skip
+    models = {
+        m: {"checkpoint": f"s3://models/{m}", "size_bytes": 1 << 20, "keep_alive_s": 300,
+            "triton_config": fake_triton_config(m, token_delay_s=0.01, load_delay_s=0.3)}
+        for m in MODELS6
+    }  # fmt: skip
+    return [
+        BackgroundScheduler(
+            scheduler_config(
+                servers,
+                models,
+                etcd=etcd.url,
+                etcd_prefix=prefix,
+                replica_lease_ttl_s=3,
+                cold_start_timeout_s=60,
+                migration=False,
+            )
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+
+
+def _ready(triton: TritonServer) -> set[str]:
+    return {m["name"] for m in triton.repository_index() if m.get("state") == "READY"}
+
+
+async def _stream(session: aiohttp.ClientSession, url: str, model: str, prompt: str, n: int) -> list[int]:
+    body = {"text_input": prompt, "parameters": {"stream": True, "max_tokens": n}}
+    got: list[int] = []
+    async with session.post(f"{url}/v2/models/{model}/generate_stream", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                got.extend(event["token_ids"])
+    return got
+
+
+def test_two_replicas_load_a_cold_model_once_and_a_load_storm_never_exceeds_a_budget(
+    etcd: Etcd, three: list[TritonServer]
+) -> None:
+    a, b = _replicas(etcd, three, budget_models=2)
+    peak: dict[str, int] = {}
+    stop = False
+
+    def watch() -> None:  # Triton's own repository index, not the schedulers' view
+        while not stop:
+            for i, t in enumerate(three):
+                with contextlib.suppress(Exception):
+                    peak[f"s{i}"] = max(peak.get(f"s{i}", 0), len(_ready(t)))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+
+        async def first() -> list[list[int]]:
+            async with aiohttp.ClientSession() as s:
+                return await asyncio.gather(
+                    *(_stream(s, (a, b)[k % 2].http, "r0", f"p{k}", 3) for k in range(20))
+                )
+
+        results = asyncio.run(first())
+        assert all(r == expected_tokens(f"p{k}", 3) for k, r in enumerate(results))
+        loads = [
+            sum(n for key, n in sched.state()["stats"]["loads"].items() if key.endswith("/r0"))
+            for sched in (a, b)
+        ]
+        assert sum(loads) == 1, f"loads of r0 per replica: {loads}"  # one replica loaded, the other joined
+        assert sum("r0" in _ready(t) for t in three) == 1
+
+        async def storm() -> list[list[int]]:
+            async with aiohttp.ClientSession() as s:
+                jobs = [_stream(s, (a, b)[k % 2].http, MODELS6[k % 6], f"q{k}", 3) for k in range(36)]
+                return await asyncio.gather(*jobs)
+
+        results = asyncio.run(storm())
+        assert all(r == expected_tokens(f"q{k}", 3) for k, r in enumerate(results))
+    finally:
+        stop = True
+        watcher.join(5)
+        a.close()
+        b.close()
+    assert peak and max(peak.values()) <= 2, f"READY models per server at peak: {peak} (budget 2)"

@@ -566,14 +566,36 @@ def test_a_release_decided_on_a_stale_view_is_refused(backend: Backend) -> None:
     view = store.allocation("s1")  # replica a sees m idle and decides to unload it ...
     store.set_in_use("s1", "m", "b", 1, lease=lease)  # ... while replica b starts a generation on it
     with pytest.raises(RevisionConflictError):
-        store.release_loaded("s1", "m", expected_revision=view.revision)
+        store.release_loaded("s1", "m", "a", expected_revision=view.revision, lease=lease)
     assert dict(store.allocation("s1").loaded) == {"m": 100}
     store.set_in_use("s1", "m", "b", 0, lease=lease)
     idle = store.allocation("s1")
     assert idle.revision > rev
-    store.release_loaded("s1", "m", expected_revision=idle.revision)
-    assert dict(store.allocation("s1").loaded) == {}
+    store.release_loaded("s1", "m", "a", expected_revision=idle.revision, lease=lease)
+    unloading = store.allocation("s1")
+    assert dict(unloading.loaded) == {} and dict(unloading.unloading) == {"m": LoadClaim("a", 100)}
+    assert unloading.committed_bytes == 100  # its memory is not free until the unload says so
+    store.unloaded("s1", "m", "b")  # another replica's "unloaded" does not free a's unload
+    assert store.allocation("s1").committed_bytes == 100
+    store.unloaded("s1", "m", "a")
+    assert store.allocation("s1").committed_bytes == 0
     store.revoke_lease(lease)
+
+
+def test_a_dead_replicas_unfinished_unload_frees_its_bytes_with_its_lease(backend: Backend) -> None:
+    store = backend.store
+    dying = store.grant_lease(LEASE_TTL_S)
+    store.claim_load("s1", "m", 100, "a", lease=dying, expected_revision=0)
+    store.finish_load("s1", "m", "a", size_bytes=100)
+    store.release_loaded("s1", "m", "a", expected_revision=store.allocation("s1").revision, lease=dying)
+    assert store.allocation("s1").committed_bytes == 100
+    if backend.clock is not None:
+        backend.clock.now += dying.ttl_s
+    else:
+        t0 = time.monotonic()
+        while store.allocation("s1").committed_bytes and time.monotonic() - t0 < LEASE_TTL_S + EXPIRY_BOUND_S:
+            time.sleep(0.05)
+    assert store.allocation("s1").committed_bytes == 0
 
 
 def test_allocation_names_with_a_slash_are_refused(backend: Backend) -> None:

@@ -290,25 +290,23 @@ def test_node_command_refuses_a_bad_endpoint_with_a_message() -> None:
 
 
 class SwitchableStore(InMemoryClusterState):
-    """The in-memory store, made unreachable at will (as etcd is when it is down or partitioned)."""
+    """The in-memory store, made unreachable at will (as etcd is when it is down or partitioned): every
+    call then raises ClusterStateUnavailable, as EtcdClusterState's do."""
 
     down = False
+    _GATED = frozenset(
+        {"put_server", "snapshot", "read", "keep_alive", "grant_lease", "allocation", "claim_load",
+         "finish_load", "set_in_use", "release_loaded", "unloaded", "put_model", "put_deployment"}
+    )  # fmt: skip
 
-    def _gate(self) -> None:
-        if self.down:
-            raise ClusterStateUnavailable("etcd at http://127.0.0.1:2379: connection refused")
+    def __getattribute__(self, name: str) -> Any:
+        if name in type(self)._GATED and object.__getattribute__(self, "down"):
 
-    def put_server(self, *a: Any, **k: Any) -> int:
-        self._gate()
-        return super().put_server(*a, **k)
+            def unreachable(*a: Any, **k: Any) -> Any:
+                raise ClusterStateUnavailable("etcd at http://127.0.0.1:2379: connection refused")
 
-    def snapshot(self, *a: Any, **k: Any) -> Any:
-        self._gate()
-        return super().snapshot(*a, **k)
-
-    def read(self) -> Any:
-        self._gate()
-        return super().read()
+            return unreachable
+        return object.__getattribute__(self, name)
 
 
 def test_with_cluster_state_unreachable_loaded_models_are_served_and_new_loads_refused_at_once() -> None:

@@ -574,6 +574,7 @@ class EtcdClusterState:
         revision = _int(version[0].get("mod_revision"), "mod_revision") if version else 0
         loads: dict[str, LoadClaim] = {}
         loaded: dict[str, int] = {}
+        unloading: dict[str, LoadClaim] = {}
         in_use: dict[str, dict[str, int]] = {}
         for kv in self._kvs((responses[1] or {}).get("response_range") or {}):
             key = _unb64(kv.get("key"), "key")
@@ -585,13 +586,16 @@ class EtcdClusterState:
                 loads[rest[1]] = LoadClaim(v["replica"], v["size_bytes"])
             elif rest[0] == "loaded" and len(rest) == 2:
                 loaded[rest[1]] = decode_alloc(data, text, "alloc-loaded")["size_bytes"]
+            elif rest[0] == "unloading" and len(rest) == 2:
+                v = decode_alloc(data, text, "alloc-claim")
+                unloading[rest[1]] = LoadClaim(v["replica"], v["size_bytes"])
             elif rest[0] == "inuse" and len(rest) == 3:
                 count = decode_alloc(data, text, "alloc-inuse")["count"]
                 if count > 0:
                     in_use.setdefault(rest[1], {})[rest[2]] = count
             else:
                 logger.debug("ignoring key %r under the allocation of %s", text, server)
-        return Allocation(server, revision, loads, loaded, in_use)
+        return Allocation(server, revision, loads, loaded, in_use, unloading)
 
     def claim_load(
         self, server: str, model: str, size_bytes: int, replica: str, *, lease: Lease, expected_revision: int
@@ -640,11 +644,41 @@ class EtcdClusterState:
             op = {"request_delete_range": {"key": key}}
         return self._alloc_write(server, [op], None, "in-use count")
 
-    def release_loaded(self, server: str, model: str, *, expected_revision: int) -> int:
-        """Forget ``model`` loaded on ``server``, compare-and-set on the allocation revision."""
-        check_allocation_names(server, model)
-        op = {"request_delete_range": {"key": _b64(self._alloc_key(server, "loaded", model))}}
-        return self._alloc_write(server, [op], expected_revision, "release")
+    def release_loaded(
+        self, server: str, model: str, replica: str, *, expected_revision: int, lease: Lease
+    ) -> int:
+        """Move ``model`` on ``server`` from loaded to unloading (its bytes kept, under ``lease``): one
+        transaction comparing the allocation revision."""
+        check_allocation_names(server, model, replica)
+        loaded_key = self._alloc_key(server, "loaded", model)
+        kv = self._range_one(loaded_key)
+        ops: list[dict[str, Any]] = [{"request_delete_range": {"key": _b64(loaded_key)}}]
+        if kv is not None:
+            size = decode_alloc(_unb64(kv.get("value", ""), "value"), loaded_key.decode(), "alloc-loaded")[
+                "size_bytes"
+            ]
+            value = _b64(encode_alloc("alloc-claim", {"replica": replica, "size_bytes": int(size)}))
+            key = _b64(self._alloc_key(server, "unloading", model))
+            ops.append({"request_put": {"key": key, "value": value, "lease": str(lease.id)}})
+        return self._alloc_write(server, ops, expected_revision, "release")
+
+    def unloaded(self, server: str, model: str, replica: str) -> int:
+        """``replica``'s unload of ``model`` on ``server`` freed its memory (only its own record goes)."""
+        check_allocation_names(server, model, replica)
+        key = self._alloc_key(server, "unloading", model)
+        kv = self._range_one(key)
+        ops: list[dict[str, Any]] = []
+        if kv is not None:
+            owner = decode_alloc(_unb64(kv.get("value", ""), "value"), key.decode(), "alloc-claim")["replica"]
+            if owner == replica:
+                compare_value = {"key": _b64(key), "target": "MOD", "result": "EQUAL"}
+                compare_value["mod_revision"] = str(_int(kv.get("mod_revision"), "mod_revision"))
+                ok, answer, _ = self._txn(
+                    [compare_value], [{"request_delete_range": {"key": _b64(key)}}, self._bump_op(server)], []
+                )
+                if ok:
+                    return self._revision(answer)
+        return self._alloc_write(server, ops, None, "unload")
 
     # -- leases and epochs ---------------------------------------------------------------------------
     def grant_lease(self, ttl_s: int = DEFAULT_LEASE_TTL_S) -> Lease:

@@ -22,10 +22,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import os
 import secrets
 import socket
+import time
+from collections import deque
 from collections.abc import Iterable
+from typing import Any
 
 from warmstart.scheduler.errors import (
     ClusterStateError,
@@ -39,7 +43,7 @@ from warmstart.scheduler.state import (
     Lease,
 )
 
-__all__ = ["ClaimResult", "ReplicaCoordinator", "replica_name"]
+__all__ = ["ClaimResult", "CoordinatorStats", "ReplicaCoordinator", "replica_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +54,60 @@ class ClaimResult(enum.Enum):
     WON = "won"  # this replica loads it
     JOIN = "join"  # another replica's load of it is in flight, or it is loaded already
     NO_ROOM = "no_room"  # with every replica's loads it does not fit: decide again
+
+
+class CoordinatorStats:
+    """How long this replica's shared-allocation calls took, and how its claims ended.
+
+    ``claim`` is one load decision's added cost with other replicas (its reads of the allocation and the
+    compare-and-set, retries included), ``claim_cas`` each compare-and-set write within it, ``may_unload``
+    an unload or eviction check (read + compare-and-set), ``finished`` the write that ends a load. The last
+    ``keep`` durations of each are kept (seconds); ``counts`` has every call (calls that raised are not
+    timed). Shown in the admin state (``Router.describe()["replicas"]``).
+    """
+
+    OPS = ("claim", "claim_cas", "may_unload", "finished")
+
+    def __init__(self, keep: int = 4096) -> None:
+        if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep must be an int >= 1, got {keep!r}")
+        self.durations: dict[str, deque[float]] = {op: deque(maxlen=keep) for op in self.OPS}
+        self.counts: dict[str, int] = dict.fromkeys(self.OPS, 0)
+        self.outcomes: dict[str, int] = {
+            **{r.value: 0 for r in ClaimResult},
+            "unload_released": 0,
+            "unload_refused": 0,
+        }
+
+    def record(self, op: str, seconds: float, outcome: str | None = None) -> None:
+        """One call of ``op`` (one of :attr:`OPS`) took ``seconds``; ``outcome`` is counted if given."""
+        if op not in self.durations:
+            raise ValueError(f"unknown operation {op!r}; known: {', '.join(self.OPS)}")
+        self.durations[op].append(seconds)
+        self.counts[op] += 1
+        if outcome is not None:
+            self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+
+    @staticmethod
+    def _quantile(sorted_xs: list[float], q: float) -> float:
+        k = (len(sorted_xs) - 1) * q
+        lo, hi = math.floor(k), math.ceil(k)
+        return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (k - lo)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able: per operation ``n`` (every call), ``median_ms``/``p99_ms``/``max_ms`` over the kept
+        durations (None before the first call) and ``samples_ms``; and the claim/unload ``outcomes``."""
+        ops: dict[str, Any] = {}
+        for op, xs in self.durations.items():
+            s = sorted(xs)
+            ops[op] = {
+                "n": self.counts[op],
+                "median_ms": self._quantile(s, 0.5) * 1e3 if s else None,
+                "p99_ms": self._quantile(s, 0.99) * 1e3 if s else None,
+                "max_ms": s[-1] * 1e3 if s else None,
+                "samples_ms": [round(x * 1e3, 4) for x in xs],
+            }
+        return {"ops": ops, "outcomes": dict(self.outcomes)}
 
 
 def replica_name() -> str:
@@ -72,6 +130,8 @@ class ReplicaCoordinator:
         self._counts: dict[tuple[str, str], int] = {}  # what this replica last wrote
         self._dirty: dict[tuple[str, str], int] = {}
         self._flushing: asyncio.Task[None] | None = None
+        self.stats = CoordinatorStats()
+        self.unreachable: str | None = None  # why the last call to cluster state failed, until one succeeds
 
     # -- the lease ---------------------------------------------------------------------------------------
     async def _lease(self) -> Lease:
@@ -128,8 +188,21 @@ class ReplicaCoordinator:
         return {m: c.size_bytes for m, c in view.loads.items() if c.replica != self.name}
 
     # -- decisions ---------------------------------------------------------------------------------------
-    async def claim(self, server: str, model: str, size_bytes: int, budget_bytes: int) -> ClaimResult:
-        """Claim the load of ``model`` on ``server`` (compare-and-set), or say why not."""
+    async def claim(
+        self, server: str, model: str, size_bytes: int, budget_bytes: int, *, freeing: Iterable[str] = ()
+    ) -> ClaimResult:
+        """Claim the load of ``model`` on ``server`` (compare-and-set), or say why not (timed in ``stats``).
+
+        ``freeing``: the models this replica evicts for this load (released already): their bytes are free
+        by the time it loads (it waits for their release or unload first), so they do not count."""
+        t0 = time.perf_counter()
+        result = await self._claim(server, model, size_bytes, budget_bytes, frozenset(freeing))
+        self.stats.record("claim", time.perf_counter() - t0, result.value)
+        return result
+
+    async def _claim(
+        self, server: str, model: str, size_bytes: int, budget_bytes: int, freeing: frozenset[str]
+    ) -> ClaimResult:
         for _ in range(CAS_ATTEMPTS):
             view = await self.refresh(server)
             claim = view.loads.get(model)
@@ -144,13 +217,18 @@ class ReplicaCoordinator:
                 return ClaimResult.JOIN
             if model in view.loaded:
                 return ClaimResult.JOIN
-            if view.committed_bytes + size_bytes > budget_bytes:
+            mine = sum(
+                c.size_bytes for m, c in view.unloading.items() if m in freeing and c.replica == self.name
+            )
+            committed = view.committed_bytes - mine
+            if committed + size_bytes > budget_bytes:
                 logger.info(
                     "replica %s: %s (%d B) does not fit on %s with every replica's loads (%d of %d B committed)",
-                    self.name, model, size_bytes, server, view.committed_bytes, budget_bytes,
+                    self.name, model, size_bytes, server, committed, budget_bytes,
                 )  # fmt: skip
                 return ClaimResult.NO_ROOM
             lease = await self._lease()
+            t0 = time.perf_counter()
             try:
                 await asyncio.to_thread(
                     self.store.claim_load, server, model, size_bytes, self.name, lease=lease,
@@ -161,6 +239,8 @@ class ReplicaCoordinator:
             except LeaseNotFoundError:
                 self.lease = None
                 continue
+            finally:
+                self.stats.record("claim_cas", time.perf_counter() - t0)
             await self.refresh(server)
             return ClaimResult.WON
         logger.warning(
@@ -170,8 +250,10 @@ class ReplicaCoordinator:
 
     async def finished(self, server: str, model: str, *, loaded_bytes: int | None) -> None:
         """This replica's load of ``model`` on ``server`` ended (``loaded_bytes`` None: it failed)."""
+        t0 = time.perf_counter()
         await asyncio.to_thread(self.store.finish_load, server, model, self.name, size_bytes=loaded_bytes)
         await self.refresh(server)
+        self.stats.record("finished", time.perf_counter() - t0)
 
     async def wait_for_load(self, server: str, model: str, timeout_s: float, poll_s: float = 0.1) -> bool:
         """Wait until no replica's load of ``model`` on ``server`` is in flight; True if it is loaded then."""
@@ -188,6 +270,13 @@ class ReplicaCoordinator:
     async def may_unload(self, server: str, model: str) -> bool:
         """Take ``model`` out of ``server``'s allocation for an unload or eviction, unless another replica's
         generations use it (compare-and-set on a view where none does). False: keep it loaded."""
+        t0 = time.perf_counter()
+        released = await self._may_unload(server, model)
+        outcome = "unload_released" if released else "unload_refused"
+        self.stats.record("may_unload", time.perf_counter() - t0, outcome)
+        return released
+
+    async def _may_unload(self, server: str, model: str) -> bool:
         for _ in range(CAS_ATTEMPTS):
             view = await self.refresh(server)
             users = view.users(model, besides=self.name)
@@ -198,14 +287,28 @@ class ReplicaCoordinator:
                 )  # fmt: skip
                 return False
             try:
+                lease = await self._lease()
                 await asyncio.to_thread(
-                    self.store.release_loaded, server, model, expected_revision=view.revision
+                    self.store.release_loaded,
+                    server,
+                    model,
+                    self.name,
+                    expected_revision=view.revision,
+                    lease=lease,
                 )
             except RevisionConflictError:
+                continue
+            except LeaseNotFoundError:
+                self.lease = None
                 continue
             await self.refresh(server)
             return True
         return False
+
+    async def unloaded(self, server: str, model: str) -> None:
+        """This replica's unload (or successful release) of ``model`` on ``server`` freed its memory."""
+        await asyncio.to_thread(self.store.unloaded, server, model, self.name)
+        await self.refresh(server)
 
     # -- in-use counts -----------------------------------------------------------------------------------
     def in_use(self, server: str, model: str, count: int) -> None:

@@ -579,7 +579,11 @@ class Router:
 
     # -- snapshot ----------------------------------------------------------------------------------------
     def snapshot(self) -> ClusterSnapshot:
-        """Publish every server's state into the store and read one consistent snapshot back."""
+        """Publish every server's state into the store and read one consistent snapshot back.
+
+        With other replicas (cluster state on etcd) the server reports are this replica's own view (what
+        the replicas share is each server's allocation, merged in as the others' loads): the snapshot is
+        built here, and cluster state counts as unreachable while the replica's last call to it failed."""
         now = self._clock()
         measured = [
             bw.remote_bps
@@ -595,23 +599,43 @@ class Router:
             for rt in self.servers.values()
         ]
         demand = decayed_rates(self._demand, now)
+        if coord is not None:
+            self._cluster_state(coord.unreachable)
+            return ClusterSnapshot.of(states, (m.to_spec() for m in self.models.values()), now, demand)
         try:
             for state in states:
                 self.store.put_server(state)
             snapshot = self.store.snapshot(now, demand)
         except ClusterStateUnavailable as e:
-            if self._state_unavailable is None:
-                logger.error(
-                    "cluster state unreachable (%s): serving the models loaded now from this scheduler's own "
-                    "view; requests that need a new load are refused until it is back",
-                    e,
-                )
-            self._state_unavailable = str(e)
+            self._cluster_state(str(e))
             return ClusterSnapshot.of(states, (m.to_spec() for m in self.models.values()), now, demand)
-        if self._state_unavailable is not None:
-            logger.warning("cluster state reachable again; decisions resume")
-            self._state_unavailable = None
+        self._cluster_state(None)
         return snapshot
+
+    async def _cluster_state_back(self) -> bool:
+        """One try (bounded by the store's timeout) whether cluster state answers again."""
+        coord = self.coordinator
+        if coord is None:
+            return False  # the next snapshot tries the store itself
+        try:
+            await coord.keep_alive()
+        except ClusterStateError as e:
+            coord.unreachable = str(e)
+            return False
+        coord.unreachable = None
+        return True
+
+    def _cluster_state(self, unreachable: str | None) -> None:
+        """Record whether cluster state can be reached (``unreachable``: why not), logging each change."""
+        if unreachable is not None and self._state_unavailable is None:
+            logger.error(
+                "cluster state unreachable (%s): serving the models loaded now from this scheduler's own "
+                "view; requests that need a new load are refused until it is back",
+                unreachable,
+            )
+        elif unreachable is None and self._state_unavailable is not None:
+            logger.warning("cluster state reachable again; decisions resume")
+        self._state_unavailable = unreachable
 
     def _count_request(self, model: str) -> None:
         """Count a client's request for ``model`` in its recent request rate (``ClusterSnapshot.demand``)."""
@@ -663,6 +687,8 @@ class Router:
                     self._count_in_use(rt, gen.model)
                     return rt
                 if self._state_unavailable is not None and placement.action is not Action.WAIT:
+                    if await self._cluster_state_back():
+                        continue  # reachable again: decide again on a fresh snapshot
                     raise ClusterStateUnavailable(
                         f"cannot decide where to load {gen.model!r} now: cluster state is unreachable "
                         f"({self._state_unavailable}); models already loaded are still served, retry when it is back"
@@ -794,11 +820,14 @@ class Router:
                     rt.unloading.pop(back, None)
                     size = self.models[back].size_bytes if back in self.models else 0
                     rt.instances[back] = _InstanceRT(back, size, self._clock())
-                    if back in released:
+                    if back in released:  # its release is undone: loaded again, not unloading
+                        await coord.unloaded(rt.name, back)
                         await coord.finished(rt.name, back, loaded_bytes=size)
                 return False
             released.append(m)
-        result = await coord.claim(rt.name, spec.name, spec.size_bytes, rt.config.memory_budget_bytes)
+        result = await coord.claim(
+            rt.name, spec.name, spec.size_bytes, rt.config.memory_budget_bytes, freeing=released
+        )
         if result is ClaimResult.WON:
             return True
         if result is ClaimResult.JOIN and await coord.wait_for_load(
@@ -810,6 +839,7 @@ class Router:
             rt.unloading.pop(m, None)
             size = self.models[m].size_bytes if m in self.models else 0
             rt.instances[m] = _InstanceRT(m, size, self._clock())
+            await coord.unloaded(rt.name, m)
             await coord.finished(rt.name, m, loaded_bytes=size)
         return False
 
@@ -822,6 +852,8 @@ class Router:
                     claimed = await self._decide_shared(rt, spec, evictions)
                 except ClusterStateError as e:
                     logger.warning("load of %s on %s not started: cluster state: %s", spec.name, rt.name, e)
+                    if isinstance(e, ClusterStateUnavailable):
+                        self.coordinator.unreachable = str(e)
                     claimed = False
                 if not claimed:
                     return
@@ -888,6 +920,7 @@ class Router:
                 )
                 if model in rt.unloading:
                     rt.unloading[model] = 0
+                await self._freed(rt, model)
                 self._spawn(self._unload(rt, model), name=f"unload {rt.name}/{model}")
                 self._notify()
                 return
@@ -909,7 +942,16 @@ class Router:
             self.metrics.unloaded(rt.name, ok=False)
         finally:
             rt.unloading.pop(model, None)
+            await self._freed(rt, model)
             self._notify()
+
+    async def _freed(self, rt: ServerRuntime, model: str) -> None:
+        """With other replicas: ``model``'s memory on ``rt`` is free (released, or unloaded)."""
+        if self.coordinator is not None:
+            try:
+                await self.coordinator.unloaded(rt.name, model)
+            except ClusterStateError as e:
+                logger.warning("cannot record %s unloaded on %s: %s", model, rt.name, e)
 
     def _drop_released(self, rt: ServerRuntime, model: str) -> None:
         """``model``'s engine on ``rt`` was released under the router (by another holder of the key, or a
@@ -980,9 +1022,13 @@ class Router:
             return
         try:
             await coord.keep_alive()
+        except ClusterStateUnavailable as e:
+            coord.unreachable = str(e)
+            return
         except ClusterStateError as e:
             logger.warning("replica %s: cannot renew its lease: %s", coord.name, e)
             return
+        coord.unreachable = None
         await coord.refresh_all(list(self.servers))
         for rt in self.servers.values():
             view = coord.views.get(rt.name)
@@ -1401,4 +1447,6 @@ class Router:
                 "rejected_timeout": self.stats.rejected_timeout,
                 "generations": self.stats.generations,
             },
+            # with other replicas (etcd): this one's shared-allocation call times and claim outcomes
+            "replicas": None if self.coordinator is None else self.coordinator.stats.summary(),
         }

@@ -709,7 +709,9 @@ class Allocation:
     ``revision`` is the server's allocation version (0: never written): every allocation write bumps it, so a
     decision taken on this view is a compare-and-set on it (``expected_revision``). ``loads``: loads in
     flight, each under its replica's lease; ``loaded``: models loaded there (bytes), kept until released;
-    ``in_use``: per model, how many of each replica's generations use it (under that replica's lease).
+    ``in_use``: per model, how many of each replica's generations use it (under that replica's lease);
+    ``unloading``: models released for an unload whose memory is not free yet (under the releasing
+    replica's lease), bytes.
     """
 
     server: str
@@ -717,11 +719,13 @@ class Allocation:
     loads: Mapping[str, LoadClaim] = field(default_factory=dict)
     loaded: Mapping[str, int] = field(default_factory=dict)
     in_use: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    unloading: Mapping[str, LoadClaim] = field(default_factory=dict)
 
     @property
     def committed_bytes(self) -> int:
-        """Memory the loaded models and the loads in flight take together."""
-        return sum(self.loaded.values()) + sum(c.size_bytes for c in self.loads.values())
+        """Memory the loaded models, the loads in flight and the unloads not finished take together."""
+        loads = sum(c.size_bytes for c in self.loads.values())
+        return sum(self.loaded.values()) + loads + sum(c.size_bytes for c in self.unloading.values())
 
     def users(self, model: str, *, besides: str | None = None) -> int:
         """Generations using ``model`` here, over every replica (but ``besides``)."""
@@ -849,9 +853,17 @@ class ClusterStateStore(Protocol):
         ``lease``, so a dead replica's counts expire with it. Returns the new allocation revision."""
         ...
 
-    def release_loaded(self, server: str, model: str, *, expected_revision: int) -> int:
-        """Forget that ``model`` is loaded on ``server`` (an unload or eviction decided on the view at
-        ``expected_revision``: :class:`RevisionConflictError` if anything changed since). New revision."""
+    def release_loaded(
+        self, server: str, model: str, replica: str, *, expected_revision: int, lease: Lease
+    ) -> int:
+        """``model`` on ``server`` is being unloaded by ``replica`` (an unload or eviction decided on the view at
+        ``expected_revision``: :class:`RevisionConflictError` if anything changed since): no longer loaded,
+        but its bytes stay committed, under ``lease``, until :meth:`unloaded`. New revision."""
+        ...
+
+    def unloaded(self, server: str, model: str, replica: str) -> int:
+        """``replica``'s unload of ``model`` on ``server`` freed its memory (another replica's unloading
+        record is left alone). New revision."""
         ...
 
     def snapshot(self, now: float, demand: Mapping[str, float] | None = None) -> ClusterSnapshot:
@@ -909,6 +921,7 @@ class InMemoryClusterState:
         self._alloc_rev: dict[str, int] = {}  # server -> allocation revision
         self._claims: dict[str, dict[str, LoadClaim]] = {}  # server -> model -> claim
         self._loaded: dict[str, dict[str, int]] = {}
+        self._unloading: dict[str, dict[str, LoadClaim]] = {}  # server -> model -> (releasing replica, bytes)
         self._in_use: dict[str, dict[str, dict[str, int]]] = {}  # server -> model -> replica -> count
         self._lease_ids = itertools.count(1)
 
@@ -941,6 +954,9 @@ class InMemoryClusterState:
             elif kind == "inuse":
                 server, model, replica = name.split("/")
                 self._in_use[server].get(model, {}).pop(replica, None)
+            elif kind == "unloading":
+                server, model = name.split("/")
+                self._unloading[server].pop(model, None)
             else:
                 table: dict[str, Any] = self._servers if kind == "server" else self._nodes
                 del table[name]
@@ -1146,6 +1162,7 @@ class InMemoryClusterState:
                 dict(self._claims.get(server, {})),
                 dict(self._loaded.get(server, {})),
                 in_use,
+                dict(self._unloading.get(server, {})),
             )
 
     def claim_load(
@@ -1194,9 +1211,11 @@ class InMemoryClusterState:
                 self._detach(key, "inuse")
             return self._bump(server)
 
-    def release_loaded(self, server: str, model: str, *, expected_revision: int) -> int:
-        """Forget ``model`` loaded on ``server``, compare-and-set on the allocation."""
-        check_allocation_names(server, model)
+    def release_loaded(
+        self, server: str, model: str, replica: str, *, expected_revision: int, lease: Lease
+    ) -> int:
+        """Move ``model`` on ``server`` from loaded to unloading by ``replica`` (bytes kept), compare-and-set."""
+        check_allocation_names(server, model, replica)
         with self._lock:
             self._expire()
             current = self._alloc_rev.get(server, 0)
@@ -1204,7 +1223,22 @@ class InMemoryClusterState:
                 raise RevisionConflictError(
                     f"allocation of {server!r} is at revision {current}, the release expected {expected_revision}"
                 )
-            self._loaded.get(server, {}).pop(model, None)
+            self._live_lease(lease)
+            size = self._loaded.get(server, {}).pop(model, None)
+            if size is not None:
+                self._unloading.setdefault(server, {})[model] = LoadClaim(replica, size)
+                self._attach(f"{server}/{model}", "unloading", lease)
+            return self._bump(server)
+
+    def unloaded(self, server: str, model: str, replica: str) -> int:
+        """``replica``'s unload of ``model`` on ``server`` freed its memory."""
+        check_allocation_names(server, model, replica)
+        with self._lock:
+            self._expire()
+            record = self._unloading.get(server, {}).get(model)
+            if record is not None and record.replica == replica:
+                del self._unloading[server][model]
+                self._detach(f"{server}/{model}", "unloading")
             return self._bump(server)
 
     # -- leases and epochs -------------------------------------------------------------------------------
