@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -28,6 +29,8 @@ from _scheduler_cluster import REPO_KEY, BackgroundScheduler, FakeNodeStore, sch
 from _scheduler_fake import expected_tokens, fake_triton_config, write_fake_repository
 
 from warmstart.etcd import Etcd
+from warmstart.scheduler.errors import StaleEpochError
+from warmstart.scheduler.etcd_state import EtcdClusterState
 from warmstart.triton import TritonConfig, TritonServer
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow, pytest.mark.etcd]
@@ -147,6 +150,25 @@ def test_a_node_whose_agent_dies_leaves_routing_within_its_ttl_and_its_stream_fi
         assert left and left[0] <= TTL_S + 1.5, (
             f"out of routing {left} s after its agent died (TTL {TTL_S} s)"
         )
+        # the node's agent restarts: a new incarnation, back in routing; the old one's writes are fenced off
+        serving = cut[0][0]
+        store = EtcdClusterState(etcd.url, prefix=prefix)
+        try:
+            triton, fake_store = nodes[int(serving[1:])]
+            old_epoch = store.epoch(serving)
+            agents[serving] = _agent(etcd, prefix, serving, triton, fake_store)
+            new_epoch = store.epoch(serving)
+            assert old_epoch is not None and new_epoch is not None and new_epoch > old_epoch
+            deadline = time.monotonic() + 10
+            while not sched.state()["servers"].get(serving, {}).get("healthy"):
+                assert time.monotonic() < deadline, "the restarted node did not come back into routing"
+                time.sleep(0.05)
+            record = store.get_node(serving).value
+            with pytest.raises(StaleEpochError):
+                store.put_node(dataclasses.replace(record, epoch=old_epoch, memory_budget_bytes=1))
+            assert store.get_node(serving).value.epoch == new_epoch
+        finally:
+            store.close()
     finally:
         sched.close()
         for proc in agents.values():
@@ -159,7 +181,6 @@ def test_with_etcd_down_loaded_models_are_served_new_loads_refused_and_a_restart
     tmp_path: Path, nodes: list[tuple[TritonServer, FakeNodeStore]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from warmstart.etcd import EtcdConfig
-    from warmstart.scheduler.etcd_state import EtcdClusterState
 
     own = Etcd(EtcdConfig(data_dir=tmp_path / "etcd"))  # a private one: this test stops it
     own.start()
@@ -267,7 +288,7 @@ def _replicas(etcd: Etcd, tritons: list[TritonServer], budget_models: int) -> li
                 cold_start_timeout_s=60,
                 migration=False,
             )
-        )  # fmt: skip
+        )
         for _ in range(2)
     ]
 
