@@ -54,7 +54,18 @@ OUTPUTS: tuple[dict[str, Any], ...] = (
 )
 
 # parameters this backend reads, and parameters the Python backend itself owns (allowed, ignored here)
-_KNOWN_PARAMETERS = ("checkpoint", "engine", "dtype", "max_batch", "device")
+_KNOWN_PARAMETERS = (
+    "checkpoint",
+    "engine",
+    "dtype",
+    "max_batch",
+    "device",
+    "enable_lora",
+    "max_loras",
+    "max_lora_rank",
+)
+DEFAULT_MAX_LORAS = 4
+DEFAULT_MAX_LORA_RANK = 16
 _PYTHON_BACKEND_PARAMETERS = ("EXECUTION_ENV_PATH",)
 
 
@@ -70,6 +81,10 @@ class ModelSettings:
     ``${VAR:-default}`` are expanded when it is resolved, see :mod:`warmstart.backend.weights`).
     ``device`` is the instance's device, ``"cpu"`` or ``"cuda:N"`` (:func:`warmstart.devices.select_device`
     of the ``device`` parameter and Triton's instance kind).
+
+    LoRA (the vLLM backend's parameter names): ``enable_lora`` serves the adapters named in the model
+    directory's ``multi_lora.json`` (docs/lora.md); at most ``max_loras`` of them are loaded at once (least
+    recently used evicted), each of rank at most ``max_lora_rank``.
     """
 
     checkpoint: str
@@ -77,6 +92,9 @@ class ModelSettings:
     dtype: str | None = None
     max_batch: int = DEFAULT_MAX_BATCH
     device: str = "cpu"
+    enable_lora: bool = False
+    max_loras: int = DEFAULT_MAX_LORAS
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK
 
     def __post_init__(self) -> None:
         if not isinstance(self.checkpoint, str) or not self.checkpoint.strip():
@@ -96,6 +114,12 @@ class ModelSettings:
                 f"parameter 'max_batch' must be an integer in 1..256, got {self.max_batch!r}"
             )
         parse_device(self.device)  # InvalidDevice
+        if not isinstance(self.enable_lora, bool):
+            raise BackendConfigError(f"parameter 'enable_lora' must be a bool, got {self.enable_lora!r}")
+        for key, top in (("max_loras", 64), ("max_lora_rank", 512)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= top:
+                raise BackendConfigError(f"parameter {key!r} must be an integer in 1..{top}, got {value!r}")
 
     @classmethod
     def from_model_config(
@@ -133,15 +157,30 @@ class ModelSettings:
                     f"model config lacks parameter {key!r}: add "
                     f'parameters {{ key: "{key}" value {{ string_value: "..." }} }} to config.pbtxt'
                 )
-        max_batch_text = values.get("max_batch", str(DEFAULT_MAX_BATCH))
-        if not re.fullmatch(r"[0-9]{1,4}", max_batch_text):
-            raise BackendConfigError(f"parameter 'max_batch' must be an integer, got {max_batch_text!r}")
+        numbers: dict[str, int] = {}
+        for key, default in (
+            ("max_batch", DEFAULT_MAX_BATCH),
+            ("max_loras", DEFAULT_MAX_LORAS),
+            ("max_lora_rank", DEFAULT_MAX_LORA_RANK),
+        ):
+            text = values.get(key, str(default))
+            if not re.fullmatch(r"[0-9]{1,4}", text):
+                raise BackendConfigError(f"parameter {key!r} must be an integer, got {text!r}")
+            numbers[key] = int(text)
+        lora_text = values.get("enable_lora", "false").strip().lower()
+        if lora_text not in ("true", "false"):
+            raise BackendConfigError(
+                f'parameter \'enable_lora\' must be "true" or "false", got {lora_text!r}'
+            )
         return cls(
             checkpoint=values["checkpoint"],
             engine=values["engine"],
             dtype=values.get("dtype") or None,
-            max_batch=int(max_batch_text),
+            max_batch=numbers["max_batch"],
             device=str(select_device(values.get("device"), instance_kind, instance_device_id)),
+            enable_lora=lora_text == "true",
+            max_loras=numbers["max_loras"],
+            max_lora_rank=numbers["max_lora_rank"],
         )
 
 
@@ -156,6 +195,9 @@ def model_config(
     instance_kind: str = "KIND_CPU",
     device: str | None = None,
     gpus: list[int] | None = None,
+    enable_lora: bool = False,
+    max_loras: int = DEFAULT_MAX_LORAS,
+    max_lora_rank: int = DEFAULT_MAX_LORA_RANK,
 ) -> dict[str, Any]:
     """The complete Triton model config (JSON field names) of a warmstart model.
 
@@ -163,9 +205,18 @@ def model_config(
     ``--disable-auto-complete-config``. ``device`` becomes the ``device`` parameter (``"cpu"``, ``"cuda"``,
     ``"cuda:N"``; absent: CPU unless ``instance_kind`` is ``KIND_GPU``); ``gpus`` the instance group's GPU
     list (``KIND_GPU`` only). A ``device`` that contradicts ``KIND_GPU`` (``"cpu"``, or a GPU not in ``gpus``)
-    raises :class:`~warmstart.errors.DeviceConflict` here rather than at load.
+    raises :class:`~warmstart.errors.DeviceConflict` here rather than at load. ``enable_lora``,
+    ``max_loras``, ``max_lora_rank``: LoRA serving (written only with ``enable_lora``).
     """
-    settings = ModelSettings(checkpoint=checkpoint, engine=engine, dtype=dtype, max_batch=max_batch)
+    settings = ModelSettings(
+        checkpoint=checkpoint,
+        engine=engine,
+        dtype=dtype,
+        max_batch=max_batch,
+        enable_lora=enable_lora,
+        max_loras=max_loras,
+        max_lora_rank=max_lora_rank,
+    )
     if instance_kind not in ("KIND_CPU", "KIND_GPU", "KIND_MODEL"):
         raise BackendConfigError(
             f"instance_kind must be KIND_CPU, KIND_GPU or KIND_MODEL, got {instance_kind!r}"
@@ -179,6 +230,10 @@ def model_config(
     }
     if settings.dtype is not None:
         parameters["dtype"] = {"string_value": settings.dtype}
+    if settings.enable_lora:
+        parameters["enable_lora"] = {"string_value": "true"}
+        parameters["max_loras"] = {"string_value": str(settings.max_loras)}
+        parameters["max_lora_rank"] = {"string_value": str(settings.max_lora_rank)}
     group: dict[str, Any] = {"count": instance_count, "kind": instance_kind}
     if gpus is not None:
         if instance_kind != "KIND_GPU":

@@ -281,6 +281,15 @@ def _serve_model(chan: Channel, tokenizers: _TokenizerCache | None = None) -> No
                     )
                 except Exception as e:  # one bad request never ends the engine process
                     sink.send_error(str(e), error_code(e))
+            elif op == "control":  # warmstart_lora_reload: answered like a request, with one FINAL frame
+                rid = msg.get("id")
+                if not isinstance(rid, int) or isinstance(rid, bool) or rid in live:
+                    raise ProtocolError(f"control needs a new integer id, got {rid!r}")
+                sink = live[rid] = _WireSink(chan, rid, live)
+                try:
+                    runtime.control(str(msg.get("name")), sink)
+                except Exception as e:
+                    sink.send_error(str(e), error_code(e))
             elif op == "cancel":
                 target = live.get(msg.get("id"))  # type: ignore[arg-type]
                 if target is not None:

@@ -153,6 +153,24 @@ class RemoteRuntime:
                 self._sinks.pop(rid, None)
             sink.send_error(f"model {self._model!r}: cannot reach its engine process: {e}", "UNAVAILABLE")
 
+    def control(self, op: str, sink: ResponseSink) -> None:
+        """Send a control request (``"reload_adapters"``) to the engine process; its answer goes to ``sink``."""
+        with self._lock:
+            dead = self._dead
+            if dead is None:
+                rid = self._next_id
+                self._next_id += 1
+                self._sinks[rid] = sink
+        if dead is not None:
+            sink.send_error(dead, "UNAVAILABLE")
+            return
+        try:
+            self._chan.send("control", id=rid, name=op)
+        except (ChannelClosed, ProtocolError) as e:
+            with self._lock:
+                self._sinks.pop(rid, None)
+            sink.send_error(f"model {self._model!r}: cannot reach its engine process: {e}", "UNAVAILABLE")
+
     def close(self, timeout: float = 30.0) -> None:
         """Ask the engine process to finish (running requests end with UNAVAILABLE) and wait until it has
         exited (its memory is free then), at most ``timeout`` in all. Idempotent."""

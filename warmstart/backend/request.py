@@ -25,8 +25,14 @@ Inputs (vllm_backend conventions, plus resume):
   (:mod:`warmstart.chat`); a model without a template refuses it (INVALID_ARG). It resumes like
   ``text_input``: with ``input_ids`` holding only generated ids (``num_generated`` = their count).
 
-Control request: the request parameter ``warmstart_release`` = true (KServe request parameters; no input
-needed) asks the model instance to drop its engine now, ahead of an unload (:func:`is_release_request`).
+* ``lora_name`` (a key of ``sampling_parameters``, or a request parameter; the vLLM backend's key): the LoRA
+  adapter to generate with, a name from the model's ``multi_lora.json`` (docs/lora.md). A model without
+  ``enable_lora``, or an unknown name, answers INVALID_ARG.
+
+Control requests (KServe request parameters; no input needed): ``warmstart_release`` = true asks the model
+instance to drop its engine now, ahead of an unload (:func:`is_release_request`); ``warmstart_lora_reload`` =
+true makes it re-read its ``multi_lora.json`` (adapters added and removed at run time, the base staying
+loaded; :func:`is_lora_reload_request`).
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from warmstart.engines import (
     PromptTooLong,
     SamplingParams,
 )
+from warmstart.engines.adapters import LoraNotEnabled, UnknownAdapter
 from warmstart.errors import WarmstartError
 
 __all__ = [
@@ -61,6 +68,7 @@ __all__ = [
     "RequestError",
     "UnknownRequestParameter",
     "error_code",
+    "is_lora_reload_request",
     "is_release_request",
     "parse_request",
     "request_from_json",
@@ -73,6 +81,10 @@ _INT_KEYS = ("max_tokens", "top_k", "seed", "min_tokens")
 _FLOAT_KEYS = ("temperature", "top_p")
 RELEASE_PARAMETER = "warmstart_release"  # request parameter (bool): drop the engine, ahead of an unload
 RELEASED = "released"  # finish_reason of the one response that answers a release
+LORA_RELOAD_PARAMETER = "warmstart_lora_reload"  # request parameter (bool): re-read multi_lora.json
+LORA_RELOADED = "adapters_reloaded"  # finish_reason of the one response that answers a reload
+LORA_NAME_KEY = "lora_name"
+MAX_LORA_NAME = 256
 
 
 class RequestError(WarmstartError, ValueError):
@@ -110,6 +122,7 @@ class GenerateRequest:
     exclude_input_in_output: bool
     params: SamplingParams
     messages: tuple[dict[str, str], ...] | None = None  # a chat, rendered by the runtime's chat template
+    lora_name: str | None = None  # the LoRA adapter to generate with (None: the base model)
 
 
 def _single(name: str, value: np.ndarray) -> Any:
@@ -163,7 +176,18 @@ def _numbers_from_strings(obj: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def _sampling_from_json(text: str, source: str, ignore: tuple[str, ...] = ()) -> SamplingParams:
+def _lora_name(value: Any, source: str) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_LORA_NAME:
+        raise BadInput(
+            f"{LORA_NAME_KEY} in {source} must be a non-empty string of at most {MAX_LORA_NAME} characters "
+            f"naming an adapter of the model's multi_lora.json, got {str(value)[:60]!r}"
+        )
+    return value
+
+
+def _sampling_from_json(
+    text: str, source: str, ignore: tuple[str, ...] = ()
+) -> tuple[SamplingParams, str | None]:
     try:
         obj = jsonsafe.loads(text) if text.strip() else {}
     except jsonsafe.UnsafeJSON as e:
@@ -173,12 +197,13 @@ def _sampling_from_json(text: str, source: str, ignore: tuple[str, ...] = ()) ->
     if not isinstance(obj, dict):
         raise InvalidParametersJSON(f"{source} must be a JSON object, got {type(obj).__name__}")
     obj = {k: v for k, v in obj.items() if k not in ignore}
+    lora = _lora_name(obj.pop(LORA_NAME_KEY), source) if LORA_NAME_KEY in obj else None
     unknown = sorted(set(obj) - set(_SAMPLING_KEYS))
     if unknown:
         raise UnknownRequestParameter(
-            f"unknown key(s) {unknown} in {source}; allowed: {', '.join(_SAMPLING_KEYS)}"
+            f"unknown key(s) {unknown} in {source}; allowed: {', '.join((*_SAMPLING_KEYS, LORA_NAME_KEY))}"
         )
-    return SamplingParams.from_json(_numbers_from_strings(obj, source))
+    return SamplingParams.from_json(_numbers_from_strings(obj, source)), lora
 
 
 def _messages(value: np.ndarray) -> tuple[dict[str, str], ...]:
@@ -198,17 +223,27 @@ def is_release_request(parameters_json: str) -> bool:
     Only :data:`RELEASE_PARAMETER` is looked at; it must be a JSON bool when present (BadInput otherwise).
     Unparseable or non-object JSON is not a release (:func:`parse_request` then reports it).
     """
-    if not parameters_json or RELEASE_PARAMETER not in parameters_json:
+    return _control_flag(parameters_json, RELEASE_PARAMETER)
+
+
+def is_lora_reload_request(parameters_json: str) -> bool:
+    """Whether a request's parameters ask the model to re-read its ``multi_lora.json``
+    (:data:`LORA_RELOAD_PARAMETER` = true; a JSON bool, BadInput otherwise)."""
+    return _control_flag(parameters_json, LORA_RELOAD_PARAMETER)
+
+
+def _control_flag(parameters_json: str, key: str) -> bool:
+    if not parameters_json or key not in parameters_json:
         return False
     try:
         obj = jsonsafe.loads(parameters_json)
     except ValueError:  # malformed or unsafe JSON
         return False
-    if not isinstance(obj, dict) or RELEASE_PARAMETER not in obj:
+    if not isinstance(obj, dict) or key not in obj:
         return False
-    value = obj[RELEASE_PARAMETER]
+    value = obj[key]
     if not isinstance(value, bool):
-        raise BadInput(f"request parameter {RELEASE_PARAMETER!r} must be a bool, got {value!r}")
+        raise BadInput(f"request parameter {key!r} must be a bool, got {value!r}")
     return value
 
 
@@ -235,10 +270,12 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], parameters_json: str 
 
     sp = inputs.get("sampling_parameters")
     if sp is not None:
-        params = _sampling_from_json(_text("sampling_parameters", sp), "sampling_parameters")
+        params, lora = _sampling_from_json(_text("sampling_parameters", sp), "sampling_parameters")
     else:
-        # a false release flag is not a sampling parameter
-        params = _sampling_from_json(parameters_json or "", "request parameters", (RELEASE_PARAMETER,))
+        # a false control flag is not a sampling parameter
+        params, lora = _sampling_from_json(
+            parameters_json or "", "request parameters", (RELEASE_PARAMETER, LORA_RELOAD_PARAMETER)
+        )
 
     ids_arr = inputs.get("input_ids")
     ngen_arr = inputs.get("num_generated")
@@ -288,6 +325,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], parameters_json: str 
         exclude_input_in_output=exclude,
         params=params,
         messages=messages,
+        lora_name=lora,
     )
 
 
@@ -301,6 +339,7 @@ def request_to_json(request: GenerateRequest) -> dict[str, Any]:
         "stream": request.stream,
         "exclude_input_in_output": request.exclude_input_in_output,
         "messages": list(request.messages) if request.messages is not None else None,
+        "lora_name": request.lora_name,
         "params": {
             "max_tokens": p.max_tokens,
             "temperature": p.temperature,
@@ -332,6 +371,7 @@ def request_from_json(obj: Any) -> GenerateRequest:
         "stream",
         "exclude_input_in_output",
         "messages",
+        "lora_name",
         "params",
     }
     if set(obj) != expected:
@@ -354,13 +394,24 @@ def request_from_json(obj: Any) -> GenerateRequest:
         exclude_input_in_output=obj["exclude_input_in_output"],
         params=SamplingParams.from_json(obj["params"]),
         messages=messages,
+        lora_name=None if obj["lora_name"] is None else _lora_name(obj["lora_name"], "the request"),
     )
 
 
 def error_code(exc: BaseException) -> str:
     """The Triton error code name (``pb_utils.TritonError.<name>``) for a request's failure."""
     if isinstance(
-        exc, (RequestError, ChatError, InvalidSamplingParams, EmptyPrompt, PromptTooLong, InvalidTokenId)
+        exc,
+        (
+            RequestError,
+            ChatError,
+            InvalidSamplingParams,
+            EmptyPrompt,
+            PromptTooLong,
+            InvalidTokenId,
+            UnknownAdapter,
+            LoraNotEnabled,
+        ),
     ):
         return "INVALID_ARG"
     if isinstance(exc, GeneratorClosed):

@@ -9,6 +9,7 @@ token's id (``stop_token_id``; never part of ``token_ids``).
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -18,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from warmstart.backend.adapters import MultiLoraConfigError, open_adapter, read_multi_lora
 from warmstart.backend.metrics import Metrics, NullMetrics
-from warmstart.backend.request import GenerateRequest, error_code
+from warmstart.backend.request import LORA_RELOADED, GenerateRequest, error_code
 from warmstart.backend.weights import LoadedCheckpoint, load_checkpoint, resolve_reference
 from warmstart.chat import (
     ChatError,
@@ -31,6 +33,7 @@ from warmstart.chat import (
 )
 from warmstart.devices import check_engine_device, parse_device
 from warmstart.engines import BatchedGenerator, Engine, TextStreamer, build_engine
+from warmstart.engines.adapters import AdapterLease, AdapterRegistry, LoraNotEnabled
 from warmstart.errors import WarmstartError
 from warmstart.tritonconfig import ModelSettings
 
@@ -176,8 +179,12 @@ class Runtime:
         chat: ChatTemplate | None = None,
         model_name: str = "model",
         chat_unavailable: str = "",
+        adapters: AdapterRegistry | None = None,
+        model_dir: Path | str | None = None,
     ) -> None:
         self.engine = engine
+        self.adapters = adapters  # LoRA (enable_lora): the adapters of multi_lora.json, None without it
+        self.model_dir = model_dir
         self.tokenizer = tokenizer
         self.metrics: Metrics = metrics or NullMetrics()
         self.add_special_tokens = add_special_tokens
@@ -185,7 +192,7 @@ class Runtime:
         self.model_name = model_name
         self._chat_unavailable = chat_unavailable  # why a checkpoint's template cannot be used, if it cannot
         self._control_tokens: tuple[str, ...] | None = None
-        self.generator = BatchedGenerator(engine, max_batch=max_batch)
+        self.generator = BatchedGenerator(engine, max_batch=max_batch, adapters=adapters)
         self._lock = threading.Lock()
 
     @classmethod
@@ -220,6 +227,7 @@ class Runtime:
                 warmup=warmup,
                 parse_tokenizer=parse_tokenizer,
                 model_name=model_name,
+                model_dir=model_dir,
             )
         except (WarmstartError, OSError, ValueError, KeyError, ImportError) as e:
             raise ModelLoadFailed(
@@ -247,8 +255,12 @@ class Runtime:
         warmup: bool = True,
         parse_tokenizer: Callable[[str], Any] | None = None,
         model_name: str = "model",
+        model_dir: Path | str | None = None,
     ) -> Runtime:
         """Build the engine and tokenizer from an already loaded checkpoint.
+
+        With ``settings.enable_lora`` the engine gets ``max_loras`` adapter slots and the runtime an
+        :class:`~warmstart.engines.adapters.AdapterRegistry` of ``model_dir``'s ``multi_lora.json``.
 
         The chat template (``warmstart.chat``) is read here and compiled on the first chat request. The
         generation stops at ``generation_config.json``'s EOS ids and the tokenizer's ``eos_token`` as well
@@ -271,6 +283,16 @@ class Runtime:
                 max_batch=settings.max_batch,
                 device=settings.device,
             )
+            if settings.enable_lora:
+                enable = getattr(engine, "enable_lora", None)
+                if not callable(enable):
+                    raise LoraNotEnabled(
+                        f"model {model_name!r}: enable_lora needs a compact engine (torch or JAX) for this "
+                        f"model_type ({loaded.config.get('model_type')!r} runs through transformers, which "
+                        "serves no adapters); set enable_lora to false"
+                    )
+                sources = read_multi_lora(model_dir)  # MultiLoraConfigError: the load fails
+                enable(settings.max_loras, settings.max_lora_rank)
             if warmup:
                 warm_engine(engine, settings.max_batch)
             tokenizer = tokenizer_future.result()
@@ -283,6 +305,14 @@ class Runtime:
         except ChatError as e:  # the model still serves prompts; chat requests get this reason
             unavailable = f"{e}; fix the checkpoint's chat template"
             logger.warning("model %s: %s", model_name, unavailable)
+        adapters = None
+        if settings.enable_lora:
+            adapters = AdapterRegistry(
+                engine,  # type: ignore[arg-type]  # enable_lora checked above
+                loaded.config,
+                sources,
+                open_adapter=lambda ref: open_adapter(ref, model_dir),
+            )
         return cls(
             engine,
             tokenizer,
@@ -291,6 +321,8 @@ class Runtime:
             chat=chat,
             model_name=model_name,
             chat_unavailable=unavailable,
+            adapters=adapters,
+            model_dir=model_dir,
         )
 
     # -- text ------------------------------------------------------------------------------------------
@@ -323,9 +355,28 @@ class Runtime:
         """Start generating for ``request``; responses go to ``sink``.
 
         Raises (before anything is sent) the engines' `EmptyPrompt`, `PromptTooLong`, `InvalidTokenId`,
-        `InvalidSamplingParams` or `GeneratorClosed`, or for a chat the ``warmstart.chat`` errors; the caller
-        answers with an error response.
+        `InvalidSamplingParams` or `GeneratorClosed`, or for a chat the ``warmstart.chat`` errors, or for a
+        ``lora_name`` `LoraNotEnabled` / `UnknownAdapter`; the caller answers with an error response. An
+        adapter that fails to load fails this request through ``sink`` (`AdapterLoadFailed`).
         """
+        lease = None
+        if request.lora_name is not None:
+            if self.adapters is None:
+                raise LoraNotEnabled(
+                    f"model {self.model_name!r} serves no LoRA adapters (lora_name {request.lora_name!r}); "
+                    'set its parameter enable_lora to "true" and list the adapters in multi_lora.json'
+                )
+            lease = self.adapters.acquire(request.lora_name)  # UnknownAdapter
+        try:
+            self._submit(request, sink, arrived, lease)
+        except BaseException:
+            if lease is not None and self.adapters is not None:
+                self.adapters.release(lease)
+            raise
+
+    def _submit(
+        self, request: GenerateRequest, sink: ResponseSink, arrived: float | None, lease: AdapterLease | None
+    ) -> None:
         if request.prompt_ids is not None:
             prompt_ids = list(request.prompt_ids)
             prompt_text = request.text if request.text is not None else self.decode(prompt_ids)
@@ -355,9 +406,39 @@ class Runtime:
             is_cancelled=_throttled(sink.is_cancelled, CANCEL_POLL_SECONDS),
             detokenize=self.decode if request.params.stop else None,
             on_eos=stream.on_eos,
+            adapter=lease,
         )
         self.metrics.prompt_tokens(len(prompt_ids) + len(request.generated_ids))
+
+    # -- control requests ------------------------------------------------------------------------------
+    def reload_adapters(self) -> dict[str, list[str]]:
+        """Re-read ``multi_lora.json``: new names are served from now on, removed ones refused (requests on
+        them finish first); the base stays loaded. Returns ``adapters`` (all names now), ``added``,
+        ``removed``, ``changed`` (a new reference), ``resident``. Raises `LoraNotEnabled`, and
+        `MultiLoraConfigError` for a file that cannot be used (nothing changes then)."""
+        if self.adapters is None:
+            raise LoraNotEnabled(
+                f'model {self.model_name!r} serves no LoRA adapters; set its parameter enable_lora to "true"'
+            )
+        diff = self.adapters.set_sources(read_multi_lora(self.model_dir))
+        return {"adapters": self.adapters.names(), **diff, "resident": sorted(self.adapters.resident())}
+
+    def control(self, op: str, sink: ResponseSink) -> None:
+        """Answer a control request on ``sink``: one FINAL response (``op`` ``"reload_adapters"``: the JSON of
+        :meth:`reload_adapters` as its text, finish reason ``adapters_reloaded``) or an error."""
+        if op != "reload_adapters":
+            sink.send_error(f"unknown control request {op!r}", "INVALID_ARG")
+            return
+        try:
+            result = self.reload_adapters()
+        except (LoraNotEnabled, MultiLoraConfigError) as e:
+            sink.send_error(str(e), "INVALID_ARG")
+            return
+        logger.info("model %s: adapters reloaded: %s", self.model_name, result)
+        sink.send(json.dumps(result), (), LORA_RELOADED, final=True)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the generator thread; requests still running end with an UNAVAILABLE error."""
         self.generator.close(timeout)
+        if self.adapters is not None:
+            self.adapters.close()

@@ -78,6 +78,7 @@ class SeqState:
     logits: np.ndarray  # [vocab] float32
     handle: object = field(default=None, repr=False)
     released: bool = False
+    adapter: int = -1  # the LoRA adapter slot its rows use (warmstart.engines.adapters); -1: the base alone
 
 
 @runtime_checkable

@@ -12,6 +12,11 @@ EOS: a generation that samples one of the engine's EOS ids finishes with "stop" 
 reported (``RequestHandle.stop_token_id``, the ``on_eos`` callback) so a client can tell "the model ended its
 answer" from a stop string. ``SamplingParams.min_tokens`` masks the EOS ids out of the logits until that many
 tokens were generated (resumed tokens count), so the draw stays a function of (logits, params, position).
+
+LoRA: with an `AdapterRegistry` (``adapters=``), a request submitted with an adapter lease waits in the queue
+until its adapter is resident (others are admitted past it), is prefilled and decoded on that adapter's slot
+in the same batches as everyone else, and gives the lease back when it finishes. The registry installs
+adapters it loaded on its own thread here, between two decode steps (`AdapterRegistry.service`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from warmstart.engines.adapters import AdapterLease, AdapterRegistry
 from warmstart.engines.base import (
     Engine,
     GeneratorClosed,
@@ -78,6 +84,7 @@ class _Request:
     handle: RequestHandle
     streamer: TextStreamer | None
     on_eos: OnEos | None = None
+    lease: AdapterLease | None = None  # the LoRA adapter it runs with
     state: SeqState | None = None
     pending: int = -1  # sampled, emitted, not yet fed to the engine
     finished: bool = field(default=False)
@@ -86,8 +93,13 @@ class _Request:
 class BatchedGenerator:
     """Continuous batching over one `Engine`, driven by a background thread."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = 8) -> None:
+    def __init__(
+        self, engine: Engine, *, max_batch: int = 8, adapters: AdapterRegistry | None = None
+    ) -> None:
         self.engine = engine
+        self.adapters = adapters
+        if adapters is not None:
+            adapters.on_change = self.wake
         self.max_batch = min(max_batch, engine.max_batch)
         self.decode_steps = 0  # engine.step calls, for tests and metrics
         self.prefills = 0
@@ -109,6 +121,7 @@ class BatchedGenerator:
         is_cancelled: Callable[[], bool] = lambda: False,
         detokenize: Detokenize | None = None,
         on_eos: OnEos | None = None,
+        adapter: AdapterLease | None = None,
     ) -> RequestHandle:
         """Queue a generation. Raises `EmptyPrompt`, `PromptTooLong`, `InvalidTokenId`,
         `InvalidSamplingParams` (stop strings without ``detokenize``) or `GeneratorClosed`.
@@ -117,6 +130,9 @@ class BatchedGenerator:
         exactly once, with reason "length", "stop" or "cancelled", or ``(None, exc)`` on failure.
         ``on_eos(id)``, when given, is called with the EOS id just before ``on_finish("stop", None)`` when
         the generation ended at an EOS token (not for a stop string).
+
+        ``adapter``: a lease from this generator's `AdapterRegistry`; the generator gives it back when the
+        request finishes (also when it fails). If submit raises, the caller still holds it.
         """
         eng = self.engine
         check_prompt(prompt_ids, vocab_size=eng.vocab_size, max_context=eng.max_context)
@@ -141,7 +157,10 @@ class BatchedGenerator:
             handle=handle,
             streamer=streamer,
             on_eos=on_eos,
+            lease=adapter,
         )
+        if adapter is not None and self.adapters is None:
+            raise InvalidSamplingParams("an adapter lease needs a generator built with adapters=<registry>")
         with self._cv:
             if self._closed:
                 raise GeneratorClosed("generator is closed; create a new BatchedGenerator")
@@ -173,6 +192,15 @@ class BatchedGenerator:
         assert handle.finish_reason is not None
         return out, handle.finish_reason
 
+    def wake(self) -> None:
+        """Let the worker look at its queue again (an adapter load settled)."""
+        with self._cv:
+            self._cv.notify()
+
+    def _ready(self, r: _Request) -> bool:
+        """Whether a queued request can be admitted now (its adapter is resident, failed, or it has none)."""
+        return r.lease is None or r.lease.settled or r.handle._cancel.is_set()
+
     def close(self, timeout: float | None = 30.0) -> None:
         """Stop the thread; unfinished requests finish with `GeneratorClosed`. Idempotent."""
         with self._cv:
@@ -192,13 +220,24 @@ class BatchedGenerator:
     def _run(self) -> None:
         try:
             while True:
+                if self.adapters is not None:  # between two steps: adapters loaded meanwhile go in
+                    self.adapters.service()
                 with self._cv:
-                    while not self._closed and not self._queue and not self._active:
-                        self._cv.wait()
+                    if self.adapters is None:
+                        while not self._closed and not self._queue and not self._active:
+                            self._cv.wait()
+                    elif not self._closed and not self._active and not any(map(self._ready, self._queue)):
+                        self._cv.wait(0.05 if self._queue else None)  # woken by submit or a settled load
+                        continue
                     if self._closed:
                         break
                     room = self.max_batch - len(self._active)
-                    new = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+                    if self.adapters is None:
+                        new = [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+                    else:  # requests whose adapter is still loading stay queued, in order
+                        new = [r for r in self._queue if self._ready(r)][:room]
+                        for r in new:
+                            self._queue.remove(r)
                 for r in new:
                     self._admit(r)
                 for r in list(self._active):
@@ -226,7 +265,12 @@ class BatchedGenerator:
             self._finish(r, "length")  # a resumed request that was already complete
             return
         try:
-            r.state = self.engine.new_sequence(r.ids)
+            if r.lease is None:
+                r.state = self.engine.new_sequence(r.ids)
+            else:
+                if r.lease.error is not None:
+                    raise r.lease.error
+                r.state = self.engine.new_sequence(r.ids, adapter=r.lease.slot)  # type: ignore[call-arg]
         except Exception as e:
             self._finish(r, None, e)
             return
@@ -302,6 +346,8 @@ class BatchedGenerator:
                 self.engine.release(r.state)
             except Exception:
                 log.exception("engine.release failed")
+        if r.lease is not None and self.adapters is not None:
+            self.adapters.release(r.lease)
         r.handle.finish_reason, r.handle.error = reason, err
         try:
             r.on_finish(reason, err)

@@ -27,6 +27,7 @@ import numpy as np
 from jax import lax
 
 from warmstart.devices import jax_device
+from warmstart.engines.adapters import InvalidAdapterSlot, PreparedAdapter, target_shapes
 from warmstart.engines.base import (
     BadWeightShape,
     ContextFull,
@@ -278,8 +279,32 @@ def _layer_inv_freq(lp: Params, long: jax.Array | None) -> jax.Array:
     return cast(jax.Array, jnp.where(long[:, None], lp["inv_freq_long"], lp["inv_freq"]))  # [B, rd/2]
 
 
+def _lora(y: jax.Array, x: jax.Array, lo: Params | None, target: str) -> jax.Array:
+    """``y`` plus each row's LoRA update of one layer's ``target``: ``lo[target]`` = (``a`` [B, in, R],
+    ``b`` [B, R, out], ``scale`` [B]; 0 for rows without an adapter), gathered by `gather_lora`."""
+    if lo is None:
+        return y
+    a, b, s = lo[target]
+    h = jnp.einsum("btd,bdr->btr", x, a.astype(x.dtype))
+    return y + jnp.einsum("btr,bro->bto", h, b.astype(x.dtype)) * s.astype(x.dtype)[:, None, None]
+
+
+def gather_lora(bank: Params, index: jax.Array) -> Params:
+    """Each row's slot of the adapter ``bank`` (target -> ``a`` [L, N, in, R], ``b`` [L, N, R, out], ``scale``
+    [L, N]) for every layer, by ``index`` [B] (-1: no adapter) -> target -> [L, B, ...]."""
+    has = index >= 0
+    idx = jnp.where(has, index, 0)
+    return {t: (a[:, idx], b[:, idx], s[:, idx] * has.astype(s.dtype)) for t, (a, b, s) in bank.items()}
+
+
 def _qkv(
-    lp: Params, x: jax.Array, positions: jax.Array, long: jax.Array | None, a: ModelArgs
+    lp: Params,
+    x: jax.Array,
+    positions: jax.Array,
+    long: jax.Array | None,
+    a: ModelArgs,
+    *,
+    lo: Params | None = None,
 ) -> tuple[jax.Array, ...]:
     B, T, _ = x.shape
     h = _norm(x, lp["attn_norm"], a)
@@ -288,6 +313,8 @@ def _qkv(
     v = linear(h, lp["wv"])
     if a.qkv_bias:
         q, k, v = q + lp["bq"], k + lp["bk"], v + lp["bv"]
+    if lo is not None:
+        q, k, v = _lora(q, h, lo, "q_proj"), _lora(k, h, lo, "k_proj"), _lora(v, h, lo, "v_proj")
     q = q.reshape(B, T, a.n_heads, a.head_dim)
     k = k.reshape(B, T, a.n_kv_heads, a.head_dim)
     if a.qk_norm:  # per head, before RoPE (Qwen3, Gemma 3)
@@ -309,18 +336,20 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, a: ModelA
     return jnp.einsum("bgrts,bsgd->btgrd", p, v).reshape(B, T, a.n_heads * a.head_dim)
 
 
-def _finish(lp: Params, x: jax.Array, o: jax.Array, a: ModelArgs) -> jax.Array:
+def _finish(lp: Params, x: jax.Array, o: jax.Array, a: ModelArgs, lo: Params | None = None) -> jax.Array:
+    o_in = o
     o = linear(o, lp["wo"])  # [B, T, D]
     if a.o_bias:
         o = o + lp["bo"]
+    o = _lora(o, o_in, lo, "o_proj")
     if a.sandwich_norm:
         o = _norm(o, lp["attn_post_norm"], a)
     x = x + o
     h = _norm(x, lp["mlp_norm"], a)
-    g = linear(h, lp["w_gate"])  # [B, T, F]
-    u = linear(h, lp["w_up"])
+    g = _lora(linear(h, lp["w_gate"]), h, lo, "gate_proj")  # [B, T, F]
+    u = _lora(linear(h, lp["w_up"]), h, lo, "up_proj")
     act = jax.nn.silu(g) if a.activation == "silu" else jax.nn.gelu(g, approximate=True)
-    m = linear(act * u, lp["w_down"])
+    m = _lora(linear(act * u, lp["w_down"]), act * u, lo, "down_proj")
     if a.sandwich_norm:
         m = _norm(m, lp["mlp_post_norm"], a)
     return x + m
@@ -360,56 +389,76 @@ def forward(params: Params, tokens: jax.Array, *, a: ModelArgs) -> jax.Array:
 
 
 def prefill(
-    params: Params, cache: Cache, tokens: jax.Array, length: jax.Array, slot: jax.Array, *, a: ModelArgs
+    params: Params,
+    cache: Cache,
+    tokens: jax.Array,
+    length: jax.Array,
+    slot: jax.Array,
+    *,
+    lora: Params | None = None,
+    lora_index: jax.Array | None = None,
+    a: ModelArgs,
 ) -> tuple[jax.Array, Cache]:
     """Fill cache slot ``slot`` from position 0 with tokens [1, T] (padded past ``length``).
 
-    Returns the logits [V] after token ``length - 1`` and the updated cache.
+    Returns the logits [V] after token ``length - 1`` and the updated cache. ``lora`` (the engine's adapter
+    bank) with ``lora_index`` [1]: the row's adapter slot (-1: none).
     """
     T = tokens.shape[1]
     x = _embed(params, tokens, a)  # [1, T, D]
     pos = jnp.arange(T)[None]  # [1, T]
     long = _long_rows(length[None], a)
+    lo_all = None if lora is None or lora_index is None else gather_lora(lora, lora_index)
 
-    def layer(carry: Carry, xs: tuple[Params, jax.Array]) -> tuple[Carry, None]:
+    def layer(carry: Carry, xs: tuple[Params, jax.Array, Params | None]) -> tuple[Carry, None]:
         x, kc, vc = carry
-        lp, i = xs
-        q, k, v = _qkv(lp, x, pos, long, a)  # k, v: [1, T, KV, hd]
+        lp, i, lo = xs
+        q, k, v = _qkv(lp, x, pos, long, a, lo=lo)  # k, v: [1, T, KV, hd]
         kc = lax.dynamic_update_slice(kc, k[None].astype(kc.dtype), (i, slot, 0, 0, 0))
         vc = lax.dynamic_update_slice(vc, v[None].astype(vc.dtype), (i, slot, 0, 0, 0))
         mask = attention_mask(pos, T, lp["window"])
-        return (_finish(lp, x, _attend(q, k, v, mask, a), a), kc, vc), None
+        return (_finish(lp, x, _attend(q, k, v, mask, a), a, lo), kc, vc), None
 
-    (x, kc, vc), _ = lax.scan(layer, (x, *cache), (params["layers"], jnp.arange(a.n_layers)))
+    (x, kc, vc), _ = lax.scan(layer, (x, *cache), (params["layers"], jnp.arange(a.n_layers), lo_all))
     return _head(params, x[0, length - 1], a), (kc, vc)
 
 
 def decode(
-    params: Params, cache: Cache, tokens: jax.Array, positions: jax.Array, *, a: ModelArgs, kv_len: int
+    params: Params,
+    cache: Cache,
+    tokens: jax.Array,
+    positions: jax.Array,
+    *,
+    lora: Params | None = None,
+    lora_index: jax.Array | None = None,
+    a: ModelArgs,
+    kv_len: int,
 ) -> tuple[jax.Array, Cache]:
     """One token for each of the first nb cache slots. tokens, positions: [nb]; attends to cache[:kv_len].
 
-    Returns logits [nb, V] and the updated cache.
+    Returns logits [nb, V] and the updated cache. ``lora`` (the adapter bank) with ``lora_index`` [nb]: each
+    row's adapter slot (-1: none).
     """
     B = tokens.shape[0]
     x = _embed(params, tokens, a)[:, None]  # [B, 1, D]
     pos = positions[:, None]  # [B, 1]
     long = _long_rows(positions + 1, a)
     rows = jnp.arange(B)
+    lo_all = None if lora is None or lora_index is None else gather_lora(lora, lora_index)
 
-    def layer(carry: Carry, xs: tuple[Params, jax.Array]) -> tuple[Carry, None]:
+    def layer(carry: Carry, xs: tuple[Params, jax.Array, Params | None]) -> tuple[Carry, None]:
         x, kc, vc = carry
-        lp, i = xs
-        q, k, v = _qkv(lp, x, pos, long, a)  # k, v: [B, 1, KV, hd]
+        lp, i, lo = xs
+        q, k, v = _qkv(lp, x, pos, long, a, lo=lo)  # k, v: [B, 1, KV, hd]
         kc = kc.at[i, rows, positions].set(k[:, 0].astype(kc.dtype))  # scatter [B, KV, hd]
         vc = vc.at[i, rows, positions].set(v[:, 0].astype(vc.dtype))
         size = (1, B, kv_len, a.n_kv_heads, a.head_dim)
         kl = lax.dynamic_slice(kc, (i, 0, 0, 0, 0), size)[0]  # [B, kv_len, KV, hd]
         vl = lax.dynamic_slice(vc, (i, 0, 0, 0, 0), size)[0]
         mask = attention_mask(pos, kv_len, lp["window"])  # [B, 1, kv_len]
-        return (_finish(lp, x, _attend(q, kl, vl, mask, a), a), kc, vc), None
+        return (_finish(lp, x, _attend(q, kl, vl, mask, a), a, lo), kc, vc), None
 
-    (x, kc, vc), _ = lax.scan(layer, (x, *cache), (params["layers"], jnp.arange(a.n_layers)))
+    (x, kc, vc), _ = lax.scan(layer, (x, *cache), (params["layers"], jnp.arange(a.n_layers), lo_all))
     return _head(params, x[:, 0], a), (kc, vc)
 
 
@@ -455,32 +504,95 @@ class JaxEngine:
         self._decode = jax.jit(partial(decode, a=a), static_argnames=("kv_len",), donate_argnums=(1,))
         self.forward = jax.jit(partial(forward, a=a))
         self._shapes: set[tuple[str, int, int]] = set()  # compiled (kind, rows, length)
+        self._lora: Params | None = None  # adapter slots, once enable_lora is called
+        self.max_loras = 0
+        self.max_lora_rank = 0
+
+    # -- LoRA adapters (warmstart.engines.adapters) ------------------------------------------------------
+    def enable_lora(self, max_loras: int, max_rank: int) -> None:
+        """Allocate ``max_loras`` adapter slots of rank ``max_rank`` (zeros). The compiled shapes depend on
+        these two numbers only: loading or swapping adapters later never recompiles."""
+        for what, v in (("max_loras", max_loras), ("max_lora_rank", max_rank)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{what} must be a positive integer, got {v!r}")
+        L, N, R = self.args.n_layers, max_loras, max_rank
+        bank: Params = {}
+        for target, (fin, fout) in target_shapes(self.args).items():
+            bank[target] = tuple(
+                jnp.zeros(shape, self.dtype, device=self.device)
+                for shape in ((L, N, fin, R), (L, N, R, fout), (L, N))
+            )
+        self._lora, self.max_loras, self.max_lora_rank = bank, max_loras, max_rank
+
+    def install_adapter(self, slot: int, prepared: PreparedAdapter) -> None:
+        """Load a prepared adapter into ``slot``; between steps (the generator's thread)."""
+        if self._lora is None:
+            raise InvalidAdapterSlot("LoRA is not enabled on this engine; call enable_lora first")
+        self._check_adapter(slot)
+        bank = dict(self._lora)
+        for target, (a, b, s) in bank.items():
+            item = prepared.tensors.get(target)
+            if item is None:
+                pa = np.zeros(a.shape[2:], np.float32)
+                pb = np.zeros(b.shape[2:], np.float32)
+                ps = np.zeros(s.shape[0], np.float32)
+            else:  # stored [in, R] and [R, out]: x @ a @ b
+                pa, pb, ps = item[0].transpose(0, 2, 1), item[1].transpose(0, 2, 1), item[2]
+            bank[target] = (
+                a.at[:, slot].set(jnp.asarray(pa, self.dtype)),
+                b.at[:, slot].set(jnp.asarray(pb, self.dtype)),
+                s.at[:, slot].set(jnp.asarray(ps, self.dtype)),
+            )
+        self._lora = bank
+
+    def remove_adapter(self, slot: int) -> None:
+        if self._lora is not None:
+            self.install_adapter(slot, PreparedAdapter("<empty>", 0, {}))
+
+    def _check_adapter(self, adapter: int | None) -> int:
+        if adapter is None or adapter == -1:
+            return -1
+        if isinstance(adapter, bool) or not isinstance(adapter, int) or not 0 <= adapter < self.max_loras:
+            raise InvalidAdapterSlot(
+                f"adapter slot {adapter!r} is not in [0, {self.max_loras}) (enable_lora sets the slot count)"
+            )
+        return adapter
+
+    def _lora_args(self, index: np.ndarray) -> tuple[Params | None, np.ndarray | None]:
+        """The adapter bank and row indices when some row has an adapter, else (None, None): the base path."""
+        if self._lora is None or not (index >= 0).any():
+            return None, None
+        return self._lora, index
 
     def warm_up(self, max_batch: int) -> None:
         """Compile what the first requests need: a short prefill and a decode step for each batch
-        bucket up to ``max_batch`` (runs each once; a cached compile when the persistent cache has it).
+        bucket up to ``max_batch`` (runs each once; a cached compile when the persistent cache has it), and
+        with LoRA enabled the same with an adapter row (slot 0, whatever it holds: the results are dropped).
 
         The decode steps use throwaway states in slots nobody holds yet: what they write at position 1
         is overwritten by the prefill that later takes the slot (prefills fill at least 16 positions).
         """
-        first = self.new_sequence([0])
-        try:
-            top = min(max(max_batch, 1), self.max_batch)
-            for nb in sorted({bucket(n, minimum=2, maximum=self._slots) for n in range(1, top + 1)}):
-                others = [i for i in range(nb) if i != _slot(first)][: nb - 1]
-                states = [first, *(SeqState(1, first.logits, handle=i) for i in others)]
-                self.step(states, [0] * len(states))
-                first.length = 1
-        finally:
-            self.release(first)
+        for adapter in (-1, 0) if self._lora is not None else (-1,):  # with LoRA: its variant too
+            first = self.new_sequence([0], adapter=adapter)
+            try:
+                top = min(max(max_batch, 1), self.max_batch)
+                for nb in sorted({bucket(n, minimum=2, maximum=self._slots) for n in range(1, top + 1)}):
+                    others = [i for i in range(nb) if i != _slot(first)][: nb - 1]
+                    states = [first, *(SeqState(1, first.logits, handle=i) for i in others)]
+                    self.step(states, [0] * len(states))
+                    first.length = 1
+            finally:
+                self.release(first)
 
     def _note_shape(self, kind: str, rows: int, length: int) -> None:
         if (kind, rows, length) not in self._shapes:
             self._shapes.add((kind, rows, length))
             log.info("JAX engine compiling %s for %d row(s) x %d positions", kind, rows, length)
 
-    def new_sequence(self, token_ids: Sequence[int]) -> SeqState:
+    def new_sequence(self, token_ids: Sequence[int], adapter: int | None = None) -> SeqState:
+        """Prefill ``token_ids``; ``adapter``: the LoRA slot this sequence runs with (None: the base)."""
         check_prompt(token_ids, vocab_size=self.vocab_size, max_context=self.max_context)
+        lora_slot = self._check_adapter(adapter)
         if not self._free:
             raise NoFreeSlot(f"all {self.max_batch} sequences are in use; release one or raise max_batch")
         n = len(token_ids)
@@ -489,12 +601,21 @@ class JaxEngine:
         tokens[0, :n] = token_ids
         slot = heapq.heappop(self._free)
         self._note_shape("prefill", 1, T)
+        lora, lora_index = self._lora_args(np.asarray([lora_slot], np.int32))
         try:
-            logits, self._cache = self._prefill(self.params, self._cache, tokens, np.int32(n), np.int32(slot))
+            logits, self._cache = self._prefill(
+                self.params,
+                self._cache,
+                tokens,
+                np.int32(n),
+                np.int32(slot),
+                lora=lora,
+                lora_index=lora_index,
+            )
         except BaseException:
             heapq.heappush(self._free, slot)
             raise
-        return SeqState(length=n, logits=np.asarray(logits), handle=slot)
+        return SeqState(length=n, logits=np.asarray(logits), handle=slot, adapter=lora_slot)
 
     def step(self, states: Sequence[SeqState], token_ids: Sequence[int]) -> None:
         if len(states) != len(token_ids):
@@ -511,11 +632,15 @@ class JaxEngine:
         # Rows not stepped write garbage at the last position, which no live sequence has filled
         # yet (a sequence holding max_context tokens can no longer step).
         positions = np.full(nb, self.max_context - 1, np.int32)
+        adapters = np.full(nb, -1, np.int32)
         for s, t in zip(states, token_ids, strict=True):
-            tokens[_slot(s)], positions[_slot(s)] = t, s.length
+            tokens[_slot(s)], positions[_slot(s)], adapters[_slot(s)] = t, s.length, s.adapter
         kv_len = bucket(max(s.length for s in states) + 1, minimum=64, maximum=self.max_context)
         self._note_shape("decode", nb, kv_len)
-        logits, self._cache = self._decode(self.params, self._cache, tokens, positions, kv_len=kv_len)
+        lora, lora_index = self._lora_args(adapters)
+        logits, self._cache = self._decode(
+            self.params, self._cache, tokens, positions, lora=lora, lora_index=lora_index, kv_len=kv_len
+        )
         out = np.asarray(logits)  # [nb, V]
         for s in states:
             s.logits = out[_slot(s)]

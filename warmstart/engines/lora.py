@@ -13,8 +13,11 @@ adapt this module (a layer or target it leaves out) is stacked as zeros.
 
 The update is a gathered low-rank product: each row gathers its adapter's A and B (``index_select``) and
 runs two batched matmuls, ``[B, T, in] x [B, in, R] -> [B, T, R] x [B, R, out]``. This is the reference math,
-not a fused kernel (no segmented/grouped GEMM yet). Plugging it into the engines' forward (the compact torch
-and JAX Llama engines) is a later step; see docs/lora.md.
+not a fused kernel (no segmented/grouped GEMM yet).
+
+:class:`TorchLoraBank` is the compact torch engine's adapter slots (`warmstart.engines.adapters`): per target
+``a`` [L, N, R, in], ``b`` [L, N, out, R], ``scale`` [L, N]; :meth:`TorchLoraBank.gather` picks each row's
+slot once per forward for all layers, and :func:`add_gathered` adds one layer's update to a linear's output.
 """
 
 from __future__ import annotations
@@ -26,9 +29,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from warmstart.engines.adapters import InvalidAdapterSlot, PreparedAdapter, target_shapes
+from warmstart.engines.hfconfig import Architecture
 from warmstart.format.lora import Adapter, IncompatibleBase
 
-__all__ = ["NO_ADAPTER", "StackedLoRA", "apply_lora", "lora_delta", "stack_lora", "stack_module"]
+__all__ = [
+    "NO_ADAPTER",
+    "Gathered",
+    "StackedLoRA",
+    "TorchLoraBank",
+    "add_gathered",
+    "apply_lora",
+    "lora_delta",
+    "stack_lora",
+    "stack_module",
+]
 
 NO_ADAPTER = -1
 """The adapter index of a batch row that runs the base model alone."""
@@ -146,3 +161,99 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, stacked: StackedLoRA, index: to
     delta = lora_delta(x, stacked, index)
     keep = (index < 0).view(-1, *([1] * (y.ndim - 1)))
     return torch.where(keep, y, y + delta)
+
+
+Gathered = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""Per target, each batch row's adapter for every layer: ``a`` [L, B, R, in], ``b`` [L, B, out, R], ``scale``
+[L, B] (0 for rows without an adapter)."""
+
+
+class TorchLoraBank:
+    """``max_loras`` adapter slots of rank ``max_rank`` for every target linear of every layer (zeros: no-op)."""
+
+    def __init__(
+        self,
+        arch: Architecture,
+        max_loras: int,
+        max_rank: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if isinstance(max_loras, bool) or not isinstance(max_loras, int) or max_loras < 1:
+            raise ValueError(f"max_loras must be a positive integer, got {max_loras!r}")
+        if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+            raise ValueError(f"max_lora_rank must be a positive integer, got {max_rank!r}")
+        self.max_loras, self.max_rank, self.dtype = max_loras, max_rank, dtype
+        layers, n, r = arch.n_layers, max_loras, max_rank
+        self.a: dict[str, torch.Tensor] = {}
+        self.b: dict[str, torch.Tensor] = {}
+        self.scale: dict[str, torch.Tensor] = {}
+        for target, (fin, fout) in target_shapes(arch).items():
+            self.a[target] = torch.zeros(layers, n, r, fin, dtype=dtype, device=device)
+            self.b[target] = torch.zeros(layers, n, fout, r, dtype=dtype, device=device)
+            self.scale[target] = torch.zeros(layers, n, dtype=dtype, device=device)
+        self._users: dict[str, set[int]] = {t: set() for t in self.a}  # slots holding an update per target
+
+    def _check(self, slot: int) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.max_loras:
+            raise InvalidAdapterSlot(f"adapter slot must be an int in [0, {self.max_loras}), got {slot!r}")
+
+    def install(self, slot: int, prepared: PreparedAdapter) -> None:
+        """Put ``prepared`` in ``slot`` (replacing what it held). Call it between forwards."""
+        self._check(slot)
+        if prepared.tensors:
+            first = next(iter(prepared.tensors.values()))[0]
+            if first.shape[1] != self.max_rank:
+                raise InvalidAdapterSlot(
+                    f"prepared for rank {first.shape[1]}, the bank holds rank {self.max_rank}"
+                )
+        for target in self.a:
+            item = prepared.tensors.get(target)
+            if item is None:
+                self.a[target][:, slot] = 0
+                self.b[target][:, slot] = 0
+                self.scale[target][:, slot] = 0
+                self._users[target].discard(slot)
+                continue
+            a, b, s = (torch.from_numpy(np.ascontiguousarray(x)) for x in item)
+            self.a[target][:, slot] = a.to(self.dtype)
+            self.b[target][:, slot] = b.to(self.dtype)
+            self.scale[target][:, slot] = s.to(self.dtype)
+            self._users[target].add(slot)
+
+    def remove(self, slot: int) -> None:
+        """Empty ``slot`` (all zeros)."""
+        self.install(slot, PreparedAdapter("<empty>", 0, {}))
+
+    def gather(self, index: Sequence[int], device: torch.device) -> Gathered | None:
+        """Each row's slot (``index``, -1: none) for every layer, for the targets some row's adapter adapts;
+        None when no row has an adapter (the forward then runs the base alone)."""
+        used = {i for i in index if i >= 0}
+        if not used:
+            return None
+        for i in used:
+            self._check(i)
+        idx = torch.tensor([max(i, 0) for i in index], device=device)
+        has = torch.tensor([i >= 0 for i in index], device=device, dtype=self.dtype)
+        out: Gathered = {}
+        for target, users in self._users.items():
+            if users & used:
+                scale = self.scale[target].index_select(1, idx) * has  # [L, B]
+                out[target] = (
+                    self.a[target].index_select(1, idx),
+                    self.b[target].index_select(1, idx),
+                    scale,
+                )
+        return out
+
+
+def add_gathered(
+    y: torch.Tensor, x: torch.Tensor, lora: Gathered | None, target: str, layer: int
+) -> torch.Tensor:
+    """``y`` (a linear's output for ``x`` [B, T, in]) plus each row's update at ``layer``; ``y`` when none."""
+    if lora is None or target not in lora:
+        return y
+    a, b, s = lora[target]
+    h = torch.bmm(x, a[layer].transpose(1, 2))  # [B, T, R]
+    return y + torch.bmm(h, b[layer].transpose(1, 2)) * s[layer][:, None, None]

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from warmstart.devices import default_device, to_device
+from warmstart.engines.adapters import InvalidAdapterSlot, PreparedAdapter
 from warmstart.engines.base import (
     BadWeightShape,
     ContextFull,
@@ -47,6 +48,7 @@ from warmstart.engines.base import (
     eos_ids_from_config,
 )
 from warmstart.engines.hfconfig import SUPPORTED_MODEL_TYPES, Architecture, parse_hf_config, rope_inv_freq
+from warmstart.engines.lora import Gathered, TorchLoraBank, add_gathered
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "TorchLlamaEngine", "supports"]
 
@@ -284,13 +286,16 @@ def forward(
     *,
     slots: torch.Tensor,
     last_only: bool,
+    lora: Gathered | None = None,
 ) -> torch.Tensor:
     """Run tokens [B, T] at positions [B, T] into cache rows ``slots`` [B]; each row attends to its
     cached positions up to its own. Returns float32 logits [B, V] (``last_only``) or [B, T, V].
 
     LongRoPE picks its long factors per row when the row's forward reaches past the original context
     (``max(pos) + 1 > original_max_position_embeddings``), as transformers decides per forward of one
-    sequence; earlier cached keys keep the frequencies they were computed with."""
+    sequence; earlier cached keys keep the frequencies they were computed with.
+
+    ``lora`` (`TorchLoraBank.gather`): each row's LoRA update is added to the target linears' outputs."""
     B, T = tokens.shape
     H, KV, rep, hd = a.n_heads, a.n_kv_heads, a.n_rep, a.head_dim
     eps, offset = a.norm_eps, a.norm_offset
@@ -308,12 +313,17 @@ def forward(
     for i, lw in enumerate(w.layers):
         cos, sin = tables[lw.rope]
         h = rms_norm(x, lw.attn_norm, eps, offset)
-        q = F.linear(h, lw.wq, lw.bq).view(B, T, H, hd)  # [B, T, H, hd]
-        k = F.linear(h, lw.wk, lw.bk).view(B, T, KV, hd)  # [B, T, KV, hd]
+        q, k = F.linear(h, lw.wq, lw.bq), F.linear(h, lw.wk, lw.bk)
+        if lora is not None:
+            q, k = add_gathered(q, h, lora, "q_proj", i), add_gathered(k, h, lora, "k_proj", i)
+        q, k = q.view(B, T, H, hd), k.view(B, T, KV, hd)  # [B, T, H, hd], [B, T, KV, hd]
         if lw.q_norm is not None and lw.k_norm is not None:  # per head, before RoPE
             q, k = rms_norm(q, lw.q_norm, eps, offset), rms_norm(k, lw.k_norm, eps, offset)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
-        v = F.linear(h, lw.wv, lw.bv).view(B, T, KV, hd)
+        v = F.linear(h, lw.wv, lw.bv)
+        if lora is not None:
+            v = add_gathered(v, h, lora, "v_proj", i)
+        v = v.view(B, T, KV, hd)
         kc[i][at], vc[i][at] = k, v
         if contiguous:  # a view
             kl, vl = kc[i, lo : lo + B, :, :kv_len], vc[i, lo : lo + B, :, :kv_len]  # [B, KV, kv_len, hd]
@@ -322,14 +332,22 @@ def forward(
         # GQA: the rep query heads of a KV head ride along the query-length axis
         q = q.view(B, T, KV, rep, hd).permute(0, 2, 3, 1, 4).reshape(B, KV, rep * T, hd)
         o = attend(q, kl, vl, masks[lw.window], a)  # [B, KV, rep*T, hd]
-        o = F.linear(o.view(B, KV, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd), lw.wo, lw.bo)
+        o_in = o.view(B, KV, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)
+        o = F.linear(o_in, lw.wo, lw.bo)
+        if lora is not None:
+            o = add_gathered(o, o_in, lora, "o_proj", i)
         if lw.attn_out_norm is not None:
             o = rms_norm(o, lw.attn_out_norm, eps, offset)
         x = x + o
         h = rms_norm(x, lw.mlp_norm, eps, offset)
-        g = F.linear(h, lw.w_gate)
+        g, u = F.linear(h, lw.w_gate), F.linear(h, lw.w_up)
+        if lora is not None:
+            g, u = add_gathered(g, h, lora, "gate_proj", i), add_gathered(u, h, lora, "up_proj", i)
         g = F.silu(g) if a.activation == "silu" else F.gelu(g, approximate="tanh")
-        m = F.linear(g * F.linear(h, lw.w_up), lw.w_down)
+        gu = g * u
+        m = F.linear(gu, lw.w_down)
+        if lora is not None:
+            m = add_gathered(m, gu, lora, "down_proj", i)
         if lw.mlp_out_norm is not None:
             m = rms_norm(m, lw.mlp_out_norm, eps, offset)
         x = x + m
@@ -365,6 +383,39 @@ class TorchLlamaEngine:
         self.eos_token_ids = eos_ids_from_config(dict(config))
         self._free = list(range(max_batch))  # a heap: lowest slots first keeps stepped slots contiguous
         self._cache = self._alloc(min(_MIN_CACHE, self.max_context))
+        self.lora: TorchLoraBank | None = None  # adapter slots, once enable_lora is called
+
+    # -- LoRA adapters (warmstart.engines.adapters) ------------------------------------------------------
+    @property
+    def max_loras(self) -> int:
+        return 0 if self.lora is None else self.lora.max_loras
+
+    @property
+    def max_lora_rank(self) -> int:
+        return 0 if self.lora is None else self.lora.max_rank
+
+    def enable_lora(self, max_loras: int, max_rank: int) -> None:
+        """Allocate ``max_loras`` adapter slots of rank ``max_rank`` (zeros) for every target linear."""
+        self.lora = TorchLoraBank(self.args, max_loras, max_rank, dtype=self.dtype, device=self.device)
+
+    def install_adapter(self, slot: int, prepared: PreparedAdapter) -> None:
+        """Load a prepared adapter into ``slot``; between steps (the generator's thread)."""
+        if self.lora is None:
+            raise InvalidAdapterSlot("LoRA is not enabled on this engine; call enable_lora first")
+        self.lora.install(slot, prepared)
+
+    def remove_adapter(self, slot: int) -> None:
+        if self.lora is not None:
+            self.lora.remove(slot)
+
+    def _check_adapter(self, adapter: int | None) -> int:
+        if adapter is None or adapter == -1:
+            return -1
+        if isinstance(adapter, bool) or not isinstance(adapter, int) or not 0 <= adapter < self.max_loras:
+            raise InvalidAdapterSlot(
+                f"adapter slot {adapter!r} is not in [0, {self.max_loras}) (enable_lora sets the slot count)"
+            )
+        return adapter
 
     def _alloc(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.args
@@ -388,7 +439,12 @@ class TorchLlamaEngine:
         """Nothing to compile: torch runs eagerly."""
 
     def _run(
-        self, tokens: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, last_only: bool
+        self,
+        tokens: torch.Tensor,
+        pos: torch.Tensor,
+        slots: torch.Tensor,
+        last_only: bool,
+        adapters: Sequence[int] = (),
     ) -> np.ndarray:
         self._reserve(int(pos.max()) + 1)
         if self.device.type != "cpu":
@@ -396,23 +452,32 @@ class TorchLlamaEngine:
         # no torch.device mode around forward (its per-op dispatch cost 3.7 ms a SmolLM2 step on CPU):
         # the factory calls in forward name their device
         with torch.inference_mode():
-            out = forward(self.weights, self.args, self._cache, tokens, pos, slots=slots, last_only=last_only)
+            lora = None if self.lora is None or not adapters else self.lora.gather(adapters, self.device)
+            out = forward(
+                self.weights, self.args, self._cache, tokens, pos, slots=slots, last_only=last_only, lora=lora
+            )
         return out.cpu().numpy()
 
-    def new_sequence(self, token_ids: Sequence[int]) -> SeqState:
+    def new_sequence(self, token_ids: Sequence[int], adapter: int | None = None) -> SeqState:
+        """Prefill ``token_ids``; ``adapter``: the LoRA slot this sequence runs with (None: the base)."""
         check_prompt(token_ids, vocab_size=self.vocab_size, max_context=self.max_context)
+        lora_slot = self._check_adapter(adapter)
         if not self._free:
             raise NoFreeSlot(f"all {self.max_batch} sequences are in use; release one or raise max_batch")
         slot = heapq.heappop(self._free)
         n = len(token_ids)
         try:
             logits = self._run(
-                torch.tensor([list(token_ids)]), torch.arange(n)[None], torch.tensor([slot]), True
+                torch.tensor([list(token_ids)]),
+                torch.arange(n)[None],
+                torch.tensor([slot]),
+                True,
+                [lora_slot],
             )
         except BaseException:
             heapq.heappush(self._free, slot)
             raise
-        return SeqState(length=n, logits=logits[0], handle=slot)
+        return SeqState(length=n, logits=logits[0], handle=slot, adapter=lora_slot)
 
     def step(self, states: Sequence[SeqState], token_ids: Sequence[int]) -> None:
         if len(states) != len(token_ids):
@@ -427,7 +492,7 @@ class TorchLlamaEngine:
         slots = torch.tensor([_slot(states[j]) for j in order])
         tokens = torch.tensor([[int(token_ids[j])] for j in order])  # [B, 1]
         pos = torch.tensor([[states[j].length] for j in order])  # [B, 1]
-        logits = self._run(tokens, pos, slots, True)  # [B, V]
+        logits = self._run(tokens, pos, slots, True, [states[j].adapter for j in order])  # [B, V]
         for row, j in enumerate(order):
             states[j].logits = logits[row]
             states[j].length += 1

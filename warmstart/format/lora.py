@@ -61,6 +61,7 @@ __all__ = [
     "NotAnAdapter",
     "TargetShape",
     "UnsupportedAdapter",
+    "adapter_from_buffers",
     "adapter_summary",
     "check_compatible",
     "expected_target_shapes",
@@ -820,12 +821,24 @@ def read_adapter(location: str | os.PathLike[str], *, verify: bool = False) -> A
 
     ckpt = open_checkpoint(location)
     section = parse_adapter_metadata(ckpt.metadata, ckpt.location)
-    dtype = _check_tensors(section, ckpt.index, ckpt.location)
+    _check_tensors(section, ckpt.index, ckpt.location)
     if verify:
         ckpt.verify()
-    buffers = _partition_buffers(ckpt)
+    return adapter_from_buffers(ckpt.index, _partition_buffers(ckpt), ckpt.location)
+
+
+def adapter_from_buffers(index: Index, buffers: list[Any], location: str) -> Adapter:
+    """The :class:`Adapter` of a checkpoint already in memory: its index and one buffer per partition.
+
+    This is how the serving side reads an adapter brought in through the loader tiers
+    (:func:`warmstart.loaders.tiers.open_host`: a ``HostCheckpoint``'s ``index`` and ``buffers``, which the
+    tiers have checked); the arrays are read-only views of ``buffers``. Raises :class:`NotAnAdapter` and
+    :class:`MalformedAdapterMetadata` as :func:`read_adapter` does.
+    """
+    section = parse_adapter_metadata(index.metadata, location)
+    dtype = _check_tensors(section, index, location)
     npdt = spec.DTYPES[dtype].numpy
-    tmap = ckpt.index.tensor_map()
+    tmap = index.tensor_map()
 
     def view(name: str) -> np.ndarray:
         t = tmap[name]
@@ -840,7 +853,7 @@ def read_adapter(location: str | os.PathLike[str], *, verify: bool = False) -> A
             layer, target, rank, alpha, scaling, view(a_name), view(b_name)
         )
     return Adapter(
-        location=ckpt.location,
+        location=location,
         base_model=section.base_model,
         r=section.r,
         lora_alpha=section.lora_alpha,

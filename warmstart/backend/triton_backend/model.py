@@ -22,6 +22,12 @@ Outputs (decoupled):
 Errors: a per-request error response with the FINAL flag (INVALID_ARG for bad input, CANCELLED when the client
 went away, INTERNAL otherwise).
 
+LoRA (``enable_lora``; docs/lora.md): ``lora_name`` in ``sampling_parameters`` picks an adapter of the model
+directory's ``multi_lora.json``; a request whose parameters hold ``warmstart_lora_reload`` = true (inputs
+ignored) re-reads that file and answers one FINAL response whose ``text_output`` is the JSON of the adapters
+now served (``adapters``, ``added``, ``removed``, ``changed``, ``resident``), ``finish_reason``
+"adapters_reloaded".
+
 Release (a control request, ahead of an unload): a request whose parameters hold ``warmstart_release`` = true
 (inputs ignored) makes the instance close its runtime now: the engine process exits (or, in-stub, the
 engine is dropped) before the answer, one FINAL response with empty ``text_output``/``token_ids`` and
@@ -51,7 +57,13 @@ import triton_python_backend_utils as pb_utils
 from warmstart.backend.metrics import BackendMetrics
 from warmstart.backend.release import ReleaseRefused, check_release_key, release_key
 from warmstart.backend.remote import EngineHostUnavailable, RemoteRuntime
-from warmstart.backend.request import RELEASED, error_code, is_release_request, parse_request
+from warmstart.backend.request import (
+    RELEASED,
+    error_code,
+    is_lora_reload_request,
+    is_release_request,
+    parse_request,
+)
 from warmstart.backend.runtime import Runtime  # cheap: it imports torch only when it loads a model
 from warmstart.backend.wire import ENV_VAR
 from warmstart.tritonconfig import INPUTS, OUTPUTS, ModelSettings
@@ -216,8 +228,18 @@ class TritonPythonModel:
             parameters = request.parameters()
             try:
                 release = is_release_request(parameters)
+                reload_adapters = not release and is_lora_reload_request(parameters)
             except Exception as e:
                 _Sink(request.get_response_sender()).send_error(str(e), error_code(e))
+                continue
+            if reload_adapters:  # re-read multi_lora.json (runtime add/remove of adapters; the base stays)
+                sink = _Sink(request.get_response_sender())
+                if self.runtime is None:
+                    sink.send_error(
+                        f"model {self.model_name!r} released; it is being unloaded", "UNAVAILABLE"
+                    )
+                else:
+                    self.runtime.control("reload_adapters", sink)
                 continue
             if release:
                 sink = _Sink(request.get_response_sender())

@@ -1,0 +1,188 @@
+"""Both compact engines serve LoRA adapters per row, as peft's own model computes them.
+
+A tiny random Llama and a tiny random Qwen2 (q/k/v biases) are wrapped by peft with two random adapters of
+different ranks (one on every target, one rsLoRA on a subset with a rank pattern); each is saved, converted
+with `warmstart convert`, read back and loaded into an engine slot through the registry's preparation. In
+one batch, rows on adapter one, adapter two and the bare base are prefilled, decoded together at different
+positions, and one row is resumed in a fresh sequence: every logit vector must equal peft's
+(`peft.PeftModel` with that adapter active, or with adapters disabled) in float32 to 1e-4 of max(1, max|ref|)
+with the same argmax.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from warmstart.engines.adapters import (
+    AdapterRankTooLarge,
+    InvalidAdapterSlot,
+    prepare_adapter,
+)
+from warmstart.engines.base import SeqState
+from warmstart.format.convert import convert
+from warmstart.format.lora import read_adapter
+
+pytestmark = pytest.mark.slow
+
+VOCAB = 96
+COMMON = {
+    "vocab_size": VOCAB,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MAX_RANK = 8
+STEPS = 4
+
+
+def _build(family: str, root: Any) -> dict[str, Any]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if family == "llama":
+        cfg: Any = LlamaConfig(**COMMON, tie_word_embeddings=False)
+        model: Any = LlamaForCausalLM(cfg)
+    else:
+        cfg = Qwen2Config(**COMMON, tie_word_embeddings=True)
+        model = Qwen2ForCausalLM(cfg)
+    model = model.float().eval()
+    with torch.no_grad():  # a wider logit spread: argmax is not decided by rounding
+        for p in model.parameters():
+            p.mul_(3.0)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    first = LoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=False)
+    second = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        rank_pattern={"layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"down_proj": 5},
+        init_lora_weights=False,
+    )
+    pm = get_peft_model(model, first, adapter_name="one")
+    pm.add_adapter("two", second)
+    with torch.no_grad():  # adapters as large as the base's own terms, so a missing update shows
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.mul_(4.0)
+    pm.eval()
+    pm.save_pretrained(str(root / "saved"))
+    adapters = {}
+    for name in ("one", "two"):
+        convert(root / "saved" / name, root / f"ws-{name}")
+        adapters[name] = read_adapter(root / f"ws-{name}")
+    return {"peft": pm, "config": cfg.to_dict(), "state": state, "adapters": adapters}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return _build(request.param, tmp_path_factory.mktemp(f"lora-{request.param}"))
+
+
+def _reference(pm: Any, adapter: str | None, ids: list[int]) -> np.ndarray:
+    """peft's float32 logits after the last of ``ids`` with ``adapter`` active (None: adapters disabled)."""
+    with torch.no_grad():
+        if adapter is None:
+            with pm.disable_adapter():
+                out = pm(input_ids=torch.tensor([ids])).logits
+        else:
+            pm.set_adapter(adapter)
+            out = pm(input_ids=torch.tensor([ids])).logits
+    return np.asarray(out[0, -1].float().numpy())
+
+
+def _close(got: np.ndarray, ref: np.ndarray, what: str) -> None:
+    tol = 1e-4 * max(1.0, float(np.abs(ref).max()))
+    err = float(np.abs(np.asarray(got) - ref).max())
+    assert err <= tol, f"{what}: max |d| {err:.3g} > {tol:.3g}"
+    assert int(np.argmax(got)) == int(ref.argmax()), f"{what}: argmax differs"
+
+
+def _engine(kind: str, fam: dict[str, Any]) -> Any:
+    from warmstart.engines import build_engine
+
+    eng = build_engine(kind, fam["config"], fam["state"], dtype="float32", max_batch=4, max_context=128)
+    eng.enable_lora(2, MAX_RANK)
+    for slot, name in enumerate(("one", "two")):
+        eng.install_adapter(slot, prepare_adapter(fam["adapters"][name], eng.args, MAX_RANK))
+    return eng
+
+
+@pytest.mark.parametrize("kind", ["torch", "jax"])
+def test_mixed_adapter_batch_matches_peft_through_prefill_decode_and_resume(
+    family: dict[str, Any], kind: str
+) -> None:
+    if kind == "torch":
+        from warmstart.engines.torch_llama import TorchLlamaEngine
+
+        assert isinstance(_engine(kind, family), TorchLlamaEngine)  # the compact engine, not transformers
+    eng = _engine(kind, family)
+    pm = family["peft"]
+    rng = np.random.default_rng(3)
+    rows: list[tuple[str | None, int | None, list[int]]] = [
+        ("one", 0, rng.integers(0, VOCAB, 5).tolist()),
+        (None, None, rng.integers(0, VOCAB, 9).tolist()),
+        ("two", 1, rng.integers(0, VOCAB, 3).tolist()),
+    ]
+    states: list[SeqState] = []
+    for name, slot, ids in rows:
+        st = eng.new_sequence(ids, adapter=slot)
+        _close(st.logits, _reference(pm, name, ids), f"{kind} prefill {name}")
+        states.append(st)
+    seqs = [list(ids) for _, _, ids in rows]
+    for step in range(STEPS):
+        nxt = [int(np.argmax(s.logits)) for s in states]
+        for seq, t in zip(seqs, nxt, strict=True):
+            seq.append(t)
+        eng.step(states, nxt)
+        for (name, _, _), st, seq in zip(rows, states, seqs, strict=True):
+            _close(st.logits, _reference(pm, name, seq), f"{kind} decode step {step} {name}")
+    for st in states:
+        eng.release(st)
+    # resume: adapter two's row in a fresh sequence (prompt + generated), beside a base row, one more step
+    resumed = eng.new_sequence(seqs[2], adapter=1)
+    base = eng.new_sequence(seqs[1][:4])
+    _close(resumed.logits, _reference(pm, "two", seqs[2]), f"{kind} resume two")
+    t_r, t_b = int(np.argmax(resumed.logits)), int(np.argmax(base.logits))
+    eng.step([resumed, base], [t_r, t_b])
+    _close(resumed.logits, _reference(pm, "two", [*seqs[2], t_r]), f"{kind} resumed decode two")
+    _close(base.logits, _reference(pm, None, [*seqs[1][:4], t_b]), f"{kind} resumed decode base")
+
+
+@pytest.mark.parametrize("kind", ["torch", "jax"])
+def test_base_rows_are_unchanged_by_loaded_adapters_and_a_swapped_slot_takes_effect(
+    family: dict[str, Any], kind: str
+) -> None:
+    from warmstart.engines import build_engine
+
+    plain = build_engine(
+        kind, family["config"], family["state"], dtype="float32", max_batch=4, max_context=128
+    )
+    eng = _engine(kind, family)
+    ids = [3, 1, 4, 1, 5]
+    want = plain.new_sequence(ids).logits
+    got = eng.new_sequence(ids).logits
+    assert np.array_equal(np.asarray(got), np.asarray(want))  # the base path is the base model, exactly
+    # slot 0 now holds adapter two (the swap a registry does between steps)
+    eng.install_adapter(0, prepare_adapter(family["adapters"]["two"], eng.args, MAX_RANK))
+    _close(eng.new_sequence(ids, adapter=0).logits, _reference(family["peft"], "two", ids), f"{kind} swapped")
+    eng.remove_adapter(0)  # an emptied slot adds zeros (JAX: through the LoRA variant's own rounding)
+    _close(eng.new_sequence(ids, adapter=0).logits, np.asarray(want), f"{kind} emptied slot")
+
+
+def test_adapter_slots_and_ranks_are_checked(family: dict[str, Any]) -> None:
+    eng = _engine("torch", family)
+    with pytest.raises(InvalidAdapterSlot, match=r"not in \[0, 2\)"):
+        eng.new_sequence([1, 2], adapter=2)
+    with pytest.raises(AdapterRankTooLarge, match="max_lora_rank"):
+        prepare_adapter(family["adapters"]["two"], eng.args, 4)
