@@ -1,6 +1,7 @@
 """Both compact engines serve LoRA adapters per row, as peft's own model computes them.
 
-A tiny random Llama and a tiny random Qwen2 (q/k/v biases) are wrapped by peft with two random adapters of
+A tiny random Llama, a tiny random Qwen2 (q/k/v biases) and a tiny random Phi-3 (fused qkv_proj and
+gate_up_proj, adapted as fused modules) are wrapped by peft with two random adapters of
 different ranks (one on every target, one rsLoRA on a subset with a rank pattern); each is saved, converted
 with `warmstart convert`, read back and loaded into an engine slot through the registry's preparation. In
 one batch, rows on adapter one, adapter two and the bare base are prefilled, decoded together at different
@@ -45,28 +46,43 @@ STEPS = 4
 
 def _build(family: str, root: Any) -> dict[str, Any]:
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Phi3Config,
+        Phi3ForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     torch.manual_seed(0)
+    targets = (ALL, ["q_proj", "v_proj", "o_proj", "down_proj"], "layers.1.self_attn.q_proj")
     if family == "llama":
         cfg: Any = LlamaConfig(**COMMON, tie_word_embeddings=False)
         model: Any = LlamaForCausalLM(cfg)
-    else:
+    elif family == "qwen2":
         cfg = Qwen2Config(**COMMON, tie_word_embeddings=True)
         model = Qwen2ForCausalLM(cfg)
+    else:  # Phi-3: fused qkv_proj and gate_up_proj, adapted as such
+        cfg = Phi3Config(
+            **COMMON, tie_word_embeddings=False, pad_token_id=None, bos_token_id=None, eos_token_id=None
+        )
+        model = Phi3ForCausalLM(cfg)
+        fused = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+        targets = (fused, ["qkv_proj", "gate_up_proj"], "layers.1.self_attn.qkv_proj")
     model = model.float().eval()
     with torch.no_grad():  # a wider logit spread: argmax is not decided by rounding
         for p in model.parameters():
             p.mul_(3.0)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    first = LoraConfig(r=4, lora_alpha=8, target_modules=ALL, init_lora_weights=False)
+    first = LoraConfig(r=4, lora_alpha=8, target_modules=targets[0], init_lora_weights=False)
     second = LoraConfig(
         r=8,
         lora_alpha=16,
         use_rslora=True,
-        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
-        rank_pattern={"layers.1.self_attn.q_proj": 2},
-        alpha_pattern={"down_proj": 5},
+        target_modules=targets[1],
+        rank_pattern={targets[2]: 2},
+        alpha_pattern={targets[1][-1]: 5},
         init_lora_weights=False,
     )
     pm = get_peft_model(model, first, adapter_name="one")
@@ -84,7 +100,7 @@ def _build(family: str, root: Any) -> dict[str, Any]:
     return {"peft": pm, "config": cfg.to_dict(), "state": state, "adapters": adapters}
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "qwen2", "phi3"])
 def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return _build(request.param, tmp_path_factory.mktemp(f"lora-{request.param}"))
 

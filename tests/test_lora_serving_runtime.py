@@ -273,3 +273,20 @@ def test_adapters_that_do_not_fit_fail_only_their_own_requests(
         )
     finally:
         runtime.close()
+
+
+def test_an_adapter_request_resumes_token_exactly_from_its_generated_ids(
+    rt: Runtime, expected: dict[str | None, list[int]]
+) -> None:
+    done = expected["two"][:3]
+    inputs = {
+        "input_ids": np.asarray([*PROMPT, *done], np.int64),
+        "num_generated": np.array([len(done)], np.int64),
+        "sampling_parameters": np.array(
+            [json.dumps({"max_tokens": N, "lora_name": "two"}).encode()], dtype=np.object_
+        ),
+    }
+    sink = RecordingSink()
+    rt.submit(parse_request(inputs), sink)
+    assert sink.done.wait(60) and sink.error is None
+    assert sink.ids == expected["two"][3:]  # the rest of the same generation, on the same adapter
