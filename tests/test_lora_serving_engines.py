@@ -202,3 +202,17 @@ def test_adapter_slots_and_ranks_are_checked(family: dict[str, Any]) -> None:
         eng.new_sequence([1, 2], adapter=2)
     with pytest.raises(AdapterRankTooLarge, match="max_lora_rank"):
         prepare_adapter(family["adapters"]["two"], eng.args, 4)
+
+
+def test_jax_swapping_adapters_never_recompiles(family: dict[str, Any]) -> None:
+    eng = _engine("jax", family)
+    eng.warm_up(2)  # compiles the base and the LoRA variants
+    compiled = (eng._prefill._cache_size(), eng._decode._cache_size())
+    for slot, name in ((0, "two"), (1, "one"), (0, "one")):
+        eng.install_adapter(slot, prepare_adapter(family["adapters"][name], eng.args, MAX_RANK))
+        a, b = eng.new_sequence([5, 6, 7], adapter=slot), eng.new_sequence([8, 9])
+        eng.step([a, b], [1, 2])
+        _close(a.logits, _reference(family["peft"], name, [5, 6, 7, 1]), f"jax slot {slot} {name}")
+        eng.release(a)
+        eng.release(b)
+    assert (eng._prefill._cache_size(), eng._decode._cache_size()) == compiled
