@@ -634,14 +634,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "_meta": {
             "benchmark": "decode",
-            "command": "python benchmarks/decode.py " + " ".join(args.argv),
+            "command": " ".join(["python benchmarks/decode.py", *args.argv]),
             "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "host": {
                 "machine": platform.machine(),
                 "cpus": os.cpu_count(),
                 "python": platform.python_version(),
             },
-            "code": code_at_end,
+            "code": code_at_start,  # what tritonserver's stub and the engine host imported
+            "code_at_end": code_at_end,
             "seconds": time.monotonic() - t_start,
         },
         "settings": {
