@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,10 @@ from _scheduler_cluster import BackgroundScheduler, scheduler_config
 from warmstart.etcd import Etcd, EtcdConfig, EtcdNotFound, etcd_binary
 from warmstart.objectstore import SeaweedFS, SeaweedFSConfig
 from warmstart.triton import TritonConfig, TritonServer
+
+# Every router in the tests (and the scheduler processes they start) checks that each server state its
+# incremental snapshot reuses equals a fresh render, so a change the cache missed fails the test.
+os.environ.setdefault("WARMSTART_VERIFY_SNAPSHOTS", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from warmstart.names import validate_model_name
 from warmstart.scheduler.config import (
@@ -83,6 +83,7 @@ from warmstart.scheduler.state import (
     InMemoryClusterState,
     Instance,
     LoadInFlight,
+    ModelSpec,
     NodeBandwidth,
     NodeRecord,
     RunningRequest,
@@ -143,12 +144,73 @@ class DuplicateModelError(SchedulerError, ValueError):
 # ------------------------------------------------------------------------------------------- runtime state
 
 
+class _Tracked(dict[Any, Any]):
+    """A dict of a server's runtime state that tells its server when it changes (so the server's rendered
+    state is redone only then: :meth:`Router.snapshot`)."""
+
+    def __init__(self, owner: ServerRuntime, *args: Any) -> None:
+        super().__init__(*args)
+        self._owner = owner
+
+    def _adopt(self, value: Any) -> Any:
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, self._adopt(value))
+        self._owner.bump()
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self._owner.bump()
+
+    def pop(self, *args: Any) -> Any:
+        out = super().pop(*args)
+        self._owner.bump()
+        return out
+
+    def popitem(self) -> Any:
+        out = super().popitem()
+        self._owner.bump()
+        return out
+
+    def clear(self) -> None:
+        super().clear()
+        self._owner.bump()
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for k, v in dict(*args, **kwargs).items():
+            self[k] = v
+
+
+class _Instances(_Tracked):
+    """A server's instances: each one tells the server when it (or its requests) changes."""
+
+    def _adopt(self, value: Any) -> Any:
+        object.__setattr__(value, "_owner", self._owner)
+        if not isinstance(value.requests, _Tracked):
+            object.__setattr__(value, "requests", _Tracked(self._owner, value.requests))
+        return value
+
+
 @dataclass(eq=False)
 class _InstanceRT:
     model: str
     size_bytes: int
     last_used_s: float
     requests: dict[str, Generation] = field(default_factory=dict)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        owner = self.__dict__.get("_owner")
+        if owner is not None:
+            if name == "requests" and not isinstance(value, _Tracked):
+                object.__setattr__(self, name, _Tracked(owner, value))
+            owner.bump()
 
 
 @dataclass(eq=False)
@@ -175,6 +237,30 @@ class ServerRuntime:
     probe: asyncio.Task[bool] | None = None
     removed: bool = False
     repository: frozenset[str] | None = None  # model names in its repository index, once read
+    version: int = 0  # bumped by every change of what to_state() renders (the snapshot's cache key)
+    sink: set[str] | None = None  # the router's set of servers changed since its last snapshot
+
+    _TRACKED: ClassVar[dict[str, type[_Tracked]]] = {
+        "instances": _Instances,
+        "loads": _Tracked,
+        "unloading": _Tracked,
+        "store_tiers": _Tracked,
+    }
+    _UNRENDERED: ClassVar[frozenset[str]] = frozenset({"version", "probe", "upstream", "sink"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        kind = self._TRACKED.get(name)
+        if kind is not None and not isinstance(value, kind):
+            value = kind(self, value)
+        object.__setattr__(self, name, value)
+        if name not in self._UNRENDERED and "version" in self.__dict__:
+            self.bump()
+
+    def bump(self) -> None:
+        """What this server renders changed: its state is redone at the next snapshot."""
+        object.__setattr__(self, "version", self.version + 1)
+        if self.sink is not None:
+            self.sink.add(self.config.name)
 
     def remote_assumed(self) -> bool:
         """True while this server's node store has not measured its remote tier (no fill yet), nor did its
@@ -338,6 +424,16 @@ class Router:
         self._seen_deployed: set[str] = set()  # models deployed in cluster state at the last read
         self._state_unavailable: str | None = None  # why cluster state could not be reached, while it cannot
         self.coordinator: ReplicaCoordinator | None = None  # with cluster state on etcd: shared allocations
+        self._rendered: dict[str, tuple[Any, ServerState]] = {}  # server -> (cache key, its last state)
+        self._published: dict[str, ServerState] = {}  # server -> the state last written to the store
+        self._last_snapshot: ClusterSnapshot | None = None
+        self._spec_cache: dict[str, tuple[ModelConfig, ModelSpec]] = {}
+        self._order: list[ServerRuntime] | None = None
+        self._dirty: set[str] = set()  # servers changed since the last snapshot (ServerRuntime.bump)
+        self._dirty_all = True  # the next snapshot looks at every server
+        self._busy: set[str] = set()  # servers with generations running (looked at in every snapshot)
+        self._measured_cache: dict[str, tuple[int, float | None]] = {}
+        self._verify_snapshots = os.environ.get("WARMSTART_VERIFY_SNAPSHOTS") == "1"
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._stores: dict[str, NodeStoreClient] = {}
@@ -442,6 +538,8 @@ class Router:
                 server.node_store, timeout_s=self.config.upstream_timeout_s
             )
         self.servers[server.name] = rt
+        rt.sink = self._dirty
+        self._order = None  # membership changed
         return rt
 
     def _triton_upstream(self, server: ServerConfig) -> Upstream:
@@ -566,6 +664,7 @@ class Router:
             raise UnknownServerError(f"no server named {name!r}")
         rt.removed = True
         del self.servers[name]
+        self._order = None  # membership changed
         with contextlib.suppress(UnknownServerError):
             self.store.delete_server(name)
         for inst in rt.instances.values():
@@ -579,38 +678,115 @@ class Router:
 
     # -- snapshot ----------------------------------------------------------------------------------------
     def snapshot(self) -> ClusterSnapshot:
-        """Publish every server's state into the store and read one consistent snapshot back.
+        """Every server's state as the policy sees it, at one time; what changed is published to the store.
 
-        With other replicas (cluster state on etcd) the server reports are this replica's own view (what
-        the replicas share is each server's allocation, merged in as the others' loads): the snapshot is
-        built here, and cluster state counts as unreachable while the replica's last call to it failed."""
+        Incremental: a server's state is rendered again only when something it renders changed
+        (`_state_of`), and the snapshot's index is updated from the previous snapshot's for those servers
+        only (`ClusterSnapshot.of(previous=)`), so a decision at 1000 servers costs what changed, not the
+        cluster. With other replicas (cluster state on etcd) the server reports are this replica's own view
+        (what the replicas share is each server's allocation, merged in as the others' loads), and cluster
+        state counts as unreachable while the replica's last call to it failed."""
         now = self._clock()
-        measured = [
-            bw.remote_bps
-            for rt in self.servers.values()
-            if not rt.remote_assumed() and (bw := rt.effective_bandwidth()) is not None and bw.remote_bps
-        ]
-        self._assumed_remote_bps = assumed_remote_bps(measured)
+        order = self._in_order()
         coord = self.coordinator
-        states = [
-            rt.to_state(
-                now, self._token_s, self._assumed_remote_bps, coord.others_loads(rt.name) if coord else None
-            )
-            for rt in self.servers.values()
-        ]
+        # which servers to look at again: what changed, and what is busy (its per-token times move); every
+        # server with other replicas (their loads there move), or when the assumed remote figure moved
+        dirty = set(self._dirty)
+        self._dirty.clear()  # in place: every server holds this very set
+        everything = coord is not None or self._dirty_all
+        self._dirty_all = False
+        look = (
+            order
+            if everything
+            else [self.servers[n] for n in sorted(dirty | self._busy) if n in self.servers]
+        )
+        for rt in look:
+            self._measured_remote(rt)
+        measured = [bps for _, bps in self._measured_cache.values() if bps is not None]
+        assumed = assumed_remote_bps(measured)
+        if assumed != self._assumed_remote_bps:
+            self._assumed_remote_bps = assumed
+            look = order
+        for rt in look:
+            self._state_of(rt, now, coord.others_loads(rt.name) if coord else None)
+            if any(inst.requests for inst in rt.instances.values()):
+                self._busy.add(rt.name)
+            else:
+                self._busy.discard(rt.name)
+        states = [self._rendered[rt.name][1] for rt in order]
+        if self._verify_snapshots:  # tests: every state reused is what a fresh render gives
+            for rt, state in zip(order, states, strict=True):
+                others = coord.others_loads(rt.name) if coord else None
+                fresh = rt.to_state(now, self._token_s, self._assumed_remote_bps, others)
+                if fresh != state:
+                    raise AssertionError(f"stale state of {rt.name} in the snapshot: {state} != {fresh}")
         demand = decayed_rates(self._demand, now)
+        specs = self._specs()
         if coord is not None:
             self._cluster_state(coord.unreachable)
-            return ClusterSnapshot.of(states, (m.to_spec() for m in self.models.values()), now, demand)
-        try:
-            for state in states:
-                self.store.put_server(state)
-            snapshot = self.store.snapshot(now, demand)
-        except ClusterStateUnavailable as e:
-            self._cluster_state(str(e))
-            return ClusterSnapshot.of(states, (m.to_spec() for m in self.models.values()), now, demand)
-        self._cluster_state(None)
+        else:
+            try:
+                for state in states:  # the store mirrors what changed
+                    if self._published.get(state.name) is not state:
+                        self.store.put_server(state)
+                        self._published[state.name] = state
+                self._cluster_state(None)
+            except ClusterStateUnavailable as e:
+                self._published.clear()
+                self._cluster_state(str(e))
+        snapshot = ClusterSnapshot.of(states, specs, now, demand, previous=self._last_snapshot)
+        self._last_snapshot = snapshot
         return snapshot
+
+    def _in_order(self) -> list[ServerRuntime]:
+        """The servers sorted by name (the snapshot's order; redone when the membership changes)."""
+        if self._order is None or len(self._order) != len(self.servers):
+            self._order = [self.servers[n] for n in sorted(self.servers)]
+            self._dirty_all = True
+            for name in list(self._rendered):
+                if name not in self.servers:
+                    del self._rendered[name]
+                    self._measured_cache.pop(name, None)
+        return self._order
+
+    def _measured_remote(self, rt: ServerRuntime) -> float | None:
+        """The remote bandwidth ``rt`` measured itself (None while assumed), cached per server version."""
+        hit = self._measured_cache.get(rt.name)
+        if hit is not None and hit[0] == rt.version:
+            return hit[1]
+        bw = rt.effective_bandwidth()
+        value = bw.remote_bps if not rt.remote_assumed() and bw is not None and bw.remote_bps else None
+        self._measured_cache[rt.name] = (rt.version, value)
+        return value
+
+    def _state_of(self, rt: ServerRuntime, now: float, others: Mapping[str, int] | None) -> ServerState:
+        """``rt``'s rendered state: the one rendered last time unless something it renders changed (the
+        server's version, the learned per-token times of its busy models, the assumed remote bandwidth, other
+        replicas' loads there). ``WARMSTART_VERIFY_SNAPSHOTS=1`` checks every reuse against a fresh render."""
+        busy = tuple((m, self._token_s.get(m)) for m, inst in rt.instances.items() if inst.requests)
+        key: tuple[Any, ...] = (
+            rt.version,
+            self._assumed_remote_bps,
+            busy,
+            tuple(sorted(others.items())) if others else None,
+        )
+        if others:
+            key = (*key, now)
+        cached = self._rendered.get(rt.name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        state = rt.to_state(now, self._token_s, self._assumed_remote_bps, others)
+        self._rendered[rt.name] = (key, state)
+        return state
+
+    def _specs(self) -> list[ModelSpec]:
+        """Every model's policy view (cached per model config object)."""
+        cache = self._spec_cache
+        if len(cache) != len(self.models) or any(
+            cache.get(name, (None,))[0] is not model for name, model in self.models.items()
+        ):
+            self._spec_cache = cache = {n: (m, m.to_spec()) for n, m in self.models.items()}
+        return [spec for _, spec in cache.values()]
 
     async def _cluster_state_back(self) -> bool:
         """One try (bounded by the store's timeout) whether cluster state answers again."""
@@ -1209,6 +1385,8 @@ class Router:
     def delivered(self, gen: Generation, server: ServerRuntime | None, chunk: TokenChunk) -> None:
         """``chunk`` goes to the client now: record it, and that the instance was used."""
         self._account(gen, chunk)
+        if server is not None:
+            server.bump()  # its generation's token count is part of its rendered state
         if server is not None and (inst := server.instances.get(gen.model)) is not None:
             inst.last_used_s = self._clock()
 
