@@ -427,7 +427,10 @@ class Router:
         self._rendered: dict[str, tuple[Any, ServerState]] = {}  # server -> (cache key, its last state)
         self._published: dict[str, ServerState] = {}  # server -> the state last written to the store
         self._last_snapshot: ClusterSnapshot | None = None
-        self._spec_cache: dict[str, tuple[ModelConfig, ModelSpec]] = {}
+        self._spec_cache: tuple[int, dict[str, ModelSpec]] | None = None
+        self._models_version = 0  # bumped whenever self.models changes
+        self._states: list[ServerState] = []  # the last snapshot's states, in name order
+        self._position: dict[str, int] = {}
         self._order: list[ServerRuntime] | None = None
         self._dirty: set[str] = set()  # servers changed since the last snapshot (ServerRuntime.bump)
         self._dirty_all = True  # the next snapshot looks at every server
@@ -519,6 +522,7 @@ class Router:
         if model.name in self.models:
             raise DuplicateModelError(f"model {model.name!r} already exists")
         self.models[model.name] = model
+        self._models_version += 1
         self.store.put_model(model.to_spec())
         if self.config.etcd is not None:  # deployed for every replica, which add it by themselves
             self.store.put_deployment(model.name, model.to_dict())
@@ -587,10 +591,12 @@ class Router:
                 )
                 continue
             self.models[name] = model
+            self._models_version += 1
             logger.info("model %s deployed by another replica; serving it", name)
             self._notify()
         for name in [n for n in self.models if n in self._seen_deployed and n not in deployed]:
             del self.models[name]
+            self._models_version += 1
             self._demand.pop(name, None)
             logger.info("model %s withdrawn by another replica", name)
             self._notify()
@@ -643,6 +649,7 @@ class Router:
         if name not in self.models:
             raise UnknownModelError(f"no model named {name!r}")
         del self.models[name]
+        self._models_version += 1
         self._demand.pop(name, None)
         self.store.delete_model(name)
         if self.config.etcd is not None:
@@ -700,20 +707,26 @@ class Router:
             if everything
             else [self.servers[n] for n in sorted(dirty | self._busy) if n in self.servers]
         )
-        for rt in look:
-            self._measured_remote(rt)
-        measured = [bps for _, bps in self._measured_cache.values() if bps is not None]
-        assumed = assumed_remote_bps(measured)
-        if assumed != self._assumed_remote_bps:
-            self._assumed_remote_bps = assumed
+        moved = [self._measured_remote(rt) for rt in look]  # every one of them updated (no short cut)
+        if any(moved) or everything:  # a measured figure moved
+            measured = [bps for _, bps in self._measured_cache.values() if bps is not None]
+            assumed = assumed_remote_bps(measured)
+            if assumed != self._assumed_remote_bps:
+                self._assumed_remote_bps = assumed
+                look = order
+        if len(self._states) != len(order) or look is order:
+            self._states = [None] * len(order)  # type: ignore[list-item]
+            self._position = {rt.name: i for i, rt in enumerate(order)}
             look = order
+        states = self._states
         for rt in look:
-            self._state_of(rt, now, coord.others_loads(rt.name) if coord else None)
+            states[self._position[rt.name]] = self._state_of(
+                rt, now, coord.others_loads(rt.name) if coord else None
+            )
             if any(inst.requests for inst in rt.instances.values()):
                 self._busy.add(rt.name)
             else:
                 self._busy.discard(rt.name)
-        states = [self._rendered[rt.name][1] for rt in order]
         if self._verify_snapshots:  # tests: every state reused is what a fresh render gives
             for rt, state in zip(order, states, strict=True):
                 others = coord.others_loads(rt.name) if coord else None
@@ -721,20 +734,25 @@ class Router:
                 if fresh != state:
                     raise AssertionError(f"stale state of {rt.name} in the snapshot: {state} != {fresh}")
         demand = decayed_rates(self._demand, now)
-        specs = self._specs()
         if coord is not None:
             self._cluster_state(coord.unreachable)
         else:
             try:
-                for state in states:  # the store mirrors what changed
+                for rt in look:  # the store mirrors what changed
+                    state = states[self._position[rt.name]]
                     if self._published.get(state.name) is not state:
                         self.store.put_server(state)
                         self._published[state.name] = state
                 self._cluster_state(None)
             except ClusterStateUnavailable as e:
                 self._published.clear()
+                self._dirty_all = True  # publish everything once it answers again
                 self._cluster_state(str(e))
-        snapshot = ClusterSnapshot.of(states, specs, now, demand, previous=self._last_snapshot)
+        previous = self._last_snapshot
+        basis = None if previous is None else (previous.__dict__.get("index") or previous.basis)
+        snapshot = ClusterSnapshot(
+            servers=tuple(states), models=self._specs(), now=now, demand=demand, basis=basis
+        )
         self._last_snapshot = snapshot
         return snapshot
 
@@ -749,15 +767,16 @@ class Router:
                     self._measured_cache.pop(name, None)
         return self._order
 
-    def _measured_remote(self, rt: ServerRuntime) -> float | None:
-        """The remote bandwidth ``rt`` measured itself (None while assumed), cached per server version."""
+    def _measured_remote(self, rt: ServerRuntime) -> bool:
+        """Keep the remote bandwidth ``rt`` measured itself (None while assumed), per server version; True
+        if it changed."""
         hit = self._measured_cache.get(rt.name)
         if hit is not None and hit[0] == rt.version:
-            return hit[1]
+            return False
         bw = rt.effective_bandwidth()
         value = bw.remote_bps if not rt.remote_assumed() and bw is not None and bw.remote_bps else None
         self._measured_cache[rt.name] = (rt.version, value)
-        return value
+        return hit is None or hit[1] != value
 
     def _state_of(self, rt: ServerRuntime, now: float, others: Mapping[str, int] | None) -> ServerState:
         """``rt``'s rendered state: the one rendered last time unless something it renders changed (the
@@ -779,14 +798,11 @@ class Router:
         self._rendered[rt.name] = (key, state)
         return state
 
-    def _specs(self) -> list[ModelSpec]:
-        """Every model's policy view (cached per model config object)."""
-        cache = self._spec_cache
-        if len(cache) != len(self.models) or any(
-            cache.get(name, (None,))[0] is not model for name, model in self.models.items()
-        ):
-            self._spec_cache = cache = {n: (m, m.to_spec()) for n, m in self.models.items()}
-        return [spec for _, spec in cache.values()]
+    def _specs(self) -> dict[str, ModelSpec]:
+        """Every model's policy view, by name (rebuilt, never changed in place, when the models change)."""
+        if self._spec_cache is None or self._spec_cache[0] != self._models_version:
+            self._spec_cache = (self._models_version, {n: m.to_spec() for n, m in self.models.items()})
+        return self._spec_cache[1]
 
     async def _cluster_state_back(self) -> bool:
         """One try (bounded by the store's timeout) whether cluster state answers again."""
