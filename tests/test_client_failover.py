@@ -1,6 +1,6 @@
 """A client of several scheduler replicas sees one continuous, token-exact stream when the replica serving it
 is SIGKILLed: `warmstart.client.generate_stream` resumes through the next replica with the tokens it has
-(the scheduler's ``generated_ids`` input). Two real ``warmstart scheduler`` processes front one real
+(the scheduler's ``generated_ids`` input). Two real ``warmstart scheduler`` replicas sharing one real etcd front one real
 tritonserver serving the fake model (tests/_scheduler_fake.py: token k is a pure function of prompt, seed, k).
 """
 
@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,9 +22,10 @@ from _scheduler_cluster import REPO_KEY
 from _scheduler_fake import expected_tokens, fake_triton_config, write_fake_repository
 
 from warmstart.client import GenerationError, generate_stream
+from warmstart.etcd import Etcd
 from warmstart.triton import TritonConfig, TritonServer
 
-pytestmark = [pytest.mark.triton, pytest.mark.slow]
+pytestmark = [pytest.mark.triton, pytest.mark.slow, pytest.mark.etcd]
 
 
 class Replica:
@@ -56,7 +58,7 @@ class Replica:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, TritonServer]]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, etcd: Etcd) -> Iterator[tuple[Path, TritonServer]]:
     root = tmp_path_factory.mktemp("failover")
     repo = write_fake_repository(root / "repo", ["slow"])
     triton = TritonServer(
@@ -66,6 +68,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Tr
     config = {
         "listen_http": "127.0.0.1:0",
         "listen_grpc": "127.0.0.1:0",
+        "etcd": etcd.url,  # the replicas share cluster state (their load decisions are compare-and-sets)
+        "etcd_prefix": f"/failover-{uuid.uuid4().hex}/",
         "servers": [
             {
                 "name": "t0",
