@@ -59,5 +59,7 @@ def test_a_layer_imports_only_the_layers_below_it(layer: str) -> None:
 
 def test_the_dependency_check_sees_a_lazy_import_inside_a_function(tmp_path: Path) -> None:
     src = tmp_path / "m.py"
-    src.write_text("def f():\n    from warmstart.store.service import x\n    import warmstart.scheduler.router\n")
+    src.write_text(
+        "def f():\n    from warmstart.store.service import x\n    import warmstart.scheduler.router\n"
+    )
     assert imports_of(src) == {"warmstart.store.service", "warmstart.scheduler.router"}
