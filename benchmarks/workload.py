@@ -39,6 +39,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import hashlib
 import json
 import math
 import os
@@ -648,8 +649,9 @@ class Scheduler:
     """A ``warmstart scheduler`` process with its own config; stopped by PID."""
 
     def __init__(
-        self, work: Path, cluster: Cluster, policy: str, budget: int, args: argparse.Namespace
-    ) -> None:
+        self, work: Path, cluster: Cluster, policy: str, budget: int, args: argparse.Namespace,
+        etcd: str | None = None, etcd_prefix: str | None = None,
+    ) -> None:  # fmt: skip
         import yaml
 
         from warmstart._process import ManagedProcess, free_ports
@@ -672,6 +674,8 @@ class Scheduler:
             # ServerlessLLM's threshold: switch once fewer than 20 new tokens appeared during a replay round.
             # With 4 (the default) a destination sharing 2 busy cores with its source rarely catches up.
             "migration_threshold_tokens": args.migration_threshold,
+            # with etcd: one of several replicas sharing the servers' allocations (servers listed here)
+            **({"etcd": etcd, "etcd_prefix": etcd_prefix or "/warmstart/"} if etcd else {}),
             "servers": [
                 {
                     "name": n.name,
@@ -805,8 +809,11 @@ async def run_request(session: Any, http: str, req: Request, text: str, t0: floa
         res.error = f"{type(e).__name__}: {e}"[:200]
 
 
-async def replay(http: str, requests: list[Request], texts: dict[int, str]) -> list[Result]:
+async def replay(http: str | list[str], requests: list[Request], texts: dict[int, str]) -> list[Result]:
+    """Send each request at its arrival time; with several scheduler URLs they alternate by request index."""
     import aiohttp
+
+    urls = [http] if isinstance(http, str) else list(http)
 
     results = [Result(r.idx, r.model, r.prompt_tokens, r.max_tokens) for r in requests]
     connector = aiohttp.TCPConnector(limit=0)
@@ -814,7 +821,7 @@ async def replay(http: str, requests: list[Request], texts: dict[int, str]) -> l
         t0 = time.monotonic() + 0.5
         await asyncio.gather(
             *(
-                run_request(session, http, r, texts[r.idx], t0, res)
+                run_request(session, urls[r.idx % len(urls)], r, texts[r.idx], t0, res)
                 for r, res in zip(requests, results, strict=True)
             )
         )
@@ -855,43 +862,140 @@ async def contention_client(
 # =============================================================================================================
 
 
+class IndexPoller:
+    """Polls every node's Triton repository index (Triton's own view, not a scheduler's) in a thread and keeps,
+    per node, the largest sum of the bytes of its READY models seen, and every sample above ``budget``."""
+
+    def __init__(self, cluster: Cluster, budget: int, interval_s: float = 0.25) -> None:
+        self.cluster, self.budget, self.interval_s = cluster, budget, interval_s
+        self.size_of = {m.name: m.size_bytes for m in cluster.models}
+        self.max_ready: dict[str, int] = {n.name: 0 for n in cluster.nodes}
+        self.max_ready_loading: dict[str, int] = {n.name: 0 for n in cluster.nodes}
+        self.over: list[dict[str, Any]] = []
+        self.samples = 0
+        self.poll_errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="index poller", daemon=True)
+
+    def __enter__(self) -> IndexPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for n in self.cluster.nodes:
+                try:
+                    index = n.triton.repository_index()
+                except Exception:
+                    self.poll_errors += 1
+                    continue
+                self.observe(n.name, index, time.monotonic())
+            self._stop.wait(self.interval_s)
+
+    def observe(self, node: str, index: list[dict[str, Any]], at: float) -> None:
+        """One index of ``node``: READY models' bytes checked against the budget (LOADING kept aside: the
+        scheduler frees an evicted model's memory before Triton reports it unloaded)."""
+        ready = sorted(e["name"] for e in index if e.get("state") == "READY")
+        loading = [e["name"] for e in index if e.get("state") == "LOADING"]
+        held = sum(self.size_of.get(m, 0) for m in ready)
+        self.samples += 1
+        self.max_ready[node] = max(self.max_ready.get(node, 0), held)
+        both = held + sum(self.size_of.get(m, 0) for m in loading)
+        self.max_ready_loading[node] = max(self.max_ready_loading.get(node, 0), both)
+        if held > self.budget and len(self.over) < 50:
+            self.over.append({"node": node, "at": at, "ready": ready, "bytes": held})
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "budget_bytes": self.budget,
+            "samples": self.samples,
+            "poll_errors": self.poll_errors,
+            "max_ready_bytes": dict(self.max_ready),
+            "max_ready_plus_loading_bytes": dict(self.max_ready_loading),
+            "over_budget": list(self.over),
+            "within_budget": not self.over and self.samples > 0,
+        }
+
+
 def run_policy(
     policy: str, cluster: Cluster, layout: Any, requests: list[Request], texts: dict[int, str],
-    budget: int, work: Path, args: argparse.Namespace,
+    budget: int, work: Path, args: argparse.Namespace, *, replicas: int = 1, etcd: str | None = None,
+    tag: str | None = None, poll: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    _log(f"policy {policy}: resetting the cluster")
+    """One trace replay on a fresh cluster state. ``replicas`` > 1: that many scheduler processes sharing
+    cluster state on ``etcd`` (a fresh key prefix per run), requests alternating between them. ``poll``:
+    Triton's repository indexes are polled during the replay (:class:`IndexPoller`)."""
+    label = tag or policy
+    _log(f"{label}: resetting the cluster")
     cluster.restart_tritons()
     cluster.reset_stores(layout)
-    sched = Scheduler(work / policy, cluster, policy, budget, args)
+    if replicas > 1 and etcd is None:
+        raise ValueError("replicas > 1 needs an etcd URL")
+    prefix = f"/workload/{label}-{time.monotonic_ns()}/"
+    scheds = [
+        Scheduler(
+            (work / label / f"r{i}") if replicas > 1 else (work / label),
+            cluster,
+            policy,
+            budget,
+            args,
+            etcd=etcd if replicas > 1 else None,
+            etcd_prefix=prefix,
+        )
+        for i in range(replicas)
+    ]
+    poller = IndexPoller(cluster, budget) if poll else None
+    code = code_version() if poll else None  # what these scheduler processes import (others edit the tree)
+    if code is not None:
+        diff = subprocess.run(
+            ["git", "diff", "HEAD", "--", "warmstart"], cwd=REPO, capture_output=True, check=False
+        ).stdout
+        code["uncommitted_sha256"] = hashlib.sha256(diff).hexdigest()
     try:
-        sched.start()
-        time.sleep(1.0)  # one store poll
-        _log(f"policy {policy}: replaying {len(requests)} requests over {requests[-1].at_s:.0f} s")
+        for sched in scheds:
+            sched.start()
+        time.sleep(1.0 if replicas == 1 else 2.0)  # one store poll (and the replicas' first snapshots)
+        _log(f"{label}: replaying {len(requests)} requests over {requests[-1].at_s:.0f} s")
         t0 = time.monotonic()
-        results = asyncio.run(replay(sched.http, requests, texts))
+        with poller or contextlib.nullcontext():
+            results = asyncio.run(replay([x.http for x in scheds], requests, texts))
         wall = time.monotonic() - t0
-        state = sched.state()
-        stats = state["stats"]
-        loads = sched.loads_by_tier()
-        overhead = {name: srv["load_overhead_s"] for name, srv in state["servers"].items()}
+        states = [x.state() for x in scheds]
+        loads = [ld for x in scheds for ld in x.loads_by_tier()]
         weight_load = cluster.weight_load_seconds()
     finally:
-        sched.stop()
+        for sched in scheds:
+            sched.stop()
+    stats = [st["stats"] for st in states]
     out = summarize(results)
-    out["triton_overhead_s_learned"] = overhead
+    out["triton_overhead_s_learned"] = {
+        name: srv["load_overhead_s"] for st in states[:1] for name, srv in st["servers"].items()
+    }
     out["backend_weight_load_s"] = weight_load
     out.update(
         policy=policy,
         wall_s=wall,
         loads=loads,
         loads_per_tier={t: sum(1 for x in loads if x["tier"] == t) for t in ("memory", "disk", "remote")},
-        evictions=stats["evictions"],
-        migrations=stats["migrations"],
-        load_failures=stats["load_failures"],
+        evictions=sum(x["evictions"] for x in stats),
+        migrations=sum(x["migrations"] for x in stats),
+        load_failures=sum(x["load_failures"] for x in stats),
         results=[r.__dict__ for r in results],
     )
+    if replicas > 1 or poll:
+        out["schedulers"] = replicas
+        out["per_replica"] = [
+            {"loads": sum(st["stats"]["loads"].values()), "coordinator": st.get("replicas")} for st in states
+        ]
+    if poller is not None:
+        out["triton_index"] = poller.summary()
+        out["code"] = code
     _log(
-        f"policy {policy}: ttft mean {_f(out['ttft']['mean'])} p50 {_f(out['ttft']['p50'])} "
+        f"{label}: ttft mean {_f(out['ttft']['mean'])} p50 {_f(out['ttft']['p50'])} "
         f"p99 {_f(out['ttft']['p99'])} s; loads {out['loads_per_tier']}; migrations {out['migrations']}; "
         f"errors {out['errors']}"
     )
@@ -1026,6 +1130,150 @@ def render_table(runs: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+REPLICA_TTFT_RATIO = 1.2  # two replicas' p99 TTFT within this factor of one scheduler's
+CLAIM_P99_MS = 10.0  # a load decision's added etcd time (read + compare-and-set), p99, loopback
+
+
+def _median(xs: list[float]) -> float | None:
+    return _pct(xs, 0.5)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def replica_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``--schedulers 2`` section from its rounds (each ``{"single": run, "pair": run}`` of
+    :func:`run_policy` outputs): medians over rounds of each side's TTFT p50/p99 and their ratio; the load
+    decisions' claim times pooled over every replica of every pair run; loads per replica, joins, NO_ROOM;
+    and whether Triton's own repository index ever showed a node over its budget."""
+    single = [r["single"] for r in rounds if r.get("single")]
+    pair = [r["pair"] for r in rounds if r.get("pair")]
+
+    def side(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "ttft_p50_s": _median([x["ttft"]["p50"] for x in runs if x["ttft"]["p50"] is not None]),
+            "ttft_p99_s": _median([x["ttft"]["p99"] for x in runs if x["ttft"]["p99"] is not None]),
+            "runs": len(runs),
+            "errors": sum(x["errors"] for x in runs),
+            "loads": _median([float(len(x["loads"])) for x in runs]),
+            "evictions": _median([float(x["evictions"]) for x in runs]),
+        }
+
+    ops: dict[str, list[float]] = {"claim": [], "claim_cas": [], "may_unload": [], "finished": []}
+    outcomes: dict[str, int] = {}
+    loads_per_replica: list[list[int]] = []
+    for run in pair:
+        loads_per_replica.append([rep["loads"] for rep in run.get("per_replica", [])])
+        for rep in run.get("per_replica", []):
+            coord = rep.get("coordinator") or {}
+            for op, row in (coord.get("ops") or {}).items():
+                ops.setdefault(op, []).extend(x / 1e3 for x in row["samples_ms"])
+            for k, v in (coord.get("outcomes") or {}).items():
+                outcomes[k] = outcomes.get(k, 0) + v
+    timing = {
+        op: {
+            "n": len(xs),
+            "median_ms": _ms(_pct(xs, 0.5)),
+            "p99_ms": _ms(_pct(xs, 0.99)),
+            "max_ms": None if not xs else max(xs) * 1e3,
+        }
+        for op, xs in ops.items()
+    }
+    indexes = [x["triton_index"] for x in single + pair if "triton_index" in x]
+    one, two = side(single), side(pair)
+    return {
+        "single": one,
+        "pair": two,
+        "p99_ratio": _ratio(two["ttft_p99_s"], one["ttft_p99_s"]),
+        "p50_ratio": _ratio(two["ttft_p50_s"], one["ttft_p50_s"]),
+        "p99_ratio_per_round": [
+            _ratio(r["pair"]["ttft"]["p99"], r["single"]["ttft"]["p99"])
+            for r in rounds
+            if r.get("single") and r.get("pair")
+        ],
+        "coordinator_ms": timing,
+        "outcomes": outcomes,
+        "loads_per_replica": loads_per_replica,
+        "joins": outcomes.get("join", 0),
+        "no_room": outcomes.get("no_room", 0),
+        "index_checked_runs": len(indexes),
+        "over_budget_samples": sum(len(x["over_budget"]) for x in indexes),
+        "within_budget": bool(indexes) and all(x["within_budget"] for x in indexes),
+    }
+
+
+ETCD_HISTOGRAMS = (
+    "etcd_disk_wal_fsync_duration_seconds",
+    "etcd_disk_backend_commit_duration_seconds",
+    "etcd_network_peer_round_trip_time_seconds",
+)
+
+
+def etcd_histograms(text: str, names: tuple[str, ...] = ETCD_HISTOGRAMS) -> dict[str, Any]:
+    """etcd's own latency histograms from its Prometheus text (``/metrics``): per name the cumulative
+    ``buckets`` (upper bound in s -> count), ``count`` and ``sum`` (s), summed over label sets."""
+    out: dict[str, Any] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(\w+?)_(bucket|count|sum)(\{[^}]*\})? ([0-9.eE+-]+|\+Inf|NaN)$", line)
+        if not m or m.group(1) not in names:
+            continue
+        h = out.setdefault(m.group(1), {"buckets": {}, "count": 0.0, "sum": 0.0})
+        value = float(m.group(4))
+        if m.group(2) == "bucket":
+            le = re.search(r'le="([^"]+)"', m.group(3) or "")
+            if le:
+                h["buckets"][le.group(1)] = h["buckets"].get(le.group(1), 0.0) + value
+        else:
+            h[m.group(2)] += value
+    return out
+
+
+def replica_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """PASS/FAIL of the ``--schedulers 2`` targets (None: not measured)."""
+    ratio = summary["p99_ratio"]
+    claim_p99 = summary["coordinator_ms"]["claim"]["p99_ms"]
+    # TTFT percentiles are over the requests that got a first token: a failed request fails the target
+    failed = summary["single"]["errors"] + summary["pair"]["errors"]
+    ttft_ok = None if ratio is None else ratio <= REPLICA_TTFT_RATIO and failed == 0
+    return [
+        {"target": f"p99 TTFT: two etcd replicas / one scheduler <= {REPLICA_TTFT_RATIO}, no failed request "
+                   f"({failed} failed)", "value": ratio, "need": REPLICA_TTFT_RATIO, "pass": ttft_ok},
+        {"target": f"load decision + compare-and-set (claim) p99 < {CLAIM_P99_MS:g} ms", "value": claim_p99,
+         "need": CLAIM_P99_MS, "pass": None if claim_p99 is None else claim_p99 < CLAIM_P99_MS},
+        {"target": "no node over its memory budget (Triton repository index, READY models)",
+         "value": float(summary["over_budget_samples"]), "need": 0.0,
+         "pass": summary["within_budget"] if summary["index_checked_runs"] else None},
+    ]  # fmt: skip
+
+
+def render_replica_table(summary: dict[str, Any]) -> str:
+    one, two = summary["single"], summary["pair"]
+    head = f"{'schedulers':<22}{'runs':>5}{'err':>5}{'TTFT p50':>10}{'p99':>7}{'loads':>7}{'evict':>7}"
+    lines = [head, "-" * len(head)]
+    for name, x in (("1 (in memory)", one), ("2 replicas (etcd)", two)):
+        lines.append(
+            f"{name:<22}{x['runs']:>5}{x['errors']:>5}{_f(x['ttft_p50_s']):>10}{_f(x['ttft_p99_s']):>7}"
+            f"{_f(x['loads'], '.0f'):>7}{_f(x['evictions'], '.0f'):>7}"
+        )
+    lines.append(
+        f"ratio 2/1: p50 {_f(summary['p50_ratio'])}, p99 {_f(summary['p99_ratio'])} "
+        f"(per round {[_f(x) for x in summary['p99_ratio_per_round']]})"
+    )
+    lines.append("coordinator calls (pooled over both replicas of every 2-replica run), ms:")
+    for op, row in summary["coordinator_ms"].items():
+        lines.append(
+            f"  {op:<11} n {row['n']:>4}  median {_f(row['median_ms'], '.2f')}  p99 {_f(row['p99_ms'], '.2f')}"
+            f"  max {_f(row['max_ms'], '.2f')}"
+        )
+    lines.append(
+        f"loads per replica {summary['loads_per_replica']}; joins {summary['joins']}; "
+        f"NO_ROOM {summary['no_room']}; over-budget index samples {summary['over_budget_samples']} "
+        f"({summary['index_checked_runs']} runs polled)"
+    )
+    return "\n".join(lines)
+
+
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     runs = result["policies"]
@@ -1051,6 +1299,8 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         )
         out.append({"target": "place() median for 1000 servers x 1000 models < 1 ms (policy_speed.py)",
                     "value": worst, "need": 1.0, "pass": bool(ps.get("meets_target"))})  # fmt: skip
+    if result.get("replicas"):
+        out += replica_targets(result["replicas"]["summary"])
     return out
 
 
@@ -1063,12 +1313,20 @@ def plot(result: dict[str, Any], path: Path) -> None:
     panels = [("trace workload", result["policies"])] if result["policies"] else []
     if result.get("contention"):
         panels.append(("contention scenario (request for B)", result["contention"]))
+    if result.get("replicas"):
+        sides: dict[str, Any] = {}
+        for key, label in (("single", "1 scheduler"), ("pair", "2 replicas (etcd)")):
+            xs = sorted(t for r in result["replicas"]["rounds"] if r.get(key) for t in r[key]["ttft_sorted"])
+            sides[label] = {"ttft_sorted": xs, "ttft": {"p99": _pct(xs, 0.99) or 0.0}}
+        panels.append(("one scheduler vs two replicas (all rounds)", sides))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     colors = {
         "warmstart": "tab:green",
         "no_migration": "tab:olive",
         "random": "tab:red",
         "serverlessllm": "tab:blue",
+        "1 scheduler": "tab:green",
+        "2 replicas (etcd)": "tab:purple",
     }
     for ax, (title, runs) in zip(axes[0], panels, strict=True):
         for name, r in runs.items():
@@ -1159,6 +1417,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contention-only", action="store_true", help="skip the trace workload")
     p.add_argument("--no-policy-speed", action="store_true")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument(
+        "--schedulers",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: also replay the trace through two scheduler replicas sharing a real etcd, beside "
+        "one in-memory scheduler (warmstart policy); results go to workload-replicas.json/.png",
+    )
+    p.add_argument(
+        "--replica-rounds",
+        type=int,
+        default=1,
+        help="with --schedulers 2: rounds of (one scheduler, two replicas), order alternating",
+    )
     p.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     p.add_argument("--out", type=Path, default=DEFAULT_RESULTS)
     args = p.parse_args(argv)
@@ -1176,6 +1448,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--servers must be >= 2")
     if not (args.remote_link_mbps >= 0 and math.isfinite(args.remote_link_mbps)):
         p.error("--remote-link-mbps must be a finite number >= 0 (0: no link)")
+    if args.replica_rounds < 1:
+        p.error("--replica-rounds must be >= 1")
+    if args.schedulers == 2 and args.contention_only:
+        p.error("--schedulers 2 replays the trace workload: drop --contention-only")
     return args
 
 
@@ -1231,18 +1507,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "contention": {},
         "errors": [],
     }
+    etcd: Any = None
     try:
         cluster.start()
         cluster.warm_up()
+        if args.schedulers == 2:
+            from warmstart.etcd import Etcd, EtcdConfig
+
+            etcd = Etcd(EtcdConfig(data_dir=work / "etcd")).start()
+            _log(f"etcd pid {etcd.pid} at {etcd.url}")
         result["store_bandwidth"] = {}
+        poll = args.schedulers == 2  # Triton's indexes are checked in the runs compared with the replicas
         for policy in [] if args.contention_only else args.policy_list:
             try:
                 result["policies"][policy] = run_policy(
-                    policy, cluster, layout, requests, texts, budget, work, args
-                )
+                    policy, cluster, layout, requests, texts, budget, work, args,
+                    poll=poll and policy == "warmstart",
+                )  # fmt: skip
             except Exception as e:
                 result["errors"].append(f"{policy}: {type(e).__name__}: {e}")
                 traceback.print_exc()
+        if args.schedulers == 2:
+            replica_rounds: list[dict[str, Any]] = []
+            for r in range(args.replica_rounds):
+                row: dict[str, Any] = {"round": r}
+                # round 0's single-scheduler run is the warmstart policy run above, when there was one
+                if r == 0 and "warmstart" in result["policies"]:
+                    row["single"] = result["policies"]["warmstart"]
+                for side in ("single", "pair") if r % 2 == 0 else ("pair", "single"):
+                    if side in row:
+                        continue
+                    try:
+                        row[side] = run_policy(
+                            "warmstart", cluster, layout, requests, texts, budget, work, args,
+                            replicas=1 if side == "single" else 2, etcd=etcd.url, poll=True,
+                            tag=f"{side}-{r}",
+                        )  # fmt: skip
+                    except Exception as e:
+                        result["errors"].append(f"replicas {side} {r}: {type(e).__name__}: {e}")
+                        traceback.print_exc()
+                replica_rounds.append(row)
+            try:  # etcd's own view of its latency: WAL fsync and backend commit times over every run
+                with urllib.request.urlopen(f"{etcd.url}/metrics", timeout=10) as resp:
+                    etcd_metrics = etcd_histograms(resp.read().decode())
+            except OSError as e:
+                etcd_metrics = {"error": f"{type(e).__name__}: {e}"}
+            result["replicas"] = {
+                "split": "requests alternate between the two replicas by index",
+                "servers": "listed in both replicas' configs (no node agents)",
+                "etcd": {"fsync": True, "heartbeat_ms": etcd.config.heartbeat_ms, "replica_lease_ttl_s": 10},
+                "etcd_metrics": etcd_metrics,
+                "rounds": replica_rounds,
+                "summary": replica_summary(replica_rounds),
+            }
         for n in cluster.nodes:
             result["store_bandwidth"][n.name] = _http("GET", f"{n.store.url}/v1/bandwidth")
         if cluster.links:
@@ -1276,6 +1593,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "rounds": rs,
                 }
     finally:
+        if etcd is not None:
+            with contextlib.suppress(Exception):
+                etcd.stop()
         cluster.stop()
         os.environ.clear()
         os.environ.update(saved_env)
@@ -1287,6 +1607,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def result_name(args: argparse.Namespace) -> str:
+    """The results' file name (without .json/.png): ``workload[_quick][-replicas][-link<N>mbps]``."""
+    name = "workload_quick" if args.quick else "workload"
+    if args.schedulers == 2:
+        name += "-replicas"
+    if args.remote_link_mbps > 0:
+        name += f"-link{args.remote_link_mbps:g}mbps"
+    return name
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)  # runs the finally blocks: every process stopped by PID
 
@@ -1296,9 +1626,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = "workload_quick" if args.quick else "workload"
-    if args.remote_link_mbps > 0:
-        name += f"-link{args.remote_link_mbps:g}mbps"
+    name = result_name(args)
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(f"Workload ({result['command']}); TTFT and e2e in seconds; loads = scheduler-started loads by tier")
@@ -1320,6 +1648,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {s:<10} {key:<22} median {row['median_ms']:.4f}  p99 {row['p99_ms']:.4f}")
     elif ps:
         print(f"\npolicy_speed.py failed: {ps['error']}")
+    if result.get("replicas"):
+        print("\nOne scheduler vs two replicas sharing etcd (warmstart policy; medians over rounds; s)")
+        print(render_replica_table(result["replicas"]["summary"]))
     print("\nTargets")
     for t in result["targets"]:
         verdict = "INFO" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")
@@ -1329,7 +1660,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{len(result['errors'])} error(s):")
         for e in result["errors"]:
             print("  " + e)
-    if not args.no_plot and (result["policies"] or result["contention"]):
+    if not args.no_plot and (result["policies"] or result["contention"] or result.get("replicas")):
         plot(result, args.out / f"{name}.png")
         print(f"\nwrote {args.out / (name + '.json')} and {args.out / (name + '.png')}")
     return 1 if result["errors"] else 0
