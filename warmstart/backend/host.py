@@ -169,6 +169,8 @@ class _TokenizerCache:
 class _WireSink:
     """A request's responses, sent to the stub as frames (the stub's side replays them on Triton)."""
 
+    cancel_check_is_cheap = True  # a flag the reader loop sets when the stub says the client went away
+
     def __init__(self, chan: Channel, rid: int, live: dict[int, _WireSink]) -> None:
         self._chan = chan
         self._rid = rid

@@ -74,6 +74,15 @@ class ResponseSink(Protocol):
         ...
 
 
+def _cancel_check(sink: ResponseSink) -> Callable[[], bool]:
+    """The generator's per-step cancellation check for ``sink``: asked at most every `CANCEL_POLL_SECONDS`
+    (a Triton response sender's answer is an IPC round trip), or every step where the sink says its answer is a
+    flag read (``cancel_check_is_cheap``: the engine process's wire sink, whose stub already polls Triton)."""
+    if getattr(sink, "cancel_check_is_cheap", False):
+        return sink.is_cancelled
+    return _throttled(sink.is_cancelled, CANCEL_POLL_SECONDS)
+
+
 def _throttled(check: Callable[[], bool], interval: float) -> Callable[[], bool]:
     last = 0.0
     seen = False
@@ -403,7 +412,7 @@ class Runtime:
             generated_ids=request.generated_ids,
             on_token=stream.on_token,
             on_finish=stream.on_finish,
-            is_cancelled=_throttled(sink.is_cancelled, CANCEL_POLL_SECONDS),
+            is_cancelled=_cancel_check(sink),
             detokenize=self.decode if request.params.stop else None,
             on_eos=stream.on_eos,
             adapter=lease,
