@@ -237,3 +237,36 @@ def test_a_model_added_through_one_replica_is_served_by_the_other_and_withdrawn_
     got, still, gone = asyncio.run(scenario())
     assert got == WORDS[:2]  # replica b served a model only replica a was given
     assert not still and gone  # withdrawn through a, withdrawn from b
+
+
+def test_a_model_another_replica_evicted_leaves_routing_and_is_loaded_again_when_asked_for() -> None:
+    store = InMemoryClusterState()
+    server = FakeTriton(budget_models=1)
+
+    async def scenario() -> tuple[list[int], list[int], list[int]]:
+        a, b = _replica(store, SharedUpstream(server)), _replica(store, SharedUpstream(server))
+        await _up(store, a, b)
+        try:
+            first = await _tokens(a, "m1", 2)  # a loads m1
+            for _ in range(200):  # b's replica round adopts it
+                if "m1" in b.servers["s1"].instances:
+                    break
+                await asyncio.sleep(0.02)
+            assert "m1" in b.servers["s1"].instances
+            other = await _tokens(a, "m2", 2)  # a evicts m1 for m2
+            for _ in range(200):  # b's round sees m1 gone from the allocation
+                if "m1" not in b.servers["s1"].instances:
+                    break
+                await asyncio.sleep(0.02)
+            again = await asyncio.wait_for(_tokens(b, "m1", 3), 15)  # b loads it again, no stale route
+            await asyncio.sleep(1.0)  # a few replica rounds: nothing records a model that is not loaded
+            return first, other, again
+        finally:
+            await a.close()
+            await b.close()
+
+    first, other, again = asyncio.run(scenario())
+    assert first == other == WORDS[:2] and again == WORDS[:3]
+    assert server.max_loaded == 1
+    assert server.events.count("load m1") == 2, server.events
+    assert set(store.allocation("s1").loaded) == server.loaded, (store.allocation("s1"), server.loaded)

@@ -28,7 +28,8 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from warmstart.scheduler.errors import (
@@ -43,7 +44,14 @@ from warmstart.scheduler.state import (
     Lease,
 )
 
-__all__ = ["ClaimResult", "CoordinatorStats", "ReplicaCoordinator", "replica_name"]
+__all__ = [
+    "AllocationSync",
+    "ClaimResult",
+    "CoordinatorStats",
+    "ReplicaCoordinator",
+    "replica_name",
+    "sync_with_allocation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +116,56 @@ class CoordinatorStats:
                 "samples_ms": [round(x * 1e3, 4) for x in xs],
             }
         return {"ops": ops, "outcomes": dict(self.outcomes)}
+
+
+@dataclass(frozen=True)
+class AllocationSync:
+    """How one replica's instances on a server follow that server's shared allocation (one round).
+
+    ``adopt``: models other replicas loaded there, to route to (model -> bytes); ``confirm``: instances the
+    allocation records (now known shared); ``drop``: instances it recorded once and no longer does (another
+    replica unloaded or is unloading them, or is loading them again), out of routing; ``record``: instances
+    found in the server's index only (loaded before the allocations knew of them), to record as loaded."""
+
+    adopt: Mapping[str, int]
+    confirm: frozenset[str]
+    drop: tuple[str, ...]
+    record: Mapping[str, int]
+
+
+def sync_with_allocation(
+    view: Allocation,
+    instances: Mapping[str, tuple[int, bool]],
+    *,
+    in_flight: Collection[str],
+    busy: Collection[str],
+    models: Collection[str],
+) -> AllocationSync:
+    """Pure: the round's changes for one server. ``instances``: model -> (bytes, shared) of what this replica
+    routes to there; ``in_flight``: models it is loading or unloading there itself (left alone); ``busy``:
+    instances with running generations (never dropped: a release checks every replica's in-use counts, so a
+    busy one leaving the allocation is a race that the generations' failover settles); ``models``: the
+    models this replica knows (only those are adopted)."""
+    adopt = {
+        m: size
+        for m, size in view.loaded.items()
+        if m in models and m not in instances and m not in in_flight
+    }
+    confirm: set[str] = set()
+    drop: list[str] = []
+    record: dict[str, int] = {}
+    for m, (size, shared) in instances.items():
+        if m in in_flight:
+            continue
+        if m in view.loaded:
+            if not shared:
+                confirm.add(m)
+        elif shared or m in view.unloading or m in view.loads:
+            if m not in busy:
+                drop.append(m)
+        else:
+            record[m] = size
+    return AllocationSync(adopt, frozenset(confirm), tuple(sorted(drop)), record)
 
 
 def replica_name() -> str:
@@ -186,6 +244,19 @@ class ReplicaCoordinator:
         if view is None:
             return {}
         return {m: c.size_bytes for m, c in view.loads.items() if c.replica != self.name}
+
+    def others_holding(self, server: str, known: Collection[str]) -> tuple[int, int]:
+        """Bytes ``server``'s allocation (as last read) commits beyond what this replica tracks (``known``:
+        the models it routes to, loads or unloads there): (models recorded loaded, others' unloads not
+        finished). Its budget shrinks by the first; the second is memory being freed."""
+        view = self.views.get(server)
+        if view is None:
+            return 0, 0
+        loaded = sum(size for m, size in view.loaded.items() if m not in known)
+        freeing = sum(
+            c.size_bytes for m, c in view.unloading.items() if c.replica != self.name and m not in known
+        )
+        return loaded, freeing
 
     # -- decisions ---------------------------------------------------------------------------------------
     async def claim(

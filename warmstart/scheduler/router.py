@@ -76,7 +76,7 @@ from warmstart.scheduler.policy import (
     serverlessllm_place,
     why_unplaceable,
 )
-from warmstart.scheduler.replicas import ClaimResult, ReplicaCoordinator
+from warmstart.scheduler.replicas import ClaimResult, ReplicaCoordinator, sync_with_allocation
 from warmstart.scheduler.state import (
     ClusterSnapshot,
     ClusterStateStore,
@@ -203,6 +203,11 @@ class _InstanceRT:
     size_bytes: int
     last_used_s: float
     requests: dict[str, Generation] = field(default_factory=dict)
+    # with other scheduler replicas: True once the server's shared allocation records it loaded (this
+    # replica's own load or join, or adopted from the allocation); one that leaves the allocation later was
+    # unloaded by another replica. False: found in the server's index only (loaded before the allocations
+    # knew of it), recorded by the next replica round
+    shared: bool = False
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
@@ -290,9 +295,15 @@ class ServerRuntime:
         token_s: Mapping[str, float],
         assumed_remote_bps: float | None = None,
         others_loading: Mapping[str, int] | None = None,
+        others_holding: tuple[int, int] = (0, 0),
     ) -> ServerState:
         """The frozen view the policy decides on. Memory still being freed shrinks the budget. A node store
-        that has not measured its remote tier yet gets its own loads' figure, else ``assumed_remote_bps``."""
+        that has not measured its remote tier yet gets its own loads' figure, else ``assumed_remote_bps``.
+
+        With other scheduler replicas, ``others_loading`` are their loads in flight here (model -> bytes) and
+        ``others_holding`` the bytes the shared allocation commits here beyond what this replica tracks:
+        (models loaded by others that it does not route to yet, others' unloads not finished); the first
+        shrinks the budget, the second counts as memory being freed."""
         instances = tuple(
             Instance(
                 model=i.model,
@@ -318,12 +329,14 @@ class ServerRuntime:
             remote = self.costs.bps.get(Tier.REMOTE, assumed_remote_bps)
             if remote is not None:
                 bandwidth = replace(bandwidth, remote_bps=remote)
-        freeing = sum(self.unloading.values())
+        held, others_freeing = others_holding
+        budget = max(0, self.config.memory_budget_bytes - held)
+        freeing = sum(self.unloading.values()) + others_freeing
         return ServerState(
             name=self.name,
             healthy=self.healthy and self.bandwidth is not None and not self.removed,
-            memory_budget_bytes=max(0, self.config.memory_budget_bytes - freeing),
-            freeing_bytes=min(freeing, self.config.memory_budget_bytes),
+            memory_budget_bytes=max(0, budget - freeing),
+            freeing_bytes=min(freeing, budget),
             repository=self.repository,
             bandwidth=bandwidth,
             triton_load_overhead_s=self.overhead_s,
@@ -720,17 +733,14 @@ class Router:
             look = order
         states = self._states
         for rt in look:
-            states[self._position[rt.name]] = self._state_of(
-                rt, now, coord.others_loads(rt.name) if coord else None
-            )
+            states[self._position[rt.name]] = self._state_of(rt, now, *self._others(rt))
             if any(inst.requests for inst in rt.instances.values()):
                 self._busy.add(rt.name)
             else:
                 self._busy.discard(rt.name)
         if self._verify_snapshots:  # tests: every state reused is what a fresh render gives
             for rt, state in zip(order, states, strict=True):
-                others = coord.others_loads(rt.name) if coord else None
-                fresh = rt.to_state(now, self._token_s, self._assumed_remote_bps, others)
+                fresh = rt.to_state(now, self._token_s, self._assumed_remote_bps, *self._others(rt))
                 if fresh != state:
                     raise AssertionError(f"stale state of {rt.name} in the snapshot: {state} != {fresh}")
         demand = decayed_rates(self._demand, now)
@@ -778,23 +788,40 @@ class Router:
         self._measured_cache[rt.name] = (rt.version, value)
         return hit is None or hit[1] != value
 
-    def _state_of(self, rt: ServerRuntime, now: float, others: Mapping[str, int] | None) -> ServerState:
+    def _others(self, rt: ServerRuntime) -> tuple[Mapping[str, int] | None, tuple[int, int]]:
+        """What other scheduler replicas hold on ``rt`` (its shared allocation as last read): their loads in
+        flight, and the bytes committed there that this replica does not track (see `ServerRuntime.to_state`)."""
+        coord = self.coordinator
+        if coord is None:
+            return None, (0, 0)
+        known = rt.instances.keys() | rt.loads.keys() | rt.unloading.keys()
+        return coord.others_loads(rt.name), coord.others_holding(rt.name, known)
+
+    def _state_of(
+        self,
+        rt: ServerRuntime,
+        now: float,
+        others: Mapping[str, int] | None,
+        holding: tuple[int, int] = (0, 0),
+    ) -> ServerState:
         """``rt``'s rendered state: the one rendered last time unless something it renders changed (the
         server's version, the learned per-token times of its busy models, the assumed remote bandwidth, other
-        replicas' loads there). ``WARMSTART_VERIFY_SNAPSHOTS=1`` checks every reuse against a fresh render."""
+        replicas' loads and holdings there). ``WARMSTART_VERIFY_SNAPSHOTS=1`` checks every reuse against a
+        fresh render."""
         busy = tuple((m, self._token_s.get(m)) for m, inst in rt.instances.items() if inst.requests)
         key: tuple[Any, ...] = (
             rt.version,
             self._assumed_remote_bps,
             busy,
             tuple(sorted(others.items())) if others else None,
+            holding,
         )
         if others:
             key = (*key, now)
         cached = self._rendered.get(rt.name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        state = rt.to_state(now, self._token_s, self._assumed_remote_bps, others)
+        state = rt.to_state(now, self._token_s, self._assumed_remote_bps, others, holding)
         self._rendered[rt.name] = (key, state)
         return state
 
@@ -1011,7 +1038,7 @@ class Router:
                 for back in evictions:  # keep every victim loaded (those released are recorded again)
                     rt.unloading.pop(back, None)
                     size = self.models[back].size_bytes if back in self.models else 0
-                    rt.instances[back] = _InstanceRT(back, size, self._clock())
+                    rt.instances[back] = _InstanceRT(back, size, self._clock(), shared=True)
                     if back in released:  # its release is undone: loaded again, not unloading
                         await coord.unloaded(rt.name, back)
                         await coord.finished(rt.name, back, loaded_bytes=size)
@@ -1025,12 +1052,17 @@ class Router:
         if result is ClaimResult.JOIN and await coord.wait_for_load(
             rt.name, spec.name, self.config.cold_start_timeout_s
         ):
-            rt.instances.setdefault(spec.name, _InstanceRT(spec.name, spec.size_bytes, self._clock()))
+            rt.loads.pop(
+                spec.name, None
+            )  # joined, not loading: a snapshot must not see it loaded and loading
+            rt.instances.setdefault(
+                spec.name, _InstanceRT(spec.name, spec.size_bytes, self._clock(), shared=True)
+            )
             logger.info("%s on %s was loaded by another replica; routing to it", spec.name, rt.name)
         for m in released:  # not loading after all: the victims stay
             rt.unloading.pop(m, None)
             size = self.models[m].size_bytes if m in self.models else 0
-            rt.instances[m] = _InstanceRT(m, size, self._clock())
+            rt.instances[m] = _InstanceRT(m, size, self._clock(), shared=True)
             await coord.unloaded(rt.name, m)
             await coord.finished(rt.name, m, loaded_bytes=size)
         return False
@@ -1063,7 +1095,7 @@ class Router:
             )
             if rt.bandwidth is not None:
                 rt.costs = learn_load(rt.costs, rt.bandwidth, tier, spec.size_bytes, elapsed)
-            rt.instances[spec.name] = _InstanceRT(spec.name, spec.size_bytes, self._clock())
+            rt.instances[spec.name] = _InstanceRT(spec.name, spec.size_bytes, self._clock(), shared=claimed)
             loaded_bytes = spec.size_bytes
             key = f"{rt.name}/{spec.name}"
             self.stats.loads[key] = self.stats.loads.get(key, 0) + 1
@@ -1222,21 +1254,36 @@ class Router:
             return
         coord.unreachable = None
         await coord.refresh_all(list(self.servers))
-        for rt in self.servers.values():
+        for rt in list(self.servers.values()):
             view = coord.views.get(rt.name)
             if view is None or not rt.healthy:
                 continue
-            for model, size in view.loaded.items():
-                known = model in rt.instances or model in rt.loads or model in rt.unloading
-                if model in self.models and not known:
-                    rt.instances[model] = _InstanceRT(model, size, self._clock())
-                    self._notify()
-            for model, inst in rt.instances.items():  # loaded before the allocations knew: record it
-                if model not in view.loaded and model not in view.loads and model not in rt.loads:
-                    try:
-                        await coord.finished(rt.name, model, loaded_bytes=inst.size_bytes)
-                    except ClusterStateError as e:
-                        logger.warning("cannot record %s loaded on %s: %s", model, rt.name, e)
+            sync = sync_with_allocation(
+                view,
+                {m: (i.size_bytes, i.shared) for m, i in rt.instances.items()},
+                in_flight=rt.loads.keys() | rt.unloading.keys(),
+                busy=[m for m, i in rt.instances.items() if i.requests],
+                models=self.models.keys(),
+            )
+            for model, size in sync.adopt.items():
+                logger.info("%s on %s was loaded by another replica: routing to it", model, rt.name)
+                rt.instances[model] = _InstanceRT(model, size, self._clock(), shared=True)
+            for model in sync.confirm:
+                rt.instances[model].shared = True
+            for model in sync.drop:
+                logger.info("%s on %s was unloaded by another replica: out of routing", model, rt.name)
+                del rt.instances[model]
+            if sync.adopt or sync.drop:
+                self._notify()
+            for model, size in sync.record.items():  # loaded before the allocations knew: record it
+                try:
+                    await coord.finished(rt.name, model, loaded_bytes=size)
+                except ClusterStateError as e:
+                    logger.warning("cannot record %s loaded on %s: %s", model, rt.name, e)
+                    continue
+                inst = rt.instances.get(model)
+                if inst is not None:
+                    inst.shared = True
 
     async def _resync(self, rt: ServerRuntime) -> None:
         """Rebuild the instances of ``rt`` from its repository index (models READY there)."""
