@@ -33,7 +33,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Self
@@ -178,12 +178,88 @@ class ServerConfig:
         return {"triton-grpc-protocol-" + self.repository_api_header: self.repository_api_key}
 
 
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_ADAPTER_NAME_RE = re.compile(ADAPTER_NAME_PATTERN)
+DEFAULT_ADAPTER_BYTES = (
+    16 << 20
+)  # an adapter's size when its config does not say (a rank-16 adapter of a 1B model)
+DEFAULT_LORA_SEPARATOR = "_lora_"  # as in the example of Triton's OpenAI front end (--lora-separator=_lora_)
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """One LoRA adapter of a base model: its checkpoint reference and size.
+
+    ``checkpoint`` is what the base's ``multi_lora.json`` lists for it (docs/lora.md): an absolute path on
+    the servers, a URI (``s3://...``) or a node-store name; it is resolved on the server, through its loader
+    tiers. ``size_bytes`` is what loading it reads (the placement's estimate of its load from the tier it
+    sits in)."""
+
+    name: str
+    checkpoint: str
+    size_bytes: int = DEFAULT_ADAPTER_BYTES
+
+    def __post_init__(self) -> None:
+        if (
+            not isinstance(self.name, str)
+            or _ADAPTER_NAME_RE.fullmatch(self.name) is None
+            or ".." in self.name
+        ):
+            raise SchedulerConfigError(
+                f"adapter name {str(self.name)[:60]!r} must match {ADAPTER_NAME_PATTERN} (letters, digits, "
+                "'.', '_' and '-', never '..')"
+            )
+        if not isinstance(self.checkpoint, str) or not self.checkpoint.strip():
+            raise SchedulerConfigError(f"adapters[{self.name}].checkpoint must be a non-empty string")
+        _set_number(self, "size_bytes", f"adapters[{self.name}].size_bytes", minimum=1, integer=True)
+
+    @classmethod
+    def from_value(cls, name: str, value: object) -> AdapterConfig:
+        """An adapter from its config entry: a checkpoint reference, or ``{checkpoint, size_bytes}``."""
+        if isinstance(value, str):
+            return cls(name=name, checkpoint=value)
+        if isinstance(value, Mapping):
+            _reject_unknown(f"adapters[{name}]", value, cls)
+            values = dict(value)
+            values.pop("name", None)
+            if "checkpoint" not in values:
+                raise SchedulerConfigError(f"adapters[{name}]: 'checkpoint' is required")
+            return cls(name=name, **values)
+        raise SchedulerConfigError(
+            f"adapters[{name}] must be a checkpoint reference or {{checkpoint, size_bytes}}, got "
+            f"{type(value).__name__}"
+        )
+
+    def to_value(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "size_bytes": self.size_bytes}
+
+
+def parse_adapters(where: str, value: object) -> MappingProxyType[str, AdapterConfig]:
+    """``adapters`` of a model config: a mapping of adapter name -> reference or ``{checkpoint, size_bytes}``
+    (``AdapterConfig`` values are taken as they are)."""
+    if not isinstance(value, Mapping):
+        raise SchedulerConfigError(f"{where}.adapters must be a mapping of adapter name -> checkpoint")
+    out: dict[str, AdapterConfig] = {}
+    for name, entry in value.items():
+        adapter = entry if isinstance(entry, AdapterConfig) else AdapterConfig.from_value(str(name), entry)
+        if adapter.name != name:
+            raise SchedulerConfigError(f"{where}.adapters: entry {name!r} names adapter {adapter.name!r}")
+        out[adapter.name] = adapter
+    return MappingProxyType(out)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A deployable model: checkpoint, engine, size, keep-alive and limits.
 
     ``triton_config`` (optional) is a full Triton model config sent verbatim with the load; without it the
     warmstart backend renders one from checkpoint and engine.
+
+    ``adapters`` (LoRA, docs/lora.md): ``None`` serves none; a mapping (empty too) loads the model with
+    ``enable_lora`` and these adapters in its ``multi_lora.json``; ``max_loras`` adapters are resident at once
+    per instance, each of rank at most ``max_lora_rank``. ``lora_memory_bytes`` is what the adapter slots
+    take in memory (counted against a server's budget with ``size_bytes``: :attr:`memory_bytes`); by default
+    ``max_loras`` times the largest adapter's ``size_bytes``.
     """
 
     name: str
@@ -194,6 +270,10 @@ class ModelConfig:
     max_concurrency: int = 8
     max_tokens: int = 4096
     triton_config: Mapping[str, Any] | None = None
+    adapters: Mapping[str, AdapterConfig] | None = None
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    lora_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -214,6 +294,43 @@ class ModelConfig:
             if not isinstance(self.triton_config, Mapping):
                 raise SchedulerConfigError(f"models[{self.name}].triton_config must be a mapping")
             object.__setattr__(self, "triton_config", MappingProxyType(dict(self.triton_config)))
+        if self.adapters is not None:
+            object.__setattr__(self, "adapters", parse_adapters(f"models[{self.name}]", self.adapters))
+            if self.triton_config is not None:
+                raise SchedulerConfigError(
+                    f"models[{self.name}]: adapters need the warmstart backend's rendered config (enable_lora, "
+                    "multi_lora.json); drop triton_config"
+                )
+        for key, top in (("max_loras", 64), ("max_lora_rank", 512)):
+            _set_number(self, key, f"models[{self.name}].{key}", minimum=1, integer=True)
+            if getattr(self, key) > top:
+                raise SchedulerConfigError(f"models[{self.name}].{key} must be in 1..{top}")
+        if self.lora_memory_bytes is not None:
+            _set_number(self, "lora_memory_bytes", f"models[{self.name}].lora_memory_bytes", integer=True)
+
+    @property
+    def lora(self) -> bool:
+        """Whether the model serves LoRA adapters (``adapters`` given, even empty)."""
+        return self.adapters is not None
+
+    @property
+    def memory_bytes(self) -> int:
+        """What a loaded instance holds: ``size_bytes`` plus, with adapters, their slots
+        (``lora_memory_bytes``, by default ``max_loras`` x the largest adapter)."""
+        if self.adapters is None:
+            return self.size_bytes
+        if self.lora_memory_bytes is not None:
+            return self.size_bytes + self.lora_memory_bytes
+        largest = max((a.size_bytes for a in self.adapters.values()), default=DEFAULT_ADAPTER_BYTES)
+        return self.size_bytes + self.max_loras * largest
+
+    def multi_lora(self) -> dict[str, str]:
+        """The ``multi_lora.json`` content of this model: adapter name -> checkpoint reference."""
+        return {name: a.checkpoint for name, a in sorted((self.adapters or {}).items())}
+
+    def with_adapters(self, adapters: Mapping[str, AdapterConfig]) -> ModelConfig:
+        """This model serving ``adapters`` instead (LoRA enabled)."""
+        return replace(self, adapters=MappingProxyType(dict(adapters)))
 
     @classmethod
     def from_dict(cls, name: str, data: Mapping[str, Any]) -> Self:
@@ -237,14 +354,20 @@ class ModelConfig:
         }
         if self.triton_config is not None:
             out["triton_config"] = json.loads(json.dumps(dict(self.triton_config)))
+        if self.adapters is not None:
+            out["adapters"] = {n: a.to_value() for n, a in sorted(self.adapters.items())}
+            out["max_loras"] = self.max_loras
+            out["max_lora_rank"] = self.max_lora_rank
+            if self.lora_memory_bytes is not None:
+                out["lora_memory_bytes"] = self.lora_memory_bytes
         return out
 
     def to_spec(self) -> ModelSpec:
-        """The policy's view of this model."""
+        """The policy's view of this model (its size: what a loaded instance holds, adapter slots included)."""
         return ModelSpec(
             name=self.name,
             checkpoint_uri=self.checkpoint,
-            size_bytes=self.size_bytes,
+            size_bytes=self.memory_bytes,
             engine=self.engine,
             keep_alive_s=float(self.keep_alive_s),
             max_concurrency=self.max_concurrency,
@@ -279,6 +402,8 @@ class SchedulerConfig:
     migration_threshold_tokens: int = 4
     migration_min_gain_s: float = 1.0
     replay_s_per_token: float = 0.002
+    lora_separator: str = DEFAULT_LORA_SEPARATOR
+    """OpenAI requests name an adapter as ``<base><lora_separator><adapter>`` (Triton's ``--lora-separator``)."""
     policy: str = "warmstart"  # placement rule: warmstart | random | serverlessllm (baselines for benchmarks)
     policy_seed: int = 0  # seeds the random placement baseline
     etcd: str | None = None
@@ -324,6 +449,15 @@ class SchedulerConfig:
             )
         if self.initial_release_s is not None:
             _set_number(self, "initial_release_s", "initial_release_s")
+        if (
+            not isinstance(self.lora_separator, str)
+            or not self.lora_separator
+            or re.fullmatch(r"[A-Za-z0-9._-]{1,16}", self.lora_separator) is None
+        ):
+            raise SchedulerConfigError(
+                "lora_separator must be 1-16 characters of letters, digits, '.', '_' and '-' (a model name "
+                f"holds it), got {self.lora_separator!r}"
+            )
         if self.policy not in POLICIES:
             raise SchedulerConfigError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         _set_number(self, "policy_seed", "policy_seed", integer=True)

@@ -929,3 +929,114 @@ def effective_bandwidth(reported: NodeBandwidth, costs: LoadCosts) -> NodeBandwi
     if remote is not None:
         remote = costs.bps.get(Tier.REMOTE, remote)
     return NodeBandwidth(reported.memory_bps, costs.bps.get(Tier.DISK, reported.disk_bps), remote)
+
+
+# ------------------------------------------------------------------------------------------ LoRA adapters
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSpec:
+    """One LoRA adapter of base model ``base``: its checkpoint reference and the bytes a load of it reads.
+
+    A ``checkpoint`` that a node store lists (by that name, or the adapter's ``name``) is read from the tier
+    it sits in there; anything else is fetched from the remote."""
+
+    name: str
+    base: str
+    checkpoint: str
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterView:
+    """What one server's instance of the base holds of its adapters, as the router accounts for it.
+
+    ``served``: the names in that instance's ``multi_lora.json`` (what the scheduler last sent it; None: not
+    known, e.g. an instance found loaded). ``resident``: adapters its requests used, least recently used first,
+    at most ``max_loras`` (the backend keeps as many loaded, least recently used evicted). ``busy_s``: for each
+    adapter that running requests hold there, the soonest expected end of one of them.
+    """
+
+    resident: tuple[str, ...] = ()
+    served: frozenset[str] | None = None
+    busy_s: Mapping[str, float] = field(default_factory=dict)
+    max_loras: int = 4
+
+
+_NO_VIEW = AdapterView()
+
+
+def adapter_tier(server: ServerState, adapter: AdapterSpec) -> Tier:
+    """Where ``server``'s node store holds ``adapter``'s checkpoint (memory or disk), else remote (or none)."""
+    for key in (adapter.checkpoint, adapter.name):
+        tier = server.store_tiers.get(key)
+        if tier is Tier.MEMORY or tier is Tier.DISK:
+            return tier
+    return Tier.REMOTE if server.bandwidth.remote_bps is not None else Tier.NONE
+
+
+def adapter_estimate(server: ServerState, adapter: AdapterSpec, view: AdapterView = _NO_VIEW) -> Estimate:
+    """Expected seconds before a request on ``adapter`` starts on ``server``'s warm instance of its base.
+
+    Resident there: nothing. Otherwise its load, ``size / bandwidth(tier it sits in on that node)`` (inf with
+    no source), after waiting for a slot when all ``max_loras`` are held by running requests (the soonest of
+    their ends: the backend frees a slot only once its requests finished)."""
+    tier = adapter_tier(server, adapter)
+    if adapter.name in view.resident:
+        return Estimate.of(wait_s=0.0, load_s=0.0, overhead_s=0.0, tier=tier)
+    bandwidth = server.bandwidth.of(tier)
+    load = adapter.size_bytes / bandwidth if bandwidth is not None else math.inf
+    wait = 0.0
+    if len(view.resident) >= view.max_loras and all(r in view.busy_s for r in view.resident):
+        wait = min(view.busy_s[r] for r in view.resident)
+    return Estimate.of(wait_s=wait, load_s=load, overhead_s=0.0, tier=tier)
+
+
+def _plus(base: Estimate | None, extra: Estimate) -> Estimate:
+    if base is None:
+        return extra
+    return Estimate(
+        base.wait_s + extra.wait_s,
+        base.load_s + extra.load_s,
+        base.overhead_s,
+        base.tier,
+        base.total_s + extra.total_s,
+    )
+
+
+def place_adapter(
+    snapshot: ClusterSnapshot,
+    adapter: AdapterSpec,
+    views: Mapping[str, AdapterView],
+    base: Placement,
+) -> Placement:
+    """Where a request on ``adapter`` goes, given ``base``: the placement of its base model by the rule in
+    use (:func:`place` or a baseline).
+
+    When the base routes (a warm instance has a free slot), the warm instance with a free slot where the
+    adapter starts soonest wins (:func:`adapter_estimate`: resident first, then the cheapest tier to load it
+    from), then one whose ``multi_lora.json`` is known to list it, then fewest running requests, then name.
+    Otherwise the base's decision stands (join, load, wait or queue: a warm base is worth far more than where
+    the adapter sits), its estimate with the adapter's load on that server added."""
+    if base.action is not Action.ROUTE:
+        if base.server is None or base.action is Action.QUEUE:
+            return base
+        server = snapshot.server(base.server)
+        extra = adapter_estimate(server, adapter, views.get(server.name, _NO_VIEW))
+        return replace(base, estimate=_plus(base.estimate, extra))
+    spec = snapshot.model(adapter.base)
+    best: tuple[float, bool, int, int] | None = None
+    best_est: Estimate | None = None
+    for pos, inst in snapshot.index.warm.get(spec.name, ()):
+        if not snapshot.index.healthy[pos] or not _has_room(inst, spec):
+            continue
+        server = snapshot.servers[pos]
+        view = views.get(server.name, _NO_VIEW)
+        est = adapter_estimate(server, adapter, view)
+        unknown = view.served is None or adapter.name not in view.served
+        key = (est.total_s, unknown, len(inst.requests), pos)
+        if best is None or key < best:
+            best, best_est = key, est
+    if best is None or best_est is None:
+        return base
+    return Placement(Action.ROUTE, spec.name, snapshot.servers[best[3]].name, best_est)
