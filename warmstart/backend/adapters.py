@@ -13,6 +13,7 @@ Only read with ``enable_lora``; re-read on a ``warmstart_lora_reload`` control r
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -20,7 +21,14 @@ from warmstart import jsonsafe
 from warmstart.format.lora import Adapter, adapter_from_buffers
 from warmstart.tritonconfig import BackendConfigError
 
-__all__ = ["MULTI_LORA_FILE", "MultiLoraConfigError", "open_adapter", "read_multi_lora"]
+__all__ = [
+    "MULTI_LORA_FILE",
+    "MultiLoraConfigError",
+    "open_adapter",
+    "parse_multi_lora",
+    "read_multi_lora",
+    "write_multi_lora",
+]
 
 MULTI_LORA_FILE = "multi_lora.json"
 MAX_FILE_BYTES = 1 << 20
@@ -47,33 +55,54 @@ def read_multi_lora(model_dir: Path | str | None) -> dict[str, str]:
         return {}
     except OSError as e:
         raise MultiLoraConfigError(f"cannot read {path}: {e}") from e
+    return parse_multi_lora(data, str(path))
+
+
+def parse_multi_lora(data: bytes, where: str) -> dict[str, str]:
+    """``multi_lora.json``'s content checked: name -> reference. :class:`MultiLoraConfigError` names ``where``."""
     if len(data) > MAX_FILE_BYTES:
-        raise MultiLoraConfigError(f"{path} is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")
+        raise MultiLoraConfigError(f"{where} is {len(data)} bytes; the limit is {MAX_FILE_BYTES}")
     try:
         obj = jsonsafe.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise MultiLoraConfigError(f"{path} is not valid JSON: {e}") from None
+        raise MultiLoraConfigError(f"{where} is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise MultiLoraConfigError(
-            f'{path} must be a JSON object mapping adapter names to checkpoint references, e.g. {{"sql": '
+            f'{where} must be a JSON object mapping adapter names to checkpoint references, e.g. {{"sql": '
             f'"adapters/sql-lora"}}; got {type(obj).__name__}'
         )
     if len(obj) > MAX_ADAPTERS:
-        raise MultiLoraConfigError(f"{path} names {len(obj)} adapters; the limit is {MAX_ADAPTERS}")
+        raise MultiLoraConfigError(f"{where} names {len(obj)} adapters; the limit is {MAX_ADAPTERS}")
     out: dict[str, str] = {}
     for name, ref in obj.items():
         if not _NAME.fullmatch(name):
             raise MultiLoraConfigError(
-                f"{path}: adapter name {name[:60]!r} must be 1-256 characters of letters, digits and ._:/- "
+                f"{where}: adapter name {name[:60]!r} must be 1-256 characters of letters, digits and ._:/- "
                 "starting with a letter or digit"
             )
         if not isinstance(ref, str) or not ref.strip():
             raise MultiLoraConfigError(
-                f"{path}: adapter {name!r} must map to a checkpoint reference (a path, URI or store name), "
+                f"{where}: adapter {name!r} must map to a checkpoint reference (a path, URI or store name), "
                 f"got {ref!r}"
             )
         out[name] = ref
     return out
+
+
+def write_multi_lora(model_dir: Path | str, content: str) -> dict[str, str]:
+    """Replace ``model_dir``'s ``multi_lora.json`` with ``content`` (checked first: a bad one changes nothing),
+    atomically (a reader sees the old file or the new one); returns the adapters it names."""
+    data = content.encode("utf-8")
+    adapters = parse_multi_lora(data, "the adapters sent")
+    path = Path(model_dir) / MULTI_LORA_FILE
+    tmp = path.with_name(f".{MULTI_LORA_FILE}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise MultiLoraConfigError(f"cannot write {path}: {e}") from e
+    return adapters
 
 
 def open_adapter(ref: str, model_dir: Path | str | None) -> Adapter:

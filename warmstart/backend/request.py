@@ -70,6 +70,7 @@ __all__ = [
     "error_code",
     "is_lora_reload_request",
     "is_release_request",
+    "lora_reload_adapters",
     "parse_request",
     "request_from_json",
     "request_to_json",
@@ -83,6 +84,9 @@ RELEASE_PARAMETER = "warmstart_release"  # request parameter (bool): drop the en
 RELEASED = "released"  # finish_reason of the one response that answers a release
 LORA_RELOAD_PARAMETER = "warmstart_lora_reload"  # request parameter (bool): re-read multi_lora.json
 LORA_RELOADED = "adapters_reloaded"  # finish_reason of the one response that answers a reload
+# request parameter (string, JSON object) of a reload: the adapters to serve, written to multi_lora.json first
+# (the scheduler's run-time add/remove; needs the repository key, as a release does)
+LORA_ADAPTERS_PARAMETER = "warmstart_lora_adapters"
 LORA_NAME_KEY = "lora_name"
 MAX_LORA_NAME = 256
 
@@ -230,6 +234,27 @@ def is_lora_reload_request(parameters_json: str) -> bool:
     """Whether a request's parameters ask the model to re-read its ``multi_lora.json``
     (:data:`LORA_RELOAD_PARAMETER` = true; a JSON bool, BadInput otherwise)."""
     return _control_flag(parameters_json, LORA_RELOAD_PARAMETER)
+
+
+def lora_reload_adapters(parameters_json: str) -> str | None:
+    """The ``multi_lora.json`` content a reload request carries (:data:`LORA_ADAPTERS_PARAMETER`, a string
+    holding a JSON object; checked by the reader of the file), or None when it carries none (re-read the
+    file as it is). BadInput for a value that is not a string."""
+    if not parameters_json or LORA_ADAPTERS_PARAMETER not in parameters_json:
+        return None
+    try:
+        obj = jsonsafe.loads(parameters_json)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or LORA_ADAPTERS_PARAMETER not in obj:
+        return None
+    value = obj[LORA_ADAPTERS_PARAMETER]
+    if not isinstance(value, str):
+        raise BadInput(
+            f"request parameter {LORA_ADAPTERS_PARAMETER!r} must be a string holding the JSON object of "
+            f"multi_lora.json, got {type(value).__name__}"
+        )
+    return value
 
 
 def _control_flag(parameters_json: str, key: str) -> bool:

@@ -35,6 +35,10 @@ class UnknownModelError(SchedulerError, LookupError):
     """The snapshot has no :class:`~warmstart.scheduler.state.ModelSpec` with this name."""
 
 
+class UnknownAdapterError(UnknownModelError):
+    """A request names a LoRA adapter its base model does not serve (HTTP 404 / NOT_FOUND, naming those served)."""
+
+
 class ModelNotInRepositoryError(UnknownModelError):
     """A deployed model that no server's Triton repository has a directory for (HTTP 404 / NOT_FOUND)."""
 

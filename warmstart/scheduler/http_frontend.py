@@ -20,7 +20,7 @@ from aiohttp import web
 
 from warmstart.errors import WarmstartError
 from warmstart.names import validate_model_name
-from warmstart.scheduler.config import ModelConfig, SchedulerConfigError, ServerConfig
+from warmstart.scheduler.config import AdapterConfig, ModelConfig, SchedulerConfigError, ServerConfig
 from warmstart.scheduler.errors import (
     MigrationError,
     RequestBodyTimeout,
@@ -201,6 +201,8 @@ class HttpFrontend:
         r.add_get("/admin/v1/state", self._admin(self.admin_state))
         r.add_post("/admin/v1/models", self._admin(self.admin_add_model))
         r.add_delete("/admin/v1/models/{name}", self._admin(self.admin_remove_model))
+        r.add_post("/admin/v1/models/{name}/adapters", self._admin(self.admin_add_adapter))
+        r.add_delete("/admin/v1/models/{name}/adapters/{adapter}", self._admin(self.admin_remove_adapter))
         r.add_post("/admin/v1/servers", self._admin(self.admin_add_server))
         r.add_delete("/admin/v1/servers/{name}", self._admin(self.admin_remove_server))
         r.add_post("/admin/v1/migrate", self._admin(self.admin_migrate))
@@ -377,18 +379,30 @@ class HttpFrontend:
 
     # -- OpenAI-compatible -----------------------------------------------------------------------------------
     async def openai_models(self, request: web.Request) -> web.Response:
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {"id": m, "object": "model", "owned_by": "warmstart"} for m in sorted(self.router.models)
-                ],
-            }
-        )
+        """Every model, then each LoRA adapter as ``<base><lora_separator><adapter>`` with its base as ``parent``
+        and ``root`` (vLLM lists adapters with their base as ``parent``)."""
+        sep = self.router.config.lora_separator
+        data: list[dict[str, Any]] = []
+        for name, model in sorted(self.router.models.items()):
+            data.append(
+                {"id": name, "object": "model", "owned_by": "warmstart", "root": name, "parent": None}
+            )
+            for adapter in sorted(model.adapters or {}):
+                data.append(
+                    {
+                        "id": f"{name}{sep}{adapter}",
+                        "object": "model",
+                        "owned_by": "warmstart",
+                        "root": name,
+                        "parent": name,
+                    }
+                )
+        return web.json_response({"object": "list", "data": data})
 
     def _openai_generation(self, req: OpenAIRequest) -> Generation:
+        base, adapter = self.router.resolve_model(req.model)  # a model, or <base><separator><adapter>
         return self.router.new_generation(
-            req.model, req.prompt, req.sampling, prompt_ids=req.prompt_ids, messages=req.messages
+            base, req.prompt, req.sampling, prompt_ids=req.prompt_ids, messages=req.messages, adapter=adapter
         )
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -402,8 +416,8 @@ class HttpFrontend:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await _json_body(request)
-            model = self.router.model_config(validate_model_name(body.get("model")))
-            req = parse_chat(body, default_max_tokens=model.max_tokens)
+            base, _ = self.router.resolve_model(validate_model_name(body.get("model")))
+            req = parse_chat(body, default_max_tokens=self.router.model_config(base).max_tokens)
             gen = self._openai_generation(req)
         except Exception as e:  # a 4xx for bad input (ValueError included), logged 500 otherwise
             return _openai_error(e)
@@ -523,6 +537,24 @@ class HttpFrontend:
         name = validate_model_name(request.match_info["name"])
         await self.router.remove_model(name)
         return web.json_response({"removed": name})
+
+    async def admin_add_adapter(self, request: web.Request) -> web.Response:
+        """Serve a new LoRA adapter of a model (``{"name", "checkpoint", "size_bytes"?}``) without reloading it:
+        the instances loaded now get it at once; ``servers`` says per server whether it took it."""
+        model = validate_model_name(request.match_info["name"])
+        body = await _json_body(request)
+        name = body.pop("name", None)
+        if not isinstance(name, str):
+            raise BadRequest("name (the adapter's) is required")
+        adapter = AdapterConfig.from_value(name, body)
+        servers = await self.router.add_adapter(model, adapter)
+        return web.json_response({"added": name, "model": model, "servers": servers}, status=201)
+
+    async def admin_remove_adapter(self, request: web.Request) -> web.Response:
+        model = validate_model_name(request.match_info["name"])
+        adapter = request.match_info["adapter"]
+        servers = await self.router.remove_adapter(model, adapter)
+        return web.json_response({"removed": adapter, "model": model, "servers": servers})
 
     async def admin_add_server(self, request: web.Request) -> web.Response:
         body = await _json_body(request)

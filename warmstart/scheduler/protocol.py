@@ -22,7 +22,12 @@ from warmstart.scheduler.errors import (
 from warmstart.scheduler.router import ColdStartQueueFull, ColdStartTimeout, GenerationFailed
 from warmstart.scheduler.upstream import ModelLoadFailed, UpstreamRequestError
 
-SAMPLING_KEYS = frozenset({"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens"})
+# lora_name (the vLLM backend's key): the LoRA adapter of the model to generate with (a KServe request's
+# sampling parameters or request parameters; the router takes it out and forwards it with every attempt)
+SAMPLING_KEYS = frozenset(
+    {"max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "min_tokens", "lora_name"}
+)
+MAX_LORA_NAME = 256
 _INT_KEYS = frozenset({"max_tokens", "top_k", "seed", "min_tokens"})
 _FLOAT_KEYS = frozenset({"temperature", "top_p"})
 
@@ -54,6 +59,13 @@ def _sampling_value(key: str, value: Any) -> Any:
             f"sampling parameter {key!r} must be a finite number (a JSON number or a string such as "
             f'"0.1"), got {_shown(value)}'
         )
+    if key == "lora_name":
+        if not isinstance(value, str) or not value or len(value) > MAX_LORA_NAME:
+            raise BadRequest(
+                f"lora_name must be a non-empty string of at most {MAX_LORA_NAME} characters naming one of the "
+                f"model's adapters, got {_shown(value)}"
+            )
+        return value
     # stop: a string or a list of strings
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):

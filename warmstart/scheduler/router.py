@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 from warmstart.names import validate_model_name
 from warmstart.scheduler.config import (
+    AdapterConfig,
     BandwidthConfig,
     ModelConfig,
     SchedulerConfig,
@@ -36,6 +37,7 @@ from warmstart.scheduler.config import (
     ServerConfig,
 )
 from warmstart.scheduler.errors import (
+    BadRequest,
     ClusterStateError,
     ClusterStateUnavailable,
     InvalidSamplingValue,
@@ -43,6 +45,7 @@ from warmstart.scheduler.errors import (
     MigrationError,
     ModelNotInRepositoryError,
     SchedulerError,
+    UnknownAdapterError,
     UnknownModelError,
     UnknownServerError,
     UnplaceableModelError,
@@ -53,6 +56,8 @@ from warmstart.scheduler.nodestore import NodeStoreClient, NodeStoreError
 from warmstart.scheduler.policy import (
     UNMEASURED_REMOTE_BPS,
     Action,
+    AdapterSpec,
+    AdapterView,
     Blocker,
     LoadCosts,
     MigrationPlan,
@@ -69,6 +74,7 @@ from warmstart.scheduler.policy import (
     learn_release,
     learn_unload,
     place,
+    place_adapter,
     plan_migration,
     random_place,
     recall,
@@ -100,6 +106,7 @@ from warmstart.scheduler.streams import (
     start_pump,
 )
 from warmstart.scheduler.upstream import (
+    AdapterReloadFailed,
     ModelLoadFailed,
     TokenChunk,
     TritonUpstream,
@@ -139,6 +146,24 @@ class DuplicateServerError(SchedulerError, ValueError):
 
 class DuplicateModelError(SchedulerError, ValueError):
     """A model with this name is already registered."""
+
+
+class DuplicateAdapterError(DuplicateModelError):
+    """The base model already has an adapter with this name."""
+
+
+MULTI_LORA_FILE = "multi_lora.json"  # warmstart.backend.adapters.MULTI_LORA_FILE
+
+
+def load_files(model: ModelConfig) -> dict[str, bytes] | None:
+    """The files a load of ``model`` carries (Triton's file override), or None: a LoRA model's
+    ``multi_lora.json`` (its adapters as the scheduler knows them) and an empty version directory."""
+    if not model.lora:
+        return None
+    return {
+        f"file:{MULTI_LORA_FILE}": json.dumps(model.multi_lora(), sort_keys=True).encode(),
+        "file:1/.warmstart": b"",
+    }
 
 
 # ------------------------------------------------------------------------------------------- runtime state
@@ -203,6 +228,10 @@ class _InstanceRT:
     size_bytes: int
     last_used_s: float
     requests: dict[str, Generation] = field(default_factory=dict)
+    # LoRA: the adapters its multi_lora.json lists (what this scheduler sent it; None: not known), and those
+    # its requests used, least recently used first (at most the model's max_loras: what the backend keeps)
+    adapters_served: frozenset[str] | None = None
+    adapters_used: dict[str, float] = field(default_factory=dict)
     # with other scheduler replicas: True once the server's shared allocation records it loaded (this
     # replica's own load or join, or adopted from the allocation); one that leaves the allocation later was
     # unloaded by another replica. False: found in the server's index only (loaded before the allocations
@@ -392,7 +421,14 @@ def default_renderer(model: ModelConfig) -> Mapping[str, Any]:
         config["name"] = model.name
         return config
     try:
-        rendered: Mapping[str, Any] = model_config(model.name, model.checkpoint, model.engine)
+        rendered: Mapping[str, Any] = model_config(
+            model.name,
+            model.checkpoint,
+            model.engine,
+            enable_lora=model.lora,
+            max_loras=model.max_loras,
+            max_lora_rank=model.max_lora_rank,
+        )
     except ValueError as e:
         raise ModelLoadFailed(f"model {model.name!r}: {e}") from e
     return rendered
@@ -433,6 +469,7 @@ class Router:
         self._ids = itertools.count(1)
         self._attempts = itertools.count(1)
         self._migrating_for: set[str] = set()
+        self._adapter_pushes: dict[tuple[str, str], asyncio.Task[None]] = {}  # (server, model) -> push
         self._discovered: dict[str, int] = {}  # servers added from node registrations -> their epoch
         self._seen_deployed: set[str] = set()  # models deployed in cluster state at the last read
         self._state_unavailable: str | None = None  # why cluster state could not be reached, while it cannot
@@ -534,6 +571,8 @@ class Router:
     def _add_model(self, model: ModelConfig) -> None:
         if model.name in self.models:
             raise DuplicateModelError(f"model {model.name!r} already exists")
+        for adapter in model.adapters or {}:
+            self._check_adapter_name(model.name, adapter)
         self.models[model.name] = model
         self._models_version += 1
         self.store.put_model(model.to_spec())
@@ -595,6 +634,7 @@ class Router:
         reaper, as for a model removed here)."""
         for name, config in deployed.items():
             if name in self.models:
+                self._follow_deployment(name, config)
                 continue
             try:
                 model = ModelConfig.from_dict(name, config)
@@ -669,6 +709,202 @@ class Router:
             with contextlib.suppress(UnknownModelError):
                 self.store.delete_deployment(name)
         self._notify()
+
+    # -- LoRA adapters ---------------------------------------------------------------------------------
+    def _check_adapter_name(self, model: str, adapter: str) -> None:
+        try:
+            validate_model_name(f"{model}{self.config.lora_separator}{adapter}")
+        except ValueError as e:
+            raise SchedulerConfigError(
+                f"adapter {adapter!r} of {model!r}: its OpenAI model name is not a valid model name: {e}"
+            ) from e
+
+    def resolve_model(self, name: str) -> tuple[str, str | None]:
+        """``(base model, adapter or None)`` an OpenAI ``model`` names: a model, ``<model><lora_separator>
+        <adapter>``, or an adapter's own name when one model only serves an adapter of that name.
+        :class:`UnknownAdapterError` names the adapters the base serves; :class:`UnknownModelError` else."""
+        validate_model_name(name)
+        if name in self.models:
+            return name, None
+        sep = self.config.lora_separator
+        start = name.find(sep)
+        while start > 0:
+            base, adapter = name[:start], name[start + len(sep) :]
+            model = self.models.get(base)
+            if model is not None:
+                self._check_adapter(model, adapter)
+                return base, adapter
+            start = name.find(sep, start + 1)
+        owners = sorted(m.name for m in self.models.values() if m.adapters and name in m.adapters)
+        if len(owners) == 1:
+            return owners[0], name
+        if owners:
+            raise BadRequest(
+                f"adapter {name!r} is served by several models ({', '.join(owners)}): name one as "
+                + ", ".join(f"{o}{sep}{name}" for o in owners)
+            )
+        raise UnknownModelError(f"no model named {name!r} is deployed")
+
+    def _check_adapter(self, model: ModelConfig, adapter: str) -> None:
+        if model.adapters is None:
+            raise BadRequest(
+                f"model {model.name!r} serves no LoRA adapters (lora_name {adapter[:60]!r}); its scheduler "
+                "config lists none (adapters:)"
+            )
+        if adapter not in model.adapters:
+            served = ", ".join(sorted(model.adapters)) or "none yet"
+            raise UnknownAdapterError(
+                f"model {model.name!r} has no adapter {adapter[:60]!r}; it serves: {served}"
+            )
+
+    def adapter_spec(self, model: str, adapter: str) -> AdapterSpec:
+        """The policy's view of ``model``'s adapter ``adapter``."""
+        a = (self.models[model].adapters or {})[adapter]
+        return AdapterSpec(adapter, model, a.checkpoint, a.size_bytes)
+
+    def adapter_views(self, model: str) -> dict[str, AdapterView]:
+        """Per server with an instance of ``model``: what it holds of its adapters (`place_adapter`)."""
+        cfg = self.models[model]
+        views: dict[str, AdapterView] = {}
+        for rt in self.servers.values():
+            inst = rt.instances.get(model)
+            if inst is None:
+                continue
+            busy: dict[str, float] = {}
+            for g in inst.requests.values():
+                if g.adapter is not None:
+                    left = max(0, g.max_tokens - len(g.tokens)) * self._token_s.get(model, _DEFAULT_TOKEN_S)
+                    busy[g.adapter] = min(busy.get(g.adapter, left), left)
+            views[rt.name] = AdapterView(tuple(inst.adapters_used), inst.adapters_served, busy, cfg.max_loras)
+        return views
+
+    def _used_adapter(self, inst: _InstanceRT, gen: Generation) -> None:
+        """``gen`` runs on ``inst`` with its adapter: that adapter is resident there (most recently used)."""
+        if gen.adapter is None:
+            return
+        used = inst.adapters_used
+        used.pop(gen.adapter, None)
+        used[gen.adapter] = self._clock()
+        cfg = self.models.get(gen.model)
+        while cfg is not None and len(used) > cfg.max_loras:
+            used.pop(next(iter(used)))
+
+    async def add_adapter(self, model: str, adapter: AdapterConfig) -> dict[str, str]:
+        """Serve ``adapter`` on base ``model`` from now on, without reloading the base: every instance of it
+        gets the new adapter list (`_push_adapters`); returns per server ``"ok"`` or why not."""
+        cfg = self.model_config(model)
+        if cfg.adapters is not None and adapter.name in cfg.adapters:
+            raise DuplicateAdapterError(f"model {model!r} already has an adapter {adapter.name!r}")
+        self._check_adapter_name(model, adapter.name)
+        return await self._set_adapters(cfg, {**(cfg.adapters or {}), adapter.name: adapter})
+
+    async def remove_adapter(self, model: str, adapter: str) -> dict[str, str]:
+        """Stop serving ``adapter`` of ``model`` (requests running on it finish on it)."""
+        cfg = self.model_config(model)
+        self._check_adapter(cfg, adapter)
+        return await self._set_adapters(cfg, {n: a for n, a in (cfg.adapters or {}).items() if n != adapter})
+
+    async def _set_adapters(self, cfg: ModelConfig, adapters: Mapping[str, AdapterConfig]) -> dict[str, str]:
+        new = cfg.with_adapters(adapters)
+        self.models[cfg.name] = new
+        self._models_version += 1
+        self.store.put_model(new.to_spec())
+        if self.config.etcd is not None:  # every replica follows (`_follow_deployment`)
+            self.store.put_deployment(new.name, new.to_dict())
+        self._notify()
+        return await self._push_everywhere(new.name)
+
+    def _follow_deployment(self, name: str, config: Mapping[str, Any]) -> None:
+        """A deployed model's config changed in cluster state (another replica's adapters): serve the new one."""
+        try:
+            model = ModelConfig.from_dict(name, config)
+        except SchedulerConfigError as e:
+            logger.error("model %s redeployed with a config this scheduler refuses: %s", name, e)
+            return
+        current = self.models[name]
+        if model == current:
+            return
+        self.models[name] = model
+        self._models_version += 1
+        if model.multi_lora() != current.multi_lora():
+            logger.info(
+                "model %s: adapters changed by another replica: %s", name, sorted(model.adapters or {})
+            )
+            self._spawn(self._push_everywhere(name), name=f"adapters of {name}")
+        self._notify()
+
+    async def _push_everywhere(self, model: str) -> dict[str, str]:
+        servers = [rt for rt in self.servers.values() if rt.healthy and model in rt.instances]
+        outcomes = await asyncio.gather(
+            *(self._push_adapters(rt, model) for rt in servers), return_exceptions=True
+        )
+        return {
+            rt.name: "ok" if outcome is None else str(outcome)
+            for rt, outcome in zip(servers, outcomes, strict=True)
+        }
+
+    async def _push_adapters(self, rt: ServerRuntime, model: str) -> None:
+        """Make ``rt``'s instance of ``model`` serve the model's adapters as configured now (its
+        ``multi_lora.json`` rewritten and re-read through a ``warmstart_lora_reload`` request; the base stays
+        loaded). One push per instance at a time; a change while it runs is pushed right after it."""
+        key = (rt.name, model)
+        task = self._adapter_pushes.get(key)
+        if task is None or task.done():
+            task = self._spawn(self._push_loop(rt, model), name=f"adapters {rt.name}/{model}")
+            self._adapter_pushes[key] = task
+        await asyncio.shield(task)
+
+    async def _push_loop(self, rt: ServerRuntime, model: str) -> None:
+        try:
+            while True:
+                cfg = self.models.get(model)
+                inst = rt.instances.get(model)
+                if cfg is None or not cfg.lora or inst is None:
+                    return
+                mapping = cfg.multi_lora()
+                if inst.adapters_served == frozenset(mapping):
+                    return
+                try:
+                    answer = await rt.upstream.set_adapters(
+                        model, mapping, timeout_s=self.config.upstream_timeout_s
+                    )
+                except UpstreamUnavailable:
+                    await self._server_suspect(rt)
+                    raise
+                except AdapterReloadFailed as e:
+                    logger.error("adapters of %s on %s not updated: %s", model, rt.name, e)
+                    raise
+                served = frozenset(mapping)
+                inst.adapters_served = served
+                for gone in [a for a in inst.adapters_used if a not in served]:
+                    del inst.adapters_used[gone]
+                logger.info(
+                    "adapters of %s on %s: %s (added %s, removed %s)",
+                    model,
+                    rt.name,
+                    sorted(mapping),
+                    answer.get("added"),
+                    answer.get("removed"),
+                )
+                self._notify()
+        finally:
+            self._adapter_pushes.pop((rt.name, model), None)
+
+    async def _adapter_ready(self, rt: ServerRuntime, gen: Generation) -> bool:
+        """True when ``rt``'s instance of ``gen.model`` serves ``gen.adapter``; otherwise push the model's
+        adapters there (False: decide again, the instance may have changed meanwhile)."""
+        inst = rt.instances.get(gen.model)
+        if inst is None:
+            return False
+        if inst.adapters_served is not None and gen.adapter in inst.adapters_served:
+            return True
+        try:
+            await self._push_adapters(rt, gen.model)
+        except UpstreamUnavailable:
+            pass  # the server is probed; the next decision sees it
+        except AdapterReloadFailed as e:
+            raise ModelLoadFailed(f"adapter {gen.adapter!r} of {gen.model!r} cannot be served: {e}") from e
+        return False
 
     async def add_server(self, server: ServerConfig) -> None:
         """Register a server at run time; it takes traffic once it answers a health check."""
@@ -882,11 +1118,20 @@ class Router:
             while True:
                 if gen.model not in self.models:
                     raise UnknownModelError(f"model {gen.model!r} was removed")
+                if gen.adapter is not None:
+                    self._check_adapter(self.models[gen.model], gen.adapter)
                 failed = self._load_errors.get(gen.model)
                 if failed is not None and failed[0] >= started:
                     raise failed[1]
                 snapshot = self.snapshot()
                 placement = self._place(snapshot, gen.model)
+                if gen.adapter is not None:
+                    placement = place_adapter(
+                        snapshot,
+                        self.adapter_spec(gen.model, gen.adapter),
+                        self.adapter_views(gen.model),
+                        placement,
+                    )
                 blocked = why_unplaceable(snapshot, gen.model) if placement.action is Action.QUEUE else None
                 if blocked is not None and blocked.final:
                     if not refreshed and any(b.blocker is Blocker.NOT_IN_REPOSITORY for b in blocked.blocks):
@@ -899,9 +1144,12 @@ class Router:
                     self._log_decision(gen, placement, blocked)
                 if placement.action is Action.ROUTE and placement.server is not None:
                     rt = self.servers[placement.server]
+                    if gen.adapter is not None and not await self._adapter_ready(rt, gen):
+                        continue  # its adapters were pushed there: decide again
                     inst = rt.instances[gen.model]
                     inst.requests[gen.id] = gen
                     inst.last_used_s = self._clock()
+                    self._used_adapter(inst, gen)
                     gen.server = rt.name
                     self._count_in_use(rt, gen.model)
                     return rt
@@ -1020,7 +1268,7 @@ class Router:
         expected = (
             (eviction_s(rt.costs) if evicted else 0.0) + (spec.size_bytes / bw if bw else 0.0) + rt.overhead_s
         )
-        load = _LoadRT(model, spec.size_bytes, now + expected)
+        load = _LoadRT(model, spec.memory_bytes, now + expected)
         rt.loads[model] = load
         self.metrics.load_started(rt.name, model, rt.store_tiers.get(model, Tier.REMOTE).value, expected, now)
         load.task = self._spawn(self._load(rt, spec, tuple(evicted)), name=f"load {rt.name}/{model}")
@@ -1090,13 +1338,26 @@ class Router:
                 await self._wait_change(1.0)
             tier = rt.store_tiers.get(spec.name, Tier.REMOTE)
             logger.info("loading %s on %s (tier %s)", spec.name, rt.name, tier.value)
-            elapsed = await rt.upstream.load(
-                spec.name, self._render(spec), timeout_s=self.config.cold_start_timeout_s
-            )
+            files = load_files(spec)
+            if files is None:
+                elapsed = await rt.upstream.load(
+                    spec.name, self._render(spec), timeout_s=self.config.cold_start_timeout_s
+                )
+            else:  # a LoRA model: its multi_lora.json goes with the load
+                elapsed = await rt.upstream.load(
+                    spec.name, self._render(spec), timeout_s=self.config.cold_start_timeout_s, files=files
+                )
             if rt.bandwidth is not None:
                 rt.costs = learn_load(rt.costs, rt.bandwidth, tier, spec.size_bytes, elapsed)
             rt.instances[spec.name] = _InstanceRT(spec.name, spec.size_bytes, self._clock(), shared=claimed)
             loaded_bytes = spec.size_bytes
+            if spec.lora:
+                loaded = rt.instances[spec.name]
+                loaded.size_bytes = loaded_bytes = spec.memory_bytes  # the adapter slots too
+                loaded.adapters_served = frozenset(spec.multi_lora())
+                current = self.models.get(spec.name)
+                if current is not None and current.multi_lora() != spec.multi_lora():  # changed meanwhile
+                    self._spawn(self._push_adapters(rt, spec.name), name=f"adapters {rt.name}/{spec.name}")
             key = f"{rt.name}/{spec.name}"
             self.stats.loads[key] = self.stats.loads.get(key, 0) + 1
             self.metrics.load_finished(rt.name, spec.name, tier.value, self._clock())
@@ -1295,7 +1556,7 @@ class Router:
                 del rt.instances[name]
         for name in ready:
             if name in self.models and name not in rt.instances and name not in rt.unloading:
-                rt.instances[name] = _InstanceRT(name, self.models[name].size_bytes, self._clock())
+                rt.instances[name] = _InstanceRT(name, self.models[name].memory_bytes, self._clock())
 
     def _mark_dead(self, rt: ServerRuntime) -> None:
         logger.warning("server %s is down: out of routing", rt.name)
@@ -1360,6 +1621,7 @@ class Router:
         prompt_ids: Sequence[int] | None = None,
         messages: Sequence[Mapping[str, str]] | None = None,
         generated: Sequence[int] | None = None,
+        adapter: str | None = None,
     ) -> Generation:
         """A generation record for ``model`` (validated, known). Temperature > 0 gets a seed so a
         resumed generation continues exactly. ``prompt_ids`` (a token-id prompt; ``prompt`` may then be
@@ -1369,6 +1631,12 @@ class Router:
         and ``max_tokens`` still counts them. Resuming sampled output token-exactly needs the same ``seed``."""
         spec = self.model_config(model)
         params = dict(sampling)
+        lora_name = params.pop("lora_name", None)  # KServe requests: lora_name in their sampling parameters
+        if lora_name is not None and adapter is not None and lora_name != adapter:
+            raise BadRequest(f"the model name selects adapter {adapter!r} but lora_name is {lora_name!r}")
+        adapter = adapter if adapter is not None else lora_name
+        if adapter is not None:
+            self._check_adapter(spec, adapter)
         max_tokens = int(params.get("max_tokens", 16))
         if max_tokens < 0 or max_tokens > spec.max_tokens:
             raise InvalidSamplingValue(f"max_tokens must be in 0..{spec.max_tokens}, got {max_tokens}")
@@ -1406,6 +1674,7 @@ class Router:
             prompt_tokens=len(ids) if ids is not None else None,
             messages=json.dumps(list(messages), ensure_ascii=False) if messages is not None else None,
             tokens=list(done),
+            adapter=adapter,
         )
 
     async def stream(self, gen: Generation) -> AsyncGenerator[TokenChunk, None]:
@@ -1565,7 +1834,7 @@ class Router:
         """Load ``model`` on ``rt`` (evicting idle models if needed) unless it is there; wait for it."""
         if model not in rt.instances and model not in rt.loads:
             state = rt.to_state(self._clock(), self._token_s)
-            evictions = choose_evictions(state, self.models[model].size_bytes, self._clock())
+            evictions = choose_evictions(state, self.models[model].memory_bytes, self._clock())
             self._start_load(rt, model, evictions)
         load = rt.loads.get(model)
         if load is not None and load.task is not None:
@@ -1598,6 +1867,13 @@ class Router:
         if not rt.healthy:
             raise MigrationDestinationError(f"server {destination} is not healthy")
         await self._ensure_loaded(rt, gen.model)
+        if gen.adapter is not None:
+            try:
+                await self._push_adapters(rt, gen.model)
+            except UpstreamError as e:
+                raise MigrationDestinationError(
+                    f"{destination} cannot serve adapter {gen.adapter!r}: {e}"
+                ) from e
         result = await migrate(
             GenerationSource(gen),
             ServerDest(
@@ -1628,6 +1904,7 @@ class Router:
             raise MigrationDestinationError(f"{gen.model!r} is not loaded on healthy server {rt.name}")
         inst.requests[gen.id] = gen
         inst.last_used_s = self._clock()
+        self._used_adapter(inst, gen)
         self._count_in_use(rt, gen.model)
         attempt = next(self._attempts)
         gen.queue.put_nowait(Switch(attempt, rt, self._pump(gen, rt, attempt)))
@@ -1658,6 +1935,16 @@ class Router:
                     "reported": rt.bandwidth is not None,
                     "instances": {
                         m: {"requests": len(i.requests), "last_used_s": i.last_used_s}
+                        | (
+                            {
+                                "adapters_served": sorted(i.adapters_served)
+                                if i.adapters_served is not None
+                                else None,
+                                "adapters_resident": list(i.adapters_used),
+                            }
+                            if m in self.models and self.models[m].lora
+                            else {}
+                        )
                         for m, i in rt.instances.items()
                     },
                     "loading": sorted(rt.loads),
@@ -1671,8 +1958,11 @@ class Router:
                 for rt in self.servers.values()
             },
             "models": sorted(self.models),
+            "adapters": {
+                n: sorted(m.adapters) for n, m in sorted(self.models.items()) if m.adapters is not None
+            },
             "generations": {
-                g.id: {"model": g.model, "server": g.server, "tokens": len(g.tokens)}
+                g.id: {"model": g.model, "adapter": g.adapter, "server": g.server, "tokens": len(g.tokens)}
                 for g in self.generations.values()
             },
             "cold_start_waiting": self._waiting,

@@ -111,6 +111,7 @@ class Generation:
     prompt_tokens: int | None = None  # as the backend counted them (its last response), or len(prompt_ids)
     stop_token_id: int | None = None  # the EOS id that ended it, when the backend said so
     messages: str | None = None  # a chat (JSON array), rendered by the backend's chat template; prompt is ""
+    adapter: str | None = None  # the LoRA adapter of ``model`` it generates with (every upstream attempt)
     finished: bool = False
     server: str | None = None
     failovers: int = 0
@@ -133,6 +134,7 @@ class Generation:
             prompt_ids=self.prompt_ids,
             generated=tuple(self.tokens),
             messages=self.messages,
+            lora_name=self.adapter,
         )
 
     def progress(self) -> GenerationProgress:

@@ -48,6 +48,10 @@ T = TypeVar("T")
 RELEASE_PARAMETER = "warmstart_release"
 RELEASE_KEY_PARAMETER = "warmstart_release_key"  # warmstart.backend.release.RELEASE_KEY_PARAMETER
 RELEASED = "released"
+# the warmstart backend's adapter reload (warmstart.backend.request.LORA_RELOAD_PARAMETER and friends)
+LORA_RELOAD_PARAMETER = "warmstart_lora_reload"
+LORA_ADAPTERS_PARAMETER = "warmstart_lora_adapters"
+LORA_RELOADED = "adapters_reloaded"
 RELEASED_MARKER = "released; it is being unloaded"  # in the backend's answer to a request on a released model
 _release_ids = itertools.count(1)
 
@@ -106,6 +110,10 @@ class ModelReleaseFailed(UpstreamError):
     """The model did not release its engine (another backend, generations in flight, an error, a timeout)."""
 
 
+class AdapterReloadFailed(UpstreamError):
+    """The model did not take the adapters sent (refused, not a warmstart LoRA model, no answer in time)."""
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     """One upstream generation: the prompt, sampling parameters, and what was generated already.
@@ -125,6 +133,7 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...] | None = None
     generated: tuple[int, ...] = ()
     messages: str | None = None
+    lora_name: str | None = None  # the LoRA adapter to generate with (sent as sampling_parameters' lora_name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,7 +184,10 @@ def build_infer_request(req: GenerationRequest) -> pb.ModelInferRequest:
         add("text_input", "BYTES", [1], _bytes_tensor([req.prompt.encode()]))
     add("stream", "BOOL", [1], np.array([True]).tobytes())
     add("exclude_input_in_output", "BOOL", [1], np.array([True]).tobytes())
-    add("sampling_parameters", "BYTES", [1], _bytes_tensor([json.dumps(dict(req.sampling)).encode()]))
+    sampling = dict(req.sampling)
+    if req.lora_name is not None:
+        sampling["lora_name"] = req.lora_name
+    add("sampling_parameters", "BYTES", [1], _bytes_tensor([json.dumps(sampling).encode()]))
     if req.generated or req.prompt_ids is not None:
         ids = (req.prompt_ids or ()) + req.generated
         add("input_ids", "INT64", [len(ids)], np.asarray(ids, dtype=np.int64).tobytes())
@@ -234,6 +246,20 @@ def build_release_request(model: str, request_id: str, key: str | None = None) -
     return r
 
 
+def build_adapters_request(
+    model: str, request_id: str, adapters: Mapping[str, str], key: str | None = None
+) -> pb.ModelInferRequest:
+    """The ModelInferRequest that makes ``model``'s instance serve ``adapters`` (name -> checkpoint
+    reference): its ``multi_lora.json`` is rewritten and re-read, the base staying loaded. Carries the server's
+    repository API ``key`` (the backend refuses the write without it)."""
+    r = pb.ModelInferRequest(model_name=model, id=request_id)
+    r.parameters[LORA_RELOAD_PARAMETER].bool_param = True
+    r.parameters[LORA_ADAPTERS_PARAMETER].string_param = json.dumps(dict(sorted(adapters.items())))
+    if key is not None:
+        r.parameters[RELEASE_KEY_PARAMETER].string_param = key
+    return r
+
+
 def _is_model_missing(message: str) -> bool:
     lowered = message.lower()
     return (
@@ -255,11 +281,22 @@ class Upstream(Protocol):
 
     async def index(self) -> list[dict[str, str]]: ...
 
-    async def load(self, name: str, config: Mapping[str, Any], *, timeout_s: float) -> float: ...
+    async def load(
+        self,
+        name: str,
+        config: Mapping[str, Any],
+        *,
+        timeout_s: float,
+        files: Mapping[str, bytes] | None = None,
+    ) -> float: ...
 
     async def unload(self, name: str, *, wait_s: float = 30.0) -> None: ...
 
     async def release(self, name: str, *, timeout_s: float) -> float: ...
+
+    async def set_adapters(
+        self, name: str, adapters: Mapping[str, str], *, timeout_s: float
+    ) -> dict[str, Any]: ...
 
     def generate(
         self, req: GenerationRequest, *, idle_timeout_s: float
@@ -337,11 +374,26 @@ class TritonUpstream:
             {"name": m.name, "version": m.version, "state": m.state, "reason": m.reason} for m in resp.models
         ]
 
-    async def load(self, name: str, config: Mapping[str, Any], *, timeout_s: float) -> float:
-        """Load ``name`` with the full ``config``; returns the seconds it took. Never issued twice here."""
+    async def load(
+        self,
+        name: str,
+        config: Mapping[str, Any],
+        *,
+        timeout_s: float,
+        files: Mapping[str, bytes] | None = None,
+    ) -> float:
+        """Load ``name`` with the full ``config``; returns the seconds it took. Never issued twice here.
+
+        ``files`` (``"file:<path>"`` -> bytes, Triton's file override) are the model directory's files for this
+        load: Triton then loads the model from a directory of its own holding them and the config, not from
+        its repository (a LoRA model's ``multi_lora.json``, plus an empty version directory)."""
         validate_model_name(name)
         request = pb.RepositoryModelLoadRequest(model_name=name)
         request.parameters["config"].string_param = json.dumps(dict(config))
+        for key, content in (files or {}).items():
+            if not key.startswith("file:"):
+                raise ValueError(f"a load's file override must be named 'file:<path>', got {key!r}")
+            request.parameters[key].bytes_param = bytes(content)
         t0 = time.monotonic()
         try:
             await self._unary(
@@ -422,6 +474,57 @@ class TritonUpstream:
                     "(not a warmstart model?)"
                 )
             return time.monotonic() - t0
+        finally:
+            self._end(call, finished)
+
+    async def set_adapters(
+        self, name: str, adapters: Mapping[str, str], *, timeout_s: float
+    ) -> dict[str, Any]:
+        """Make ``name``'s instance serve ``adapters`` (name -> checkpoint reference) without reloading the base:
+        the warmstart backend rewrites its ``multi_lora.json`` and re-reads it. Returns the backend's answer
+        (``adapters``, ``added``, ``removed``, ``changed``, ``resident``). Raises :class:`UpstreamUnavailable`
+        when the server cannot be reached, :class:`AdapterReloadFailed` otherwise."""
+        validate_model_name(name)
+        request = build_adapters_request(
+            name, f"warmstart-adapters-{next(_release_ids)}", adapters, self.config.repository_api_key
+        )
+
+        async def requests() -> AsyncIterator[pb.ModelInferRequest]:
+            yield request
+
+        call = self._stub.ModelStreamInfer(requests())
+        finished = False
+        try:
+            try:
+                resp = await asyncio.wait_for(call.read(), timeout_s)
+            except TimeoutError as e:
+                raise AdapterReloadFailed(
+                    f"{self.name}: adapters of {name}: no answer in {timeout_s:.1f} s"
+                ) from e
+            except grpc.aio.AioRpcError as e:
+                if e.code() in _UNREACHABLE:
+                    raise UpstreamUnavailable(
+                        f"{self.name}: adapters of {name}: {e.code().name} {e.details()}"
+                    ) from e
+                raise AdapterReloadFailed(f"{self.name}: adapters of {name}: {e.details()}") from e
+            if resp is grpc.aio.EOF:
+                raise AdapterReloadFailed(
+                    f"{self.name}: adapters of {name}: the stream ended without an answer"
+                )
+            if resp.error_message:
+                finished = True
+                raise AdapterReloadFailed(f"{self.name}: adapters of {name}: {resp.error_message}")
+            chunk = parse_infer_response(resp.infer_response)
+            finished = chunk.final
+            if chunk.finish_reason != LORA_RELOADED:
+                raise AdapterReloadFailed(
+                    f"{self.name}: adapters of {name}: answered {chunk.finish_reason!r}, not {LORA_RELOADED!r}"
+                )
+            try:
+                answer = json.loads(chunk.text)
+            except ValueError:
+                answer = {}
+            return answer if isinstance(answer, dict) else {}
         finally:
             self._end(call, finished)
 

@@ -26,7 +26,9 @@ LoRA (``enable_lora``; docs/lora.md): ``lora_name`` in ``sampling_parameters`` p
 directory's ``multi_lora.json``; a request whose parameters hold ``warmstart_lora_reload`` = true (inputs
 ignored) re-reads that file and answers one FINAL response whose ``text_output`` is the JSON of the adapters
 now served (``adapters``, ``added``, ``removed``, ``changed``, ``resident``), ``finish_reason``
-"adapters_reloaded".
+"adapters_reloaded". A reload whose parameters also hold ``warmstart_lora_adapters`` (a string: the JSON object
+of a whole ``multi_lora.json``) writes that file first; it must carry the repository key as a release does
+(``warmstart_release_key``): the scheduler adds and removes adapters at run time this way.
 
 Release (a control request, ahead of an unload): a request whose parameters hold ``warmstart_release`` = true
 (inputs ignored) makes the instance close its runtime now: the engine process exits (or, in-stub, the
@@ -54,6 +56,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from warmstart.backend.adapters import write_multi_lora
 from warmstart.backend.metrics import BackendMetrics
 from warmstart.backend.release import ReleaseRefused, check_release_key, release_key
 from warmstart.backend.remote import EngineHostUnavailable, RemoteRuntime
@@ -62,6 +65,7 @@ from warmstart.backend.request import (
     error_code,
     is_lora_reload_request,
     is_release_request,
+    lora_reload_adapters,
     parse_request,
 )
 from warmstart.backend.runtime import Runtime  # cheap: it imports torch only when it loads a model
@@ -214,6 +218,7 @@ class TritonPythonModel:
             )
         self.runtime: RemoteRuntime | Runtime | None = runtime  # None once released
         self.model_name = name
+        self.model_dir = args["model_repository"]
         self.release_key = release_key(os.environ)
         self.in_flight = _InFlight()
         self.logger.log_info(
@@ -238,8 +243,18 @@ class TritonPythonModel:
                     sink.send_error(
                         f"model {self.model_name!r} released; it is being unloaded", "UNAVAILABLE"
                     )
-                else:
-                    self.runtime.control("reload_adapters", sink)
+                    continue
+                try:
+                    content = lora_reload_adapters(parameters)
+                    # the scheduler's adapters: written first, with the repository key
+                    if content is not None:
+                        check_release_key(parameters, self.release_key)
+                        write_multi_lora(self.model_dir, content)
+                except Exception as e:
+                    self.logger.log_warn(f"{self.model_name}: adapters not reloaded: {e}")
+                    sink.send_error(str(e), "INVALID_ARG")
+                    continue
+                self.runtime.control("reload_adapters", sink)
                 continue
             if release:
                 sink = _Sink(request.get_response_sender())
