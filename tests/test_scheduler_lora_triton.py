@@ -107,7 +107,9 @@ def sched(fx: LoraFixture, tritons: list[TritonServer]) -> Iterator[BackgroundSc
             "max_lora_rank": 8,
         }
     }
-    s = BackgroundScheduler(scheduler_config(servers, models))
+    # a live migration switches once fewer tokens than this are outstanding: the tiny model streams faster
+    # than a destination replays its whole context, so the default 4 would rarely converge
+    s = BackgroundScheduler(scheduler_config(servers, models, migration_threshold_tokens=64))
     try:
         yield s
     finally:
@@ -222,6 +224,53 @@ def test_an_adapter_added_at_run_time_is_served_without_reloading_the_base_and_r
     assert status == 404 and "it serves: one" in out["error"]
     status, out = _generate(sched, "one")
     assert status == 200 and out["token_ids"] == expected["one"]
+
+
+def test_a_live_migration_moves_an_adapter_stream_to_the_other_server_token_exactly(
+    sched: BackgroundScheduler, fx: LoraFixture
+) -> None:
+    want = peft_greedy(fx.peft, "one", PROMPT, LONG)
+    for name in ("s0", "s1"):  # the base warm on both servers: the destination replays at once
+        status, out = _call(f"{sched.http}/admin/v1/servers/{name}/models/base/load", {}, AUTH)
+        assert status == 200, out
+    body = {"text_input": PROMPT_TEXT, "parameters": {"stream": True, "max_tokens": LONG, "lora_name": "one"}}
+    got: list[int] = []
+    outcome: dict[str, Any] = {}
+
+    async def migrate() -> None:
+        ((gen_id, info),) = sched.state()["generations"].items()
+        dest = "s1" if info["server"] == "s0" else "s0"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{sched.http}/admin/v1/migrate", json={"generation": gen_id, "server": dest}, headers=AUTH
+            ) as resp,
+        ):
+            outcome.update(await resp.json(), status=resp.status, dest=dest)
+        outcome["server_after"] = sched.state()["generations"].get(gen_id, {}).get("server")
+
+    async def run() -> None:
+        hooked: list[asyncio.Task[None]] = []
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{sched.http}/v2/models/base/generate_stream", json=body) as resp,
+        ):
+            assert resp.status == 200, await resp.text()
+            async for line in resp.content:
+                if line.startswith(b"data: "):
+                    event = json.loads(line[6:])
+                    assert "error" not in event, event
+                    got.extend(event["token_ids"])
+                    if len(got) >= 5 and not hooked:
+                        hooked.append(asyncio.create_task(migrate()))
+        await hooked[0]
+
+    migrations = sched.state()["stats"]["migrations"]
+    asyncio.run(run())
+    assert outcome["status"] == 200 and outcome["outcome"] == "switched", outcome
+    assert outcome["server_after"] == outcome["dest"]
+    assert got == want  # the destination continued on adapter "one": no gap, no repeat
+    assert sched.state()["stats"]["migrations"] == migrations + 1
 
 
 def test_sigkill_mid_stream_continues_an_adapter_generation_token_exactly_on_the_other_server(
