@@ -26,6 +26,7 @@ from warmstart.scheduler.router import (
     default_renderer,
     load_files,
 )
+from warmstart.scheduler.state import InMemoryClusterState
 from warmstart.scheduler.upstream import GenerationRequest, TokenChunk, UpstreamUnavailable
 
 MIB = 1 << 20
@@ -97,7 +98,12 @@ class LoraUpstream:
 ADAPTERS = {"sql": "/adapters/sql", "chat": {"checkpoint": "s3://models/chat-lora", "size_bytes": 2 * MIB}}
 
 
-def _router(upstreams: dict[str, LoraUpstream], warm: tuple[str, ...] = (), **extra: Any) -> Router:
+def _router(
+    upstreams: dict[str, LoraUpstream],
+    warm: tuple[str, ...] = (),
+    store: InMemoryClusterState | None = None,
+    **extra: Any,
+) -> Router:
     servers = [
         {"name": n, "grpc": f"127.0.0.1:{1 + i}", "bandwidth": BANDWIDTH} for i, n in enumerate(upstreams)
     ]
@@ -107,7 +113,7 @@ def _router(upstreams: dict[str, LoraUpstream], warm: tuple[str, ...] = (), **ex
         "other": {"checkpoint": "/models/other", "size_bytes": MIB, "adapters": {"chat": "/adapters/chat2"}},
     }
     config = SchedulerConfig.from_dict({"servers": servers, "models": models, **extra})
-    router = Router(config, upstream_factory=lambda server: upstreams[server.name])
+    router = Router(config, store=store, upstream_factory=lambda server: upstreams[server.name])
     for name in upstreams:
         router.servers[name].healthy = True
     for name in warm:
@@ -297,5 +303,27 @@ def test_the_admin_view_lists_adapters_and_where_they_are_resident() -> None:
         inst = state["servers"]["s0"]["instances"]["base"]
         assert inst["adapters_served"] == ["chat", "sql"] and inst["adapters_resident"] == ["sql"]
         await router.close()
+
+    asyncio.run(main())
+
+
+def test_an_adapter_added_through_one_replica_is_served_and_pushed_by_the_other() -> None:
+    async def main() -> None:
+        store = InMemoryClusterState()  # the replicas' shared cluster state (etcd's conformant stand-in)
+        ua, ub = LoraUpstream("s0"), LoraUpstream("s0")
+        a = _router({"s0": ua}, warm=("s0",), store=store, etcd="http://127.0.0.1:2379")
+        b = _router({"s0": ub}, warm=("s0",), store=store, etcd="http://127.0.0.1:2379")
+        await a.add_adapter("base", AdapterConfig("fr", "s3://models/fr-lora"))
+        await b._discovery_round()  # reads the deployments as its background loop does
+        await asyncio.gather(*list(b._tasks))
+        assert "fr" in (b.models["base"].adapters or {})
+        assert ub.pushes == [
+            {"chat": "s3://models/chat-lora", "fr": "s3://models/fr-lora", "sql": "/adapters/sql"}
+        ]
+        assert await _run(b, "base", {"max_tokens": 2, "lora_name": "fr"}) == WORDS[:2]
+        await b._discovery_round()  # nothing changed: nothing pushed again
+        assert len(ub.pushes) == 1
+        await a.close()
+        await b.close()
 
     asyncio.run(main())

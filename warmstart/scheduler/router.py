@@ -231,6 +231,7 @@ class _InstanceRT:
     # LoRA: the adapters its multi_lora.json lists (what this scheduler sent it; None: not known), and those
     # its requests used, least recently used first (at most the model's max_loras: what the backend keeps)
     adapters_served: frozenset[str] | None = None
+    adapters_sent: frozenset[tuple[str, str]] | None = None  # the (name, reference) pairs behind it
     adapters_used: dict[str, float] = field(default_factory=dict)
     # with other scheduler replicas: True once the server's shared allocation records it loaded (this
     # replica's own load or join, or adopted from the allocation); one that leaves the allocation later was
@@ -470,6 +471,7 @@ class Router:
         self._attempts = itertools.count(1)
         self._migrating_for: set[str] = set()
         self._adapter_pushes: dict[tuple[str, str], asyncio.Task[None]] = {}  # (server, model) -> push
+        self._deployed_raw: dict[str, Mapping[str, Any]] = {}  # deployments as last read (their adapters)
         self._discovered: dict[str, int] = {}  # servers added from node registrations -> their epoch
         self._seen_deployed: set[str] = set()  # models deployed in cluster state at the last read
         self._state_unavailable: str | None = None  # why cluster state could not be reached, while it cannot
@@ -815,22 +817,24 @@ class Router:
         return await self._push_everywhere(new.name)
 
     def _follow_deployment(self, name: str, config: Mapping[str, Any]) -> None:
-        """A deployed model's config changed in cluster state (another replica's adapters): serve the new one."""
+        """A deployed model's adapters changed in cluster state (another replica's admin API): serve them here
+        too, and push them to the instances loaded here. Only the adapters are followed (a deployment parsed
+        only when it changed since the last round)."""
+        if self._deployed_raw.get(name) == config:
+            return
+        self._deployed_raw[name] = config
         try:
             model = ModelConfig.from_dict(name, config)
         except SchedulerConfigError as e:
             logger.error("model %s redeployed with a config this scheduler refuses: %s", name, e)
             return
         current = self.models[name]
-        if model == current:
+        if model.adapters is None or current.adapters is None or model.adapters == current.adapters:
             return
-        self.models[name] = model
+        self.models[name] = current.with_adapters(model.adapters)
         self._models_version += 1
-        if model.multi_lora() != current.multi_lora():
-            logger.info(
-                "model %s: adapters changed by another replica: %s", name, sorted(model.adapters or {})
-            )
-            self._spawn(self._push_everywhere(name), name=f"adapters of {name}")
+        logger.info("model %s: adapters changed by another replica: %s", name, sorted(model.adapters))
+        self._spawn(self._push_everywhere(name), name=f"adapters of {name}")
         self._notify()
 
     async def _push_everywhere(self, model: str) -> dict[str, str]:
@@ -862,7 +866,7 @@ class Router:
                 if cfg is None or not cfg.lora or inst is None:
                     return
                 mapping = cfg.multi_lora()
-                if inst.adapters_served == frozenset(mapping):
+                if inst.adapters_sent == frozenset(mapping.items()):
                     return
                 try:
                     answer = await rt.upstream.set_adapters(
@@ -875,7 +879,7 @@ class Router:
                     logger.error("adapters of %s on %s not updated: %s", model, rt.name, e)
                     raise
                 served = frozenset(mapping)
-                inst.adapters_served = served
+                inst.adapters_served, inst.adapters_sent = served, frozenset(mapping.items())
                 for gone in [a for a in inst.adapters_used if a not in served]:
                     del inst.adapters_used[gone]
                 logger.info(
@@ -900,8 +904,10 @@ class Router:
             return True
         try:
             await self._push_adapters(rt, gen.model)
-        except UpstreamUnavailable:
-            pass  # the server is probed; the next decision sees it
+        except UpstreamUnavailable as e:
+            if rt.healthy:  # it answers its health check but not this: not a server to wait for
+                raise ModelLoadFailed(f"adapters of {gen.model!r} cannot be sent to {rt.name}: {e}") from e
+            # out of routing now: the next decision goes elsewhere
         except AdapterReloadFailed as e:
             raise ModelLoadFailed(f"adapter {gen.adapter!r} of {gen.model!r} cannot be served: {e}") from e
         return False
@@ -1355,6 +1361,7 @@ class Router:
                 loaded = rt.instances[spec.name]
                 loaded.size_bytes = loaded_bytes = spec.memory_bytes  # the adapter slots too
                 loaded.adapters_served = frozenset(spec.multi_lora())
+                loaded.adapters_sent = frozenset(spec.multi_lora().items())
                 current = self.models.get(spec.name)
                 if current is not None and current.multi_lora() != spec.multi_lora():  # changed meanwhile
                     self._spawn(self._push_adapters(rt, spec.name), name=f"adapters {rt.name}/{spec.name}")
