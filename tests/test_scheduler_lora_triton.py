@@ -2,8 +2,8 @@
 
 A tiny random Llama and two PEFT adapters (tests/lora_support.py) are served through the scheduler, which
 lists the adapters in the base's config: its loads carry ``multi_lora.json`` (Triton's file override), its
-requests ``lora_name``. Checked against peft's greedy tokens: KServe generate with ``lora_name`` and OpenAI
-completions naming ``base_lora_<adapter>``; ``/v1/models`` listing the adapters under their base; unknown
+requests ``lora_name``. Checked against peft's greedy tokens: KServe generate (HTTP) and ModelStreamInfer
+(gRPC, ``warmstart.client``) with ``lora_name``, and OpenAI completions naming ``base_lora_<adapter>``; ``/v1/models`` listing the adapters under their base; unknown
 adapters refused with the names served (404, never a 500); an adapter added and removed at run time through
 the admin API while the base stays loaded (the backend refusing such a write without the repository key);
 and a stream on an adapter whose server is SIGKILLed mid-stream continuing token-exactly on the other
@@ -29,6 +29,7 @@ from _scheduler_cluster import ADMIN_TOKEN, REPO_KEY, BackgroundScheduler, sched
 from backend_support import byte_tokenizer_json, write_model
 from lora_support import LoraFixture, make_base_and_adapters, peft_greedy
 
+from warmstart.client import generate_stream
 from warmstart.triton import TritonConfig, TritonServer
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
@@ -150,6 +151,12 @@ def test_kserve_and_openai_requests_on_adapters_produce_their_adapters_tokens(
         assert status == 200, out
         assert out["token_ids"] == expected[lora], lora
         texts[lora] = out["text_output"][len(PROMPT_TEXT) :]
+    grpc = [
+        t
+        for d in generate_stream(sched.grpc, "base", PROMPT_TEXT, max_tokens=N, lora_name="one")
+        for t in d.token_ids
+    ]
+    assert grpc == expected["one"]  # gRPC ModelStreamInfer: lora_name in sampling_parameters
     status, out = _completion(sched, "base_lora_one")
     assert status == 200, out
     assert out["model"] == "base_lora_one" and out["choices"][0]["text"] == texts["one"]
