@@ -266,7 +266,11 @@ def test_an_instance_not_known_to_list_the_adapter_gets_the_adapters_before_the_
     asyncio.run(main())
 
 
-def test_a_request_goes_to_the_warm_instance_where_its_adapter_is_resident() -> None:
+def test_a_request_goes_to_the_warm_instance_where_its_adapter_is_resident(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="warmstart.scheduler.router")
+
     async def main() -> None:
         ups = {"s0": LoraUpstream("s0"), "s1": LoraUpstream("s1")}
         router = _router(ups, warm=("s0", "s1"))
@@ -274,6 +278,8 @@ def test_a_request_goes_to_the_warm_instance_where_its_adapter_is_resident() -> 
         for _ in range(3):
             await _run(router, "base", {"max_tokens": 2, "lora_name": "chat"})
         assert len(ups["s1"].requests) == 3 and not ups["s0"].requests
+        assert "placement of base (adapter chat) for " in caplog.text
+        assert "route to s1: 0.00 s" in caplog.text  # resident: nothing to load
         await _run(router, "base", {"max_tokens": 2})  # the base alone: fewest requests, name order
         assert len(ups["s0"].requests) == 1
         await router.close()

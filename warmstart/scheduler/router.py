@@ -1206,7 +1206,7 @@ class Router:
             line += f" ({blocked.reason()})" if blocked is not None else " (no server has room for it now)"
         logger.info(
             "placement of %s for %s: %s; cold-start queue %d/%d",
-            gen.model,
+            gen.model if gen.adapter is None else f"{gen.model} (adapter {gen.adapter})",
             gen.id,
             line,
             self._waiting,
