@@ -25,6 +25,8 @@ read the output is in ``benchmarks/README.md`` ("LoRA benchmark"). Methodology:
     of the same adapter's PEFT directory onto the already loaded transformers base, then ``generate`` to the
     first token (page cache warm / evicted); ``peft-resident``: the adapter already attached, ``generate`` only.
     ``PeftModel.unload()`` gives the base back after each sample (not timed).
+  For warmstart's samples the backend's own ``warmstart_time_to_first_token_seconds`` histogram (the stub's
+  arrival to the engine's first token) is read around the request: the ``backend`` column.
 * Decode: ``--streams`` concurrent streams (``--tokens`` tokens after the first, ``min_tokens`` =
   ``max_tokens``) each on a different resident adapter (``decode-lora``) against the same streams on the bare
   base (``decode-base``), same model instance. Total rate = (all tokens - N) / (last token - first token).
@@ -168,6 +170,7 @@ def summarize(samples: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[s
             ttft[name] = {
                 "n": len(vals),
                 "ttft_s": median(vals),
+                "server_ttft_s": median([s.get("server_ttft_s") for s in mine]),
                 "min_s": min(vals) if vals else None,
                 "max_s": max(vals) if vals else None,
                 "load_avg": median([s.get("load_avg") for s in mine]),
@@ -276,7 +279,7 @@ def render_tables(summary: dict[str, Any]) -> str:
     if summary["ttft"]:
         head = (
             f"{'competitor':<15} {'n':>2} {'TTFT ms':>9} {'min':>9} {'max':>9} {'x resident':>10} "
-            f"{'+ms':>8} {'load':>5}"
+            f"{'+ms':>8} {'backend':>8} {'load':>5}"
         )
         lines += ["Time to first token", head, "-" * len(head)]
         for name, r in summary["ttft"].items():
@@ -287,7 +290,7 @@ def render_tables(summary: dict[str, Any]) -> str:
             lines.append(
                 f"{name:<15} {r['n']:>2} {_f(ms[0], 1):>9} {_f(ms[1], 1):>9} {_f(ms[2], 1):>9} "
                 f"{_f(r['vs_resident'], 2):>10} {_f(_ms(r['extra_vs_resident_s']), 1):>8} "
-                f"{_f(r['load_avg'], 1):>5}{extra}"
+                f"{_f(_ms(r.get('server_ttft_s')), 1):>8} {_f(r['load_avg'], 1):>5}{extra}"
             )
     if summary["decode"]:
         head = (
@@ -596,7 +599,7 @@ class Bench:
         (self.model_dir / "1").mkdir(parents=True)
         cfg = model_config(
             MODEL_NAME,
-            str(self.model.ws_dir),
+            str(self.model.ws_dir.resolve()),
             "torch",
             max_batch=max(8, self.args.streams),
             enable_lora=True,
@@ -686,9 +689,13 @@ class Bench:
             a = self.adapters[adapter]
             self.prepare_tier(a, competitor)
             lora = self.add_cold(a.store_name, competitor, rep)
+        before = self.server_ttft()
         (out,) = run_streams(url, [lora], 1)
+        after = self.server_ttft()
         sample = {
             "ttft_s": out.times[0] - out.t0,
+            # the backend's own histogram: the stub's arrival to the engine's first token, this request only
+            "server_ttft_s": after[0] - before[0] if after[1] - before[1] == 1 else None,
             "adapter": adapter,
             "first_id": out.ids[0],
             "load_avg": os.getloadavg()[0],
@@ -696,6 +703,15 @@ class Bench:
         if competitor in COLD_TIERS and adapter is not None:
             self.tiers.settle(self.adapters[adapter])  # no background copy overlaps the next sample
         return sample
+
+    def server_ttft(self) -> tuple[float, float]:
+        """(sum, count) of the backend's ``warmstart_time_to_first_token_seconds`` for this model."""
+        from coldstart import read_metrics
+
+        name = "warmstart_time_to_first_token_seconds"
+        total = read_metrics(self.server.metrics_url, name + "_sum", MODEL_NAME)
+        count = read_metrics(self.server.metrics_url, name + "_count", MODEL_NAME)
+        return sum(total.values()), sum(count.values())
 
     def peft_ttft(self, competitor: str, rep: int) -> dict[str, Any]:
         from coldstart import evict_page_cache, warm_page_cache
@@ -965,7 +981,7 @@ class LocalEngine:
         from warmstart.tritonconfig import ModelSettings
 
         settings = ModelSettings(
-            checkpoint=str(ws_dir),
+            checkpoint=str(ws_dir.resolve()),
             engine="torch",
             max_batch=8,
             enable_lora=True,
@@ -1082,6 +1098,8 @@ def run_sample(bench: Bench, name: str, rep: int) -> dict[str, Any]:
 def _describe(s: dict[str, Any]) -> str:
     if "ttft_s" in s:
         extra = f", from_pretrained {s['attach_s'] * 1e3:.1f} ms" if s.get("attach_s") is not None else ""
+        if s.get("server_ttft_s") is not None:
+            extra += f", in the backend {s['server_ttft_s'] * 1e3:.1f} ms"
         return f"ttft {s['ttft_s'] * 1e3:8.1f} ms (adapter {s['adapter']}, first id {s['first_id']}{extra})"
     if "tokens_per_s" in s:
         return f"{_f(s['tokens_per_s'], 1)} tok/s (per stream {_f(s['per_stream_tokens_per_s'], 2)})"
