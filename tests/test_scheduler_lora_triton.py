@@ -18,6 +18,7 @@ import os
 import queue
 import signal
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from _scheduler_cluster import ADMIN_TOKEN, REPO_KEY, BackgroundScheduler, sched
 from backend_support import byte_tokenizer_json, write_model
 from lora_support import LoraFixture, make_base_and_adapters, peft_greedy
 
-from warmstart.client import generate_stream
+from warmstart.client import _stream_once, generate_stream
 from warmstart.triton import TritonConfig, TritonServer
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]
@@ -157,6 +158,18 @@ def test_kserve_and_openai_requests_on_adapters_produce_their_adapters_tokens(
         for t in d.token_ids
     ]
     assert grpc == expected["one"]  # gRPC ModelStreamInfer: lora_name in sampling_parameters
+    # a client resuming through this scheduler after another replica went away: generated_ids + lora_name
+    resumed = _stream_once(
+        sched.grpc,
+        "base",
+        PROMPT_TEXT,
+        sampling={"max_tokens": N, "lora_name": "one"},
+        generated=expected["one"][:3],
+        timeout=60.0,
+        t0=time.monotonic(),
+        last=True,
+    )
+    assert [t for d in resumed for t in d.token_ids] == expected["one"][3:]
     status, out = _completion(sched, "base_lora_one")
     assert status == 200, out
     assert out["model"] == "base_lora_one" and out["choices"][0]["text"] == texts["one"]
