@@ -1291,7 +1291,7 @@ class Router:
             if not await coord.may_unload(rt.name, m):
                 for back in evictions:  # keep every victim loaded (those released are recorded again)
                     rt.unloading.pop(back, None)
-                    size = self.models[back].size_bytes if back in self.models else 0
+                    size = self.models[back].memory_bytes if back in self.models else 0
                     rt.instances[back] = _InstanceRT(back, size, self._clock(), shared=True)
                     if back in released:  # its release is undone: loaded again, not unloading
                         await coord.unloaded(rt.name, back)
@@ -1299,7 +1299,7 @@ class Router:
                 return False
             released.append(m)
         result = await coord.claim(
-            rt.name, spec.name, spec.size_bytes, rt.config.memory_budget_bytes, freeing=released
+            rt.name, spec.name, spec.memory_bytes, rt.config.memory_budget_bytes, freeing=released
         )
         if result is ClaimResult.WON:
             return True
@@ -1310,12 +1310,12 @@ class Router:
                 spec.name, None
             )  # joined, not loading: a snapshot must not see it loaded and loading
             rt.instances.setdefault(
-                spec.name, _InstanceRT(spec.name, spec.size_bytes, self._clock(), shared=True)
+                spec.name, _InstanceRT(spec.name, spec.memory_bytes, self._clock(), shared=True)
             )
             logger.info("%s on %s was loaded by another replica; routing to it", spec.name, rt.name)
         for m in released:  # not loading after all: the victims stay
             rt.unloading.pop(m, None)
-            size = self.models[m].size_bytes if m in self.models else 0
+            size = self.models[m].memory_bytes if m in self.models else 0
             rt.instances[m] = _InstanceRT(m, size, self._clock(), shared=True)
             await coord.unloaded(rt.name, m)
             await coord.finished(rt.name, m, loaded_bytes=size)
