@@ -188,3 +188,19 @@ def test_plan_migration_uses_distinct_destinations_when_several_instances_move()
     assert plan is not None
     assert sorted(m.model for m in plan.moves) == ["a", "c"]
     assert len({m.destination for m in plan.moves}) == 2
+
+
+def test_an_instance_another_replica_also_uses_is_neither_moved_nor_counted_as_draining() -> None:
+    # a's request here is this replica's, but another replica's generations use a too (pinned): moving this
+    # replica's request would free nothing, and when a's memory frees is the other replica's to know
+    pinned = Instance("a", 2 * GB, NOW - 1.0, busy("a", 50).requests, pinned=True)
+    full = server("s1", budget=3 * GB, tiers={"b": Tier.MEMORY}, instances=(pinned,))
+    snap = ClusterSnapshot.of((full, server("s2", tiers={"a": Tier.DISK})), MODELS, NOW)
+    assert plan_migration(snap, "b", replay_s_per_token=REPLAY, threshold_tokens=K) is None
+    no_remote = NodeBandwidth(memory_bps=20e9, disk_bps=2e9, remote_bps=None)
+    alone = ClusterSnapshot.of((full, server("s2", tiers={"a": Tier.DISK}, bw=no_remote)), MODELS, NOW)
+    assert drain_estimate(alone, "b") == math.inf
+    unpinned = ClusterSnapshot.of(
+        (server("s1", budget=3 * GB, tiers={"b": Tier.MEMORY}, instances=(busy("a", 50),)),), MODELS, NOW
+    )
+    assert drain_estimate(unpinned, "b") < math.inf  # the same instance unpinned drains

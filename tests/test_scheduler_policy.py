@@ -789,3 +789,13 @@ def test_released_evictions_make_a_memory_holder_beat_a_disk_server_with_room() 
     assert place(snap(holder, disk), "m").server == "s1"
     unloading = server("s1", tiers={"m": Tier.MEMORY}, budget=2 * GB, instances=expired, eviction_s=1.0)
     assert place(snap(unloading, disk), "m").server == "s2"
+
+
+def test_choose_evictions_never_names_an_instance_another_replica_uses() -> None:
+    pinned = Instance("a", 2 * GB, NOW - 100, (), pinned=True)  # idle here, used through another replica
+    s = server("s", budget=4 * GB, instances=(pinned, inst("b", idle_for=1)))
+    assert choose_evictions(s, 2 * GB, NOW) == ("b",)
+    with pytest.raises(CannotFitError, match="cannot free"):
+        choose_evictions(s, 3 * GB, NOW)
+    expired = server("t", instances=(Instance("a", 2 * GB, NOW - 1e6, (), pinned=True),))
+    assert expired_models(snap(expired)) == []

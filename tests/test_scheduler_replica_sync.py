@@ -6,8 +6,17 @@ from __future__ import annotations
 
 import pytest
 
+from warmstart.scheduler.errors import InvalidSnapshotError
 from warmstart.scheduler.replicas import ReplicaCoordinator, sync_with_allocation
-from warmstart.scheduler.state import Allocation, InMemoryClusterState, LoadClaim
+from warmstart.scheduler.state import (
+    Allocation,
+    InMemoryClusterState,
+    Instance,
+    LoadClaim,
+    NodeBandwidth,
+    ServerState,
+)
+from warmstart.scheduler.state_json import encode_server
 
 MIB = 1 << 20
 
@@ -63,3 +72,23 @@ def test_bytes_other_replicas_hold_beyond_what_this_one_tracks_are_counted() -> 
     assert coord.others_holding("s1", {"m1", "m2", "m3", "m4"}) == (0, 0)
     assert coord.others_holding("s2", set()) == (0, 0)
     assert coord.others_loads("s1") == {"m5": 11 * MIB}
+
+
+def test_models_other_replicas_generations_use_are_pinned_and_a_pinned_state_is_never_stored() -> None:
+    coord = ReplicaCoordinator(InMemoryClusterState(), name="me")
+    coord.views["s1"] = _view(
+        loaded={"m1": MIB, "m2": MIB, "m3": MIB}, in_use={"m1": {"other": 2}, "m2": {"me": 1}, "m3": {}}
+    )
+    assert coord.others_using("s1") == frozenset({"m1"})  # its own count does not pin m2 for itself
+    assert coord.others_using("s2") == frozenset()
+    state = ServerState(
+        name="s1",
+        healthy=True,
+        memory_budget_bytes=4 * MIB,
+        bandwidth=NodeBandwidth(1e9, 1e8, 1e7),
+        triton_load_overhead_s=0.1,
+        instances=(Instance("m1", MIB, 0.0, (), pinned=True),),
+    )
+    assert not state.instances[0].idle
+    with pytest.raises(InvalidSnapshotError, match="pinned"):
+        encode_server(state)

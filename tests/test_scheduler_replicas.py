@@ -152,6 +152,7 @@ def test_a_model_another_replica_is_using_is_not_evicted_and_the_budget_is_never
     store = InMemoryClusterState()
     server = FakeTriton(budget_models=1)  # room for one model only
     gate = asyncio.Event()
+    refused: list[int] = []
 
     async def scenario() -> tuple[list[int], list[int], list[str]]:
         a = _replica(store, SharedUpstream(server, gate=gate))
@@ -175,6 +176,8 @@ def test_a_model_another_replica_is_using_is_not_evicted_and_the_budget_is_never
                 await asyncio.sleep(0.05)
             got_a = await asyncio.wait_for(long_a, 10)
             got_b = await asyncio.wait_for(want_b, 15)  # then b evicts m1 and loads m2
+            assert b.coordinator is not None
+            refused.append(b.coordinator.stats.outcomes["unload_refused"])
             return got_a, got_b, during
         finally:
             await a.close()
@@ -185,6 +188,9 @@ def test_a_model_another_replica_is_using_is_not_evicted_and_the_budget_is_never
     assert "release m1" not in during and "unload m1" not in during and "load m2" not in during, during
     assert server.max_loaded == 1  # never two models on a server with room for one
     assert server.events.index("load m2") > server.events.index("release m1"), server.events
+    # b saw m1 pinned by a's generation (a's in-use count) and waited, instead of asking to evict it over
+    # and over while a streamed
+    assert refused == [0], refused
 
 
 def test_a_dead_replicas_claim_expires_and_the_other_loads_the_model() -> None:

@@ -718,7 +718,8 @@ def _plan_for_server(
     threshold_tokens: int,
 ) -> tuple[tuple[MigrationMove, ...], tuple[str, ...]] | None:
     """The cheapest set of busy instances on ``server`` to move so ``spec`` fits, or ``None``."""
-    busy = {i.model: i for i in server.instances if not i.idle}
+    # moving this replica's requests frees nothing while another replica's generations use the model
+    busy = {i.model: i for i in server.instances if i.requests and not i.pinned}
     room = float(snapshot.index.room_bytes[snapshot.index.position[server.name]])
     options: list[MigrationMove] = []
     for inst in busy.values():
@@ -764,8 +765,10 @@ def drain_estimate(snapshot: ClusterSnapshot, model: str) -> float:
         if not s.healthy or s.memory_budget_bytes < spec.size_bytes or pos in lacking:
             continue
         room = float(snapshot.index.room_bytes[pos])
-        ends = sorted(
-            (max(r.expected_remaining_s for r in i.requests), i.size_bytes) for i in s.instances if not i.idle
+        ends = sorted(  # a pinned instance's end is another replica's to know: it does not drain here
+            (max(r.expected_remaining_s for r in i.requests), i.size_bytes)
+            for i in s.instances
+            if i.requests and not i.pinned
         )
         drained = 0.0
         for end_s, size in ends:

@@ -258,6 +258,13 @@ class ReplicaCoordinator:
         )
         return loaded, freeing
 
+    def others_using(self, server: str) -> frozenset[str]:
+        """Models on ``server`` that other replicas' generations use (their in-use counts, as last read)."""
+        view = self.views.get(server)
+        if view is None:
+            return frozenset()
+        return frozenset(m for m in view.in_use if view.users(m, besides=self.name) > 0)
+
     # -- decisions ---------------------------------------------------------------------------------------
     async def claim(
         self, server: str, model: str, size_bytes: int, budget_bytes: int, *, freeing: Iterable[str] = ()

@@ -19,6 +19,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import random
 import secrets
@@ -121,6 +122,7 @@ from warmstart.tritonconfig import model_config
 logger = logging.getLogger(__name__)
 
 _DEFAULT_TOKEN_S = 0.05  # per-token time assumed for a model until one generation measured it
+PINNED_REFRESH_S = 0.25  # how often a request queued for room re-reads allocations other replicas pin
 _PLACEHOLDER_BANDWIDTH = NodeBandwidth(1.0, 1.0, None)  # never used for a decision: server marked unhealthy
 
 
@@ -256,6 +258,24 @@ class _LoadRT:
     task: asyncio.Task[None] | None = None
 
 
+@dataclass(frozen=True)
+class OthersView:
+    """What other scheduler replicas hold on one server, from its shared allocation as last read.
+
+    ``loading``: their loads in flight (model, bytes): joined, and counted against the budget;
+    ``held_bytes``: models recorded loaded there that this replica does not route to yet (they shrink the
+    budget); ``freeing_bytes``: their unloads not finished (memory being freed); ``using``: models their
+    generations use (pinned: not evicted here, nor freed by moving this replica's requests)."""
+
+    loading: tuple[tuple[str, int], ...] = ()
+    held_bytes: int = 0
+    freeing_bytes: int = 0
+    using: frozenset[str] = frozenset()
+
+
+_NO_OTHERS = OthersView()
+
+
 @dataclass(eq=False)
 class ServerRuntime:
     """One server's live state as the router tracks it; rendered to a frozen ServerState for the policy."""
@@ -324,16 +344,12 @@ class ServerRuntime:
         now: float,
         token_s: Mapping[str, float],
         assumed_remote_bps: float | None = None,
-        others_loading: Mapping[str, int] | None = None,
-        others_holding: tuple[int, int] = (0, 0),
+        others: OthersView | None = None,
     ) -> ServerState:
         """The frozen view the policy decides on. Memory still being freed shrinks the budget. A node store
         that has not measured its remote tier yet gets its own loads' figure, else ``assumed_remote_bps``.
-
-        With other scheduler replicas, ``others_loading`` are their loads in flight here (model -> bytes) and
-        ``others_holding`` the bytes the shared allocation commits here beyond what this replica tracks:
-        (models loaded by others that it does not route to yet, others' unloads not finished); the first
-        shrinks the budget, the second counts as memory being freed."""
+        ``others``: what other scheduler replicas hold here (`OthersView`)."""
+        others = others or _NO_OTHERS
         instances = tuple(
             Instance(
                 model=i.model,
@@ -351,6 +367,7 @@ class ServerRuntime:
                     )
                     for g in i.requests.values()
                 ),
+                pinned=i.model in others.using,
             )
             for i in self.instances.values()
         )
@@ -359,9 +376,8 @@ class ServerRuntime:
             remote = self.costs.bps.get(Tier.REMOTE, assumed_remote_bps)
             if remote is not None:
                 bandwidth = replace(bandwidth, remote_bps=remote)
-        held, others_freeing = others_holding
-        budget = max(0, self.config.memory_budget_bytes - held)
-        freeing = sum(self.unloading.values()) + others_freeing
+        budget = max(0, self.config.memory_budget_bytes - others.held_bytes)
+        freeing = sum(self.unloading.values()) + others.freeing_bytes
         return ServerState(
             name=self.name,
             healthy=self.healthy and self.bandwidth is not None and not self.removed,
@@ -376,7 +392,7 @@ class ServerRuntime:
             )
             + tuple(  # other scheduler replicas' loads here: joined, and counted against the budget
                 LoadInFlight(m, size, now + 1.0)
-                for m, size in (others_loading or {}).items()
+                for m, size in others.loading
                 if m not in self.loads and m not in self.instances
             ),
             store_tiers=dict(self.store_tiers),
@@ -467,6 +483,7 @@ class Router:
         self._demand: dict[str, tuple[float, float]] = {}  # model -> (request rate, when counted)
         self._changed = asyncio.Event()
         self._waiting = 0
+        self._pinned_read_s = -math.inf  # when `_others_done` last read the allocations
         self._ids = itertools.count(1)
         self._attempts = itertools.count(1)
         self._migrating_for: set[str] = set()
@@ -975,14 +992,14 @@ class Router:
             look = order
         states = self._states
         for rt in look:
-            states[self._position[rt.name]] = self._state_of(rt, now, *self._others(rt))
+            states[self._position[rt.name]] = self._state_of(rt, now, self._others(rt))
             if any(inst.requests for inst in rt.instances.values()):
                 self._busy.add(rt.name)
             else:
                 self._busy.discard(rt.name)
         if self._verify_snapshots:  # tests: every state reused is what a fresh render gives
             for rt, state in zip(order, states, strict=True):
-                fresh = rt.to_state(now, self._token_s, self._assumed_remote_bps, *self._others(rt))
+                fresh = rt.to_state(now, self._token_s, self._assumed_remote_bps, self._others(rt))
                 if fresh != state:
                     raise AssertionError(f"stale state of {rt.name} in the snapshot: {state} != {fresh}")
         demand = decayed_rates(self._demand, now)
@@ -1030,21 +1047,26 @@ class Router:
         self._measured_cache[rt.name] = (rt.version, value)
         return hit is None or hit[1] != value
 
-    def _others(self, rt: ServerRuntime) -> tuple[Mapping[str, int] | None, tuple[int, int]]:
+    def _others(self, rt: ServerRuntime) -> OthersView | None:
         """What other scheduler replicas hold on ``rt`` (its shared allocation as last read): their loads in
         flight, and the bytes committed there that this replica does not track (see `ServerRuntime.to_state`)."""
         coord = self.coordinator
         if coord is None:
-            return None, (0, 0)
+            return None
         known = rt.instances.keys() | rt.loads.keys() | rt.unloading.keys()
-        return coord.others_loads(rt.name), coord.others_holding(rt.name, known)
+        held, freeing = coord.others_holding(rt.name, known)
+        return OthersView(
+            loading=tuple(sorted(coord.others_loads(rt.name).items())),
+            held_bytes=held,
+            freeing_bytes=freeing,
+            using=coord.others_using(rt.name),
+        )
 
     def _state_of(
         self,
         rt: ServerRuntime,
         now: float,
-        others: Mapping[str, int] | None,
-        holding: tuple[int, int] = (0, 0),
+        others: OthersView | None,
     ) -> ServerState:
         """``rt``'s rendered state: the one rendered last time unless something it renders changed (the
         server's version, the learned per-token times of its busy models, the assumed remote bandwidth, other
@@ -1055,15 +1077,14 @@ class Router:
             rt.version,
             self._assumed_remote_bps,
             busy,
-            tuple(sorted(others.items())) if others else None,
-            holding,
+            others,
         )
-        if others:
+        if others is not None and others.loading:  # their loads' expected ends move with the clock
             key = (*key, now)
         cached = self._rendered.get(rt.name)
         if cached is not None and cached[0] == key:
             return cached[1]
-        state = rt.to_state(now, self._token_s, self._assumed_remote_bps, others, holding)
+        state = rt.to_state(now, self._token_s, self._assumed_remote_bps, others)
         self._rendered[rt.name] = (key, state)
         return state
 
@@ -1181,6 +1202,8 @@ class Router:
                 if placement.action is Action.LOAD and placement.server is not None:
                     self._start_load(self.servers[placement.server], gen.model, placement.evictions)
                     continue
+                if placement.action is Action.QUEUE and await self._others_done():
+                    continue  # another replica's generations let go of a model here: decide again
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     self.stats.rejected_timeout += 1
@@ -1193,6 +1216,28 @@ class Router:
         finally:
             if queued:
                 self._waiting -= 1
+
+    async def _others_done(self) -> bool:
+        """With other replicas, for a request queued for room: read again (at most every
+        `PINNED_REFRESH_S`) the allocations of the servers where other replicas' generations use models (the
+        instances pinned in this replica's snapshot), so room they free is seen now rather than at the next
+        replica round. True if one of them is no longer used there."""
+        coord = self.coordinator
+        now = self._clock()
+        if coord is None or now - self._pinned_read_s < PINNED_REFRESH_S:
+            return False
+        self._pinned_read_s = now
+        freed = False
+        for name in [n for n in self.servers if coord.others_using(n)]:
+            before = coord.others_using(name)
+            try:
+                await coord.refresh(name)
+            except ClusterStateError as e:
+                logger.warning("cannot read the allocation of %s: %s", name, e)
+                continue
+            if before - coord.others_using(name):
+                freed = True
+        return freed
 
     def _log_decision(self, gen: Generation, placement: Placement, blocked: Unplaceable | None) -> None:
         """One INFO line per decision (a request's loop logs again only when the decision changes)."""

@@ -168,20 +168,26 @@ class RunningRequest:
 
 @dataclass(frozen=True, slots=True)
 class Instance:
-    """A model loaded on a server, its running requests and the time it was last used."""
+    """A model loaded on a server, its running requests and the time it was last used.
+
+    ``pinned``: generations of other scheduler replicas use it (their in-use counts in the server's shared
+    allocation): this replica may route to it but neither evict it nor free it by moving its own requests.
+    A replica's own view, never stored (replicas do not publish server states)."""
 
     model: str
     size_bytes: int
     last_used_s: float
     requests: tuple[RunningRequest, ...] = ()
+    pinned: bool = False
 
     def __post_init__(self) -> None:
         _check_non_negative(f"instance {self.model!r}", size_bytes=self.size_bytes)
 
     @property
     def idle(self) -> bool:
-        """True when no request runs on it: only idle instances may be evicted."""
-        return not self.requests
+        """True when no request runs on it, here or through another replica: only idle instances may be
+        evicted."""
+        return not self.requests and not self.pinned
 
 
 @dataclass(frozen=True, slots=True)

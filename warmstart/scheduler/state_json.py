@@ -65,6 +65,14 @@ def _int(owner: str, key: str, value: object) -> int:
     return value
 
 
+def _unpinned(owner: str, instance: Instance) -> Instance:
+    if instance.pinned:  # a replica's own view of another replica's use; the stored schema has no field
+        raise InvalidSnapshotError(
+            f"{owner}: instance {instance.model!r} is pinned (another replica's view), which is not stored"
+        )
+    return instance
+
+
 def _float(owner: str, key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise InvalidSnapshotError(f"{owner}: {key} must be a finite number to be stored, got {value!r}")
@@ -91,7 +99,7 @@ def _server_value(s: ServerState) -> dict[str, Any]:
         "triton_load_overhead_s": _float(who, "triton_load_overhead_s", s.triton_load_overhead_s),
         "instances": [
             {
-                "model": i.model,
+                "model": _unpinned(who, i).model,
                 "size_bytes": _int(who, "size_bytes", i.size_bytes),
                 "last_used_s": _float(who, "last_used_s", i.last_used_s),
                 "requests": [
