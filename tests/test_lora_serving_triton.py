@@ -1,6 +1,7 @@
 """LoRA adapters served by the warmstart backend in a real tritonserver (both engines).
 
-Two PEFT adapters on a tiny random Llama, converted with `warmstart convert`, are listed in the model's
+Two PEFT adapters on a tiny random Llama, converted with `warmstart convert` (the second straight to the S3
+store, SeaweedFS, as an ``s3://`` destination, and served from there), are listed in the model's
 ``multi_lora.json`` (with a corrupt one); the model has ``enable_lora``. Concurrent requests on both adapters
 and the bare base each produce peft's greedy tokens; an unknown adapter name and ``lora_name`` on a model
 without ``enable_lora`` are INVALID_ARG; the corrupt adapter fails only its own request; an adapter is added,
@@ -26,9 +27,11 @@ from backend_support import (
 )
 from lora_support import LoraFixture, make_base_and_adapters, peft_greedy
 
+from warmstart.format.convert import convert
+from warmstart.objectstore import SeaweedFS
 from warmstart.triton import TritonConfig, TritonServer
 
-pytestmark = [pytest.mark.triton, pytest.mark.slow]
+pytestmark = [pytest.mark.triton, pytest.mark.s3, pytest.mark.slow]
 
 ENGINES = ("torch", "jax")
 PROMPT = [72, 101, 108, 108, 111, 32, 119]
@@ -46,8 +49,12 @@ def expected(fx: LoraFixture) -> dict[str | None, list[int]]:
 
 
 @pytest.fixture(scope="module")
-def server(fx: LoraFixture, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+def server(
+    fx: LoraFixture, tmp_path_factory: pytest.TempPathFactory, seaweedfs: SeaweedFS
+) -> Iterator[TritonServer]:
     root = tmp_path_factory.mktemp("srv")
+    remote_two = "s3://models/lora-triton/two"
+    convert(fx.base.parent / "peft" / "two", remote_two)  # convert -> upload: served from the S3 store
     repo = root / "repo"
     corrupt = root / "corrupt-lora"
     corrupt.mkdir()
@@ -57,7 +64,7 @@ def server(fx: LoraFixture, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         write_model(
             repo, name, str(fx.base), engine, max_batch=4, enable_lora=True, max_loras=2, max_lora_rank=8
         )
-        sources = {"one": str(fx.adapters["one"]), "two": str(fx.adapters["two"]), "bad": str(corrupt)}
+        sources = {"one": str(fx.adapters["one"]), "two": remote_two, "bad": str(corrupt)}
         (repo / name / "multi_lora.json").write_text(json.dumps(sources))
     write_model(repo, "plain", str(fx.base), "torch", max_batch=2)
     with pytest.MonkeyPatch.context() as mp:
