@@ -185,6 +185,7 @@ class ReplicaCoordinator:
         self.ttl_s = ttl_s
         self.lease: Lease | None = None
         self.views: dict[str, Allocation] = {}  # last allocation read per server
+        self.read_at: dict[str, float] = {}  # when (time.monotonic) each view was read
         self._counts: dict[tuple[str, str], int] = {}  # what this replica last wrote
         self._dirty: dict[tuple[str, str], int] = {}
         self._flushing: asyncio.Task[None] | None = None
@@ -227,8 +228,10 @@ class ReplicaCoordinator:
 
     # -- reads -------------------------------------------------------------------------------------------
     async def refresh(self, server: str) -> Allocation:
+        at = time.monotonic()
         view = await asyncio.to_thread(self.store.allocation, server)
         self.views[server] = view
+        self.read_at[server] = at
         return view
 
     async def refresh_all(self, servers: Iterable[str]) -> None:

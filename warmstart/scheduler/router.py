@@ -19,7 +19,6 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import os
 import random
 import secrets
@@ -122,7 +121,7 @@ from warmstart.tritonconfig import model_config
 logger = logging.getLogger(__name__)
 
 _DEFAULT_TOKEN_S = 0.05  # per-token time assumed for a model until one generation measured it
-PINNED_REFRESH_S = 0.25  # how often a request queued for room re-reads allocations other replicas pin
+PINNED_REFRESH_S = 0.05  # a pinned server's allocation older than this is read again before a load decision
 _PLACEHOLDER_BANDWIDTH = NodeBandwidth(1.0, 1.0, None)  # never used for a decision: server marked unhealthy
 
 
@@ -483,7 +482,6 @@ class Router:
         self._demand: dict[str, tuple[float, float]] = {}  # model -> (request rate, when counted)
         self._changed = asyncio.Event()
         self._waiting = 0
-        self._pinned_read_s = -math.inf  # when `_others_done` last read the allocations
         self._ids = itertools.count(1)
         self._attempts = itertools.count(1)
         self._migrating_for: set[str] = set()
@@ -1199,11 +1197,11 @@ class Router:
                         )
                     self._waiting += 1
                     queued = True
+                if placement.action in (Action.LOAD, Action.QUEUE) and await self._others_done():
+                    continue  # another replica's generations let go of a model somewhere: decide again
                 if placement.action is Action.LOAD and placement.server is not None:
                     self._start_load(self.servers[placement.server], gen.model, placement.evictions)
                     continue
-                if placement.action is Action.QUEUE and await self._others_done():
-                    continue  # another replica's generations let go of a model here: decide again
                 remaining = deadline - self._clock()
                 if remaining <= 0:
                     self.stats.rejected_timeout += 1
@@ -1218,17 +1216,17 @@ class Router:
                 self._waiting -= 1
 
     async def _others_done(self) -> bool:
-        """With other replicas, for a request queued for room: read again (at most every
-        `PINNED_REFRESH_S`) the allocations of the servers where other replicas' generations use models (the
-        instances pinned in this replica's snapshot), so room they free is seen now rather than at the next
-        replica round. True if one of them is no longer used there."""
+        """With other replicas, before a load or while queued for room: read again the allocations of the
+        servers where other replicas' generations use models (the instances pinned in this replica's
+        snapshot) if read more than `PINNED_REFRESH_S` ago, so room they freed is seen now, not at the next
+        replica round (a stale pin sends a load to a server without a local copy). True if one of them is no
+        longer used there: the request decides again."""
         coord = self.coordinator
-        now = self._clock()
-        if coord is None or now - self._pinned_read_s < PINNED_REFRESH_S:
+        if coord is None:
             return False
-        self._pinned_read_s = now
+        stale = time.monotonic() - PINNED_REFRESH_S
         freed = False
-        for name in [n for n in self.servers if coord.others_using(n)]:
+        for name in [n for n in self.servers if coord.others_using(n) and coord.read_at.get(n, 0.0) < stale]:
             before = coord.others_using(name)
             try:
                 await coord.refresh(name)
