@@ -322,7 +322,8 @@ class ReplicaCoordinator:
                 continue
             finally:
                 self.stats.record("claim_cas", time.perf_counter() - t0)
-            await self.refresh(server)
+            # no read back: this replica's own claim never counts among the others' (``others_loads``), and
+            # the next decision on this server reads its allocation again before its compare-and-set
             return ClaimResult.WON
         logger.warning(
             "replica %s: the allocation of %s kept changing; deciding %s again", self.name, server, model
