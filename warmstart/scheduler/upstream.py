@@ -442,40 +442,9 @@ class TritonUpstream:
             name, f"warmstart-release-{next(_release_ids)}", self.config.repository_api_key
         )
 
-        async def requests() -> AsyncIterator[pb.ModelInferRequest]:
-            yield request
-
         t0 = time.monotonic()
-        call = self._stub.ModelStreamInfer(requests())
-        finished = False
-        try:
-            try:
-                resp = await asyncio.wait_for(call.read(), timeout_s)
-            except TimeoutError as e:
-                raise ModelReleaseFailed(
-                    f"{self.name}: release {name}: no answer in {timeout_s:.1f} s"
-                ) from e
-            except grpc.aio.AioRpcError as e:
-                if e.code() in _UNREACHABLE:
-                    raise UpstreamUnavailable(
-                        f"{self.name}: release {name}: {e.code().name} {e.details()}"
-                    ) from e
-                raise ModelReleaseFailed(f"{self.name}: release {name}: {e.code().name} {e.details()}") from e
-            if resp is grpc.aio.EOF:
-                raise ModelReleaseFailed(f"{self.name}: release {name}: the stream ended without an answer")
-            if resp.error_message:
-                finished = True  # an error response is final
-                raise ModelReleaseFailed(f"{self.name}: release {name}: {resp.error_message}")
-            chunk = parse_infer_response(resp.infer_response)
-            finished = chunk.final
-            if not chunk.final or chunk.finish_reason != RELEASED:
-                raise ModelReleaseFailed(
-                    f"{self.name}: release {name}: answered {chunk.finish_reason!r}, not {RELEASED!r} "
-                    "(not a warmstart model?)"
-                )
-            return time.monotonic() - t0
-        finally:
-            self._end(call, finished)
+        await self._control(request, f"release {name}", ModelReleaseFailed, RELEASED, timeout_s)
+        return time.monotonic() - t0
 
     async def set_adapters(
         self, name: str, adapters: Mapping[str, str], *, timeout_s: float
@@ -489,6 +458,27 @@ class TritonUpstream:
             name, f"warmstart-adapters-{next(_release_ids)}", adapters, self.config.repository_api_key
         )
 
+        chunk = await self._control(
+            request, f"adapters of {name}", AdapterReloadFailed, LORA_RELOADED, timeout_s
+        )
+        try:
+            answer = json.loads(chunk.text)
+        except ValueError:
+            answer = {}
+        return answer if isinstance(answer, dict) else {}
+
+    async def _control(
+        self,
+        request: pb.ModelInferRequest,
+        what: str,
+        failure: type[UpstreamError],
+        expect: str,
+        timeout_s: float,
+    ) -> TokenChunk:
+        """Send one control request (release, adapters) on its own stream and return its final answer,
+        whose ``finish_reason`` must be ``expect``. :class:`UpstreamUnavailable` when the server cannot be
+        reached; ``failure`` for everything else (no answer in ``timeout_s``, an error, another answer)."""
+
         async def requests() -> AsyncIterator[pb.ModelInferRequest]:
             yield request
 
@@ -498,33 +488,24 @@ class TritonUpstream:
             try:
                 resp = await asyncio.wait_for(call.read(), timeout_s)
             except TimeoutError as e:
-                raise AdapterReloadFailed(
-                    f"{self.name}: adapters of {name}: no answer in {timeout_s:.1f} s"
-                ) from e
+                raise failure(f"{self.name}: {what}: no answer in {timeout_s:.1f} s") from e
             except grpc.aio.AioRpcError as e:
                 if e.code() in _UNREACHABLE:
-                    raise UpstreamUnavailable(
-                        f"{self.name}: adapters of {name}: {e.code().name} {e.details()}"
-                    ) from e
-                raise AdapterReloadFailed(f"{self.name}: adapters of {name}: {e.details()}") from e
+                    raise UpstreamUnavailable(f"{self.name}: {what}: {e.code().name} {e.details()}") from e
+                raise failure(f"{self.name}: {what}: {e.code().name} {e.details()}") from e
             if resp is grpc.aio.EOF:
-                raise AdapterReloadFailed(
-                    f"{self.name}: adapters of {name}: the stream ended without an answer"
-                )
+                raise failure(f"{self.name}: {what}: the stream ended without an answer")
             if resp.error_message:
-                finished = True
-                raise AdapterReloadFailed(f"{self.name}: adapters of {name}: {resp.error_message}")
+                finished = True  # an error response is final
+                raise failure(f"{self.name}: {what}: {resp.error_message}")
             chunk = parse_infer_response(resp.infer_response)
             finished = chunk.final
-            if chunk.finish_reason != LORA_RELOADED:
-                raise AdapterReloadFailed(
-                    f"{self.name}: adapters of {name}: answered {chunk.finish_reason!r}, not {LORA_RELOADED!r}"
+            if not chunk.final or chunk.finish_reason != expect:
+                raise failure(
+                    f"{self.name}: {what}: answered {chunk.finish_reason!r}, not {expect!r} "
+                    "(not a warmstart model?)"
                 )
-            try:
-                answer = json.loads(chunk.text)
-            except ValueError:
-                answer = {}
-            return answer if isinstance(answer, dict) else {}
+            return chunk
         finally:
             self._end(call, finished)
 
