@@ -45,6 +45,8 @@ def _view(**kw: object) -> Allocation:
         ("an index-found instance unknown to the allocation is recorded", _view(), {"m1": (MIB, False)}, (),
          (), ({}, (), (), {"m1": MIB})),
         ("its own load in flight is left alone", _view(), {"m1": (MIB, True)}, ("m1",), (), ({}, (), (), {})),
+        ("later, an index-found instance unknown to the allocation is dropped", _view(),
+         {"m1": (MIB, False), "first": False}, (), (), ({}, (), ("m1",), {})),
     ],
 )  # fmt: skip
 def test_a_replica_round_follows_the_allocation(
@@ -55,7 +57,11 @@ def test_a_replica_round_follows_the_allocation(
     busy: tuple[str, ...],
     want: tuple[dict[str, int], tuple[str, ...], tuple[str, ...], dict[str, int]],
 ) -> None:
-    sync = sync_with_allocation(view, instances, in_flight=in_flight, busy=busy, models={"m1", "m2"})
+    instances = dict(instances)
+    first = bool(instances.pop("first", True))  # type: ignore[arg-type]
+    sync = sync_with_allocation(
+        view, instances, in_flight=in_flight, busy=busy, models={"m1", "m2"}, first=first
+    )
     assert (dict(sync.adopt), tuple(sorted(sync.confirm)), sync.drop, dict(sync.record)) == want, case
 
 
@@ -92,3 +98,29 @@ def test_models_other_replicas_generations_use_are_pinned_and_a_pinned_state_is_
     assert not state.instances[0].idle
     with pytest.raises(InvalidSnapshotError, match="pinned"):
         encode_server(state)
+
+
+def test_a_record_of_a_model_the_server_does_not_have_is_taken_out_unless_in_use_or_loading() -> None:
+    import asyncio
+
+    store = InMemoryClusterState()
+
+    async def scenario() -> tuple[bool, bool, bool, dict[str, int]]:
+        me = ReplicaCoordinator(store, name="me")
+        other = store.grant_lease(30)
+        for m in ("m1", "m2", "m3"):
+            store.finish_load("s1", m, "gone", size_bytes=MIB)  # recorded loaded by a replica now gone
+        store.set_in_use("s1", "m2", "other", 1, lease=other)  # another replica streams from m2
+        view = store.allocation("s1")
+        store.claim_load("s1", "m4", MIB, "other", lease=other, expected_revision=view.revision)
+        await me.refresh("s1")
+        m1 = await me.forget_loaded("s1", "m1")
+        m2 = await me.forget_loaded("s1", "m2")
+        m4 = await me.forget_loaded("s1", "m4")  # not recorded loaded: being loaded
+        await me.close()
+        return m1, m2, m4, dict(store.allocation("s1").loaded)
+
+    m1, m2, m4, loaded = asyncio.run(scenario())
+    assert (m1, m2, m4) == (True, False, False)
+    assert loaded == {"m2": MIB, "m3": MIB}
+    assert store.allocation("s1").unloading == {}  # its unload is recorded as done at once

@@ -140,12 +140,16 @@ def sync_with_allocation(
     in_flight: Collection[str],
     busy: Collection[str],
     models: Collection[str],
+    first: bool = True,
 ) -> AllocationSync:
     """Pure: the round's changes for one server. ``instances``: model -> (bytes, shared) of what this replica
     routes to there; ``in_flight``: models it is loading or unloading there itself (left alone); ``busy``:
     instances with running generations (never dropped: a release checks every replica's in-use counts, so a
     busy one leaving the allocation is a race that the generations' failover settles); ``models``: the
-    models this replica knows (only those are adopted)."""
+    models this replica knows (only those are adopted). ``first``: this replica's first round with this
+    server: instances found only in its index (loaded before the allocations knew of them) are recorded;
+    in a later round such an instance is one another replica unloaded between this replica's read of the
+    index and the round, and is dropped (recording it would keep a model that is gone in the allocation)."""
     adopt = {
         m: size
         for m, size in view.loaded.items()
@@ -160,7 +164,7 @@ def sync_with_allocation(
         if m in view.loaded:
             if not shared:
                 confirm.add(m)
-        elif shared or m in view.unloading or m in view.loads:
+        elif shared or m in view.unloading or m in view.loads or not first:
             if m not in busy:
                 drop.append(m)
         else:
@@ -386,6 +390,22 @@ class ReplicaCoordinator:
             await self.refresh(server)
             return True
         return False
+
+    async def forget_loaded(self, server: str, model: str) -> bool:
+        """``server`` answered that it does not have ``model`` while its allocation records it loaded: take
+        the record out (a compare-and-set on a view that still has it and where no other replica uses it,
+        then its unload is recorded as done). True if the record was taken out."""
+        view = self.views.get(server) or await self.refresh(server)
+        if model not in view.loaded or model in view.loads:
+            return False
+        if not await self.may_unload(server, model):
+            return False
+        await self.unloaded(server, model)
+        logger.warning(
+            "replica %s: %s was recorded loaded on %s, which does not have it: record removed",
+            self.name, model, server,
+        )  # fmt: skip
+        return True
 
     async def unloaded(self, server: str, model: str) -> None:
         """This replica's unload (or successful release) of ``model`` on ``server`` freed its memory."""

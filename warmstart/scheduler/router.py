@@ -293,6 +293,7 @@ class ServerRuntime:
     repository: frozenset[str] | None = None  # model names in its repository index, once read
     version: int = 0  # bumped by every change of what to_state() renders (the snapshot's cache key)
     sink: set[str] | None = None  # the router's set of servers changed since its last snapshot
+    synced: bool = False  # with other replicas: a replica round has followed this server's allocation
 
     _TRACKED: ClassVar[dict[str, type[_Tracked]]] = {
         "instances": _Instances,
@@ -300,7 +301,7 @@ class ServerRuntime:
         "unloading": _Tracked,
         "store_tiers": _Tracked,
     }
-    _UNRENDERED: ClassVar[frozenset[str]] = frozenset({"version", "probe", "upstream", "sink"})
+    _UNRENDERED: ClassVar[frozenset[str]] = frozenset({"version", "probe", "upstream", "sink", "synced"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         kind = self._TRACKED.get(name)
@@ -1575,7 +1576,9 @@ class Router:
                 in_flight=rt.loads.keys() | rt.unloading.keys(),
                 busy=[m for m, i in rt.instances.items() if i.requests],
                 models=self.models.keys(),
+                first=not rt.synced,
             )
+            rt.synced = True
             for model, size in sync.adopt.items():
                 logger.info("%s on %s was loaded by another replica: routing to it", model, rt.name)
                 rt.instances[model] = _InstanceRT(model, size, self._clock(), shared=True)
@@ -1595,6 +1598,15 @@ class Router:
                 inst = rt.instances.get(model)
                 if inst is not None:
                     inst.shared = True
+
+    async def _forget_loaded(self, rt: ServerRuntime, model: str) -> None:
+        coord = self.coordinator
+        if coord is None or model in rt.loads or model in rt.unloading:
+            return
+        try:
+            await coord.forget_loaded(rt.name, model)
+        except ClusterStateError as e:
+            logger.warning("cannot correct the allocation of %s on %s: %s", model, rt.name, e)
 
     async def _resync(self, rt: ServerRuntime) -> None:
         """Rebuild the instances of ``rt`` from its repository index (models READY there)."""
@@ -1807,6 +1819,8 @@ class Router:
                 self._drop_released(rt, gen.model)
             elif isinstance(error, UpstreamModelMissing):
                 rt.instances.pop(gen.model, None)
+                if self.coordinator is not None:  # a record of it loaded there is wrong: take it out
+                    self._spawn(self._forget_loaded(rt, gen.model), name=f"forget {rt.name}/{gen.model}")
             else:
                 await self._server_suspect(rt)
         await asyncio.sleep(min(0.05 * 2**gen.failovers, 1.0))
