@@ -78,8 +78,18 @@ def _log(msg: str) -> None:
 
 
 def competitors(streams: int) -> tuple[str, ...]:
-    """Every competitor name for ``streams`` concurrent streams."""
-    return (*SINGLE, f"triton-{streams}", f"generator-{streams}")
+    """Every competitor name for ``streams`` concurrent streams. ``matmul-1`` / ``matmul-N``: only the
+    model's own linear layers (every layer's q/k/v/o/gate/up/down and the LM head, on the loaded weights, as
+    a decode step multiplies them) for 1 and N rows, the floor under (b); ``matmul-N-packed`` the same with
+    the weights first repacked for oneDNN (a second copy), to show what such a copy would buy."""
+    return (
+        *SINGLE,
+        f"triton-{streams}",
+        f"generator-{streams}",
+        "matmul-1",
+        f"matmul-{streams}",
+        f"matmul-{streams}-packed",
+    )
 
 
 def parse_competitors(text: str, streams: int) -> list[str]:
@@ -171,6 +181,7 @@ def targets(summary: dict[str, dict[str, Any]], streams: int) -> list[dict[str, 
 
     out: list[dict[str, Any]] = []
     triton = rate("triton")
+    floor = ratio(rate(f"matmul-{streams}"), rate("matmul-1"))
     in_process = [r for r in (rate("engine"), rate("generator")) if r is not None]
     if triton is not None and in_process:
         v = ratio(triton, max(in_process))
@@ -191,6 +202,19 @@ def targets(summary: dict[str, dict[str, Any]], streams: int) -> list[dict[str, 
             "target": f"(b) {streams} streams through triton: total tok/s / 1 stream's",
             "value": v, "need": TARGET_BATCH, "pass": v is not None and v >= TARGET_BATCH,
         })  # fmt: skip
+    if floor is not None:
+        packed = ratio(rate(f"matmul-{streams}-packed"), rate("matmul-1"))
+        out.append({
+            "target": f"(b) limit: the model's matmuls alone, {streams} rows / 1 row (informational; "
+                      f"below {TARGET_BATCH:g} no engine on these kernels can meet (b))",
+            "value": floor, "need": None, "pass": None,
+        })  # fmt: skip
+        if packed is not None:
+            out.append({
+                "target": f"(b) limit with the weights repacked for oneDNN (a second copy), {streams} rows / "
+                          "1 row unpacked (informational)",
+                "value": packed, "need": None, "pass": None,
+            })  # fmt: skip
     row = summary.get(many)
     if row and row["itl_p50_ms"] is not None:
         for q in ("p50", "p99"):
@@ -268,12 +292,14 @@ class InProcess:
     runtime: Any = None
     hf: Any = None
     hf_tokenizer: Any = None
+    _packed: dict[int, list[Any]] = field(default_factory=dict)
+    packing_s: dict[int, float] = field(default_factory=dict)  # rows -> seconds the oneDNN repacking took
 
     def load(self, names: Sequence[str]) -> None:
         from warmstart.backend.runtime import Runtime
         from warmstart.tritonconfig import ModelSettings
 
-        if any(n in ("engine", "generator") or n.startswith("generator-") for n in names):
+        if any(n in ("engine", "generator") or n.startswith(("generator-", "matmul-")) for n in names):
             settings = ModelSettings(checkpoint=str(self.ws_dir), engine="torch", max_batch=self.max_batch)
             self.runtime = Runtime.load(settings, model_name=MODEL_NAME)
         if "transformers" in names:
@@ -352,6 +378,42 @@ class InProcess:
                 pad_token_id=self.hf_tokenizer.eos_token_id,
             )
         return [times]
+
+    def matmuls(self, tokens: int, rows: int, packed: bool = False) -> list[list[float]]:
+        """``tokens`` steps of only the model's linear layers for ``rows`` rows, on the engine's own weights
+        (``packed``: copies repacked for oneDNN, made once, not timed); each step's end is one token per row."""
+        import torch
+        from torch.nn.functional import linear
+
+        weights = self._linears()
+        inputs = [torch.ones(rows, w.shape[1]) for w in weights]
+        with torch.inference_mode():
+            if packed:
+                if rows not in self._packed:
+                    t0 = time.perf_counter()
+                    self._packed[rows] = [torch.ops.mkldnn._reorder_linear_weight(w, rows) for w in weights]
+                    self.packing_s[rows] = time.perf_counter() - t0
+                mats = self._packed[rows]
+
+                def step() -> None:
+                    for x, w in zip(inputs, mats, strict=True):
+                        torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
+            else:
+
+                def step() -> None:
+                    for x, w in zip(inputs, weights, strict=True):
+                        linear(x, w)
+
+            times = [time.perf_counter()]
+            for _ in range(tokens):
+                step()
+                times.append(time.perf_counter())
+        return [list(times) for _ in range(rows)]
+
+    def _linears(self) -> list[Any]:
+        w = self.runtime.engine.weights
+        mats = [m for lw in w.layers for m in (lw.wq, lw.wk, lw.wv, lw.wo, lw.w_gate, lw.w_up, lw.w_down)]
+        return [*mats, w.lm_head]
 
     def close(self) -> None:
         if self.runtime is not None:
@@ -520,7 +582,7 @@ def _expect(streams: list[list[float]], tokens: int, name: str) -> None:
 def run_sample(
     name: str, args: argparse.Namespace, local: InProcess, triton: TritonSide | None
 ) -> dict[str, Any]:
-    n = args.streams if name.endswith(f"-{args.streams}") else 1
+    n = args.streams if name.endswith((f"-{args.streams}", f"-{args.streams}-packed")) else 1
     through_triton = triton is not None and name.startswith("triton")
     cpu_before = triton.cpu() if through_triton and triton is not None else _own_cpu()
     t0 = time.perf_counter()
@@ -530,6 +592,8 @@ def run_sample(
         streams = local.generator(args.tokens, n)
     elif name == "transformers":
         streams = local.transformers(args.tokens)
+    elif name.startswith("matmul-"):
+        streams = local.matmuls(args.tokens, n, packed=name.endswith("-packed"))
     else:
         assert triton is not None
         streams = triton.streams(args.tokens, n)
@@ -660,6 +724,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "samples": samples,
         "errors": errors,
         "notes": notes,
+        "matmul_packing_s": {str(k): v for k, v in local.packing_s.items()},
     }
 
 

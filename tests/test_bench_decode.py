@@ -77,6 +77,17 @@ def test_targets_compare_triton_with_the_faster_in_process_engine_and_one_stream
     assert "faster of engine, generator" in in_process["target"]
 
 
+def test_the_matmul_floor_under_the_batch_target_is_reported_beside_it() -> None:
+    mod = _load_module()
+    rates = {"triton": 20.0, "triton-8": 60.0, "matmul-1": 22.0, "matmul-8": 77.0, "matmul-8-packed": 110.0}
+    rows = mod.targets(_summary(**rates), 8)
+    batch, floor, packed = rows[0], rows[1], rows[2]
+    assert (batch["pass"], batch["value"]) == (False, pytest.approx(3.0))
+    assert (floor["pass"], floor["value"]) == (None, pytest.approx(3.5))  # matmuls alone: 77 / 22
+    assert (packed["pass"], packed["value"]) == (None, pytest.approx(5.0))  # repacked vs plain one row
+    assert "matmul-8" in mod.competitors(8) and "matmul-8-packed" in mod.competitors(8)
+
+
 def test_targets_fail_below_the_bounds_and_leave_out_what_was_not_run() -> None:
     mod = _load_module()
     rows = mod.targets(_summary(engine=20.0, triton=18.9), 8)  # 0.945 < 0.95
