@@ -193,7 +193,7 @@ def summarize(samples: Sequence[dict[str, Any]], names: Sequence[str]) -> dict[s
         rows = [s["tiers"][tier] for s in prof if tier in s.get("tiers", {})]
         if rows:
             profile[tier] = {step: median([r.get(step) for r in rows]) for step in PROFILE_STEPS}
-            for key in ("load_total", "runtime_ttft", "bytes"):
+            for key in ("load_total", "runtime_ttft", "store_locate", "bytes"):
                 profile[tier][key] = median([r.get(key) for r in rows])
             profile[tier]["runtime_resident_ttft"] = median([s.get("runtime_resident_ttft") for s in prof])
     resident = ttft.get("resident", {}).get("ttft_s")
@@ -776,6 +776,9 @@ class Bench:
             raw = self.raw_read(a, tier)
             self.prepare_tier(a, tier)
             row = self.local.cold_load(a.store_name)
+            t0 = time.perf_counter()  # one more store round trip, the adapter now found at once
+            self.tiers.client.locate(a.store_name)
+            row["store_locate"] = time.perf_counter() - t0
             self.tiers.settle(a)
             self.prepare_tier(a, tier)
             row["runtime_ttft"] = self.local.runtime_ttft(self.local.add_cold(a.store_name))
