@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pytest
+from test_scheduler_streams import WORDS, ScriptedUpstream
 
 from warmstart.scheduler.config import AdapterConfig, ModelConfig, SchedulerConfig, SchedulerConfigError
 from warmstart.scheduler.errors import BadRequest, UnknownAdapterError, UnknownModelError
@@ -27,46 +28,19 @@ from warmstart.scheduler.router import (
     load_files,
 )
 from warmstart.scheduler.state import InMemoryClusterState
-from warmstart.scheduler.upstream import GenerationRequest, TokenChunk, UpstreamUnavailable
 
 MIB = 1 << 20
 BANDWIDTH = {"memory_bps": 1e10, "disk_bps": 1e9, "remote_bps": 1e8}
-WORDS = list(range(100, 140))
 
 
-class LoraUpstream:
-    """A server that continues any generation deterministically (token i is ``WORDS[i]``) and records the
-    loads (with their files), adapter pushes and generation requests it was sent."""
+class LoraUpstream(ScriptedUpstream):
+    """The scripted server of the stream tests (token i is ``WORDS[i]``, ``fail_after`` kills it), recording
+    the loads (with their files) and adapter pushes it was sent."""
 
     def __init__(self, name: str, *, fail_after: int | None = None) -> None:
-        self.name = name
-        self.fail_after = fail_after
-        self.requests: list[GenerationRequest] = []
+        super().__init__(name, fail_after=fail_after)
         self.loads: list[tuple[str, Mapping[str, Any], Mapping[str, bytes] | None]] = []
         self.pushes: list[dict[str, str]] = []
-        self.dead = False
-
-    async def generate(
-        self, req: GenerationRequest, *, idle_timeout_s: float
-    ) -> AsyncGenerator[TokenChunk, None]:
-        self.requests.append(req)
-        if self.dead:
-            raise UpstreamUnavailable(f"{self.name}: connection refused")
-        n = int(req.sampling["max_tokens"])
-        for i in range(len(req.generated), n):
-            if self.fail_after is not None and i - len(req.generated) >= self.fail_after:
-                self.dead = True
-                raise UpstreamUnavailable(f"{self.name}: stream broken")
-            final = i == n - 1
-            yield TokenChunk(f"<{WORDS[i]}>", (WORDS[i],), "length" if final else None, final)
-            await asyncio.sleep(0)
-
-    async def check_live(self, timeout_s: float | None = None) -> None:
-        if self.dead:
-            raise UpstreamUnavailable(f"{self.name}: not live")
-
-    async def index(self) -> list[dict[str, str]]:
-        return []
 
     async def load(
         self,
@@ -84,15 +58,6 @@ class LoraUpstream:
     ) -> dict[str, Any]:
         self.pushes.append(dict(adapters))
         return {"adapters": sorted(adapters), "added": [], "removed": []}
-
-    async def unload(self, name: str, *, wait_s: float = 30.0) -> None:
-        pass
-
-    async def release(self, name: str, *, timeout_s: float) -> float:
-        return 0.0
-
-    async def close(self) -> None:
-        pass
 
 
 ADAPTERS = {"sql": "/adapters/sql", "chat": {"checkpoint": "s3://models/chat-lora", "size_bytes": 2 * MIB}}
