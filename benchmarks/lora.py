@@ -53,8 +53,6 @@ import platform
 import queue
 import shutil
 import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -66,6 +64,10 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+# the decode benchmark's statistics and result writing (the same definitions, one copy)
+from decode import code_state, median, ratio, stream_rate, total_rate, write_json  # noqa: E402
+
 DEFAULT_CACHE = REPO / ".bench" / "coldstart"  # SmolLM2, shared with coldstart.py and decode.py
 DEFAULT_ADAPTER_CACHE = REPO / ".bench" / "lora"
 DEFAULT_RESULTS = REPO / "benchmarks" / "results"
@@ -109,34 +111,6 @@ def _log(msg: str) -> None:
 # =============================================================================================================
 # Pure parts: statistics, targets, tables, arguments (tests/test_bench_lora.py)
 # =============================================================================================================
-
-
-def median(xs: Sequence[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return statistics.median(vals) if vals else None
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-def total_rate(streams: Sequence[Sequence[float]]) -> float | None:
-    """Decode tokens/s of concurrent streams: all tokens but each stream's first, over the span from the
-    first token of any stream to the last token of any."""
-    live = [s for s in streams if s]
-    if not live:
-        return None
-    first = min(s[0] for s in live)
-    last = max(s[-1] for s in live)
-    n = sum(len(s) - 1 for s in live)
-    return n / (last - first) if last > first and n > 0 else None
-
-
-def stream_rate(times: Sequence[float]) -> float | None:
-    """Decode tokens/s of one stream from its token arrival times: the first token is excluded."""
-    if len(times) < 2 or times[-1] <= times[0]:
-        return None
-    return (len(times) - 1) / (times[-1] - times[0])
 
 
 def cold_adapter(competitor: str, rep: int, count: int) -> int:
@@ -1210,16 +1184,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def code_state() -> dict[str, Any]:
-    """The commit measured and uncommitted changes under ``warmstart/`` (the stub imports the working tree)."""
-
-    def git(*a: str) -> str:
-        r = subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=False)
-        return r.stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD"), "warmstart_changes": git("status", "--short", "warmstart")}
-
-
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -1281,16 +1245,6 @@ def plot(result: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (temp file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
