@@ -566,12 +566,26 @@ def test_a_release_decided_on_a_stale_view_is_refused(backend: Backend) -> None:
     view = store.allocation("s1")  # replica a sees m idle and decides to unload it ...
     store.set_in_use("s1", "m", "b", 1, lease=lease)  # ... while replica b starts a generation on it
     with pytest.raises(RevisionConflictError):
-        store.release_loaded("s1", "m", "a", expected_revision=view.revision, lease=lease)
+        store.release_loaded(
+            "s1",
+            "m",
+            "a",
+            expected_revision=view.revision,
+            expected_use_revision=view.use_revision,
+            lease=lease,
+        )
     assert dict(store.allocation("s1").loaded) == {"m": 100}
     store.set_in_use("s1", "m", "b", 0, lease=lease)
     idle = store.allocation("s1")
     assert idle.revision > rev
-    store.release_loaded("s1", "m", "a", expected_revision=idle.revision, lease=lease)
+    store.release_loaded(
+        "s1",
+        "m",
+        "a",
+        expected_revision=idle.revision,
+        expected_use_revision=idle.use_revision,
+        lease=lease,
+    )
     unloading = store.allocation("s1")
     assert dict(unloading.loaded) == {} and dict(unloading.unloading) == {"m": LoadClaim("a", 100)}
     assert unloading.committed_bytes == 100  # its memory is not free until the unload says so
@@ -582,12 +596,89 @@ def test_a_release_decided_on_a_stale_view_is_refused(backend: Backend) -> None:
     store.revoke_lease(lease)
 
 
+def test_an_in_use_write_between_a_read_and_a_claim_does_not_make_the_claim_conflict(
+    backend: Backend,
+) -> None:
+    store = backend.store
+    lease = store.grant_lease(30)
+    store.claim_load("s1", "m", 100, "a", lease=lease, expected_revision=0)
+    store.finish_load("s1", "m", "a", size_bytes=100)
+    view = store.allocation("s1")  # replica a decides to load n here ...
+    store.set_in_use("s1", "m", "b", 1, lease=lease)  # ... while replica b starts a generation on m
+    store.set_in_use("s1", "m", "b", 0, lease=lease)  # ... and ends it
+    rev = store.claim_load("s1", "n", 50, "a", lease=lease, expected_revision=view.revision)
+    after = store.allocation("s1")
+    assert after.revision == rev and dict(after.loads) == {"n": LoadClaim("a", 50)}
+    assert after.committed_bytes == 150
+    store.revoke_lease(lease)
+
+
+def test_an_in_use_write_between_a_read_and_a_release_makes_the_release_conflict(backend: Backend) -> None:
+    store = backend.store
+    lease = store.grant_lease(30)
+    store.claim_load("s1", "m", 100, "a", lease=lease, expected_revision=0)
+    store.finish_load("s1", "m", "a", size_bytes=100)
+    store.set_in_use("s1", "m", "a", 1, lease=lease)  # the in-use revision exists before the read
+    view = store.allocation("s1")  # replica a sees no other replica on m and decides to evict it ...
+    store.set_in_use("s1", "m", "b", 1, lease=lease)  # ... while replica b starts a generation on it
+    assert store.allocation("s1").revision == view.revision  # the allocation revision did not move
+    with pytest.raises(RevisionConflictError, match="in-use"):
+        store.release_loaded(
+            "s1",
+            "m",
+            "a",
+            expected_revision=view.revision,
+            expected_use_revision=view.use_revision,
+            lease=lease,
+        )
+    now = store.allocation("s1")
+    assert dict(now.loaded) == {"m": 100} and dict(now.unloading) == {}
+    assert now.users("m", besides="a") == 1  # the fresh read shows b's generation: a keeps m loaded
+    store.revoke_lease(lease)
+
+
+def test_use_revision_moves_on_in_use_writes_only(backend: Backend) -> None:
+    store = backend.store
+    lease = store.grant_lease(30)
+    fresh = store.allocation("s1")
+    assert fresh.revision == 0 and fresh.use_revision == 0
+    claimed = store.claim_load("s1", "m", 100, "a", lease=lease, expected_revision=0)
+    view = store.allocation("s1")
+    assert (view.revision, view.use_revision) == (claimed, 0)  # a claim moves the allocation revision only
+    finished = store.finish_load("s1", "m", "a", size_bytes=100)
+    view = store.allocation("s1")
+    assert (view.revision, view.use_revision) == (finished, 0)
+    used = store.set_in_use("s1", "m", "a", 2, lease=lease)
+    view = store.allocation("s1")
+    assert (view.revision, view.use_revision) == (finished, used)  # an in-use write moves its own only
+    assert used > finished
+    done = store.set_in_use("s1", "m", "a", 0, lease=lease)
+    view = store.allocation("s1")
+    assert (view.revision, view.use_revision) == (finished, done) and done > used
+    released = store.release_loaded(
+        "s1", "m", "a", expected_revision=finished, expected_use_revision=done, lease=lease
+    )
+    unloaded = store.unloaded("s1", "m", "a")
+    view = store.allocation("s1")
+    assert released > done and (view.revision, view.use_revision) == (unloaded, done)
+    assert store.allocation("s2").use_revision == 0  # per server
+    store.revoke_lease(lease)
+
+
 def test_a_dead_replicas_unfinished_unload_frees_its_bytes_with_its_lease(backend: Backend) -> None:
     store = backend.store
     dying = store.grant_lease(LEASE_TTL_S)
     store.claim_load("s1", "m", 100, "a", lease=dying, expected_revision=0)
     store.finish_load("s1", "m", "a", size_bytes=100)
-    store.release_loaded("s1", "m", "a", expected_revision=store.allocation("s1").revision, lease=dying)
+    view = store.allocation("s1")
+    store.release_loaded(
+        "s1",
+        "m",
+        "a",
+        expected_revision=view.revision,
+        expected_use_revision=view.use_revision,
+        lease=dying,
+    )
     assert store.allocation("s1").committed_bytes == 100
     if backend.clock is not None:
         backend.clock.now += dying.ttl_s

@@ -72,7 +72,7 @@ __all__ = ["DEFAULT_PREFIX", "DEFAULT_TIMEOUT_S", "EtcdClusterState", "EtcdReque
 DEFAULT_PREFIX = "/warmstart/"
 DEFAULT_TIMEOUT_S = 2.0
 _SERVERS, _MODELS, _EPOCHS, _NODES = "servers/", "models/", "epochs/", "nodes/"
-_ALLOC_REV, _ALLOC, _DEPLOYMENTS = "alloc-rev/", "alloc/", "deployments/"
+_ALLOC_REV, _USE_REV, _ALLOC, _DEPLOYMENTS = "alloc-rev/", "use-rev/", "alloc/", "deployments/"
 # gRPC status codes etcd's gateway returns in {"code": ...}
 _NOT_FOUND, _DEADLINE_EXCEEDED, _UNAVAILABLE = 5, 4, 14
 _R = TypeVar("_R")
@@ -530,10 +530,15 @@ class EtcdClusterState:
         return self.read().snapshot(now, demand)
 
     # -- allocations ---------------------------------------------------------------------------------
-    # version key P alloc-rev/<server> (its mod_revision is the allocation revision); the records under
-    # P alloc/<server>/: loads/<model> (claim, replica's lease), loaded/<model>, inuse/<model>/<replica>
+    # version keys P alloc-rev/<server> (its mod_revision is the allocation revision: claims, loaded and
+    # unloading records) and P use-rev/<server> (the in-use revision: in-use counts only); the records under
+    # P alloc/<server>/: loads/<model> (claim, replica's lease), loaded/<model>, unloading/<model>,
+    # inuse/<model>/<replica>
     def _alloc_rev_key(self, server: str) -> bytes:
         return self._key(_ALLOC_REV, server)
+
+    def _use_rev_key(self, server: str) -> bytes:
+        return self._key(_USE_REV, server)
 
     def _alloc_key(self, server: str, *parts: str) -> bytes:
         return self._key(_ALLOC, "/".join((server, *parts)))
@@ -542,41 +547,66 @@ class EtcdClusterState:
         value = encode_alloc("alloc-version", {"server": server})
         return {"request_put": {"key": _b64(self._alloc_rev_key(server)), "value": _b64(value)}}
 
-    def _alloc_compare(self, server: str, expected: int) -> dict[str, Any]:
-        key = _b64(self._alloc_rev_key(server))
+    @staticmethod
+    def _version_compare(version_key: bytes, expected: int) -> dict[str, Any]:
+        key = _b64(version_key)
         if expected == 0:
             return {"key": key, "target": "CREATE", "result": "EQUAL", "create_revision": "0"}
         return {"key": key, "target": "MOD", "result": "EQUAL", "mod_revision": str(expected)}
 
-    def _alloc_write(self, server: str, ops: list[dict[str, Any]], expected: int | None, what: str) -> int:
-        compare = [] if expected is None else [self._alloc_compare(server, expected)]
-        ok, answer, found = self._txn(compare, [*ops, self._bump_op(server)], [self._alloc_rev_key(server)])
+    def _alloc_write(
+        self,
+        server: str,
+        ops: list[dict[str, Any]],
+        expected: int | None,
+        what: str,
+        *,
+        expected_use: int | None = None,
+    ) -> int:
+        """One transaction: ``ops`` and the allocation revision's bump, if the allocation revision is
+        ``expected`` and (``expected_use`` not None) the in-use revision is ``expected_use``."""
+        compare, reads = [], [self._alloc_rev_key(server)]
+        if expected is not None:
+            compare.append(self._version_compare(self._alloc_rev_key(server), expected))
+        if expected_use is not None:
+            compare.append(self._version_compare(self._use_rev_key(server), expected_use))
+            reads.append(self._use_rev_key(server))
+        ok, answer, found = self._txn(compare, [*ops, self._bump_op(server)], reads)
         if not ok:
-            now = _int(found[0].get("mod_revision"), "mod_revision") if found and found[0] is not None else 0
+            now = [_int(kv.get("mod_revision"), "mod_revision") if kv is not None else 0 for kv in found]
+            if expected is not None and now[0] != expected:
+                raise RevisionConflictError(
+                    f"allocation of {server!r} is at revision {now[0]}, the {what} expected {expected}"
+                )
             raise RevisionConflictError(
-                f"allocation of {server!r} is at revision {now}, the {what} expected {expected}"
+                f"in-use counts of {server!r} are at revision {now[1] if len(now) > 1 else 0}, the {what} "
+                f"expected {expected_use}"
             )
         return self._revision(answer)
 
     def allocation(self, server: str) -> Allocation:
-        """What the replicas together hold on ``server``: its version key and records in one transaction."""
+        """What the replicas together hold on ``server``: its two version keys and records in one
+        transaction."""
         check_allocation_names(server)
         prefix = self._alloc_key(server, "")
         ranges = [
             {"request_range": {"key": _b64(self._alloc_rev_key(server))}},
+            {"request_range": {"key": _b64(self._use_rev_key(server))}},
             {"request_range": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix))}},
         ]
         answer = self._call("kv/txn", {"compare": [], "success": ranges, "failure": []})
         responses = answer.get("responses") or []
-        if len(responses) != 2:
+        if len(responses) != 3:
             raise EtcdRequestError(f"etcd answered the allocation read with {len(responses)} responses")
         version = self._kvs((responses[0] or {}).get("response_range") or {})
         revision = _int(version[0].get("mod_revision"), "mod_revision") if version else 0
+        use_version = self._kvs((responses[1] or {}).get("response_range") or {})
+        use_revision = _int(use_version[0].get("mod_revision"), "mod_revision") if use_version else 0
         loads: dict[str, LoadClaim] = {}
         loaded: dict[str, int] = {}
         unloading: dict[str, LoadClaim] = {}
         in_use: dict[str, dict[str, int]] = {}
-        for kv in self._kvs((responses[1] or {}).get("response_range") or {}):
+        for kv in self._kvs((responses[2] or {}).get("response_range") or {}):
             key = _unb64(kv.get("key"), "key")
             text = key.decode(errors="replace")
             rest = key[len(prefix) :].decode(errors="replace").split("/")
@@ -595,7 +625,7 @@ class EtcdClusterState:
                     in_use.setdefault(rest[1], {})[rest[2]] = count
             else:
                 logger.debug("ignoring key %r under the allocation of %s", text, server)
-        return Allocation(server, revision, loads, loaded, in_use, unloading)
+        return Allocation(server, revision, loads, loaded, in_use, unloading, use_revision)
 
     def claim_load(
         self, server: str, model: str, size_bytes: int, replica: str, *, lease: Lease, expected_revision: int
@@ -634,7 +664,8 @@ class EtcdClusterState:
         return self._alloc_write(server, ops, None, "finish")
 
     def set_in_use(self, server: str, model: str, replica: str, count: int, *, lease: Lease) -> int:
-        """Set ``replica``'s count of generations on ``model`` at ``server`` (0 deletes it), under ``lease``."""
+        """Set ``replica``'s count of generations on ``model`` at ``server`` (0 deletes it), under ``lease``:
+        one transaction that bumps the in-use revision only (claims do not compare it); the new revision."""
         check_allocation_names(server, model, replica)
         key = _b64(self._alloc_key(server, "inuse", model, replica))
         if count > 0:
@@ -642,13 +673,24 @@ class EtcdClusterState:
             op = {"request_put": {"key": key, "value": value, "lease": str(lease.id)}}
         else:
             op = {"request_delete_range": {"key": key}}
-        return self._alloc_write(server, [op], None, "in-use count")
+        version = encode_alloc("use-version", {"server": server})
+        bump = {"request_put": {"key": _b64(self._use_rev_key(server)), "value": _b64(version)}}
+        _, answer, _ = self._txn([], [op, bump], [])
+        return self._revision(answer)
 
     def release_loaded(
-        self, server: str, model: str, replica: str, *, expected_revision: int, lease: Lease
+        self,
+        server: str,
+        model: str,
+        replica: str,
+        *,
+        expected_revision: int,
+        expected_use_revision: int,
+        lease: Lease,
     ) -> int:
         """Move ``model`` on ``server`` from loaded to unloading (its bytes kept, under ``lease``): one
-        transaction comparing the allocation revision."""
+        transaction comparing both the allocation and the in-use revision (a count written since, such as
+        another replica's generation starting on it, makes it conflict)."""
         check_allocation_names(server, model, replica)
         loaded_key = self._alloc_key(server, "loaded", model)
         kv = self._range_one(loaded_key)
@@ -660,7 +702,9 @@ class EtcdClusterState:
             value = _b64(encode_alloc("alloc-claim", {"replica": replica, "size_bytes": int(size)}))
             key = _b64(self._alloc_key(server, "unloading", model))
             ops.append({"request_put": {"key": key, "value": value, "lease": str(lease.id)}})
-        return self._alloc_write(server, ops, expected_revision, "release")
+        return self._alloc_write(
+            server, ops, expected_revision, "release", expected_use=expected_use_revision
+        )
 
     def unloaded(self, server: str, model: str, replica: str) -> int:
         """``replica``'s unload of ``model`` on ``server`` freed its memory (only its own record goes)."""

@@ -380,6 +380,7 @@ class ReplicaCoordinator:
                     model,
                     self.name,
                     expected_revision=view.revision,
+                    expected_use_revision=view.use_revision,
                     lease=lease,
                 )
             except RevisionConflictError:

@@ -712,12 +712,15 @@ class LoadClaim:
 class Allocation:
     """What the scheduler replicas together hold on one server, read at one store revision.
 
-    ``revision`` is the server's allocation version (0: never written): every allocation write bumps it, so a
-    decision taken on this view is a compare-and-set on it (``expected_revision``). ``loads``: loads in
-    flight, each under its replica's lease; ``loaded``: models loaded there (bytes), kept until released;
-    ``in_use``: per model, how many of each replica's generations use it (under that replica's lease);
-    ``unloading``: models released for an unload whose memory is not free yet (under the releasing
-    replica's lease), bytes.
+    ``revision`` is the server's allocation version (0: never written): every write of its claims, loaded
+    and unloading records bumps it, so a decision taken on this view is a compare-and-set on it
+    (``expected_revision``). ``use_revision`` is its in-use version (0: never written), bumped by every
+    in-use count write only (they change with every generation's start and end but commit no bytes, so a
+    load claim does not compare it; a release, which must not take a model another replica's generations
+    use, compares both). ``loads``: loads in flight, each under its replica's lease; ``loaded``: models
+    loaded there (bytes), kept until released; ``in_use``: per model, how many of each replica's
+    generations use it (under that replica's lease); ``unloading``: models released for an unload whose
+    memory is not free yet (under the releasing replica's lease), bytes.
     """
 
     server: str
@@ -726,6 +729,7 @@ class Allocation:
     loaded: Mapping[str, int] = field(default_factory=dict)
     in_use: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     unloading: Mapping[str, LoadClaim] = field(default_factory=dict)
+    use_revision: int = 0
 
     @property
     def committed_bytes(self) -> int:
@@ -838,15 +842,17 @@ class ClusterStateStore(Protocol):
         ...
 
     def allocation(self, server: str) -> Allocation:
-        """What the replicas together hold on ``server`` (one read, one revision)."""
+        """What the replicas together hold on ``server`` (one read, one revision: its allocation and in-use
+        revisions and every record)."""
         ...
 
     def claim_load(
         self, server: str, model: str, size_bytes: int, replica: str, *, lease: Lease, expected_revision: int
     ) -> int:
         """Record that ``replica`` loads ``model`` on ``server``, if the server's allocation is still at
-        ``expected_revision`` (:class:`RevisionConflictError` otherwise: re-read and decide again); the claim
-        ends with ``lease``. Returns the new allocation revision."""
+        ``expected_revision`` (:class:`RevisionConflictError` otherwise: re-read and decide again; in-use
+        count writes since do not make it conflict); the claim ends with ``lease``. Returns the new
+        allocation revision."""
         ...
 
     def finish_load(self, server: str, model: str, replica: str, *, size_bytes: int | None) -> int:
@@ -856,15 +862,24 @@ class ClusterStateStore(Protocol):
 
     def set_in_use(self, server: str, model: str, replica: str, count: int, *, lease: Lease) -> int:
         """``replica`` has ``count`` generations on ``model`` at ``server`` (0 removes the count); under
-        ``lease``, so a dead replica's counts expire with it. Returns the new allocation revision."""
+        ``lease``, so a dead replica's counts expire with it. Bumps the in-use revision only (not the
+        allocation revision); returns the new in-use revision."""
         ...
 
     def release_loaded(
-        self, server: str, model: str, replica: str, *, expected_revision: int, lease: Lease
+        self,
+        server: str,
+        model: str,
+        replica: str,
+        *,
+        expected_revision: int,
+        expected_use_revision: int,
+        lease: Lease,
     ) -> int:
         """``model`` on ``server`` is being unloaded by ``replica`` (an unload or eviction decided on the view at
-        ``expected_revision``: :class:`RevisionConflictError` if anything changed since): no longer loaded,
-        but its bytes stay committed, under ``lease``, until :meth:`unloaded`. New revision."""
+        ``expected_revision`` and ``expected_use_revision``: :class:`RevisionConflictError` if any claim,
+        record or in-use count changed since): no longer loaded, but its bytes stay committed, under
+        ``lease``, until :meth:`unloaded`. New allocation revision."""
         ...
 
     def unloaded(self, server: str, model: str, replica: str) -> int:
@@ -925,6 +940,7 @@ class InMemoryClusterState:
         self._leases: dict[int, _LeaseRecord] = {}
         self._key_lease: dict[tuple[str, str], int] = {}  # (kind, name) -> the lease it was written under
         self._alloc_rev: dict[str, int] = {}  # server -> allocation revision
+        self._use_rev: dict[str, int] = {}  # server -> in-use revision (in-use count writes only)
         self._claims: dict[str, dict[str, LoadClaim]] = {}  # server -> model -> claim
         self._loaded: dict[str, dict[str, int]] = {}
         self._unloading: dict[str, dict[str, LoadClaim]] = {}  # server -> model -> (releasing replica, bytes)
@@ -1169,6 +1185,7 @@ class InMemoryClusterState:
                 dict(self._loaded.get(server, {})),
                 in_use,
                 dict(self._unloading.get(server, {})),
+                self._use_rev.get(server, 0),
             )
 
     def claim_load(
@@ -1215,12 +1232,22 @@ class InMemoryClusterState:
             else:
                 users.pop(replica, None)
                 self._detach(key, "inuse")
-            return self._bump(server)
+            self._revision += 1  # the in-use revision only: a claim decided before this write still holds
+            self._use_rev[server] = self._revision
+            return self._revision
 
     def release_loaded(
-        self, server: str, model: str, replica: str, *, expected_revision: int, lease: Lease
+        self,
+        server: str,
+        model: str,
+        replica: str,
+        *,
+        expected_revision: int,
+        expected_use_revision: int,
+        lease: Lease,
     ) -> int:
-        """Move ``model`` on ``server`` from loaded to unloading by ``replica`` (bytes kept), compare-and-set."""
+        """Move ``model`` on ``server`` from loaded to unloading by ``replica`` (bytes kept), compare-and-set on
+        both the allocation and the in-use revision."""
         check_allocation_names(server, model, replica)
         with self._lock:
             self._expire()
@@ -1228,6 +1255,12 @@ class InMemoryClusterState:
             if current != expected_revision:
                 raise RevisionConflictError(
                     f"allocation of {server!r} is at revision {current}, the release expected {expected_revision}"
+                )
+            use = self._use_rev.get(server, 0)
+            if use != expected_use_revision:
+                raise RevisionConflictError(
+                    f"in-use counts of {server!r} are at revision {use}, the release expected "
+                    f"{expected_use_revision}"
                 )
             self._live_lease(lease)
             size = self._loaded.get(server, {}).pop(model, None)

@@ -465,8 +465,8 @@ def decode_epoch(data: bytes, key: str, *, name: str | None = None) -> str:
 
 
 def encode_alloc(kind: str, value: Mapping[str, Any]) -> bytes:
-    """An allocation record: ``alloc-version`` {server}, ``alloc-claim`` {replica, size_bytes},
-    ``alloc-loaded`` {size_bytes} or ``alloc-inuse`` {count}."""
+    """An allocation record: ``alloc-version`` {server}, ``use-version`` {server}, ``alloc-claim``
+    {replica, size_bytes}, ``alloc-loaded`` {size_bytes} or ``alloc-inuse`` {count}."""
     if kind not in _ALLOC_FIELDS:
         raise InvalidSnapshotError(f"unknown allocation record kind {kind!r}")
     return _dump(kind, dict(value))
@@ -474,6 +474,7 @@ def encode_alloc(kind: str, value: Mapping[str, Any]) -> bytes:
 
 _ALLOC_FIELDS: dict[str, tuple[str, ...]] = {
     "alloc-version": ("server",),
+    "use-version": ("server",),
     "alloc-claim": ("replica", "size_bytes"),
     "alloc-loaded": ("size_bytes",),
     "alloc-inuse": ("count",),
