@@ -1160,7 +1160,10 @@ def replica_summary(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             "evictions": _median([float(x["evictions"]) for x in runs]),
         }
 
-    ops: dict[str, list[float]] = {"claim": [], "claim_cas": [], "may_unload": [], "finished": []}
+    # CoordinatorStats.OPS (warmstart.scheduler.replicas); decision_read: a decision's pinned-server reads
+    ops: dict[str, list[float]] = {
+        op: [] for op in ("claim", "claim_cas", "decision_read", "may_unload", "finished")
+    }
     outcomes: dict[str, int] = {}
     loads_per_replica: list[list[int]] = []
     for run in pair:
@@ -1263,7 +1266,7 @@ def render_replica_table(summary: dict[str, Any]) -> str:
     lines.append("coordinator calls (pooled over both replicas of every 2-replica run), ms:")
     for op, row in summary["coordinator_ms"].items():
         lines.append(
-            f"  {op:<11} n {row['n']:>4}  median {_f(row['median_ms'], '.2f')}  p99 {_f(row['p99_ms'], '.2f')}"
+            f"  {op:<14} n {row['n']:>4}  median {_f(row['median_ms'], '.2f')}  p99 {_f(row['p99_ms'], '.2f')}"
             f"  max {_f(row['max_ms'], '.2f')}"
         )
     lines.append(

@@ -1,13 +1,21 @@
-"""ReplicaCoordinator's timing of its shared-allocation calls (CoordinatorStats), on the in-memory store."""
+"""ReplicaCoordinator's timing of its shared-allocation calls (CoordinatorStats), on the in-memory store; and
+its optimistic claim (decided on the cached view, one compare-and-set) on both stores, counting the calls
+that reach the real store."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any, cast
 
 import pytest
 
+from warmstart.etcd import Etcd
+from warmstart.scheduler.etcd_state import EtcdClusterState
 from warmstart.scheduler.replicas import ClaimResult, CoordinatorStats, ReplicaCoordinator
-from warmstart.scheduler.state import InMemoryClusterState
+from warmstart.scheduler.state import ClusterStateStore, InMemoryClusterState, LoadClaim
 
 MB = 10**6
 
@@ -69,3 +77,140 @@ def test_two_replicas_claims_are_timed_with_their_outcomes() -> None:
         for op in s["ops"].values():
             assert len(op["samples_ms"]) == op["n"]
             assert all(x >= 0 for x in op["samples_ms"])
+
+
+# --- the optimistic claim: decided on the cached view, one compare-and-set -------------------------------
+
+
+class CountingStore:
+    """The real store under test, with a count of every call made through it (nothing else changed)."""
+
+    def __init__(self, inner: ClusterStateStore) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.calls[name] += 1
+            return attr(*args, **kwargs)
+
+        return counted
+
+
+@pytest.fixture(params=["memory", pytest.param("etcd", marks=pytest.mark.etcd)])
+def store(request: pytest.FixtureRequest) -> Iterator[ClusterStateStore]:
+    if request.param == "memory":
+        yield InMemoryClusterState()
+        return
+    etcd: Etcd = request.getfixturevalue("etcd")
+    real = EtcdClusterState(etcd.url, prefix=f"/test-{uuid.uuid4().hex}/")
+    try:
+        yield real
+    finally:
+        real.close()
+
+
+def _coordinator(store: ClusterStateStore, name: str) -> tuple[ReplicaCoordinator, CountingStore]:
+    counting = CountingStore(store)
+    return ReplicaCoordinator(cast(ClusterStateStore, counting), name=name), counting
+
+
+def test_a_claim_on_a_fresh_cached_view_is_one_write_and_no_read(store: ClusterStateStore) -> None:
+    async def scenario() -> tuple[list[ClaimResult], Counter[str], ReplicaCoordinator]:
+        a, counting = _coordinator(store, "a")
+        await a.keep_alive()  # its lease, taken by its first round
+        await a.refresh("s")  # the round's read: the cached view
+        other = store.grant_lease(30)
+        store.set_in_use("s", "m0", "b", 1, lease=other)  # b's generations start and end meanwhile
+        store.set_in_use("s", "m0", "b", 0, lease=other)
+        counting.calls.clear()
+        results = [
+            await a.claim("s", "m1", 100 * MB, 1000 * MB),
+            await a.claim("s", "m2", 100 * MB, 1000 * MB),  # on the view its own claim left: no read either
+        ]
+        calls = Counter(counting.calls)
+        await a.close()
+        store.revoke_lease(other)
+        return results, calls, a
+
+    results, calls, a = asyncio.run(scenario())
+    assert results == [ClaimResult.WON, ClaimResult.WON]
+    assert calls == Counter({"claim_load": 2})  # one compare-and-set each, no allocation read
+    ops = a.stats.summary()["ops"]
+    assert ops["claim"]["n"] == 2 and ops["claim_cas"]["n"] == 2
+
+
+def test_a_claim_on_a_stale_view_joins_the_load_another_replica_claimed_since(
+    store: ClusterStateStore,
+) -> None:
+    async def scenario() -> tuple[ClaimResult, Counter[str], dict[str, Any]]:
+        a, counting = _coordinator(store, "a")
+        b = ReplicaCoordinator(store, name="b")
+        await a.keep_alive()
+        await a.refresh("s")  # a's view: nothing on s
+        assert await b.claim("s", "m1", 100 * MB, 1000 * MB) is ClaimResult.WON  # b wrote since
+        counting.calls.clear()
+        result = await a.claim("s", "m1", 100 * MB, 1000 * MB)
+        calls = Counter(counting.calls)
+        loads = dict(store.allocation("s").loads)
+        await a.close()
+        await b.close()
+        return result, calls, loads
+
+    result, calls, loads = asyncio.run(scenario())
+    assert result is ClaimResult.JOIN  # never a second load of m1
+    assert loads == {"m1": LoadClaim("b", 100 * MB)}
+    assert calls == Counter({"claim_load": 1, "allocation": 1})  # the stale compare-and-set lost, then read
+
+
+def test_a_claim_on_a_stale_view_wins_when_another_replica_claimed_another_model_since(
+    store: ClusterStateStore,
+) -> None:
+    async def scenario() -> tuple[ClaimResult, ClaimResult, dict[str, Any]]:
+        a = ReplicaCoordinator(store, name="a")
+        b = ReplicaCoordinator(store, name="b")
+        await a.refresh("s")
+        assert await b.claim("s", "m2", 100 * MB, 250 * MB) is ClaimResult.WON
+        won = await a.claim("s", "m1", 100 * MB, 250 * MB)  # 200 of 250: fits with b's claim
+        await a.refresh("s")
+        assert await b.claim("s", "m3", 10 * MB, 250 * MB) is ClaimResult.WON  # b writes again
+        full = await a.claim("s", "m4", 100 * MB, 250 * MB)  # a's view: 200 committed; now 210 + 100 > 250
+        loads = dict(store.allocation("s").loads)
+        await a.close()
+        await b.close()
+        return won, full, loads
+
+    won, full, loads = asyncio.run(scenario())
+    assert won is ClaimResult.WON and full is ClaimResult.NO_ROOM
+    assert loads == {
+        "m1": LoadClaim("a", 100 * MB),
+        "m2": LoadClaim("b", 100 * MB),
+        "m3": LoadClaim("b", 10 * MB),
+    }
+
+
+def test_a_cached_view_that_answers_join_or_no_room_is_read_again_first(store: ClusterStateStore) -> None:
+    async def scenario() -> tuple[ClaimResult, ClaimResult, Counter[str]]:
+        a, counting = _coordinator(store, "a")
+        b = ReplicaCoordinator(store, name="b")
+        await a.keep_alive()
+        for server in ("s", "t"):
+            assert await b.claim(server, "m1", 200 * MB, 250 * MB) is ClaimResult.WON
+            await a.refresh(server)  # a's view: b loads m1 there (200 of 250 MB)
+            await b.finished(server, "m1", loaded_bytes=None)  # b's load failed: nothing there now
+        counting.calls.clear()
+        joined = await a.claim("s", "m1", 200 * MB, 250 * MB)  # the cached view says JOIN
+        no_room = await a.claim("t", "m2", 100 * MB, 250 * MB)  # the cached view says 200 + 100 > 250
+        calls = Counter(counting.calls)
+        await a.close()
+        await b.close()
+        return joined, no_room, calls
+
+    joined, no_room, calls = asyncio.run(scenario())
+    assert joined is ClaimResult.WON  # read again: b's claim is gone, a loads m1 itself
+    assert no_room is ClaimResult.WON  # read again: the room b's claim took is free
+    assert calls == Counter({"allocation": 2, "claim_load": 2})  # one read and one write each

@@ -153,6 +153,7 @@ def test_a_model_another_replica_is_using_is_not_evicted_and_the_budget_is_never
     server = FakeTriton(budget_models=1)  # room for one model only
     gate = asyncio.Event()
     refused: list[int] = []
+    reads: list[int] = []
 
     async def scenario() -> tuple[list[int], list[int], list[str]]:
         a = _replica(store, SharedUpstream(server, gate=gate))
@@ -178,6 +179,7 @@ def test_a_model_another_replica_is_using_is_not_evicted_and_the_budget_is_never
             got_b = await asyncio.wait_for(want_b, 15)  # then b evicts m1 and loads m2
             assert b.coordinator is not None
             refused.append(b.coordinator.stats.outcomes["unload_refused"])
+            reads.append(b.coordinator.stats.summary()["ops"]["decision_read"]["n"])
             return got_a, got_b, during
         finally:
             await a.close()
@@ -191,6 +193,8 @@ def test_a_model_another_replica_is_using_is_not_evicted_and_the_budget_is_never
     # b saw m1 pinned by a's generation (a's in-use count) and waited, instead of asking to evict it over
     # and over while a streamed
     assert refused == [0], refused
+    # while queued it read s1's allocation again before deciding, and those reads are in its stats
+    assert reads[0] >= 1, reads
 
 
 def test_a_dead_replicas_claim_expires_and_the_other_loads_the_model() -> None:

@@ -29,7 +29,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from warmstart.scheduler.errors import (
@@ -42,6 +42,7 @@ from warmstart.scheduler.state import (
     Allocation,
     ClusterStateStore,
     Lease,
+    LoadClaim,
 )
 
 __all__ = [
@@ -67,14 +68,17 @@ class ClaimResult(enum.Enum):
 class CoordinatorStats:
     """How long this replica's shared-allocation calls took, and how its claims ended.
 
-    ``claim`` is one load decision's added cost with other replicas (its reads of the allocation and the
-    compare-and-set, retries included), ``claim_cas`` each compare-and-set write within it, ``may_unload``
-    an unload or eviction check (read + compare-and-set), ``finished`` the write that ends a load. The last
-    ``keep`` durations of each are kept (seconds); ``counts`` has every call (calls that raised are not
-    timed). Shown in the admin state (``Router.describe()["replicas"]``).
+    ``claim`` is one load decision's added cost with other replicas (the compare-and-set, and its reads of
+    the allocation where the cached view did not do: retries included), ``claim_cas`` each compare-and-set
+    write within it, ``decision_read`` each read of a server's allocation a decision takes before it
+    (``Router._others_done``: the servers where other replicas' generations pin models, read again when
+    older than ``PINNED_REFRESH_S``), ``may_unload`` an unload or eviction check (read + compare-and-set),
+    ``finished`` the write that ends a load. The last ``keep`` durations of each are kept (seconds);
+    ``counts`` has every call (calls that raised are not timed). Shown in the admin state
+    (``Router.describe()["replicas"]``).
     """
 
-    OPS = ("claim", "claim_cas", "may_unload", "finished")
+    OPS = ("claim", "claim_cas", "decision_read", "may_unload", "finished")
 
     def __init__(self, keep: int = 4096) -> None:
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
@@ -238,6 +242,13 @@ class ReplicaCoordinator:
         self.read_at[server] = at
         return view
 
+    async def decision_read(self, server: str) -> Allocation:
+        """:meth:`refresh` for a load decision about to be taken (timed in ``stats`` as ``decision_read``)."""
+        t0 = time.perf_counter()
+        view = await self.refresh(server)
+        self.stats.record("decision_read", time.perf_counter() - t0)
+        return view
+
     async def refresh_all(self, servers: Iterable[str]) -> None:
         for server in servers:
             try:
@@ -278,6 +289,12 @@ class ReplicaCoordinator:
     ) -> ClaimResult:
         """Claim the load of ``model`` on ``server`` (compare-and-set), or say why not (timed in ``stats``).
 
+        Optimistic: with a view of ``server`` cached (the last read, or this replica's own last claim
+        there), the claim is decided on it and, when that decision is to claim, its compare-and-set is the
+        only etcd round trip; a stale view's compare-and-set fails, and the claim reads the allocation and
+        decides again. JOIN and NO_ROOM are never answered from a cached view (they are not guarded by a
+        compare-and-set): the allocation is read and the decision taken again on it first.
+
         ``freeing``: the models this replica evicts for this load (released already): their bytes are free
         by the time it loads (it waits for their release or unload first), so they do not count."""
         t0 = time.perf_counter()
@@ -285,37 +302,58 @@ class ReplicaCoordinator:
         self.stats.record("claim", time.perf_counter() - t0, result.value)
         return result
 
+    def _decide(
+        self,
+        view: Allocation,
+        model: str,
+        size_bytes: int,
+        budget_bytes: int,
+        freeing: frozenset[str],
+        *,
+        log: bool,
+    ) -> ClaimResult | None:
+        """The claim's decision on ``view``: JOIN, NO_ROOM, or None (claim it: the compare-and-set)."""
+        claim = view.loads.get(model)
+        if claim is not None and claim.replica != self.name:
+            if log:
+                logger.info(
+                    "replica %s: %s on %s is being loaded by %s; joining",
+                    self.name, model, view.server, claim.replica,
+                )  # fmt: skip
+            return ClaimResult.JOIN
+        if model in view.loaded:
+            return ClaimResult.JOIN
+        mine = sum(c.size_bytes for m, c in view.unloading.items() if m in freeing and c.replica == self.name)
+        committed = view.committed_bytes - mine
+        if committed + size_bytes > budget_bytes:
+            if log:
+                logger.info(
+                    "replica %s: %s (%d B) does not fit on %s with every replica's loads (%d of %d B committed)",
+                    self.name, model, size_bytes, view.server, committed, budget_bytes,
+                )  # fmt: skip
+            return ClaimResult.NO_ROOM
+        return None
+
     async def _claim(
         self, server: str, model: str, size_bytes: int, budget_bytes: int, freeing: frozenset[str]
     ) -> ClaimResult:
+        cached = self.views.get(server)  # decided on first, with no read; None: read before deciding
         for _ in range(CAS_ATTEMPTS):
-            view = await self.refresh(server)
-            claim = view.loads.get(model)
-            if claim is not None and claim.replica != self.name:
-                logger.info(
-                    "replica %s: %s on %s is being loaded by %s; joining",
-                    self.name,
-                    model,
-                    server,
-                    claim.replica,
-                )
-                return ClaimResult.JOIN
-            if model in view.loaded:
-                return ClaimResult.JOIN
-            mine = sum(
-                c.size_bytes for m, c in view.unloading.items() if m in freeing and c.replica == self.name
-            )
-            committed = view.committed_bytes - mine
-            if committed + size_bytes > budget_bytes:
-                logger.info(
-                    "replica %s: %s (%d B) does not fit on %s with every replica's loads (%d of %d B committed)",
-                    self.name, model, size_bytes, server, committed, budget_bytes,
-                )  # fmt: skip
-                return ClaimResult.NO_ROOM
+            if cached is not None:
+                view, cached = cached, None
+                answer = self._decide(view, model, size_bytes, budget_bytes, freeing, log=False)
+                if answer is not None:  # a JOIN or NO_ROOM is never answered from a view that may be stale
+                    view = await self.refresh(server)
+                    answer = self._decide(view, model, size_bytes, budget_bytes, freeing, log=True)
+            else:
+                view = await self.refresh(server)
+                answer = self._decide(view, model, size_bytes, budget_bytes, freeing, log=True)
+            if answer is not None:
+                return answer
             lease = await self._lease()
             t0 = time.perf_counter()
             try:
-                await asyncio.to_thread(
+                revision = await asyncio.to_thread(
                     self.store.claim_load, server, model, size_bytes, self.name, lease=lease,
                     expected_revision=view.revision,
                 )  # fmt: skip
@@ -323,11 +361,19 @@ class ReplicaCoordinator:
                 continue  # another replica wrote this server's allocation since: read and decide again
             except LeaseNotFoundError:
                 self.lease = None
+                cached = view  # nothing was written: the same view, under a new lease
                 continue
             finally:
                 self.stats.record("claim_cas", time.perf_counter() - t0)
-            # no read back: this replica's own claim never counts among the others' (``others_loads``), and
-            # the next decision on this server reads its allocation again before its compare-and-set
+            # no read back: the allocation at ``revision`` is ``view`` plus this claim (the compare-and-set
+            # held, so nothing else was written there since, but for lease ends, which only free room), so
+            # the next claim here is decided on it with no read (unless a read replaced the view while the
+            # write was in flight: that one stays). ``read_at`` stays the time of the read, as its in-use
+            # counts are that old; this replica's own claim never counts among the others' (``others_loads``)
+            if self.views.get(server) is view:
+                self.views[server] = replace(
+                    view, revision=revision, loads={**view.loads, model: LoadClaim(self.name, size_bytes)}
+                )
             return ClaimResult.WON
         logger.warning(
             "replica %s: the allocation of %s kept changing; deciding %s again", self.name, server, model

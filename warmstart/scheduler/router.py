@@ -1221,7 +1221,8 @@ class Router:
         servers where other replicas' generations use models (the instances pinned in this replica's
         snapshot) if read more than `PINNED_REFRESH_S` ago, so room they freed is seen now, not at the next
         replica round (a stale pin sends a load to a server without a local copy). True if one of them is no
-        longer used there: the request decides again."""
+        longer used there: the request decides again. Each read is in the coordinator's stats
+        (``decision_read``)."""
         coord = self.coordinator
         if coord is None:
             return False
@@ -1230,7 +1231,7 @@ class Router:
         for name in [n for n in self.servers if coord.others_using(n) and coord.read_at.get(n, 0.0) < stale]:
             before = coord.others_using(name)
             try:
-                await coord.refresh(name)
+                await coord.decision_read(name)  # timed: a round trip this decision adds
             except ClusterStateError as e:
                 logger.warning("cannot read the allocation of %s: %s", name, e)
                 continue
