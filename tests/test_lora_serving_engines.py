@@ -21,6 +21,7 @@ import torch
 from warmstart.engines.adapters import (
     AdapterRankTooLarge,
     InvalidAdapterSlot,
+    NonFiniteAdapter,
     prepare_adapter,
 )
 from warmstart.engines.base import SeqState
@@ -216,3 +217,41 @@ def test_jax_swapping_adapters_never_recompiles(family: dict[str, Any]) -> None:
         eng.release(a)
         eng.release(b)
     assert (eng._prefill._cache_size(), eng._decode._cache_size()) == compiled
+
+
+@pytest.mark.parametrize("kind", ["torch", "jax"])
+def test_rows_ignore_an_adapter_in_a_slot_between_theirs_that_no_row_uses(
+    family: dict[str, Any], kind: str
+) -> None:
+    """The torch bank runs a batch over the block of slots its rows span: slot 1 (adapter two, no row on
+    it) lies between rows on slots 0 and 2 and must change neither."""
+    from warmstart.engines import build_engine
+
+    eng = build_engine(kind, family["config"], family["state"], dtype="float32", max_batch=4, max_context=128)
+    eng.enable_lora(3, MAX_RANK)
+    for slot, name in ((0, "one"), (1, "two"), (2, "one")):
+        eng.install_adapter(slot, prepare_adapter(family["adapters"][name], eng.args, MAX_RANK))
+    pm = family["peft"]
+    rows = [("one", 0, [7, 3, 9, 2]), (None, None, [4, 4, 1]), ("one", 2, [11, 5])]
+    states = [eng.new_sequence(ids, adapter=slot) for _, slot, ids in rows]
+    nxt = [int(np.argmax(s.logits)) for s in states]
+    eng.step(states, nxt)
+    for (name, _, ids), st, t in zip(rows, states, nxt, strict=True):
+        _close(st.logits, _reference(pm, name, [*ids, t]), f"{kind} span row {name}")
+
+
+def test_an_adapter_with_a_nan_is_refused_before_it_reaches_a_slot(family: dict[str, Any]) -> None:
+    """A NaN in one slot would reach every row of a batch whose slot span covers it (0 * NaN): refused."""
+    import dataclasses
+
+    eng = _engine("torch", family)
+    adapter = family["adapters"]["one"]
+    layer, modules = next(iter(adapter.layers.items()))
+    target, module = next(iter(modules.items()))
+    bad_a = np.array(module.a, dtype=np.float32)
+    bad_a[0, 0] = np.nan
+    bad = dataclasses.replace(
+        adapter, layers={**adapter.layers, layer: {**modules, target: dataclasses.replace(module, a=bad_a)}}
+    )
+    with pytest.raises(NonFiniteAdapter, match=f"layer {layer} {target} holds NaN"):
+        prepare_adapter(bad, eng.args, MAX_RANK)

@@ -24,6 +24,7 @@ numpy only here: importing this module imports neither torch nor JAX.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -43,11 +44,13 @@ __all__ = [
     "LORA_TARGETS",
     "AdapterLease",
     "AdapterLoadFailed",
+    "AdapterPart",
     "AdapterRankTooLarge",
     "AdapterRegistry",
     "InvalidAdapterSlot",
     "LoraEngine",
     "LoraNotEnabled",
+    "NonFiniteAdapter",
     "PreparedAdapter",
     "UnknownAdapter",
     "prepare_adapter",
@@ -74,24 +77,61 @@ class AdapterRankTooLarge(IncompatibleBase):
     """An adapter's rank exceeds the engine's fixed maximum rank (``max_lora_rank``)."""
 
 
+class NonFiniteAdapter(IncompatibleBase):
+    """An adapter holds NaN or infinite values (which a batch's other rows would see through the slot bank)."""
+
+
 class InvalidAdapterSlot(EngineError, ValueError):
     """``new_sequence(adapter=...)`` names a slot outside ``[0, max_loras)`` (or LoRA is not enabled)."""
 
 
 @dataclass(frozen=True, eq=False)
-class PreparedAdapter:
-    """One adapter padded to a slot: target -> (``a`` [L, R, in], ``b`` [L, out, R], ``scale`` [L]) float32.
+class AdapterPart:
+    """One layer's update of one slot target: ``a`` [r, in], ``b`` [out, r] (read-only views of the checkpoint's
+    data, no copy: for Phi-3's fused modules ``b`` is this target's rows of the fused ``B``), ``scale``."""
 
-    Targets the adapter leaves out are absent; layers it leaves out are zeros (scale 0).
+    layer: int
+    a: np.ndarray
+    b: np.ndarray
+    scale: float
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedAdapter:
+    """An adapter checked against a base and a slot rank, ready to install: per target its parts, one per
+    layer it adapts (targets and layers it leaves out are absent; a slot holds zeros there).
+
+    Nothing is copied by preparing: the parts are views of the checkpoint's data. The engine's
+    ``install_adapter`` copies them once, into its slot (:meth:`padded` is the padded float32 form for an
+    engine that installs whole arrays).
     """
 
     location: str
     rank: int
-    tensors: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+    parts: Mapping[str, tuple[AdapterPart, ...]]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes + b.nbytes + s.nbytes for a, b, s in self.tensors.values())
+        return sum(p.a.nbytes + p.b.nbytes for parts in self.parts.values() for p in parts)
+
+    def padded(
+        self, shapes: Mapping[str, tuple[int, int]], n_layers: int, max_rank: int
+    ) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per target ``a`` [L, R, in], ``b`` [L, out, R], ``scale`` [L] float32, zero-padded (the targets
+        it adapts; ``shapes`` is :func:`target_shapes`)."""
+        out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        for target, parts in self.parts.items():
+            fin, fout = shapes[target]
+            a = np.zeros((n_layers, max_rank, fin), np.float32)
+            b = np.zeros((n_layers, fout, max_rank), np.float32)
+            s = np.zeros(n_layers, np.float32)
+            for p in parts:
+                r = p.a.shape[0]
+                a[p.layer, :r] = p.a
+                b[p.layer, :, :r] = p.b
+                s[p.layer] = p.scale
+            out[target] = (a, b, s)
+        return out
 
 
 def target_shapes(arch: Architecture) -> dict[str, tuple[int, int]]:
@@ -114,26 +154,17 @@ def target_shapes(arch: Architecture) -> dict[str, tuple[int, int]]:
 
 
 def prepare_adapter(adapter: Adapter, arch: Architecture, max_rank: int) -> PreparedAdapter:
-    """Pad ``adapter`` to rank ``max_rank`` per layer and target (float32), splitting fused modules.
+    """Check ``adapter`` against ``arch`` and a slot rank ``max_rank``, splitting fused modules (no copy).
 
-    Raises :class:`AdapterRankTooLarge` for a module of higher rank and
-    :class:`~warmstart.format.lora.IncompatibleBase` for a module that does not fit ``arch``.
+    Raises :class:`AdapterRankTooLarge` for a module of higher rank, :class:`NonFiniteAdapter` for NaN or
+    infinite values (a slot's zeros must stay zeros for the other rows of a batch: docs/lora.md) and
+    :class:`~warmstart.format.lora.IncompatibleBase` for a module that does not fit ``arch``. Reading every
+    value once here (on the loader's thread) also brings a mapped checkpoint's pages in before the install.
     """
     shapes = target_shapes(arch)
     n_layers = arch.n_layers
     q, kv, f = arch.n_heads * arch.head_dim, arch.n_kv_heads * arch.head_dim, arch.intermediate_size
-    out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    def slot_for(target: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if target not in out:
-            fin, fout = shapes[target]
-            out[target] = (
-                np.zeros((n_layers, max_rank, fin), np.float32),
-                np.zeros((n_layers, fout, max_rank), np.float32),
-                np.zeros(n_layers, np.float32),
-            )
-        return out[target]
-
+    out: dict[str, list[AdapterPart]] = {}
     for m in adapter.modules:
         if m.rank > max_rank:
             raise AdapterRankTooLarge(
@@ -152,8 +183,7 @@ def prepare_adapter(adapter: Adapter, arch: Architecture, max_rank: int) -> Prep
             parts = {m.target: (0, shapes[m.target][1])} if m.target in shapes else {}
         if not parts:
             raise IncompatibleBase(f"adapter {adapter.location}: the engines cannot adapt {m.target}")
-        a_src = np.asarray(m.a, dtype=np.float32)
-        b_src = np.asarray(m.b, dtype=np.float32)
+        a_src, b_src = np.asarray(m.a), np.asarray(m.b)
         for target, (lo, hi) in parts.items():
             fin, fout = shapes[target]
             if (
@@ -166,13 +196,17 @@ def prepare_adapter(adapter: Adapter, arch: Architecture, max_rank: int) -> Prep
                     f"adapter {adapter.location}: layer {m.layer} {m.target} A {list(a_src.shape)} / B "
                     f"{list(b_src.shape)} do not fit the base's {fin} -> {fout} {target}"
                 )
-            a, b, s = slot_for(target)
-            a[m.layer, : m.rank] = a_src
-            b[m.layer, :, : m.rank] = b_src[lo:hi]
-            s[m.layer] = m.scaling
+            out.setdefault(target, []).append(AdapterPart(m.layer, a_src, b_src[lo:hi], float(m.scaling)))
+        # a sum is NaN or infinite iff a value is (or the values are too large to add up in float32)
+        total = float(a_src.sum(dtype=np.float32)) + float(b_src.sum(dtype=np.float32))
+        if not math.isfinite(total) or not math.isfinite(m.scaling):
+            raise NonFiniteAdapter(
+                f"adapter {adapter.location}: layer {m.layer} {m.target} holds NaN, infinite or out-of-range "
+                "values; export the adapter again from a finite checkpoint"
+            )
     if not out:
         raise IncompatibleBase(f"adapter {adapter.location} adapts no module")
-    return PreparedAdapter(adapter.location, adapter.max_rank, out)
+    return PreparedAdapter(adapter.location, adapter.max_rank, {t: tuple(ps) for t, ps in out.items()})
 
 
 class LoraEngine(Protocol):

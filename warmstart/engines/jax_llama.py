@@ -530,8 +530,9 @@ class JaxEngine:
             raise InvalidAdapterSlot("LoRA is not enabled on this engine; call enable_lora first")
         self._check_adapter(slot)
         bank = dict(self._lora)
+        padded = prepared.padded(target_shapes(self.args), self.args.n_layers, self.max_lora_rank)
         for target, (a, b, s) in bank.items():
-            item = prepared.tensors.get(target)
+            item = padded.get(target)
             if item is None:
                 pa = np.zeros(a.shape[2:], np.float32)
                 pb = np.zeros(b.shape[2:], np.float32)

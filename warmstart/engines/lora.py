@@ -11,13 +11,14 @@ contributes exact zeros (``0 * x`` sums), so a padded adapter computes the same 
 cost is that every row pays for rank R: stack adapters of similar ranks together. An adapter that does not
 adapt this module (a layer or target it leaves out) is stacked as zeros.
 
-The update is a gathered low-rank product: each row gathers its adapter's A and B (``index_select``) and
-runs two batched matmuls, ``[B, T, in] x [B, in, R] -> [B, T, R] x [B, R, out]``. This is the reference math,
-not a fused kernel (no segmented/grouped GEMM yet).
+The reference math (:func:`lora_delta`, :func:`apply_lora` over a :class:`StackedLoRA`) gathers each row's
+adapter's A and B (``index_select``) and runs two batched matmuls, ``[B, T, in] x [B, in, R] -> [B, T, R] x
+[B, R, out]``: what the tests compare the engines and peft with.
 
-:class:`TorchLoraBank` is the compact torch engine's adapter slots (`warmstart.engines.adapters`): per target
-``a`` [L, N, R, in], ``b`` [L, N, out, R], ``scale`` [L, N]; :meth:`TorchLoraBank.gather` picks each row's
-slot once per forward for all layers, and :func:`add_gathered` adds one layer's update to a linear's output.
+:class:`TorchLoraBank` is the compact torch engine's adapter slots (`warmstart.engines.adapters`). It avoids
+the gather: a forward (:meth:`TorchLoraBank.batch`) takes the block of slots its rows use as two dense
+matrices per layer and target (views, no copy) and a per-row mask that keeps each row's own slot's columns
+with its scale; :func:`add_lora` adds one layer's update to a linear's output with two matmuls.
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ from warmstart.format.lora import Adapter, IncompatibleBase
 
 __all__ = [
     "NO_ADAPTER",
-    "Gathered",
+    "LoraBatch",
     "StackedLoRA",
     "TorchLoraBank",
-    "add_gathered",
     "apply_lora",
     "lora_delta",
     "stack_lora",
@@ -163,13 +163,82 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, stacked: StackedLoRA, index: to
     return torch.where(keep, y, y + delta)
 
 
-Gathered = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-"""Per target, each batch row's adapter for every layer: ``a`` [L, B, R, in], ``b`` [L, B, out, R], ``scale``
-[L, B] (0 for rows without an adapter)."""
+class LoraBatch:
+    """One forward's adapters (:meth:`TorchLoraBank.batch`), grouped by slot.
+
+    The rows are laid out per slot of the block ``lo..hi`` the batch uses: ``[K, M * T, in]`` with K =
+    hi - lo slots, M the most rows any one slot has, T tokens per row (zeros where a slot has fewer rows or
+    none). Each layer's update is then two batched matmuls on the bank's own slot block, no copy of A or B:
+    ``[K, M*T, in] x [K, in, R] -> [K, M*T, R]`` (times each slot's scale) ``x [K, R, out]``, and the rows
+    are added back to the linear's output. A row pays for its own adapter only (plus the empty places of the
+    layout). When the layout is the batch itself (one slot for every row, or row ``i`` on slot ``lo + i``)
+    nothing is moved at all.
+    """
+
+    def __init__(
+        self,
+        bank: TorchLoraBank,
+        *,
+        lo: int,
+        hi: int,
+        per_slot: int,
+        dest: torch.Tensor | None,
+        src: torch.Tensor | None,
+        targets: frozenset[str],
+    ) -> None:
+        self.bank, self.lo, self.hi, self.per_slot = bank, lo, hi, per_slot
+        self.dest, self.src = dest, src  # flattened rows: layout position <- batch row (None: identity)
+        self.targets = targets
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` [B, T, in] in the per-slot layout [K, M * T, in] (a view when the layout is the batch)."""
+        b, t, fin = x.shape
+        k = self.hi - self.lo
+        if self.dest is None:
+            return x.reshape(k, self.per_slot * t, fin)
+        flat = x.reshape(b * t, fin)
+        if self.src is not None:
+            flat = flat.index_select(0, self._expand(self.src, t))
+        out = x.new_zeros(k * self.per_slot * t, fin)
+        out.index_copy_(0, self._expand(self.dest, t), flat)
+        return out.view(k, self.per_slot * t, fin)
+
+    @staticmethod
+    def _expand(row_index: torch.Tensor, t: int) -> torch.Tensor:
+        if t == 1:
+            return row_index
+        return (row_index[:, None] * t + torch.arange(t, device=row_index.device)).reshape(-1)
+
+    def add(self, y: torch.Tensor, xs: torch.Tensor, target: str, layer: int) -> torch.Tensor:
+        """``y`` [B, T, out] (the linear's output) plus each row's update at ``layer``, from ``xs``
+        (:meth:`rows` of the linear's input); in place. ``y`` when no row's adapter adapts ``target``."""
+        if target not in self.targets:
+            return y
+        bank, lo, hi = self.bank, self.lo, self.hi
+        h = torch.bmm(xs, bank.a[target][layer, lo:hi].transpose(1, 2))  # [K, M*T, R]
+        h.mul_(bank.scale[target][layer, lo:hi, None, None])
+        delta = torch.bmm(h, bank.bt[target][layer, lo:hi])  # [K, M*T, out]
+        b, t, fout = y.shape
+        if self.dest is None:
+            y += delta.view(b, t, fout)
+            return y
+        picked = delta.view(-1, fout).index_select(0, self._expand(self.dest, t))
+        rows = torch.arange(b * t, device=y.device) if self.src is None else self._expand(self.src, t)
+        y.view(b * t, fout).index_add_(0, rows, picked)
+        return y
 
 
 class TorchLoraBank:
-    """``max_loras`` adapter slots of rank ``max_rank`` for every target linear of every layer (zeros: no-op)."""
+    """``max_loras`` adapter slots of rank ``max_rank`` for every target linear of every layer (zeros: no-op).
+
+    Per target: ``a`` [L, N, R, in], ``bt`` [L, N, R, out] (B transposed) and ``scale`` [L, N]. At one layer
+    the slots ``lo..hi`` are one contiguous block, so a forward uses them as two dense matrices with no copy:
+    ``h = x @ a[l, lo:hi].T`` ([B, T, K]), ``h *= mask`` (each row keeps its own slot's R columns, times its
+    scale), ``y += h @ bt[l, lo:hi]``. A row pays for the span of slots the batch uses (the registry fills
+    the lowest free slot first), not a per-row gather of every layer's A and B. Slots in the span that a row
+    does not use contribute ``x @ A * 0``: exact zeros, because every installed value is finite
+    (`warmstart.engines.adapters.prepare_adapter` refuses others) and an empty slot is zeros.
+    """
 
     def __init__(
         self,
@@ -185,75 +254,122 @@ class TorchLoraBank:
         if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
             raise ValueError(f"max_lora_rank must be a positive integer, got {max_rank!r}")
         self.max_loras, self.max_rank, self.dtype = max_loras, max_rank, dtype
+        self.n_layers = arch.n_layers
+        self.shapes = target_shapes(arch)
         layers, n, r = arch.n_layers, max_loras, max_rank
         self.a: dict[str, torch.Tensor] = {}
-        self.b: dict[str, torch.Tensor] = {}
+        self.bt: dict[str, torch.Tensor] = {}
         self.scale: dict[str, torch.Tensor] = {}
-        for target, (fin, fout) in target_shapes(arch).items():
+        for target, (fin, fout) in self.shapes.items():
             self.a[target] = torch.zeros(layers, n, r, fin, dtype=dtype, device=device)
-            self.b[target] = torch.zeros(layers, n, fout, r, dtype=dtype, device=device)
+            self.bt[target] = torch.zeros(layers, n, r, fout, dtype=dtype, device=device)
             self.scale[target] = torch.zeros(layers, n, dtype=dtype, device=device)
         self._users: dict[str, set[int]] = {t: set() for t in self.a}  # slots holding an update per target
+        # numpy views of the bank (CPU, float32/float16): an install copies each part straight into its slot
+        self._np = (
+            {t: (self.a[t].numpy(), self.bt[t].numpy(), self.scale[t].numpy()) for t in self.a}
+            if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float16)
+            else None
+        )
 
     def _check(self, slot: int) -> None:
         if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.max_loras:
             raise InvalidAdapterSlot(f"adapter slot must be an int in [0, {self.max_loras}), got {slot!r}")
 
     def install(self, slot: int, prepared: PreparedAdapter) -> None:
-        """Put ``prepared`` in ``slot`` (replacing what it held). Call it between forwards."""
+        """Put ``prepared`` in ``slot`` (replacing what it held): one copy of its parts into the slot. Call it
+        between forwards."""
         self._check(slot)
-        if prepared.tensors:
-            first = next(iter(prepared.tensors.values()))[0]
-            if first.shape[1] != self.max_rank:
-                raise InvalidAdapterSlot(
-                    f"prepared for rank {first.shape[1]}, the bank holds rank {self.max_rank}"
-                )
-        for target in self.a:
-            item = prepared.tensors.get(target)
-            if item is None:
-                self.a[target][:, slot] = 0
-                self.b[target][:, slot] = 0
-                self.scale[target][:, slot] = 0
-                self._users[target].discard(slot)
+        if prepared.rank > self.max_rank:
+            raise InvalidAdapterSlot(
+                f"prepared for rank {prepared.rank}, the bank holds rank {self.max_rank}"
+            )
+        if self._np is None:  # another device or dtype: the padded host arrays, copied per target
+            padded = prepared.padded(self.shapes, self.n_layers, self.max_rank)
+            for target in self.a:
+                item = padded.get(target)
+                if item is None:
+                    self._clear(target, slot)
+                    continue
+                a, b, s = (torch.from_numpy(x) for x in item)
+                self.a[target][:, slot] = a.to(self.dtype)
+                self.bt[target][:, slot] = b.transpose(1, 2).to(self.dtype)
+                self.scale[target][:, slot] = s.to(self.dtype)
+                self._users[target].add(slot)
+            return
+        for target, (a_np, bt_np, s_np) in self._np.items():
+            parts = prepared.parts.get(target)
+            if not parts:
+                self._clear(target, slot)
                 continue
-            a, b, s = (torch.from_numpy(np.ascontiguousarray(x)) for x in item)
-            self.a[target][:, slot] = a.to(self.dtype)
-            self.b[target][:, slot] = b.to(self.dtype)
-            self.scale[target][:, slot] = s.to(self.dtype)
+            done = set()
+            for p in parts:
+                r = p.a.shape[0]
+                np.copyto(a_np[p.layer, slot, :r], p.a, casting="unsafe")
+                np.copyto(bt_np[p.layer, slot, :r], p.b.T, casting="unsafe")
+                if r < self.max_rank:
+                    a_np[p.layer, slot, r:] = 0
+                    bt_np[p.layer, slot, r:] = 0
+                s_np[p.layer, slot] = p.scale
+                done.add(p.layer)
+            for layer in set(range(self.n_layers)) - done:
+                a_np[layer, slot] = 0
+                bt_np[layer, slot] = 0
+                s_np[layer, slot] = 0
             self._users[target].add(slot)
+
+    def _clear(self, target: str, slot: int) -> None:
+        self.a[target][:, slot] = 0
+        self.bt[target][:, slot] = 0
+        self.scale[target][:, slot] = 0
+        self._users[target].discard(slot)
 
     def remove(self, slot: int) -> None:
         """Empty ``slot`` (all zeros)."""
-        self.install(slot, PreparedAdapter("<empty>", 0, {}))
+        self._check(slot)
+        for target in self.a:
+            self._clear(target, slot)
 
-    def gather(self, index: Sequence[int], device: torch.device) -> Gathered | None:
-        """Each row's slot (``index``, -1: none) for every layer, for the targets some row's adapter adapts;
-        None when no row has an adapter (the forward then runs the base alone)."""
+    def batch(self, index: Sequence[int], device: torch.device) -> LoraBatch | None:
+        """The layout of one forward whose row ``i`` uses slot ``index[i]`` (-1: none), for the targets some
+        row's adapter adapts; None when no row has an adapter (the base runs alone)."""
         used = {i for i in index if i >= 0}
         if not used:
             return None
         for i in used:
             self._check(i)
-        idx = torch.tensor([max(i, 0) for i in index], device=device)
-        has = torch.tensor([i >= 0 for i in index], device=device, dtype=self.dtype)
-        out: Gathered = {}
-        for target, users in self._users.items():
-            if users & used:
-                scale = self.scale[target].index_select(1, idx) * has  # [L, B]
-                out[target] = (
-                    self.a[target].index_select(1, idx),
-                    self.b[target].index_select(1, idx),
-                    scale,
-                )
-        return out
+        lo, hi = min(used), max(used) + 1
+        place: list[int] = []  # layout position of each row with an adapter
+        src: list[int] = []  # its batch row
+        taken: dict[int, int] = {}
+        for row, slot in enumerate(index):
+            if slot >= 0:
+                src.append(row)
+                place.append(slot - lo)
+                taken[slot] = taken.get(slot, 0) + 1
+        per_slot = max(taken.values())
+        dest = [p * per_slot + n for p, n in zip(place, _ordinal(place), strict=True)]
+        identity = len(src) == len(index) and dest == list(range(len(index)))
+        targets = frozenset(t for t, users in self._users.items() if users & used)
+        if identity and (hi - lo) * per_slot == len(index):
+            return LoraBatch(self, lo=lo, hi=hi, per_slot=per_slot, dest=None, src=None, targets=targets)
+        whole = len(src) == len(index)
+        return LoraBatch(
+            self,
+            lo=lo,
+            hi=hi,
+            per_slot=per_slot,
+            dest=torch.tensor(dest, device=device),
+            src=None if whole else torch.tensor(src, device=device),
+            targets=targets,
+        )
 
 
-def add_gathered(
-    y: torch.Tensor, x: torch.Tensor, lora: Gathered | None, target: str, layer: int
-) -> torch.Tensor:
-    """``y`` (a linear's output for ``x`` [B, T, in]) plus each row's update at ``layer``; ``y`` when none."""
-    if lora is None or target not in lora:
-        return y
-    a, b, s = lora[target]
-    h = torch.bmm(x, a[layer].transpose(1, 2))  # [B, T, R]
-    return y + torch.bmm(h, b[layer].transpose(1, 2)) * s[layer][:, None, None]
+def _ordinal(keys: Sequence[int]) -> list[int]:
+    """For each item, how many earlier items have the same key (0, 1, ...)."""
+    seen: dict[int, int] = {}
+    out = []
+    for key in keys:
+        out.append(seen.get(key, 0))
+        seen[key] = out[-1] + 1
+    return out

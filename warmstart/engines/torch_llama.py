@@ -48,7 +48,7 @@ from warmstart.engines.base import (
     eos_ids_from_config,
 )
 from warmstart.engines.hfconfig import SUPPORTED_MODEL_TYPES, Architecture, parse_hf_config, rope_inv_freq
-from warmstart.engines.lora import Gathered, TorchLoraBank, add_gathered
+from warmstart.engines.lora import LoraBatch, TorchLoraBank
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "TorchLlamaEngine", "supports"]
 
@@ -286,7 +286,7 @@ def forward(
     *,
     slots: torch.Tensor,
     last_only: bool,
-    lora: Gathered | None = None,
+    lora: LoraBatch | None = None,
 ) -> torch.Tensor:
     """Run tokens [B, T] at positions [B, T] into cache rows ``slots`` [B]; each row attends to its
     cached positions up to its own. Returns float32 logits [B, V] (``last_only``) or [B, T, V].
@@ -295,7 +295,7 @@ def forward(
     (``max(pos) + 1 > original_max_position_embeddings``), as transformers decides per forward of one
     sequence; earlier cached keys keep the frequencies they were computed with.
 
-    ``lora`` (`TorchLoraBank.gather`): each row's LoRA update is added to the target linears' outputs."""
+    ``lora`` (`TorchLoraBank.batch`): each row's LoRA update is added to the target linears' outputs."""
     B, T = tokens.shape
     H, KV, rep, hd = a.n_heads, a.n_kv_heads, a.n_rep, a.head_dim
     eps, offset = a.norm_eps, a.norm_offset
@@ -314,15 +314,16 @@ def forward(
         cos, sin = tables[lw.rope]
         h = rms_norm(x, lw.attn_norm, eps, offset)
         q, k = F.linear(h, lw.wq, lw.bq), F.linear(h, lw.wk, lw.bk)
-        if lora is not None:
-            q, k = add_gathered(q, h, lora, "q_proj", i), add_gathered(k, h, lora, "k_proj", i)
+        hs = None if lora is None else lora.rows(h)  # h in the adapters' per-slot layout
+        if lora is not None and hs is not None:
+            q, k = lora.add(q, hs, "q_proj", i), lora.add(k, hs, "k_proj", i)
         q, k = q.view(B, T, H, hd), k.view(B, T, KV, hd)  # [B, T, H, hd], [B, T, KV, hd]
         if lw.q_norm is not None and lw.k_norm is not None:  # per head, before RoPE
             q, k = rms_norm(q, lw.q_norm, eps, offset), rms_norm(k, lw.k_norm, eps, offset)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         v = F.linear(h, lw.wv, lw.bv)
-        if lora is not None:
-            v = add_gathered(v, h, lora, "v_proj", i)
+        if lora is not None and hs is not None:
+            v = lora.add(v, hs, "v_proj", i)
         v = v.view(B, T, KV, hd)
         kc[i][at], vc[i][at] = k, v
         if contiguous:  # a view
@@ -335,19 +336,20 @@ def forward(
         o_in = o.view(B, KV, rep, T, hd).permute(0, 3, 1, 2, 4).reshape(B, T, H * hd)
         o = F.linear(o_in, lw.wo, lw.bo)
         if lora is not None:
-            o = add_gathered(o, o_in, lora, "o_proj", i)
+            o = lora.add(o, lora.rows(o_in), "o_proj", i)
         if lw.attn_out_norm is not None:
             o = rms_norm(o, lw.attn_out_norm, eps, offset)
         x = x + o
         h = rms_norm(x, lw.mlp_norm, eps, offset)
         g, u = F.linear(h, lw.w_gate), F.linear(h, lw.w_up)
         if lora is not None:
-            g, u = add_gathered(g, h, lora, "gate_proj", i), add_gathered(u, h, lora, "up_proj", i)
+            hs = lora.rows(h)
+            g, u = lora.add(g, hs, "gate_proj", i), lora.add(u, hs, "up_proj", i)
         g = F.silu(g) if a.activation == "silu" else F.gelu(g, approximate="tanh")
         gu = g * u
         m = F.linear(gu, lw.w_down)
         if lora is not None:
-            m = add_gathered(m, gu, lora, "down_proj", i)
+            m = lora.add(m, lora.rows(gu), "down_proj", i)
         if lw.mlp_out_norm is not None:
             m = rms_norm(m, lw.mlp_out_norm, eps, offset)
         x = x + m
@@ -452,7 +454,7 @@ class TorchLlamaEngine:
         # no torch.device mode around forward (its per-op dispatch cost 3.7 ms a SmolLM2 step on CPU):
         # the factory calls in forward name their device
         with torch.inference_mode():
-            lora = None if self.lora is None or not adapters else self.lora.gather(adapters, self.device)
+            lora = None if self.lora is None or not adapters else self.lora.batch(adapters, self.device)
             out = forward(
                 self.weights, self.args, self._cache, tokens, pos, slots=slots, last_only=last_only, lora=lora
             )
