@@ -73,6 +73,7 @@ LAYOUTS = {
     "all rows on one slot (no copy)": [1, 1, 1],
     "reversed slots": [3, 2, 1, 0],
     "two rows on one slot beside another": [1, 3, 1],
+    "two rows on each of two slots, interleaved": [2, 0, 2, 0],
     "rows without an adapter": [-1, 2, -1, 0],
     "a gap of slots no row uses": [0, -1, 3],
     "one row": [2],

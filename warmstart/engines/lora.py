@@ -166,78 +166,104 @@ def apply_lora(y: torch.Tensor, x: torch.Tensor, stacked: StackedLoRA, index: to
 class LoraBatch:
     """One forward's adapters (:meth:`TorchLoraBank.batch`), grouped by slot.
 
-    The rows are laid out per slot of the block ``lo..hi`` the batch uses: ``[K, M * T, in]`` with K =
-    hi - lo slots, M the most rows any one slot has, T tokens per row (zeros where a slot has fewer rows or
-    none). Each layer's update is then two batched matmuls on the bank's own slot block, no copy of A or B:
-    ``[K, M*T, in] x [K, in, R] -> [K, M*T, R]`` (times each slot's scale) ``x [K, R, out]``, and the rows
-    are added back to the linear's output. A row pays for its own adapter only (plus the empty places of the
-    layout). When the layout is the batch itself (one slot for every row, or row ``i`` on slot ``lo + i``)
-    nothing is moved at all.
+    The rows are laid out per slot the batch uses: ``[K, M * T, in]`` with K the slots in use (in slot
+    order), M the most rows any one of them has, T tokens per row (zeros where a slot has fewer rows). The
+    used slots fall into runs of consecutive slots, and each run is one block of the bank: a layer's update
+    is two batched matmuls per run on the bank's own memory, no copy of A or B, ``[k, M*T, in] x [k, in, R]
+    -> [k, M*T, R] x [k, R, out]`` (B holds the adapter's scale); the rows are then added back to the
+    linear's output. A row pays for its own adapter only (and the empty places of the layout), and a step
+    reads the A and B of the adapters its rows use, not of every resident one. When the layout is the batch
+    itself (every row on one slot, or row ``i`` on slot ``lo + i``) nothing is moved at all.
     """
 
     def __init__(
         self,
         bank: TorchLoraBank,
         *,
-        lo: int,
-        hi: int,
+        runs: Sequence[tuple[int, int]],
         per_slot: int,
-        dest: torch.Tensor | None,
-        src: torch.Tensor | None,
+        dest: Sequence[int] | None,
+        src: Sequence[int] | None,
         targets: frozenset[str],
+        device: torch.device,
     ) -> None:
-        self.bank, self.lo, self.hi, self.per_slot = bank, lo, hi, per_slot
-        self.dest, self.src = dest, src  # flattened rows: layout position <- batch row (None: identity)
-        self.targets = targets
+        self.bank, self.per_slot, self.targets, self.device = bank, per_slot, targets, device
+        self.runs = tuple(runs)  # (first slot, end slot) of each run of consecutive slots in use
+        self.slots = sum(hi - lo for lo, hi in self.runs)
+        # per row with an adapter: its layout place and its batch row (None: the layout is the batch)
+        self._dest, self._src = dest, src
+        # every place of the layout holds a row (each slot has M rows): one gather in, one scatter-add out
+        self._full = dest is not None and len(dest) == self.slots * per_slot
+        self._index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _indices(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layout rows, batch rows) of the flattened [rows * T] tensors, for T tokens per row."""
+        got = self._index.get(t)
+        if got is None:
+            assert self._dest is not None
+            src = range(len(self._dest)) if self._src is None else self._src
+            offs = torch.arange(t)
+            src = list(src)
+            if self._full:  # then the batch row of each layout place, in layout order
+                by_place = sorted(range(len(self._dest)), key=self._dest.__getitem__)
+                src = [src[i] for i in by_place]
+            dest = (torch.tensor(self._dest)[:, None] * t + offs).reshape(-1)
+            rows = (torch.tensor(src)[:, None] * t + offs).reshape(-1)
+            got = self._index[t] = (dest.to(self.device), rows.to(self.device))
+        return got
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [B, T, in] in the per-slot layout [K, M * T, in] (a view when the layout is the batch)."""
         b, t, fin = x.shape
-        k = self.hi - self.lo
-        if self.dest is None:
-            return x.reshape(k, self.per_slot * t, fin)
+        if self._dest is None:
+            return x.reshape(self.slots, self.per_slot * t, fin)
+        dest, rows = self._indices(t)
         flat = x.reshape(b * t, fin)
-        if self.src is not None:
-            flat = flat.index_select(0, self._expand(self.src, t))
-        out = x.new_zeros(k * self.per_slot * t, fin)
-        out.index_copy_(0, self._expand(self.dest, t), flat)
-        return out.view(k, self.per_slot * t, fin)
-
-    @staticmethod
-    def _expand(row_index: torch.Tensor, t: int) -> torch.Tensor:
-        if t == 1:
-            return row_index
-        return (row_index[:, None] * t + torch.arange(t, device=row_index.device)).reshape(-1)
+        if self._full:
+            return flat.index_select(0, rows).view(self.slots, self.per_slot * t, fin)
+        if self._src is not None:
+            flat = flat.index_select(0, rows)
+        out = x.new_zeros(self.slots * self.per_slot * t, fin)
+        out.index_copy_(0, dest, flat)
+        return out.view(self.slots, self.per_slot * t, fin)
 
     def add(self, y: torch.Tensor, xs: torch.Tensor, target: str, layer: int) -> torch.Tensor:
         """``y`` [B, T, out] (the linear's output) plus each row's update at ``layer``, from ``xs``
         (:meth:`rows` of the linear's input); in place. ``y`` when no row's adapter adapts ``target``."""
         if target not in self.targets:
             return y
-        bank, lo, hi = self.bank, self.lo, self.hi
-        h = torch.bmm(xs, bank.a[target][layer, lo:hi].transpose(1, 2))  # [K, M*T, R]
-        h.mul_(bank.scale[target][layer, lo:hi, None, None])
-        delta = torch.bmm(h, bank.bt[target][layer, lo:hi])  # [K, M*T, out]
+        a, bt = self.bank.a[target][layer], self.bank.bt[target][layer]  # bt holds scale * B^T
         b, t, fout = y.shape
-        if self.dest is None:
+        if len(self.runs) == 1:
+            lo, hi = self.runs[0]
+            h = torch.bmm(xs, a[lo:hi].transpose(1, 2))  # [K, M*T, R]
+            delta = torch.bmm(h, bt[lo:hi])  # [K, M*T, out]
+        else:
+            delta = y.new_empty(self.slots, xs.shape[1], fout)
+            at = 0
+            for lo, hi in self.runs:
+                k = hi - lo
+                h = torch.bmm(xs[at : at + k], a[lo:hi].transpose(1, 2))
+                torch.bmm(h, bt[lo:hi], out=delta[at : at + k])
+                at += k
+        if self._dest is None:
             y += delta.view(b, t, fout)
             return y
-        picked = delta.view(-1, fout).index_select(0, self._expand(self.dest, t))
-        rows = torch.arange(b * t, device=y.device) if self.src is None else self._expand(self.src, t)
-        y.view(b * t, fout).index_add_(0, rows, picked)
+        dest, rows = self._indices(t)
+        if self._full:
+            y.view(b * t, fout).index_add_(0, rows, delta.view(-1, fout))
+            return y
+        y.view(b * t, fout).index_add_(0, rows, delta.view(-1, fout).index_select(0, dest))
         return y
 
 
 class TorchLoraBank:
     """``max_loras`` adapter slots of rank ``max_rank`` for every target linear of every layer (zeros: no-op).
 
-    Per target: ``a`` [L, N, R, in], ``bt`` [L, N, R, out] (B transposed) and ``scale`` [L, N]. At one layer
-    the slots ``lo..hi`` are one contiguous block, so a forward uses them as two dense matrices with no copy:
-    ``h = x @ a[l, lo:hi].T`` ([B, T, K]), ``h *= mask`` (each row keeps its own slot's R columns, times its
-    scale), ``y += h @ bt[l, lo:hi]``. A row pays for the span of slots the batch uses (the registry fills
-    the lowest free slot first), not a per-row gather of every layer's A and B. Slots in the span that a row
-    does not use contribute ``x @ A * 0``: exact zeros, because every installed value is finite
-    (`warmstart.engines.adapters.prepare_adapter` refuses others) and an empty slot is zeros.
+    Per target: ``a`` [L, N, R, in] and ``bt`` [L, N, R, out] (B transposed, times the scale). At one layer
+    consecutive slots are one contiguous block, which a forward uses in place (:class:`LoraBatch`): no
+    per-step gather of every row's A and B. The registry fills the lowest free slot first, so resident
+    adapters tend to form one block.
     """
 
     def __init__(
@@ -259,15 +285,13 @@ class TorchLoraBank:
         layers, n, r = arch.n_layers, max_loras, max_rank
         self.a: dict[str, torch.Tensor] = {}
         self.bt: dict[str, torch.Tensor] = {}
-        self.scale: dict[str, torch.Tensor] = {}
         for target, (fin, fout) in self.shapes.items():
             self.a[target] = torch.zeros(layers, n, r, fin, dtype=dtype, device=device)
             self.bt[target] = torch.zeros(layers, n, r, fout, dtype=dtype, device=device)
-            self.scale[target] = torch.zeros(layers, n, dtype=dtype, device=device)
         self._users: dict[str, set[int]] = {t: set() for t in self.a}  # slots holding an update per target
         # numpy views of the bank (CPU, float32/float16): an install copies each part straight into its slot
         self._np = (
-            {t: (self.a[t].numpy(), self.bt[t].numpy(), self.scale[t].numpy()) for t in self.a}
+            {t: (self.a[t].numpy(), self.bt[t].numpy()) for t in self.a}
             if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float16)
             else None
         )
@@ -293,11 +317,10 @@ class TorchLoraBank:
                     continue
                 a, b, s = (torch.from_numpy(x) for x in item)
                 self.a[target][:, slot] = a.to(self.dtype)
-                self.bt[target][:, slot] = b.transpose(1, 2).to(self.dtype)
-                self.scale[target][:, slot] = s.to(self.dtype)
+                self.bt[target][:, slot] = (b * s[:, None, None]).transpose(1, 2).to(self.dtype)
                 self._users[target].add(slot)
             return
-        for target, (a_np, bt_np, s_np) in self._np.items():
+        for target, (a_np, bt_np) in self._np.items():
             parts = prepared.parts.get(target)
             if not parts:
                 self._clear(target, slot)
@@ -306,22 +329,19 @@ class TorchLoraBank:
             for p in parts:
                 r = p.a.shape[0]
                 np.copyto(a_np[p.layer, slot, :r], p.a, casting="unsafe")
-                np.copyto(bt_np[p.layer, slot, :r], p.b.T, casting="unsafe")
+                np.multiply(p.b.T, np.float32(p.scale), out=bt_np[p.layer, slot, :r], casting="unsafe")
                 if r < self.max_rank:
                     a_np[p.layer, slot, r:] = 0
                     bt_np[p.layer, slot, r:] = 0
-                s_np[p.layer, slot] = p.scale
                 done.add(p.layer)
             for layer in set(range(self.n_layers)) - done:
                 a_np[layer, slot] = 0
                 bt_np[layer, slot] = 0
-                s_np[layer, slot] = 0
             self._users[target].add(slot)
 
     def _clear(self, target: str, slot: int) -> None:
         self.a[target][:, slot] = 0
         self.bt[target][:, slot] = 0
-        self.scale[target][:, slot] = 0
         self._users[target].discard(slot)
 
     def remove(self, slot: int) -> None:
@@ -333,35 +353,36 @@ class TorchLoraBank:
     def batch(self, index: Sequence[int], device: torch.device) -> LoraBatch | None:
         """The layout of one forward whose row ``i`` uses slot ``index[i]`` (-1: none), for the targets some
         row's adapter adapts; None when no row has an adapter (the base runs alone)."""
-        used = {i for i in index if i >= 0}
+        used = sorted({i for i in index if i >= 0})
         if not used:
             return None
         for i in used:
             self._check(i)
-        lo, hi = min(used), max(used) + 1
-        place: list[int] = []  # layout position of each row with an adapter
-        src: list[int] = []  # its batch row
-        taken: dict[int, int] = {}
-        for row, slot in enumerate(index):
-            if slot >= 0:
-                src.append(row)
-                place.append(slot - lo)
-                taken[slot] = taken.get(slot, 0) + 1
-        per_slot = max(taken.values())
+        runs: list[tuple[int, int]] = []
+        for slot in used:
+            if runs and runs[-1][1] == slot:
+                runs[-1] = (runs[-1][0], slot + 1)
+            else:
+                runs.append((slot, slot + 1))
+        place_of = {slot: p for p, slot in enumerate(used)}  # the slot's place in the layout
+        place = [place_of[slot] for slot in index if slot >= 0]
+        src = [row for row, slot in enumerate(index) if slot >= 0]
+        per_slot = max(place.count(p) for p in range(len(used)))
         dest = [p * per_slot + n for p, n in zip(place, _ordinal(place), strict=True)]
-        identity = len(src) == len(index) and dest == list(range(len(index)))
-        targets = frozenset(t for t, users in self._users.items() if users & used)
-        if identity and (hi - lo) * per_slot == len(index):
-            return LoraBatch(self, lo=lo, hi=hi, per_slot=per_slot, dest=None, src=None, targets=targets)
+        targets = frozenset(t for t, users in self._users.items() if users & set(used))
         whole = len(src) == len(index)
+        if whole and dest == list(range(len(index))) and len(used) * per_slot == len(index):
+            return LoraBatch(
+                self, runs=runs, per_slot=per_slot, dest=None, src=None, targets=targets, device=device
+            )
         return LoraBatch(
             self,
-            lo=lo,
-            hi=hi,
+            runs=runs,
             per_slot=per_slot,
-            dest=torch.tensor(dest, device=device),
-            src=None if whole else torch.tensor(src, device=device),
+            dest=dest,
+            src=None if whole else src,
             targets=targets,
+            device=device,
         )
 
 
