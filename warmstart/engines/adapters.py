@@ -3,15 +3,17 @@
 An engine with LoRA enabled (``engine.enable_lora(max_loras, max_rank)``: the compact torch and JAX engines)
 holds ``max_loras`` **slots**: per decoder layer and target linear (q/k/v/o/gate/up/down), one zero-padded
 ``A`` [R, in] and ``B`` [out, R] and a scale per slot, all of the fixed rank ``R = max_rank``. A sequence
-names the slot its rows use (``new_sequence(ids, adapter=slot)``); each decode step gathers every row's
-adapter and adds its low-rank update to the base linears' outputs (`warmstart.engines.lora`), so requests on
+names the slot its rows use (``new_sequence(ids, adapter=slot)``); each forward adds every row's adapter's
+low-rank update to the base linears' outputs (`warmstart.engines.lora`), so requests on
 different adapters and on the bare base share one batch. The shapes never depend on which adapters are
 loaded: JAX compiles once, whatever is loaded later.
 
-:func:`prepare_adapter` turns a checkpoint's :class:`~warmstart.format.lora.Adapter` into what a slot holds
-(numpy, any thread; Phi-3's fused ``qkv_proj``/``gate_up_proj`` become q/k/v and gate/up updates sharing one
-``A``: the same products, row for row). :class:`AdapterRegistry` maps adapter names to checkpoint references,
-loads them on its own thread (reading, `check_compatible` against the base config, padding), and installs a
+:func:`prepare_adapter` checks a checkpoint's :class:`~warmstart.format.lora.Adapter` against the base and
+the slot rank and lists what a slot will hold, as views of the checkpoint's data (numpy, any thread, no copy;
+Phi-3's fused ``qkv_proj``/``gate_up_proj`` become q/k/v and gate/up updates sharing one ``A``: the same
+products, row for row); the engine's ``install_adapter`` copies it once, into the slot.
+:class:`AdapterRegistry` maps adapter names to checkpoint references, loads them on its own thread (reading
+through the tiers, `check_compatible` against the base config, :func:`prepare_adapter`), and installs a
 prepared adapter into a slot only from the generator's thread, between two decode steps
 (:meth:`AdapterRegistry.service`), so a load never stalls running requests. Slots are reused least recently
 used first, never while a live or queued request holds the adapter (a *lease*). A load that fails (corrupt
