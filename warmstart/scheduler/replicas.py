@@ -197,6 +197,7 @@ class ReplicaCoordinator:
         self._counts: dict[tuple[str, str], int] = {}  # what this replica last wrote
         self._dirty: dict[tuple[str, str], int] = {}
         self._flushing: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()  # reads of allocations after a won claim
         self.stats = CoordinatorStats()
         self.unreachable: str | None = None  # why the last call to cluster state failed, until one succeeds
 
@@ -225,6 +226,8 @@ class ReplicaCoordinator:
         """End the lease now: this replica's claims and counts go with it."""
         if self._flushing is not None:
             self._flushing.cancel()
+        for task in list(self._background):
+            task.cancel()
         if self.lease is not None:
             try:
                 await asyncio.to_thread(self.store.revoke_lease, self.lease)
@@ -248,6 +251,22 @@ class ReplicaCoordinator:
         view = await self.refresh(server)
         self.stats.record("decision_read", time.perf_counter() - t0)
         return view
+
+    async def settle(self) -> None:
+        """Wait for the background reads started after won claims (tests, shutdown)."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    def _refresh_later(self, server: str) -> None:
+        async def read() -> None:
+            try:
+                await self.refresh(server)
+            except ClusterStateError as e:
+                logger.debug("replica %s: background read of %s failed: %s", self.name, server, e)
+
+        task = asyncio.get_running_loop().create_task(read(), name=f"read allocation {server}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def refresh_all(self, servers: Iterable[str]) -> None:
         for server in servers:
@@ -374,6 +393,9 @@ class ReplicaCoordinator:
                 self.views[server] = replace(
                     view, revision=revision, loads={**view.loads, model: LoadClaim(self.name, size_bytes)}
                 )
+            # placement decides on the views too (other replicas' in-use counts, their loads): read this
+            # one again in the background, off the decision's path, so the next decisions see it fresh
+            self._refresh_later(server)
             return ClaimResult.WON
         logger.warning(
             "replica %s: the allocation of %s kept changing; deciding %s again", self.name, server, model
