@@ -1232,6 +1232,31 @@ def etcd_histograms(text: str, names: tuple[str, ...] = ETCD_HISTOGRAMS) -> dict
     return out
 
 
+def histogram_bound(h: dict[str, Any], q: float) -> float | None:
+    """The upper bound (s) of the first bucket of a cumulative histogram (:func:`etcd_histograms`) that holds
+    a fraction ``q`` of its samples: the ``q`` quantile lies at or below it. None for an empty one."""
+    n = h.get("count") or 0.0
+    if n <= 0:
+        return None
+    for le, count in sorted(h.get("buckets", {}).items(), key=lambda kv: float(kv[0])):
+        if count >= q * n:
+            return float(le)
+    return None
+
+
+def fsync_line(etcd_metrics: dict[str, Any]) -> str | None:
+    """etcd's WAL fsync times (every write, a claim's compare-and-set included, waits for one) as bounds."""
+    h = etcd_metrics.get("etcd_disk_wal_fsync_duration_seconds")
+    if not isinstance(h, dict):
+        return None
+    p50, p99 = histogram_bound(h, 0.5), histogram_bound(h, 0.99)
+    return (
+        f"etcd WAL fsync (each write waits for one; n {h.get('count', 0):.0f}, etcd's own histogram): "
+        f"p50 <= {_f(None if p50 is None else p50 * 1e3, '.0f')} ms, p99 <= "
+        f"{_f(None if p99 is None else p99 * 1e3, '.0f')} ms, mean {_f(h['sum'] / h['count'] * 1e3, '.2f')} ms"
+    )
+
+
 def replica_targets(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """PASS/FAIL of the ``--schedulers 2`` targets (None: not measured)."""
     ratio = summary["p99_ratio"]
@@ -1654,6 +1679,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.get("replicas"):
         print("\nOne scheduler vs two replicas sharing etcd (warmstart policy; medians over rounds; s)")
         print(render_replica_table(result["replicas"]["summary"]))
+        fsync = fsync_line(result["replicas"].get("etcd_metrics") or {})
+        if fsync:
+            print(fsync)
     print("\nTargets")
     for t in result["targets"]:
         verdict = "INFO" if t["pass"] is None else ("PASS" if t["pass"] else "FAIL")

@@ -261,3 +261,15 @@ def test_etcd_histograms_are_read_from_its_prometheus_text() -> None:
     fsync = h["etcd_disk_wal_fsync_duration_seconds"]
     assert fsync["buckets"] == {"0.001": 3.0, "0.002": 7.0, "+Inf": 8.0}
     assert fsync["count"] == 8.0 and fsync["sum"] == pytest.approx(0.0123)
+
+
+def test_the_wal_fsync_bound_is_the_first_bucket_holding_the_quantile() -> None:
+    mod = _load_module()
+    h = {"buckets": {"0.001": 3.0, "0.004": 7.0, "0.002": 5.0, "+Inf": 8.0}, "count": 8.0, "sum": 0.016}
+    assert mod.histogram_bound(h, 0.5) == 0.002  # 4 of 8 samples: the 2 ms bucket holds 5
+    assert mod.histogram_bound(h, 0.8) == 0.004
+    assert mod.histogram_bound(h, 0.99) == float("inf")
+    assert mod.histogram_bound({"buckets": {}, "count": 0.0, "sum": 0.0}, 0.5) is None
+    line = mod.fsync_line({"etcd_disk_wal_fsync_duration_seconds": h})
+    assert line is not None and "p50 <= 2 ms" in line and "mean 2.00 ms" in line
+    assert mod.fsync_line({"error": "no etcd"}) is None
