@@ -118,7 +118,7 @@ def store(request: pytest.FixtureRequest) -> Iterator[ClusterStateStore]:
 
 def _coordinator(store: ClusterStateStore, name: str) -> tuple[ReplicaCoordinator, CountingStore]:
     counting = CountingStore(store)
-    return ReplicaCoordinator(cast(ClusterStateStore, counting), name=name), counting
+    return ReplicaCoordinator(cast(ClusterStateStore, counting), name=name, optimistic=True), counting
 
 
 def test_a_claim_on_a_fresh_cached_view_is_one_write_and_no_read(store: ClusterStateStore) -> None:
@@ -145,6 +145,24 @@ def test_a_claim_on_a_fresh_cached_view_is_one_write_and_no_read(store: ClusterS
     assert order == ["claim_load", "allocation", "claim_load", "allocation"]
     ops = a.stats.summary()["ops"]
     assert ops["claim"]["n"] == 2 and ops["claim_cas"]["n"] == 2
+
+
+def test_by_default_a_claim_reads_the_allocation_before_its_compare_and_set(store: ClusterStateStore) -> None:
+    async def scenario() -> tuple[ClaimResult, list[str]]:
+        counting = CountingStore(store)
+        a = ReplicaCoordinator(cast(ClusterStateStore, counting), name="a")
+        await a.keep_alive()
+        await a.refresh("s")  # a cached view, not used for the decision
+        counting.order.clear()
+        result = await a.claim("s", "m1", 100 * MB, 1000 * MB)
+        await a.settle()
+        order = list(counting.order)
+        await a.close()
+        return result, order
+
+    result, order = asyncio.run(scenario())
+    assert result is ClaimResult.WON
+    assert order == ["allocation", "claim_load", "allocation"]  # read, compare-and-set, background read
 
 
 def test_a_claim_on_a_stale_view_joins_the_load_another_replica_claimed_since(
@@ -174,7 +192,7 @@ def test_a_claim_on_a_stale_view_wins_when_another_replica_claimed_another_model
     store: ClusterStateStore,
 ) -> None:
     async def scenario() -> tuple[ClaimResult, ClaimResult, dict[str, Any]]:
-        a = ReplicaCoordinator(store, name="a")
+        a = ReplicaCoordinator(store, name="a", optimistic=True)
         b = ReplicaCoordinator(store, name="b")
         await a.refresh("s")
         assert await b.claim("s", "m2", 100 * MB, 250 * MB) is ClaimResult.WON

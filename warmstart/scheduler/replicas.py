@@ -186,9 +186,16 @@ class ReplicaCoordinator:
     """Claims, in-use counts and unload checks of one replica, under its lease."""
 
     def __init__(
-        self, store: ClusterStateStore, *, name: str | None = None, ttl_s: int = DEFAULT_LEASE_TTL_S
+        self,
+        store: ClusterStateStore,
+        *,
+        name: str | None = None,
+        ttl_s: int = DEFAULT_LEASE_TTL_S,
+        optimistic: bool = False,
     ):
         self.store = store
+        # claims decided on the cached view with no read first (off by default: docs/cluster.md, "Claims")
+        self.optimistic = optimistic
         self.name = name or replica_name()
         self.ttl_s = ttl_s
         self.lease: Lease | None = None
@@ -308,11 +315,16 @@ class ReplicaCoordinator:
     ) -> ClaimResult:
         """Claim the load of ``model`` on ``server`` (compare-and-set), or say why not (timed in ``stats``).
 
-        Optimistic: with a view of ``server`` cached (the last read, or this replica's own last claim
-        there), the claim is decided on it and, when that decision is to claim, its compare-and-set is the
+        By default a claim reads ``server``'s allocation, decides on it and compare-and-sets on its
+        revision (two etcd round trips). With ``optimistic`` and a view of ``server`` cached (the last
+        read, or this replica's own last claim there), the claim is decided on it and, when that decision
+        is to claim, its compare-and-set is the
         only etcd round trip; a stale view's compare-and-set fails, and the claim reads the allocation and
         decides again. JOIN and NO_ROOM are never answered from a cached view (they are not guarded by a
-        compare-and-set): the allocation is read and the decision taken again on it first.
+        compare-and-set): the allocation is read and the decision taken again on it first. Measured with
+        ``benchmarks/workload.py --schedulers 2``, the optimistic claim halved the claim's median but the
+        two replicas then loaded 2-4x as often from the remote tier (p99 TTFT 2.7-3.7x one scheduler's,
+        against 1.45x reading first; benchmarks/README.md, "Two scheduler replicas"), so it is off.
 
         ``freeing``: the models this replica evicts for this load (released already): their bytes are free
         by the time it loads (it waits for their release or unload first), so they do not count."""
@@ -356,7 +368,8 @@ class ReplicaCoordinator:
     async def _claim(
         self, server: str, model: str, size_bytes: int, budget_bytes: int, freeing: frozenset[str]
     ) -> ClaimResult:
-        cached = self.views.get(server)  # decided on first, with no read; None: read before deciding
+        # optimistic: decided on first, with no read; None: read before deciding
+        cached = self.views.get(server) if self.optimistic else None
         for _ in range(CAS_ATTEMPTS):
             if cached is not None:
                 view, cached = cached, None
