@@ -255,3 +255,29 @@ def test_an_adapter_with_a_nan_is_refused_before_it_reaches_a_slot(family: dict[
     )
     with pytest.raises(NonFiniteAdapter, match=f"layer {layer} {target} holds NaN"):
         prepare_adapter(bad, eng.args, MAX_RANK)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("where", ["a", "b"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_nan_or_infinity_anywhere_in_a_or_b_is_refused(
+    family: dict[str, Any], dtype: str, where: str, value: float
+) -> None:
+    """The check is a dot product (float32) or a sum (other dtypes): a value in the last place counts too."""
+    import dataclasses
+
+    import ml_dtypes
+
+    eng = _engine("torch", family)
+    adapter = family["adapters"]["one"]
+    layer = max(adapter.layers)
+    modules = adapter.layers[layer]
+    target, module = list(modules.items())[-1]
+    npdt = np.float32 if dtype == "float32" else ml_dtypes.bfloat16
+    arrays = {"a": np.array(module.a, dtype=npdt), "b": np.array(module.b, dtype=npdt)}
+    arrays[where][-1, -1] = value
+    bad = dataclasses.replace(
+        adapter, layers={**adapter.layers, layer: {**modules, target: dataclasses.replace(module, **arrays)}}
+    )
+    with pytest.raises(NonFiniteAdapter, match=f"layer {layer} {target} holds NaN"):
+        prepare_adapter(bad, eng.args, MAX_RANK)

@@ -170,7 +170,7 @@ class LoraBatch:
     order), M the most rows any one of them has, T tokens per row (zeros where a slot has fewer rows). The
     used slots fall into runs of consecutive slots, and each run is one block of the bank: a layer's update
     is two batched matmuls per run on the bank's own memory, no copy of A or B, ``[k, M*T, in] x [k, in, R]
-    -> [k, M*T, R] x [k, R, out]`` (B holds the adapter's scale); the rows are then added back to the
+    -> [k, M*T, R] x [k, R, out]`` (A holds the adapter's scale); the rows are then added back to the
     linear's output. A row pays for its own adapter only (and the empty places of the layout), and a step
     reads the A and B of the adapters its rows use, not of every resident one. When the layout is the batch
     itself (every row on one slot, or row ``i`` on slot ``lo + i``) nothing is moved at all.
@@ -232,7 +232,7 @@ class LoraBatch:
         (:meth:`rows` of the linear's input); in place. ``y`` when no row's adapter adapts ``target``."""
         if target not in self.targets:
             return y
-        a, bt = self.bank.a[target][layer], self.bank.bt[target][layer]  # bt holds scale * B^T
+        a, bt = self.bank.a[target][layer], self.bank.bt[target][layer]  # a holds scale * A, bt B^T
         b, t, fout = y.shape
         if len(self.runs) == 1:
             lo, hi = self.runs[0]
@@ -260,7 +260,7 @@ class LoraBatch:
 class TorchLoraBank:
     """``max_loras`` adapter slots of rank ``max_rank`` for every target linear of every layer (zeros: no-op).
 
-    Per target: ``a`` [L, N, R, in] and ``bt`` [L, N, R, out] (B transposed, times the scale). At one layer
+    Per target: ``a`` [L, N, R, in] (A times the scale) and ``bt`` [L, N, R, out] (B transposed). At one layer
     consecutive slots are one contiguous block, which a forward uses in place (:class:`LoraBatch`): no
     per-step gather of every row's A and B. The registry fills the lowest free slot first, so resident
     adapters tend to form one block.
@@ -316,8 +316,8 @@ class TorchLoraBank:
                     self._clear(target, slot)
                     continue
                 a, b, s = (torch.from_numpy(x) for x in item)
-                self.a[target][:, slot] = a.to(self.dtype)
-                self.bt[target][:, slot] = (b * s[:, None, None]).transpose(1, 2).to(self.dtype)
+                self.a[target][:, slot] = (a * s[:, None, None]).to(self.dtype)
+                self.bt[target][:, slot] = b.transpose(1, 2).to(self.dtype)
                 self._users[target].add(slot)
             return
         for target, (a_np, bt_np) in self._np.items():
@@ -328,8 +328,10 @@ class TorchLoraBank:
             done = set()
             for p in parts:
                 r = p.a.shape[0]
-                np.copyto(a_np[p.layer, slot, :r], p.a, casting="unsafe")
-                np.multiply(p.b.T, np.float32(p.scale), out=bt_np[p.layer, slot, :r], casting="unsafe")
+                # the scale goes into A (a contiguous pass); B's transpose is a plain copy (a scaled
+                # transpose was 1.4x as slow: 5.4 ms of SmolLM2's rank-16 install against 3.8)
+                np.multiply(p.a, np.float32(p.scale), out=a_np[p.layer, slot, :r], casting="unsafe")
+                np.copyto(bt_np[p.layer, slot, :r], p.b.T, casting="unsafe")
                 if r < self.max_rank:
                     a_np[p.layer, slot, r:] = 0
                     bt_np[p.layer, slot, r:] = 0

@@ -180,11 +180,13 @@ class JSONDefect(ValueError):
 
 
 def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise JSONDefect("duplicate", f"has the key {k[:100]!r} twice in one object")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):  # then find the first key seen twice
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise JSONDefect("duplicate", f"has the key {k[:100]!r} twice in one object")
+            seen.add(k)
     return out
 
 
@@ -218,10 +220,11 @@ def strict_json_loads(text: str | bytes, *, max_depth: int) -> Any:
     stack: list[tuple[Any, int]] = [(value, 1)] if isinstance(value, (dict, list)) else []
     while stack:
         v, depth = stack.pop()
-        children = v.values() if isinstance(v, dict) else v
         if depth > max_depth:
             raise JSONDefect("depth", f"nests arrays/objects more than {max_depth} levels deep")
-        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+        for c in v.values() if isinstance(v, dict) else v:
+            if isinstance(c, (dict, list)):
+                stack.append((c, depth + 1))
     return value
 
 
