@@ -290,3 +290,52 @@ def test_an_adapter_request_resumes_token_exactly_from_its_generated_ids(
     rt.submit(parse_request(inputs), sink)
     assert sink.done.wait(60) and sink.error is None
     assert sink.ids == expected["two"][3:]  # the rest of the same generation, on the same adapter
+
+
+def test_an_installed_adapter_keeps_no_view_of_its_checkpoint_while_its_lease_lives(fx: LoraFixture) -> None:
+    """The slot holds a copy: the prepared views (and with them the checkpoint's mapping, which pins the
+    node store's entry against eviction) go at install, not when the request's lease is freed."""
+    import weakref
+
+    from warmstart.engines.adapters import AdapterRegistry, PreparedAdapter
+    from warmstart.format.lora import read_adapter
+
+    config = json.loads((fx.base / "config.json").read_text())
+    engine = Runtime.load(
+        ModelSettings(
+            checkpoint=str(fx.base), engine="torch", max_batch=2, enable_lora=True, max_lora_rank=8
+        ),
+        warmup=False,
+    )
+    try:
+        eng: Any = engine.engine
+        installed: list[weakref.ref[PreparedAdapter]] = []
+        real_install = eng.install_adapter
+
+        class Recording:
+            args, max_loras, max_lora_rank = eng.args, eng.max_loras, eng.max_lora_rank
+
+            def install_adapter(self, slot: int, prepared: PreparedAdapter) -> None:
+                installed.append(weakref.ref(prepared))
+                real_install(slot, prepared)
+
+            def remove_adapter(self, slot: int) -> None:
+                eng.remove_adapter(slot)
+
+        settled = threading.Event()
+        registry = AdapterRegistry(
+            Recording(),  # type: ignore[arg-type]
+            config,
+            {"one": str(fx.adapters["one"])},
+            open_adapter=read_adapter,
+            on_change=settled.set,
+        )
+        lease = registry.acquire("one")  # held, as a running request holds it
+        assert settled.wait(60) and lease.error is None
+        registry.service()
+        assert lease.slot is not None and len(installed) == 1
+        assert installed[0]() is None  # nothing holds the prepared adapter any more
+        registry.release(lease)
+        registry.close()
+    finally:
+        engine.close()

@@ -433,6 +433,9 @@ class AdapterRegistry:
                     break
                 assert entry.load is not None and entry.load.prepared is not None
                 self.engine.install_adapter(slot, entry.load.prepared)
+                # the slot holds a copy now: drop the views, so the checkpoint's mapping (and the node
+                # store's lock on its entry) goes with them, not when the leases that saw the load are freed
+                entry.load.prepared = None
                 entry.slot, entry.load = slot, None
                 self._resident[slot] = entry
                 log.info("LoRA adapter %r loaded into slot %d", entry.name, slot)
